@@ -1,0 +1,79 @@
+"""The storage interface every backend implements.
+
+Backends know nothing of NBD: they take byte ranges that the protocol layer has already checked
+against ``size`` (offset + length <= size, length > 0) and raise ``OSError`` on failure.
+``dispatch`` maps the errno to the wire. Methods are async so that a backend may wait on a thread
+or on a remote server; a backend that can finish without waiting simply never suspends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can truthfully promise; the transmission flags are derived from this."""
+
+    readonly: bool = False
+    flush: bool = True
+    fua: bool = True
+    trim: bool = True
+    zero: bool = True
+    fast_zero: bool = True  # zero() with fast=True may succeed (else always ENOTSUP)
+    cache: bool = True
+    multi_conn: bool = True  # every connection of the export shares one data path
+    block_status: bool = True
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of bytes with base:allocation state (``hole``: unallocated, ``zero``: reads as 0)."""
+
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+
+class Backend(Protocol):
+    """Storage behind one export. All ranges are validated by the caller."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Return exactly ``length`` bytes."""
+        ...
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        """Write ``data``; with ``fua`` it is durable before returning."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every completed write durable."""
+        ...
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Discard a range; later reads return old data or zeros."""
+        ...
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        """Make a range read as zeros. ``may_trim``: a hole is fine (no NO_HOLE flag).
+        ``fast``: raise OSError(ENOTSUP) without changing anything unless zeroing is cheap."""
+        ...
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Prefetch a range (proxy: fetch into the local cache). Contents never change."""
+        ...
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """At least one extent, covering a prefix of (or exactly) the range, lengths > 0."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release resources."""
+        ...
