@@ -1,0 +1,69 @@
+# xnbdd — the two commands of the README are `make run` and `make test`; the rest are helpers.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STATE   := .state
+IMAGE   ?= $(STATE)/disk.img
+PORT    ?= 8520
+PREFIX  ?= /usr/local
+DESTDIR ?=
+
+# Units go where systemd looks for them: /lib/systemd/system for the distribution prefix,
+# $(PREFIX)/lib/systemd/system otherwise.
+ifeq ($(PREFIX),/usr)
+UNITDIR ?= /lib/systemd/system
+else
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+endif
+
+.PHONY: help run test lint check bench install deb man clean
+
+help:
+	@echo "make run    serve IMAGE (default $(STATE)/disk.img, 1 GiB sparse) on PORT (default 8520)"
+	@echo "make test   install what the tests need, then ruff, mypy and the whole pytest suite"
+	@echo "make lint   ruff + mypy          make bench    benchmark against peer NBD servers"
+	@echo "make deb    build the Debian package into build/deb/"
+	@echo "make install [PREFIX=/usr/local] [DESTDIR=]"
+
+run:
+	@scripts/bootstrap.sh run
+	@if [ "$(IMAGE)" = "$(STATE)/disk.img" ] && [ ! -e "$(IMAGE)" ]; then \
+		mkdir -p $(STATE) && truncate -s 1G "$(IMAGE)" && echo "created sparse 1 GiB $(IMAGE)"; fi
+	exec $(VENV)/bin/xnbd-server --target "$(IMAGE)" --lport $(PORT)
+
+test:
+	@scripts/bootstrap.sh test
+	scripts/check.sh
+
+lint:
+	@scripts/bootstrap.sh test
+	scripts/check.sh lint
+
+bench:
+	@scripts/bootstrap.sh test
+	$(PY) bench/run.py
+
+# pip writes the programs and the package under $(DESTDIR)$(PREFIX); systemd files and the
+# example configuration are plain copies.
+install:
+	python3 -m pip install --no-deps --no-build-isolation --root="$(or $(DESTDIR),/)" \
+		--prefix="$(PREFIX)" .
+	install -d "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)/etc/xnbd"
+	@set -e; for f in units/*; do [ -f "$$f" ] || continue; \
+		install -m 0644 "$$f" "$(DESTDIR)$(UNITDIR)/"; done
+	@set -e; cd etc && find . -type f | while read -r f; do \
+		install -D -m 0644 "$$f" "$(DESTDIR)/etc/$${f#./}"; done
+
+deb:
+	@scripts/bootstrap.sh deb
+	scripts/build-deb.sh build/deb
+
+man:
+	@scripts/bootstrap.sh run
+	$(PY) packaging/gen_man.py build/man
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
