@@ -1,0 +1,169 @@
+"""Real systemd pieces for tests: a notify socket receiver, a private journald, free ports.
+
+Plain classes (no pytest) so that unit tests and end-to-end tests can share them; the pytest
+fixtures wrapping them live in tests/e2e/conftest.py.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read it back, release it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Poll until a TCP connect to host:port succeeds (the connection is closed again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing accepts on {host}:{port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+@dataclass
+class Notification:
+    pid: int | None
+    fields: dict[str, str]
+    at: float  # time.monotonic() on arrival
+
+
+@dataclass
+class NotifyReceiver:
+    """Stands in for systemd's notify socket (an abstract AF_UNIX datagram socket).
+
+    Every datagram is kept in `received`, with the sender's PID as the kernel reports it
+    (SO_PASSCRED), so tests can assert on order, content, timing and origin.
+    """
+
+    address: str = field(default_factory=lambda: f"@xnbdd-test-{uuid.uuid4().hex}")
+    received: list[Notification] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def recv(self, timeout: float = 5.0) -> Notification:
+        """The next datagram; raises TimeoutError when none arrives in time."""
+        self.sock.settimeout(timeout)
+        try:
+            data, anc, _flags, _addr = self.sock.recvmsg(
+                65536, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * 253)
+            )
+        except TimeoutError:
+            raise TimeoutError(f"no notification within {timeout} s") from None
+        pid = None
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("iII", payload[:12])[0]
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)  # releases systemd-notify's barrier
+        fields = dict(
+            line.split("=", 1) for line in data.decode().splitlines() if "=" in line
+        )
+        note = Notification(pid=pid, fields=fields, at=time.monotonic())
+        self.received.append(note)
+        return note
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0) -> Notification:
+        """Receive until a datagram carries key (=value); earlier ones stay in `received`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                seen = [n.fields for n in self.received]
+                raise TimeoutError(f"no {key}={value or '*'} within {timeout} s; got {seen}")
+            note = self.recv(remaining)
+            if key in note.fields and (value is None or note.fields[key] == value):
+                return note
+
+    def drain(self, quiet: float = 0.2) -> list[Notification]:
+        """Everything that arrives until nothing has come for `quiet` seconds."""
+        got = []
+        while True:
+            try:
+                got.append(self.recv(quiet))
+            except TimeoutError:
+                return got
+
+
+class Journald:
+    """A real systemd-journald in a private mount namespace (its own /run/systemd, volatile storage).
+
+    Processes log into it by running under `enter` (nsenter into its mount namespace). The host's
+    /run/systemd is never touched.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        conf = workdir / "journald.conf"
+        conf.write_text(
+            "[Journal]\nStorage=volatile\nReadKMsg=no\nForwardToSyslog=no\nRateLimitBurst=0\n"
+        )
+        script = (
+            "mount --make-rprivate / && mount -t tmpfs tmpfs /run/systemd"
+            " && mkdir -p /run/systemd/journal && mount -t tmpfs tmpfs /run/log"
+            f" && mount --bind {conf} /etc/systemd/journald.conf"
+            " && exec /lib/systemd/systemd-journald"
+        )
+        self.proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script])
+        self.root = Path("/proc", str(self.proc.pid), "root")
+        deadline = time.monotonic() + 5
+        while not (self.root / "run/systemd/journal/socket").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("private systemd-journald did not start")
+            time.sleep(0.01)
+        self.enter = ["nsenter", f"--mount=/proc/{self.proc.pid}/ns/mnt", "--"]
+
+    def entries(self, *matches: str) -> list[dict[str, object]]:
+        """All entries (journalctl -o json), optionally filtered by FIELD=value matches."""
+        subprocess.run([*self.enter, "journalctl", "--sync"], check=False, capture_output=True)
+        out = subprocess.run(
+            ["journalctl", "-D", str(self.root / "run/log/journal"), "-o", "json", "--no-pager",
+             *matches],
+            capture_output=True, text=True, check=False,
+        ).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def missing_tools(*names: str) -> list[str]:
+    return [n for n in names if shutil.which(n) is None]
