@@ -1,0 +1,148 @@
+"""Execute one validated request on an export and build its reply.
+
+The single place where an ``OSError`` from a backend becomes an NBD error number, and where the
+choice between simple and structured replies is made.
+"""
+
+from __future__ import annotations
+
+import errno as errnos
+
+from .backends.base import Backend
+from .export import Export
+from .proto.consts import MAX_PAYLOAD, Cmd, CmdFlag, Errno
+from .proto.messages import Negotiated, Request
+from .proto.transmission import (
+    block_status_chunk,
+    error_chunk,
+    none_chunk,
+    offset_data_header,
+    simple_reply,
+)
+
+Buffers = list[bytes | bytearray | memoryview]
+
+# Extents per BLOCK_STATUS chunk: keeps a reply far below the maximum payload.
+MAX_EXTENTS = 8192
+
+ERRNO_MAP: dict[int, Errno] = {
+    errnos.EPERM: Errno.EPERM,
+    errnos.EACCES: Errno.EPERM,
+    errnos.EROFS: Errno.EPERM,
+    errnos.EIO: Errno.EIO,
+    errnos.ENOMEM: Errno.ENOMEM,
+    errnos.EINVAL: Errno.EINVAL,
+    errnos.ENOSPC: Errno.ENOSPC,
+    errnos.EDQUOT: Errno.ENOSPC,
+    errnos.EFBIG: Errno.ENOSPC,
+    errnos.EOVERFLOW: Errno.EOVERFLOW,
+    errnos.ENOTSUP: Errno.ENOTSUP,
+    errnos.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def nbd_errno(err: OSError, req: Request | None = None) -> Errno:
+    """Map a backend's errno to one the spec allows; anything unknown is EIO."""
+    mapped = ERRNO_MAP.get(err.errno or 0, Errno.EIO)
+    if mapped is Errno.ENOTSUP and not (req is not None and req.has(CmdFlag.FAST_ZERO)):
+        return Errno.EIO  # ENOTSUP is reserved for FAST_ZERO requests
+    return mapped
+
+
+def error_reply(req: Request, negotiated: Negotiated, errno: int, message: str = "") -> Buffers:
+    if negotiated.structured:
+        return [error_chunk(req.cookie, errno, message)]
+    return [simple_reply(req.cookie, errno)]
+
+
+def ok_reply(req: Request) -> Buffers:
+    # Simple replies are allowed for every command but READ, even with structured replies.
+    return [simple_reply(req.cookie)]
+
+
+async def execute(req: Request, export: Export, negotiated: Negotiated) -> Buffers:
+    """Run a request that passed ``check_request``; OSError becomes an error reply."""
+    backend = export.backend
+    try:
+        return await _run(req, backend, export, negotiated)
+    except OSError as err:
+        return error_reply(req, negotiated, nbd_errno(err, req), err.strerror or str(err))
+
+
+async def _run(req: Request, backend: Backend, export: Export, negotiated: Negotiated) -> Buffers:
+    cmd = req.cmd
+    fua = req.has(CmdFlag.FUA)
+    if cmd == Cmd.READ:
+        data = await backend.read(req.offset, req.length) if req.length else b""
+        if negotiated.structured:
+            if not req.length:
+                return [none_chunk(req.cookie)]
+            return [offset_data_header(req.cookie, req.offset, req.length, done=True), data]
+        return [simple_reply(req.cookie), data]
+    if cmd == Cmd.WRITE:
+        if req.length:
+            assert req.data is not None
+            await backend.write(req.offset, req.data, fua)
+        elif fua:
+            await backend.flush()
+        return ok_reply(req)
+    if cmd == Cmd.FLUSH:
+        await backend.flush()
+        return ok_reply(req)
+    if cmd == Cmd.TRIM:
+        if req.length:
+            await backend.trim(req.offset, req.length, fua)
+        return ok_reply(req)
+    if cmd == Cmd.WRITE_ZEROES:
+        if req.length:
+            await backend.zero(
+                req.offset,
+                req.length,
+                may_trim=not req.has(CmdFlag.NO_HOLE),
+                fast=req.has(CmdFlag.FAST_ZERO),
+                fua=fua,
+            )
+        return ok_reply(req)
+    if cmd == Cmd.CACHE:
+        if req.length:
+            await backend.cache(req.offset, req.length)
+        return ok_reply(req)
+    if cmd == Cmd.BLOCK_STATUS:
+        return await _block_status(req, export, negotiated)
+    raise AssertionError(f"unvalidated command {cmd}")
+
+
+async def _block_status(req: Request, export: Export, negotiated: Negotiated) -> Buffers:
+    length = min(req.length, MAX_PAYLOAD)
+    chunks: Buffers = []
+    contexts = list(negotiated.meta_contexts.items())
+    for index, (context_id, name) in enumerate(contexts):
+        extents = await export.extents(name, req.offset, length)
+        clipped = clip_extents(extents, length, one=req.has(CmdFlag.REQ_ONE))
+        if not clipped:
+            clipped = [(length, 0)]  # status 0 (allocated, data) is always a safe answer
+        done = index == len(contexts) - 1
+        chunks.append(block_status_chunk(req.cookie, context_id, clipped, done=done))
+    return chunks
+
+
+def clip_extents(
+    extents: list[tuple[int, int]], length: int, *, one: bool
+) -> list[tuple[int, int]]:
+    """Drop empty extents, merge neighbours with equal flags, stop at ``length`` bytes."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for ext_len, flags in extents:
+        if ext_len <= 0 or total >= length:
+            continue
+        ext_len = min(ext_len, length - total)
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + ext_len, flags)
+        else:
+            if len(out) >= MAX_EXTENTS:
+                break
+            out.append((ext_len, flags))
+        total += ext_len
+    if one:
+        return out[:1]
+    return out

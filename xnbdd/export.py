@@ -1,0 +1,134 @@
+"""One export: a backend shared by every connection, and the gate that lets the daemon pause it.
+
+Snapshots and the proxy->target switch need a moment when no request is running. Requests pass
+``admit``/``release``; ``paused()`` stops new admissions, waits for the running ones, and lets the
+caller work (or swap the backend) before everything resumes. Clients see a short delay, no error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from .backends.base import Backend, Extent
+from .proto.consts import BASE_ALLOCATION, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK, State, TxFlag
+from .proto.messages import ExportInfo
+
+# A metadata context beyond base:allocation: (offset, length) -> [(length, flags)]
+ContextProvider = Callable[[int, int], Awaitable[list[tuple[int, int]]]]
+
+
+def base_allocation(extents: list[Extent]) -> list[tuple[int, int]]:
+    return [
+        (e.length, (State.HOLE if e.hole else 0) | (State.ZERO if e.zero else 0)) for e in extents
+    ]
+
+
+class Export:
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        *,
+        description: str = "",
+        readonly: bool = False,
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.backend = backend
+        self.force_readonly = readonly
+        self.extra_contexts: dict[str, ContextProvider] = {}
+        self._in_flight = 0
+        self._paused = False
+        self._resume = trio.Event()
+        self._resume.set()
+        self._drained = trio.Event()
+        self._pause_lock = trio.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    def tx_flags(self) -> TxFlag:
+        """Advertise exactly what the backend can do (SEND_DF is added per connection)."""
+        caps = self.backend.capabilities
+        flags = TxFlag.HAS_FLAGS
+        readonly = caps.readonly or self.force_readonly
+        if readonly:
+            flags |= TxFlag.READ_ONLY
+        if caps.flush:
+            flags |= TxFlag.SEND_FLUSH
+        if caps.fua and not readonly:
+            flags |= TxFlag.SEND_FUA
+        if caps.trim and not readonly:
+            flags |= TxFlag.SEND_TRIM
+        if caps.zero and not readonly:
+            flags |= TxFlag.SEND_WRITE_ZEROES
+            if caps.fast_zero:
+                flags |= TxFlag.SEND_FAST_ZERO
+        if caps.multi_conn:
+            flags |= TxFlag.CAN_MULTI_CONN
+        if caps.cache:
+            flags |= TxFlag.SEND_CACHE
+        return flags | TxFlag.SEND_DF
+
+    def meta_contexts(self) -> tuple[str, ...]:
+        names = [BASE_ALLOCATION] if self.backend.capabilities.block_status else []
+        return (*names, *self.extra_contexts)
+
+    def info(self) -> ExportInfo:
+        return ExportInfo(
+            name=self.name,
+            size=self.size,
+            tx_flags=self.tx_flags(),
+            description=self.description,
+            min_block=MIN_BLOCK,
+            preferred_block=PREFERRED_BLOCK,
+            max_payload=MAX_PAYLOAD,
+            meta_contexts=self.meta_contexts(),
+        )
+
+    async def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+        if context == BASE_ALLOCATION:
+            return base_allocation(await self.backend.block_status(offset, length))
+        return await self.extra_contexts[context](offset, length)
+
+    # -- the gate -------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def admit(self) -> None:
+        """Wait while the export is paused, then count one running request."""
+        while self._paused:
+            await self._resume.wait()
+        self._in_flight += 1
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._drained.set()
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No request runs inside this block; new ones wait at ``admit``."""
+        async with self._pause_lock:
+            self._paused = True
+            self._resume = trio.Event()
+            try:
+                while self._in_flight:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+                yield
+            finally:
+                self._paused = False
+                self._resume.set()
+
+    async def replace_backend(self, backend: Backend) -> Backend:
+        """Swap the backend under live connections (proxy -> target); returns the old one."""
+        async with self.paused():
+            old, self.backend = self.backend, backend
+        return old

@@ -1,0 +1,364 @@
+"""Server side of the NBD handshake: oldstyle and fixed newstyle (proto.md "Handshake").
+
+Sans-IO: feed bytes with ``receive_data``, take bytes with ``data_to_send``, and look at ``state``.
+Rules kept here:
+- the greeting offers FIXED_NEWSTYLE | NO_ZEROES and nothing else;
+- unknown client flags (or C_NO_ZEROES when not offered) end the connection (MUST);
+- every option except EXPORT_NAME gets at least one reply, the last one ACK or an error;
+- unknown options get ERR_UNSUP and negotiation continues;
+- EXPORT_NAME that cannot be satisfied closes the connection (no error can be sent);
+- GO's ACK is followed directly by transmission, never by padding.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from enum import Enum, auto
+
+from .consts import (
+    CLISERV_MAGIC,
+    IHAVEOPT,
+    MAX_STRING,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TxFlag,
+)
+from .errors import OptionError
+from .messages import ExportInfo, Negotiated
+
+NEWSTYLE_GREETING = struct.Struct("!QQH")
+OLDSTYLE_GREETING = struct.Struct("!QQQI124x")
+CLIENT_FLAGS = struct.Struct("!I")
+OPTION_HEADER = struct.Struct("!QII")
+OPTION_REPLY = struct.Struct("!QIII")
+EXPORT_NAME_REPLY = struct.Struct("!QH")
+INFO_EXPORT = struct.Struct("!HQH")
+INFO_BLOCK_SIZE = struct.Struct("!HIII")
+U32 = struct.Struct("!I")
+U16 = struct.Struct("!H")
+
+OFFERED_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Options with more data than this are skipped and refused rather than buffered (ERR_TOO_BIG);
+# no legitimate option comes near it (strings are at most 4096 bytes).
+MAX_OPTION_DATA = 64 * 1024
+ZERO_PADDING = bytes(124)
+
+
+class HandshakeState(Enum):
+    CLIENT_FLAGS = auto()  # waiting for the client's 32-bit flags
+    OPTIONS = auto()  # option haggling
+    DONE = auto()  # transmission starts; see ``negotiated``
+    CLOSED = auto()  # the connection must be closed (abort or MUST violation)
+
+
+ExportLookup = Callable[[str], ExportInfo | None]
+ExportLister = Callable[[], Iterable[ExportInfo]]
+
+
+def oldstyle_greeting(export: ExportInfo) -> bytes:
+    """The 152-byte oldstyle greeting; transmission follows at once."""
+    return OLDSTYLE_GREETING.pack(NBDMAGIC, CLISERV_MAGIC, export.size, int(export.tx_flags))
+
+
+def option_reply(opt: int, rep: Rep, data: bytes = b"") -> bytes:
+    return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, opt, rep, len(data)) + data
+
+
+def decode_string(raw: bytes, what: str) -> str:
+    """Strings are UTF-8 without NUL, at most 4096 bytes (MUST); otherwise ERR_INVALID."""
+    if len(raw) > MAX_STRING:
+        raise OptionError(Rep.ERR_INVALID, f"{what} longer than {MAX_STRING} bytes")
+    if b"\0" in raw:
+        raise OptionError(Rep.ERR_INVALID, f"{what} contains NUL")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OptionError(Rep.ERR_INVALID, f"{what} is not valid UTF-8") from None
+
+
+def select_contexts(available: Iterable[str], queries: list[str]) -> list[str]:
+    """Contexts matching the queries: an exact name, or ``namespace:`` for a whole namespace.
+    Unknown namespaces are ignored (proto.md "Metadata querying")."""
+    names = list(available)
+    chosen: list[str] = []
+    for query in queries:
+        for name in names:
+            matches = name == query or (query.endswith(":") and name.startswith(query))
+            if matches and name not in chosen:
+                chosen.append(name)
+    return chosen
+
+
+class ServerHandshake:
+    """One client's handshake. ``lookup`` maps an export name ("" = default) to its info."""
+
+    def __init__(
+        self,
+        lookup: ExportLookup,
+        lister: ExportLister,
+        *,
+        oldstyle: bool = False,
+        allow_list: bool = True,
+    ) -> None:
+        self._lookup = lookup
+        self._lister = lister
+        self._allow_list = allow_list
+        self._in = bytearray()
+        self._out = bytearray()
+        self._skip = 0  # option data still to discard (oversized option)
+        self._skip_opt = 0
+        self.no_zeroes = False
+        self.structured = False
+        self.shutting_down = False
+        self.close_reason = ""
+        self.negotiated: Negotiated | None = None
+        # SET_META_CONTEXT result: (export name it was set for, {id: name})
+        self._contexts: tuple[str, dict[int, str]] = ("", {})
+        if oldstyle:
+            export = lookup("")
+            if export is None:
+                raise ValueError("oldstyle needs a default export")
+            self._out += oldstyle_greeting(export)
+            self.negotiated = Negotiated(export=export, tx_flags=export.tx_flags)
+            self.state = HandshakeState.DONE
+        else:
+            self._out += NEWSTYLE_GREETING.pack(NBDMAGIC, IHAVEOPT, OFFERED_FLAGS)
+            self.state = HandshakeState.CLIENT_FLAGS
+
+    # -- sans-IO surface ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client and advance as far as they allow."""
+        if self.state in (HandshakeState.DONE, HandshakeState.CLOSED):
+            # Bytes after GO/EXPORT_NAME belong to transmission; the caller takes them back
+            # with ``leftover``. After CLOSED nothing is read any more.
+            self._in += data
+            return
+        self._in += data
+        self._advance()
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def leftover(self) -> bytes:
+        """Bytes received after the handshake ended (pipelined first requests)."""
+        rest = bytes(self._in)
+        self._in.clear()
+        return rest
+
+    # -- the machine ----------------------------------------------------------------------------
+
+    def _close(self, reason: str) -> None:
+        self.state = HandshakeState.CLOSED
+        self.close_reason = reason
+
+    def _advance(self) -> None:
+        while self.state in (HandshakeState.CLIENT_FLAGS, HandshakeState.OPTIONS):
+            if self._skip:
+                dropped = min(self._skip, len(self._in))
+                del self._in[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    return
+                self._out += option_reply(self._skip_opt, Rep.ERR_TOO_BIG)
+                continue
+            if self.state is HandshakeState.CLIENT_FLAGS:
+                if len(self._in) < CLIENT_FLAGS.size:
+                    return
+                (flags,) = CLIENT_FLAGS.unpack_from(self._in)
+                del self._in[: CLIENT_FLAGS.size]
+                if flags & ~KNOWN_CLIENT_FLAGS:
+                    # MUST: unknown client flags end the connection.
+                    self._close(f"unknown client flags {flags:#x}")
+                    return
+                self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+                self.state = HandshakeState.OPTIONS
+                continue
+            if len(self._in) < OPTION_HEADER.size:
+                return
+            magic, opt, length = OPTION_HEADER.unpack_from(self._in)
+            if magic != IHAVEOPT:
+                self._close(f"bad option magic {magic:#x}")
+                return
+            if length > MAX_OPTION_DATA:
+                if opt == Opt.EXPORT_NAME:
+                    self._close("export name too long")
+                    return
+                del self._in[: OPTION_HEADER.size]
+                self._skip, self._skip_opt = length, opt
+                continue
+            end = OPTION_HEADER.size + length
+            if len(self._in) < end:
+                return
+            data = bytes(self._in[OPTION_HEADER.size : end])
+            del self._in[:end]
+            self._option(opt, data)
+
+    def _option(self, opt: int, data: bytes) -> None:
+        if opt == Opt.EXPORT_NAME:
+            self._export_name(data)
+            return
+        if opt == Opt.ABORT:
+            # Data is ignored; ACK then the client closes (or already has).
+            self._out += option_reply(opt, Rep.ACK)
+            self._close("client sent NBD_OPT_ABORT")
+            return
+        try:
+            if self.shutting_down:
+                raise OptionError(Rep.ERR_SHUTDOWN, "server shutting down")
+            handler = {
+                Opt.LIST: self._list,
+                Opt.INFO: self._info_or_go,
+                Opt.GO: self._info_or_go,
+                Opt.STRUCTURED_REPLY: self._structured_reply,
+                Opt.LIST_META_CONTEXT: self._meta_context,
+                Opt.SET_META_CONTEXT: self._meta_context,
+            }.get(opt)  # type: ignore[call-overload]
+            if handler is None:
+                raise OptionError(Rep.ERR_UNSUP, f"option {opt} not supported")
+            handler(opt, data)
+        except OptionError as err:
+            message = err.message.encode("utf-8")[:MAX_STRING]
+            self._out += option_reply(opt, err.rep, message)
+
+    def _export_name(self, data: bytes) -> None:
+        if self.shutting_down:
+            self._close("server shutting down")
+            return
+        try:
+            name = decode_string(data, "export name")
+        except OptionError as err:
+            self._close(err.message)
+            return
+        export = self._lookup(name)
+        if export is None:
+            # MUST: EXPORT_NAME cannot be answered with an error, so close.
+            self._close(f"unknown export {name!r}")
+            return
+        flags = self._tx_flags(export)
+        self._out += EXPORT_NAME_REPLY.pack(export.size, flags)
+        if not self.no_zeroes:
+            self._out += ZERO_PADDING
+        self._finish(export, flags)
+
+    def _tx_flags(self, export: ExportInfo) -> TxFlag:
+        flags = export.tx_flags | TxFlag.HAS_FLAGS
+        if self.structured:
+            flags |= TxFlag.SEND_DF  # DF only makes sense with structured replies
+        else:
+            flags &= ~TxFlag.SEND_DF
+        return flags
+
+    def _finish(self, export: ExportInfo, flags: TxFlag) -> None:
+        set_for, contexts = self._contexts
+        if set_for != export.name:
+            contexts = {}  # contexts selected for another export do not carry over
+        self.negotiated = Negotiated(
+            export=export, tx_flags=flags, structured=self.structured, meta_contexts=contexts
+        )
+        self.state = HandshakeState.DONE
+
+    def _list(self, opt: int, data: bytes) -> None:
+        if data:
+            raise OptionError(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+        if not self._allow_list:
+            raise OptionError(Rep.ERR_POLICY, "listing exports is disabled")
+        for export in self._lister():
+            name = export.name.encode("utf-8")
+            self._out += option_reply(opt, Rep.SERVER, U32.pack(len(name)) + name)
+        self._out += option_reply(opt, Rep.ACK)
+
+    def _info_or_go(self, opt: int, data: bytes) -> None:
+        if len(data) < 6:
+            raise OptionError(Rep.ERR_INVALID, "INFO/GO data too short")
+        (name_len,) = U32.unpack_from(data)
+        if name_len > len(data) - 6:
+            raise OptionError(Rep.ERR_INVALID, "export name length exceeds option length")
+        name = decode_string(data[4 : 4 + name_len], "export name")
+        (count,) = U16.unpack_from(data, 4 + name_len)
+        if len(data) != 6 + name_len + 2 * count:
+            raise OptionError(Rep.ERR_INVALID, "information request count does not match")
+        requests = struct.unpack_from(f"!{count}H", data, 6 + name_len)
+        export = self._lookup(name)
+        if export is None:
+            raise OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}")
+        flags = self._tx_flags(export)
+        self._out += option_reply(opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
+        if Info.NAME in requests:
+            self._out += option_reply(
+                opt, Rep.INFO, U16.pack(Info.NAME) + export.name.encode("utf-8")
+            )
+        if Info.DESCRIPTION in requests and export.description:
+            self._out += option_reply(
+                opt, Rep.INFO, U16.pack(Info.DESCRIPTION) + export.description.encode("utf-8")
+            )
+        # policy: block sizes are always sent, so ERR_BLOCK_SIZE_REQD is never needed.
+        self._out += option_reply(
+            opt,
+            Rep.INFO,
+            INFO_BLOCK_SIZE.pack(
+                Info.BLOCK_SIZE, export.min_block, export.preferred_block, export.max_payload
+            ),
+        )
+        self._out += option_reply(opt, Rep.ACK)
+        if opt == Opt.GO:
+            self._finish(export, flags)
+
+    def _structured_reply(self, opt: int, data: bytes) -> None:
+        if data:
+            raise OptionError(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        self.structured = True
+        self._out += option_reply(opt, Rep.ACK)
+
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            raise OptionError(Rep.ERR_INVALID, "metadata contexts need structured replies")
+        name, queries = self._parse_meta_request(data)
+        export = self._lookup(name)
+        if export is None:
+            raise OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}")
+        if opt == Opt.LIST_META_CONTEXT:
+            chosen = list(export.meta_contexts) if not queries else select_contexts(
+                export.meta_contexts, queries
+            )
+            for ctx in chosen:
+                self._out += option_reply(opt, Rep.META_CONTEXT, U32.pack(0) + ctx.encode())
+        else:
+            selected = {
+                index: ctx
+                for index, ctx in enumerate(select_contexts(export.meta_contexts, queries), 1)
+            }
+            for index, ctx in selected.items():
+                self._out += option_reply(opt, Rep.META_CONTEXT, U32.pack(index) + ctx.encode())
+            self._contexts = (export.name, selected)
+        self._out += option_reply(opt, Rep.ACK)
+
+    @staticmethod
+    def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+        def take(pos: int, size: int) -> bytes:
+            if pos + size > len(data):
+                raise OptionError(Rep.ERR_INVALID, "metadata context request is truncated")
+            return data[pos : pos + size]
+
+        (name_len,) = U32.unpack(take(0, 4))
+        name = decode_string(take(4, name_len), "export name")
+        pos = 4 + name_len
+        (count,) = U32.unpack(take(pos, 4))
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (qlen,) = U32.unpack(take(pos, 4))
+            queries.append(decode_string(take(pos + 4, qlen), "context query"))
+            pos += 4 + qlen
+        if pos != len(data):
+            raise OptionError(Rep.ERR_INVALID, "trailing data after metadata context queries")
+        return name, queries

@@ -1,0 +1,227 @@
+"""Transmission phase: request framing, request validation and reply encoding.
+
+Rules kept here (proto.md "Transmission", nbd-protocol.md §10):
+- a bad request magic means framing is lost: ProtocolError, the connection closes;
+- the payload of every WRITE is taken off the stream even when the WRITE is refused, so the next
+  request is read in step; oversized payloads are discarded piecewise, never buffered whole;
+- unknown commands and flags, out-of-range READ/TRIM/CACHE/BLOCK_STATUS -> EINVAL; WRITE and
+  WRITE_ZEROES past the end -> ENOSPC; writes on a read-only export -> EPERM;
+- range checks use Python integers, so offset + length cannot wrap.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from .consts import (
+    MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+    TxFlag,
+)
+from .errors import ProtocolError, RequestError
+from .messages import Request
+
+REQUEST = struct.Struct("!IHHQQI")
+SIMPLE_REPLY = struct.Struct("!IIQ")
+CHUNK = struct.Struct("!IHHQI")
+OFFSET_DATA = struct.Struct("!IHHQIQ")  # chunk header + 8-byte offset
+OFFSET_HOLE = struct.Struct("!IHHQIQI")
+ERROR_HEAD = struct.Struct("!IH")
+U64 = struct.Struct("!Q")
+U32 = struct.Struct("!I")
+EXTENT = struct.Struct("!II")
+
+# WRITE payloads above the maximum are drained up to this size (the client gets EINVAL and stays
+# in step); beyond it the request is treated as denial of service and the connection is closed.
+DRAIN_LIMIT = 256 * 1024 * 1024
+
+# Command flags each command accepts; FUA is accepted on every command (spec).
+ALLOWED_FLAGS: dict[Cmd, CmdFlag] = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+# The transmission flag that must have been advertised for a command to be valid.
+REQUIRED_TX_FLAG: dict[Cmd, TxFlag] = {
+    Cmd.FLUSH: TxFlag.SEND_FLUSH,
+    Cmd.TRIM: TxFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TxFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TxFlag.SEND_CACHE,
+}
+WRITING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+SPACE_CONSUMING = frozenset({Cmd.WRITE, Cmd.WRITE_ZEROES})  # past the end -> ENOSPC
+KNOWN_COMMANDS = frozenset(int(c) for c in ALLOWED_FLAGS)
+
+
+class RequestDecoder:
+    """Turns the client's byte stream into ``Request`` objects."""
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._discard = 0  # bytes of a refused oversized WRITE payload still to drop
+        self.max_payload = max_payload
+
+    def receive_data(self, data: bytes) -> None:
+        if self._discard:
+            dropped = min(self._discard, len(data))
+            self._discard -= dropped
+            data = data[dropped:]
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet turned into requests."""
+        return len(self._buf) - self._pos
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or None when more bytes are needed."""
+        if self._discard:
+            return None
+        avail = len(self._buf) - self._pos
+        if avail < REQUEST.size:
+            return None
+        magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf, self._pos)
+        if magic != REQUEST_MAGIC:
+            raise ProtocolError(f"bad request magic {magic:#x}")
+        if cmd != Cmd.WRITE:
+            self._consume(REQUEST.size)
+            return Request(cookie, cmd, flags, offset, length)
+        if length > self.max_payload:
+            if length > DRAIN_LIMIT:
+                raise ProtocolError(f"WRITE of {length} bytes refused as denial of service")
+            self._consume(REQUEST.size)
+            in_buffer = min(length, len(self._buf) - self._pos)
+            self._consume(in_buffer)
+            self._discard = length - in_buffer
+            return Request(cookie, cmd, flags, offset, length, None)
+        end = self._pos + REQUEST.size + length
+        if len(self._buf) < end:
+            return None
+        data = bytes(self._buf[self._pos + REQUEST.size : end])
+        self._consume(REQUEST.size + length)
+        return Request(cookie, cmd, flags, offset, length, data)
+
+    def _consume(self, count: int) -> None:
+        self._pos += count
+        # Compact only when the dead prefix dominates, so consuming stays amortised O(1).
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+
+
+def check_request(
+    req: Request,
+    *,
+    size: int,
+    tx_flags: TxFlag,
+    structured: bool,
+    has_contexts: bool,
+    max_payload: int = MAX_PAYLOAD,
+) -> None:
+    """Raise RequestError with the spec's errno if ``req`` must be refused."""
+    command = req.command
+    if command is None or req.cmd not in KNOWN_COMMANDS:
+        raise RequestError(Errno.EINVAL, f"unknown command {req.cmd}")
+    allowed = ALLOWED_FLAGS[command]
+    if command is Cmd.READ and not structured:
+        allowed &= ~CmdFlag.DF
+    if command is Cmd.WRITE_ZEROES and not tx_flags & TxFlag.SEND_FAST_ZERO:
+        allowed &= ~CmdFlag.FAST_ZERO
+    if not tx_flags & TxFlag.SEND_FUA:
+        allowed &= ~CmdFlag.FUA
+    if req.flags & ~allowed:
+        raise RequestError(Errno.EINVAL, f"flags {req.flags:#x} not valid for {command.name}")
+    required = REQUIRED_TX_FLAG.get(command)
+    if required is not None and not tx_flags & required:
+        raise RequestError(Errno.EINVAL, f"{command.name} was not advertised")
+    if command in WRITING and tx_flags & TxFlag.READ_ONLY:
+        raise RequestError(Errno.EPERM, "export is read-only")
+    if command is Cmd.FLUSH:
+        if req.offset or req.length:
+            raise RequestError(Errno.EINVAL, "FLUSH with non-zero offset or length")
+        return
+    if command is Cmd.DISC:
+        return
+    if command in (Cmd.READ, Cmd.WRITE) and req.length > max_payload:
+        raise RequestError(Errno.EINVAL, f"{command.name} of {req.length} bytes exceeds maximum")
+    if req.offset + req.length > size:
+        errno = Errno.ENOSPC if command in SPACE_CONSUMING else Errno.EINVAL
+        raise RequestError(errno, f"range {req.offset}+{req.length} beyond end {size}")
+    if command is Cmd.BLOCK_STATUS:
+        if not has_contexts:
+            raise RequestError(Errno.EINVAL, "no metadata context selected")
+        if not req.length:
+            raise RequestError(Errno.EINVAL, "BLOCK_STATUS of zero length")
+
+
+# -- replies ------------------------------------------------------------------------------------
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    """16-byte simple reply header; READ data follows it only when error is 0."""
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def offset_data_header(cookie: int, offset: int, data_length: int, *, done: bool) -> bytes:
+    """Header of an OFFSET_DATA chunk; the caller sends ``data_length`` bytes after it."""
+    flags = ReplyFlag.DONE if done else 0
+    return OFFSET_DATA.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, cookie, 8 + data_length, offset
+    )
+
+
+def offset_hole(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
+    flags = ReplyFlag.DONE if done else 0
+    return OFFSET_HOLE.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, cookie, 12, offset, length
+    )
+
+
+def none_chunk(cookie: int) -> bytes:
+    return CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ReplyType.NONE, cookie, 0)
+
+
+def error_chunk(cookie: int, errno: int, message: str = "", offset: int | None = None) -> bytes:
+    """A final ERROR (or ERROR_OFFSET when ``offset`` is given) chunk."""
+    text = message.encode("utf-8")[:4096]
+    payload = ERROR_HEAD.pack(errno, len(text)) + text
+    kind = ReplyType.ERROR
+    if offset is not None:
+        payload += U64.pack(offset)
+        kind = ReplyType.ERROR_OFFSET
+    header = CHUNK.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, kind, cookie, len(payload))
+    return header + payload
+
+
+def block_status_chunk(
+    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], *, done: bool
+) -> bytes:
+    """A BLOCK_STATUS chunk: context id and (length, flags) pairs."""
+    body = bytearray(U32.pack(context_id))
+    for length, flags in extents:
+        body += EXTENT.pack(length, flags)
+    header = CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC,
+        ReplyFlag.DONE if done else 0,
+        ReplyType.BLOCK_STATUS,
+        cookie,
+        len(body),
+    )
+    return header + bytes(body)
