@@ -63,7 +63,8 @@ class NotifyReceiver:
 
     def __post_init__(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.address[1:])
+        abstract = self.address.startswith("@")
+        self.sock.bind("\0" + self.address[1:] if abstract else self.address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
     def close(self) -> None:
@@ -117,7 +118,7 @@ class NotifyReceiver:
 
 
 class Journald:
-    """A real systemd-journald in a private mount namespace (its own /run/systemd, volatile storage).
+    """A real systemd-journald in a private mount namespace: own /run/systemd, volatile storage.
 
     Processes log into it by running under `enter` (nsenter into its mount namespace). The host's
     /run/systemd is never touched.
