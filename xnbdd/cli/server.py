@@ -1,0 +1,301 @@
+"""``xnbd-server``: the original's command line, plus the systemd-era options.
+
+Argument parsing and exit codes only: 0 after a clean stop, 1 when start-up fails (one line on
+stderr, never a traceback), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import NoReturn
+
+import trio
+
+from .. import __version__, logs
+from ..config import ConfigError, load_config
+from ..daemon import ClientSources, Daemon, ServerOptions
+from ..listeners import bind_tcp, bind_unix
+from ..proto.consts import DEFAULT_PORT
+from ..systemd import SystemdEnvError, inherited_sockets
+
+PROG = "xnbd-server"
+USAGE = f"""\
+{PROG} --target     [options] IMAGE
+       {PROG} --cow-target [options] BASE_IMAGE
+       {PROG} --proxy      [options] REMOTE_HOST REMOTE_PORT CACHE_IMAGE CACHE_BITMAP CONTROL_SOCKET
+       {PROG} --help | --version"""
+POSITIONALS = {
+    "target": ["image"],
+    "cow_target": ["image"],
+    "proxy": ["remote_host", "remote_port", "image", "cache_bitmap", "control_socket"],
+}
+# Defaults applied after the configuration file, so that "not given" can be told from "default".
+DEFAULTS: dict[str, object] = {
+    "lport": DEFAULT_PORT,
+    "laddr": [],
+    "readonly": False,
+    "oldstyle": False,
+    "syslog": False,
+    "daemonize": False,
+    "clear_bitmap": False,
+    "max_queue_size": 0,
+    "max_buf_size": 0,
+    "description": "",
+    "verbose": False,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def number(text: str) -> int:
+    """Integers with base auto-detection (0x.., 0o..), as the original accepts."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = number(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        usage=USAGE,
+        description="Serve a disk image over NBD (target, copy-on-write target, or caching proxy).",
+        argument_default=argparse.SUPPRESS,
+    )
+    modes = p.add_argument_group("modes (exactly one)")
+    modes.add_argument("-t", "--target", dest="mode", action="store_const", const="target",
+                       help="serve IMAGE (a file or a block device)")
+    modes.add_argument("-c", "--cow-target", dest="mode", action="store_const",
+                       const="cow_target",
+                       help="serve BASE_IMAGE; writes go to a temporary overlay")
+    modes.add_argument("-p", "--proxy", dest="mode", action="store_const", const="proxy",
+                       help="serve a remote NBD export, caching blocks in CACHE_IMAGE")
+    p.add_argument("args", nargs="*", metavar="ARG", help=argparse.SUPPRESS)
+
+    net = p.add_argument_group("where clients come from")
+    net.add_argument("-l", "--lport", type=port, metavar="PORT",
+                     help=f"TCP port to listen on (default {DEFAULT_PORT})")
+    net.add_argument("--laddr", action="append", metavar="ADDR",
+                     help="address to listen on, repeatable (default: all IPv4 and IPv6)")
+    net.add_argument("--unix", metavar="PATH", help="also listen on a unix socket")
+    net.add_argument("-i", "--inetd", action="store_true",
+                     help="the one client is on standard input (inetd, Accept=yes)")
+    net.add_argument("-F", "--connected-fd", type=number, metavar="N",
+                     help="fd N is a client whose handshake is already done")
+    net.add_argument("--oldstyle", action="store_true",
+                     help="speak the 2008 oldstyle handshake (for old xNBD tools)")
+
+    exp = p.add_argument_group("the export")
+    exp.add_argument("-r", "--readonly", action="store_true", help="export read-only")
+    exp.add_argument("--exportname", metavar="NAME",
+                     help="answer only to this export name (default: any name)")
+    exp.add_argument("--description", metavar="TEXT", help="export description for clients")
+    exp.add_argument("--cow-dir", metavar="DIR",
+                     help="cow-target: put the overlay files in DIR (default: beside the base)")
+    exp.add_argument("-Q", "--max-queue-size", type=number, metavar="N",
+                     help="requests in flight per connection (0: default 256)")
+    exp.add_argument("-B", "--max-buf-size", type=number, metavar="BYTES",
+                     help="bytes in flight per connection (0: default 128 MiB)")
+
+    prx = p.add_argument_group("proxy mode")
+    prx.add_argument("--target-exportname", metavar="NAME",
+                     help="export name to ask the remote server for")
+    prx.add_argument("--clear-bitmap", action="store_true",
+                     help="forget what is cached and start over")
+
+    run = p.add_argument_group("running")
+    run.add_argument("--config", metavar="FILE",
+                     help="read settings from FILE (command-line options win)")
+    run.add_argument("-L", "--logpath", metavar="FILE", help="append log lines to FILE")
+    run.add_argument("-S", "--syslog", action="store_true", help="log to syslog (daemon)")
+    run.add_argument("-d", "--daemonize", action="store_true",
+                     help="detach (ignored under systemd)")
+    run.add_argument("--verbose", action="store_true", help="log debugging details")
+    run.add_argument("-v", "--version", action="version", version=f"xnbdd {__version__}")
+    return p
+
+
+def parse(argv: list[str]) -> dict[str, object]:
+    """Command line + configuration file -> one settings dict (raises UsageError/ConfigError)."""
+    ns = vars(build_parser().parse_args(argv))
+    config_path = ns.pop("config", None)
+    settings: dict[str, object] = {}
+    if isinstance(config_path, str):
+        settings.update(load_config(config_path))
+    args = ns.pop("args", [])
+    mode = ns.get("mode", settings.get("mode"))
+    if mode is None:
+        raise UsageError("choose a mode: --target, --cow-target or --proxy")
+    settings.update(ns)
+    settings["mode"] = mode
+    names = POSITIONALS[str(mode)]
+    if args:
+        if len(args) != len(names):
+            flag = "--" + str(mode).replace("_", "-")
+            want = " ".join(n.upper() for n in names)
+            raise UsageError(f"{flag} takes {want} ({len(args)} argument(s) given)")
+        settings.update(zip(names, args, strict=True))
+    missing = [n for n in names if not settings.get(n)]
+    if missing:
+        raise UsageError(f"missing {' '.join(m.upper() for m in missing)}")
+    for key, value in DEFAULTS.items():
+        settings.setdefault(key, value)
+    if settings.get("inetd") and settings.get("connected_fd") is not None:
+        raise UsageError("--inetd and --connected-fd exclude each other")
+    if settings.get("inetd") and settings.get("daemonize"):
+        raise UsageError("--inetd and --daemonize exclude each other")
+    return settings
+
+
+def make_options(settings: dict[str, object]) -> ServerOptions:
+    def path(key: str) -> str:
+        return os.path.abspath(str(settings[key]))  # D24: relative paths survive --daemonize
+
+    return ServerOptions(
+        mode=str(settings["mode"]),
+        image=path("image"),
+        readonly=bool(settings["readonly"]),
+        exportname=settings.get("exportname"),  # type: ignore[arg-type]
+        description=str(settings["description"]),
+        oldstyle=bool(settings["oldstyle"]),
+        max_queue_size=int(settings["max_queue_size"]),  # type: ignore[call-overload]
+        max_buf_size=int(settings["max_buf_size"]),  # type: ignore[call-overload]
+        cow_dir=os.path.abspath(str(settings["cow_dir"])) if settings.get("cow_dir") else None,
+        remote_host=str(settings.get("remote_host", "")),
+        remote_port=str(settings.get("remote_port", "")),
+        cache_bitmap=path("cache_bitmap") if settings.get("cache_bitmap") else "",
+        control_socket=path("control_socket") if settings.get("control_socket") else "",
+        target_exportname=settings.get("target_exportname"),  # type: ignore[arg-type]
+        clear_bitmap=bool(settings["clear_bitmap"]),
+    )
+
+
+def client_sources(settings: dict[str, object]) -> ClientSources:
+    """Adopt or bind every socket now, so errors are reported before serving starts."""
+    if settings.get("inetd"):
+        try:
+            sock = socket.socket(fileno=os.dup(0))
+        except OSError:
+            raise OSError("--inetd: standard input is not a socket") from None
+        # Keep stray output off the client's connection.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        return ClientSources(connection=sock)
+    fd = settings.get("connected_fd")
+    if isinstance(fd, int):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            raise OSError(f"--connected-fd {fd}: not a connected socket") from None
+        return ClientSources(negotiated_fd=sock)
+    inherited = inherited_sockets()
+    if inherited:
+        connected = [s for s in inherited if not s.listening]
+        if connected:
+            if len(inherited) > 1:
+                raise SystemdEnvError("a connected socket must be the only one passed")
+            return ClientSources(connection=connected[0].sock)
+        return ClientSources(listeners=[s.sock for s in inherited])
+    laddr = settings["laddr"]
+    listeners = bind_tcp(list(laddr) if isinstance(laddr, list) else [], int(settings["lport"]))  # type: ignore[call-overload]
+    unix = settings.get("unix")
+    if isinstance(unix, str):
+        listeners.append(bind_unix(os.path.abspath(unix)))
+    return ClientSources(listeners=listeners)
+
+
+def detach() -> None:
+    """Classic double fork. Paths are already absolute, so chdir("/") changes no meaning."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def under_systemd() -> bool:
+    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse(sys.argv[1:] if argv is None else argv)
+    except (UsageError, ConfigError) as err:
+        print(f"{PROG}: {err} (see --help)", file=sys.stderr)
+        return 2
+    try:
+        opts = make_options(settings)
+        logpath = settings.get("logpath")
+        # As the original: inetd and daemonized runs have no stderr to log to, so syslog.
+        implied_syslog = bool(settings.get("inetd") or settings["daemonize"]) and not logpath
+        logs.setup_logging(
+            logpath=str(logpath) if logpath else None,
+            syslog=bool(settings["syslog"]) or implied_syslog,
+            identifier=PROG,
+            verbose=bool(settings["verbose"]),
+        )
+        if opts.mode != "proxy" and not os.path.exists(opts.image):
+            raise FileNotFoundError(f"{opts.image}: no such file or device")
+        sources = client_sources(settings)
+        if settings["daemonize"] and not under_systemd():
+            detach()
+        trio.run(Daemon(opts, sources).run)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as err:  # noqa: BLE001 - start-up errors become one line, not a trace
+        failure = first_failure(err)
+        if failure is None:
+            raise
+        print(f"{PROG}: {describe_error(failure)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+EXPECTED_FAILURES = (OSError, ValueError, SystemdEnvError)
+
+
+def first_failure(err: BaseException) -> BaseException | None:
+    """The expected start-up failure inside ``err`` (possibly wrapped by a nursery), if any."""
+    if isinstance(err, EXPECTED_FAILURES):
+        return err
+    if isinstance(err, BaseExceptionGroup):
+        for inner in err.exceptions:
+            found = first_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def describe_error(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    return str(err)

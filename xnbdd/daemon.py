@@ -1,0 +1,227 @@
+"""The composition root: opens the backend, wraps it in an export, serves the client sources
+(listeners, an inherited connection, inetd stdin, a connected fd), keeps systemd informed, and
+routes signals to operations. The only module that sees the whole tree."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from . import logs
+from .backends.base import Backend
+from .backends.file import FileBackend
+from .connection import Connection, Limits, ServerState
+from .export import Export
+from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
+from .proto.consts import TxFlag
+from .proto.messages import Negotiated
+from .systemd import Notifier
+
+log = logging.getLogger("xnbdd")
+
+ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
+
+
+@dataclass
+class ServerOptions:
+    """Everything the daemon needs, already validated by the command line."""
+
+    mode: str  # "target" | "cow_target" | "proxy"
+    image: str
+    readonly: bool = False
+    exportname: str | None = None
+    description: str = ""
+    oldstyle: bool = False
+    max_queue_size: int = 0
+    max_buf_size: int = 0
+    cow_dir: str | None = None
+    # proxy
+    remote_host: str = ""
+    remote_port: str = ""
+    cache_bitmap: str = ""
+    control_socket: str = ""
+    target_exportname: str | None = None
+    clear_bitmap: bool = False
+
+
+@dataclass
+class ClientSources:
+    """Where clients come from; prepared (bound, adopted) before the event loop starts."""
+
+    listeners: list[socket.socket] = field(default_factory=list)
+    connection: socket.socket | None = None  # one client, handshake still to do
+    negotiated_fd: socket.socket | None = None  # one client, handshake already done
+
+
+class SingleExportCatalog:
+    """xnbd-server serves one export. Without ``--exportname`` every name reaches it, as with the
+    original (which ignored names); with it, only that name and the default name ""."""
+
+    def __init__(self, export: Export, strict_name: bool) -> None:
+        self.export = export
+        self.strict_name = strict_name
+
+    def lookup(self, name: str) -> Export | None:
+        if not self.strict_name or name in ("", self.export.name):
+            return self.export
+        return None
+
+    def exports(self) -> Sequence[Export]:
+        return [self.export]
+
+
+async def open_backend(opts: ServerOptions) -> Backend:
+    if opts.mode == "target":
+        return await trio.to_thread.run_sync(
+            lambda: FileBackend.open(opts.image, readonly=opts.readonly)
+        )
+    raise ValueError(f"mode {opts.mode} is not available yet")
+
+
+class Daemon:
+    def __init__(self, opts: ServerOptions, sources: ClientSources) -> None:
+        self.opts = opts
+        self.sources = sources
+        limits = Limits()
+        if opts.max_queue_size:
+            limits.max_requests = opts.max_queue_size
+        if opts.max_buf_size:
+            limits.max_bytes = opts.max_buf_size
+        self.state = ServerState(limits)
+        self.notifier = Notifier()
+        self.export: Export | None = None
+        self._stop_accepting = trio.CancelScope()
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backend = await open_backend(self.opts)
+        name = self.opts.exportname or ""
+        self.export = Export(
+            name, backend, description=self.opts.description, readonly=self.opts.readonly
+        )
+        catalog = SingleExportCatalog(self.export, strict_name=self.opts.exportname is not None)
+        logs.set_context(XNBD_EXPORT=name or os.path.basename(self.opts.image),
+                         XNBD_MODE=self.opts.mode)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._watchdog)
+                await self._serve(catalog)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await backend.close()
+                self.notifier.close()
+        log.info("stopped")
+
+    async def _serve(self, catalog: SingleExportCatalog) -> None:
+        src = self.sources
+        async with trio.open_nursery() as connections:
+            if src.negotiated_fd is not None:
+                export = catalog.export
+                info = export.info()
+                negotiated = Negotiated(export=info, tx_flags=info.tx_flags & ~TxFlag.SEND_DF)
+                stream = to_trio_stream(src.negotiated_fd)
+                self._ready("serving one negotiated connection")
+                await self._client(stream, catalog, negotiated)
+                return
+            if src.connection is not None:
+                stream = to_trio_stream(src.connection)
+                self._ready("serving one connection")
+                await self._client(stream, catalog, None)
+                return
+            listeners = [to_trio_listener(sock) for sock in src.listeners]
+            with self._stop_accepting:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, catalog, connections)
+                    where = ", ".join(describe(sock) for sock in src.listeners)
+                    log.info("listening on %s", where)
+                    self._ready(f"listening on {where}")
+            for listener in listeners:
+                await listener.aclose()
+            # Connections finish on their own once ``state.stopping`` is set (grace period).
+
+    def _ready(self, what: str) -> None:
+        self.notifier.ready()
+        self._update_status()
+        log.info("ready: %s %s, %s", self.opts.mode, self.opts.image, what)
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, catalog: SingleExportCatalog, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as err:
+                log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
+                continue
+            nursery.start_soon(self._client, stream, catalog, None)
+
+    async def _client(
+        self,
+        stream: trio.abc.Stream,
+        catalog: SingleExportCatalog,
+        negotiated: Negotiated | None,
+    ) -> None:
+        peer = peer_name(stream)
+        fields = {"XNBD_CLIENT": peer}
+        self.state.clients += 1
+        self._update_status()
+        log.info("client connected", extra=fields)
+        try:
+            await Connection(stream, catalog, self.state, peer=peer,
+                             oldstyle=self.opts.oldstyle).serve(negotiated)
+        finally:
+            self.state.clients -= 1
+            self._update_status()
+            log.info("client disconnected", extra=fields)
+
+    def stop(self) -> None:
+        if self.state.stopping.is_set():
+            return
+        log.info("stopping: finishing requests in flight")
+        self.notifier.stopping()
+        self.state.stopping.set()
+        self._stop_accepting.cancel()
+
+    def _update_status(self) -> None:
+        clients = self.state.clients
+        noun = "client" if clients == 1 else "clients"
+        self.notifier.status(f"{self.opts.mode} {self.opts.image}: {clients} {noun}")
+
+    # -- signals and watchdog -------------------------------------------------------------------
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+        with trio.open_signal_receiver(*wanted) as signals:
+            async for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self.stop()
+                elif signum == signal.SIGHUP:
+                    self.notifier.reloading()
+                    logs.reopen()
+                    log.info("reloaded: log file reopened")
+                    self.notifier.ready()
+                elif signum == signal.SIGUSR1:
+                    log.info("SIGUSR1: snapshot is not available in %s mode", self.opts.mode)
+                elif signum == signal.SIGUSR2:
+                    log.info("SIGUSR2: nothing to switch in %s mode", self.opts.mode)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # Sent from the event loop itself, so a wedged loop stops the pings.
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
