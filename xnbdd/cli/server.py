@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(Daemon(opts, sources).run)
     except KeyboardInterrupt:
         return 130
-    except BaseException as err:  # noqa: BLE001 - start-up errors become one line, not a trace
+    except BaseException as err:  # start-up errors become one line, not a traceback
         failure = first_failure(err)
         if failure is None:
             raise
