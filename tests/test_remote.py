@@ -1,0 +1,143 @@
+"""The origin link against real NBD servers: styles, pipelining, errors, outages, reconnect."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, random_image
+from xnbdd.remote import LinkState, RemoteAddress, SizeMismatchError, open_remote_link
+
+SIZE = 1 << 20
+
+
+@pytest.mark.parametrize("style", ["fixed-tcp", "fixed-unix", "oldstyle"])
+async def test_reads_match_the_origin(tmp_path: Path, style: str) -> None:
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(
+        tmp_path, ["file", str(image)], unix=style == "fixed-unix", oldstyle=style == "oldstyle"
+    ) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            assert link.size == SIZE and link.state is LinkState.CONNECTED
+            assert link.structured is (style != "oldstyle")
+            results: dict[int, bytes] = {}
+
+            async def one(offset: int, length: int) -> None:
+                results[offset] = bytes(await link.read(offset, length))
+
+            async with trio.open_nursery() as nursery:  # many in flight at once
+                for i in range(64):
+                    nursery.start_soon(one, i * 12288 + 7, 4096 + i * 100)
+            for i in range(64):
+                offset = i * 12288 + 7
+                assert results[offset] == data[offset : offset + 4096 + i * 100]
+
+
+async def test_qemu_nbd_and_nbd_server_origins(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE, seed=3)
+    with qemu_nbd(tmp_path, image) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            assert bytes(await link.read(4096, 8192)) == data[4096:12288]
+    with nbd_server(tmp_path, image, "disk") as origin:
+        address = RemoteAddress(origin.host, origin.port, "disk")
+        async with open_remote_link(address) as link:
+            assert link.size == SIZE
+            assert bytes(await link.read(SIZE - 100, 100)) == data[-100:]
+
+
+async def test_sparse_origin_reads_holes_as_zeros(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, ["memory", "4M"]) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            assert bytes(await link.read(0, 1 << 20)) == bytes(1 << 20)
+
+
+async def test_unknown_export_fails_to_open(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    random_image(image, SIZE)
+    with nbd_server(tmp_path, image, "disk") as origin, pytest.raises(OSError, match="UNKNOWN"):
+        async with open_remote_link(RemoteAddress(origin.host, origin.port, "nope")):
+            pass
+
+
+async def test_error_reply_fails_only_that_request(tmp_path: Path) -> None:
+    # nbdkit's error filter fails reads at offsets >= 512 KiB? It fails a fraction of all reads;
+    # rate 1 with a file that triggers it only while it exists gives a deterministic switch.
+    trigger = tmp_path / "fail-now"
+    with nbdkit(
+        tmp_path,
+        ["memory", "1M", "error=EIO", "error-pread-rate=1", f"error-pread-file={trigger}"],
+        filters=("error",),
+    ) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            trigger.touch()
+            with pytest.raises(OSError) as info:
+                await link.read(0, 4096)
+            assert info.value.errno == errno.EIO
+            trigger.unlink()
+            assert bytes(await link.read(0, 4096)) == bytes(4096)  # same connection, still fine
+            assert link.state is LinkState.CONNECTED
+
+
+async def test_origin_killed_mid_read_fails_within_timeout_then_reconnect(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as first:
+        async with open_remote_link(
+            RemoteAddress(first.host, first.port), timeout=1.0, backoff_max=0.2
+        ) as link:
+            assert bytes(await link.read(0, 4096)) == data[:4096]
+            first.stop()  # hangs: the read below gets no answer
+            start = trio.current_time()
+            with pytest.raises(OSError) as info:
+                await link.read(8192, 4096)
+            assert info.value.errno == errno.EIO
+            assert 0.9 < trio.current_time() - start < 2.0
+            first.kill()
+            with trio.fail_after(5):
+                while link.state is not LinkState.FAILED:
+                    await trio.sleep(0.05)
+            with pytest.raises(OSError):  # known down: fails at once
+                with trio.fail_after(0.5):
+                    await link.read(0, 4096)
+            with nbdkit(tmp_path, ["file", str(image)]) as second:
+                await link.reconnect(RemoteAddress(second.host, second.port))
+                assert link.state is LinkState.CONNECTED
+                assert link.description == f"127.0.0.1:{second.port}"
+                assert bytes(await link.read(8192, 4096)) == data[8192:12288]
+
+
+async def test_automatic_reconnect_after_origin_restart(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as first:
+        port = int(first.port)
+        async with open_remote_link(
+            RemoteAddress(first.host, first.port), timeout=5.0, backoff_max=0.1
+        ) as link:
+            await link.read(0, 1)
+            first.kill()
+
+            async def restart_later() -> None:
+                await trio.sleep(0.5)
+                with nbdkit(tmp_path, ["file", str(image)], port=port):
+                    await trio.sleep(3)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restart_later)
+                # waits through the outage and is re-sent on the new connection
+                assert bytes(await link.read(4096, 4096)) == data[4096:8192]
+                nursery.cancel_scope.cancel()
+
+
+async def test_reconnect_refuses_another_size(tmp_path: Path) -> None:
+    with nbdkit(tmp_path, ["memory", "1M"]) as first, nbdkit(tmp_path, ["memory", "2M"]) as other:
+        async with open_remote_link(RemoteAddress(first.host, first.port)) as link:
+            with pytest.raises(SizeMismatchError):
+                await link.reconnect(RemoteAddress(other.host, other.port))
+            assert link.description == f"127.0.0.1:{first.port}"
+            assert bytes(await link.read(0, 10)) == bytes(10)

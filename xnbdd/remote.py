@@ -1,0 +1,464 @@
+"""Async link to the proxy's origin NBD server: connect, read, survive outages.
+
+Fixes of the original's upstream handling (xnbd-compat.md D15-D19):
+- every request has its own cookie; many are in flight and complete in any order;
+- a request never waits longer than ``timeout`` seconds in total (across outages): then it fails
+  with EIO; while the link is known to be down for longer than that, requests fail at once;
+- an error reply fails only the request it answers; a lost connection is re-established in the
+  background with exponential backoff, and the requests it carried are sent again (reads are
+  idempotent);
+- ``reconnect`` switches to another origin after checking that it exports the same size.
+
+The wire protocol lives in ``xnbdd.proto.client``; this module only moves its bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from enum import Enum
+
+import trio
+
+from .proto.client import (
+    ClientHandshake,
+    ClientTransmission,
+    Connected,
+    ReadData,
+    ReplyDone,
+    ReplyEvent,
+)
+from .proto.consts import Cmd, TxFlag
+from .proto.errors import NBDError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class RemoteAddress:
+    """Where the origin is. A ``host`` starting with ``/`` is a unix socket path (port unused).
+    ``export_name`` None: oldstyle servers need none, newstyle ones get the default export ""."""
+
+    host: str
+    port: str = "8520"
+    export_name: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.host.startswith("/")
+
+    def describe(self) -> str:
+        where = f"unix:{self.host}" if self.is_unix else f"{self.host}:{self.port}"
+        return where if self.export_name is None else f"{where} export {self.export_name!r}"
+
+
+class LinkState(Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"  # down, retrying; requests still wait
+    FAILED = "failed"  # down for longer than the timeout; requests fail at once, retries go on
+    CLOSED = "closed"
+
+
+class SizeMismatchError(OSError):
+    """The origin exports another size than the one this link was bound to."""
+
+
+class _ConnectionLost(Exception):
+    """The connection carrying a request went away; the request may be retried elsewhere."""
+
+
+def _eio(message: str) -> OSError:
+    return OSError(errno.EIO, message)
+
+
+class _Call:
+    """One request waiting for its reply."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.buffer = bytearray(length)  # holes need nothing: they are already zeros
+        self.error = 0
+        self.lost = False
+        self.done = trio.Event()
+
+
+class _Connection:
+    """One negotiated connection: a reader task dispatches replies to waiting calls."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, info: Connected, leftover: bytes, timeout: float
+    ) -> None:
+        self.stream = stream
+        self.info = info
+        self.tx = ClientTransmission(info.tx_flags, info.structured, info.max_payload)
+        self.calls: dict[int, _Call] = {}
+        self.send_lock = trio.Lock()
+        self.timeout = timeout
+        self.last_receive = trio.current_time()
+        self.dead = False
+        self._next_cookie = 1
+        self._leftover = leftover
+        self._killed = trio.Event()
+
+    def kill(self, reason: str) -> None:
+        if not self.dead:
+            log.warning("origin connection dropped: %s", reason)
+        self.dead = True
+        self._killed.set()
+
+    async def serve(self) -> None:
+        """Read replies until the connection dies; then every waiting call is marked lost."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                await self._killed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.dead = True
+            for call in self.calls.values():
+                call.lost = True
+                call.done.set()
+            self.calls.clear()
+            with trio.CancelScope(shield=True):
+                await _close_quietly(self.stream)
+
+    async def _read_loop(self) -> None:
+        try:
+            if self._leftover:
+                self._dispatch(self.tx.receive_data(self._leftover))
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.last_receive = trio.current_time()
+                if not data:
+                    self.kill("origin closed the connection")
+                    return
+                self._dispatch(self.tx.receive_data(data))
+        except NBDError as exc:
+            self.kill(f"protocol error from origin: {exc}")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.kill(f"receive failed: {exc!r}")
+
+    def _dispatch(self, events: list[ReplyEvent]) -> None:
+        for event in events:
+            call = self.calls.get(event.cookie)
+            if call is None:
+                continue  # a request that timed out or was cancelled: its reply is dropped
+            if isinstance(event, ReadData):
+                start = event.offset - call.offset
+                call.buffer[start : start + len(event.data)] = event.data
+            elif isinstance(event, ReplyDone):
+                call.error = event.error
+                del self.calls[event.cookie]
+                call.done.set()
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        if self.dead:
+            raise _ConnectionLost
+        call = _Call(offset, length)
+        async with self.send_lock:
+            if self.dead:
+                raise _ConnectionLost
+            cookie = self._next_cookie
+            self._next_cookie += 1
+            wire = self.tx.request(Cmd.READ, cookie, offset, length)
+            self.calls[cookie] = call
+            await self._send(wire)
+        try:
+            await call.done.wait()
+        finally:
+            self.calls.pop(cookie, None)
+        if call.lost:
+            raise _ConnectionLost
+        if call.error:
+            raise OSError(call.error, f"origin answered READ at {offset}+{length} with an error")
+        return call.buffer
+
+    async def _send(self, wire: bytes) -> None:
+        # A half-sent request would corrupt the stream for everyone: the send is shielded from
+        # cancellation, but bounded by the timeout so a stuck origin cannot hang us (D15).
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.timeout) as scope:
+                try:
+                    await self.stream.send_all(wire)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.kill(f"send failed: {exc!r}")
+                    raise _ConnectionLost from exc
+            if scope.cancelled_caught:
+                self.kill("send timed out")
+                raise _ConnectionLost
+
+    async def disconnect(self) -> None:
+        """Polite NBD_CMD_DISC (best effort, bounded), then the connection ends."""
+        if self.dead:
+            return
+        with trio.move_on_after(1.0):
+            async with self.send_lock:
+                with suppress(
+                    OSError, trio.BrokenResourceError, trio.ClosedResourceError, NBDError
+                ):
+                    await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
+        self.kill("disconnected")
+
+
+async def _close_quietly(stream: trio.abc.Stream) -> None:
+    with suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.aclose()
+
+
+def _tune_socket(stream: trio.SocketStream) -> None:
+    sock = stream.socket
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # notice a silently vanished origin within about half a minute, not two hours
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
+def _port_number(port: str) -> int:
+    try:
+        return int(port)
+    except ValueError:
+        return socket.getservbyname(port, "tcp")
+
+
+async def open_connection(
+    address: RemoteAddress, timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> tuple[trio.SocketStream, Connected, bytes]:
+    """Connect (every resolved address is tried) and negotiate; OSError on any failure."""
+    with trio.move_on_after(timeout) as scope:
+        if address.is_unix:
+            stream = await trio.open_unix_socket(address.host)
+        else:
+            stream = await trio.open_tcp_stream(address.host, _port_number(address.port))
+        try:
+            _tune_socket(stream)
+            handshake = ClientHandshake(address.export_name or "")
+            result = None
+            while result is None:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                result = handshake.receive_data(data)
+                outgoing = handshake.data_to_send()
+                if outgoing:
+                    await stream.send_all(outgoing)
+            return stream, result, handshake.leftover()
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await _close_quietly(stream)
+            if isinstance(exc, NBDError):
+                raise OSError(errno.EPROTO, f"{address.describe()}: {exc}") from exc
+            if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                raise OSError(errno.ECONNRESET, f"{address.describe()}: {exc!r}") from exc
+            raise
+    assert scope.cancelled_caught
+    raise OSError(errno.ETIMEDOUT, f"{address.describe()}: no handshake within {timeout}s")
+
+
+class RemoteLink:
+    """A self-healing connection to one origin. Use ``open_remote_link``."""
+
+    def __init__(
+        self,
+        address: RemoteAddress,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        expected_size: int | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.size = expected_size if expected_size is not None else -1
+        self.state = LinkState.CONNECTING
+        self.last_error = ""
+        self.requests = 0  # READ requests sent, for status and tests
+        self.tx_flags = TxFlag(0)
+        self.structured = False
+        self.max_payload = 32 * 1024 * 1024
+        self._conn: _Connection | None = None
+        self._connected = trio.Event()
+        self._replacement: _Connection | None = None
+        self._installed = trio.Event()  # set (and renewed) whenever a connection goes live
+        self._scope: trio.CancelScope | None = None
+        self._down_since = math.inf
+        self._closing = False
+
+    @property
+    def description(self) -> str:
+        return self.address.describe()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "remote": self.description,
+            "state": self.state.value,
+            "last_error": self.last_error,
+            "requests": self.requests,
+        }
+
+    async def _negotiate(self, address: RemoteAddress) -> _Connection:
+        stream, info, leftover = await open_connection(address, self.connect_timeout)
+        if info.size == 0:
+            await _close_quietly(stream)
+            raise OSError(errno.EINVAL, f"{address.describe()} exports size 0")
+        if self.size >= 0 and info.size != self.size:
+            await _close_quietly(stream)
+            raise SizeMismatchError(
+                errno.EINVAL,
+                f"{address.describe()} exports {info.size} bytes, expected {self.size}",
+            )
+        return _Connection(stream, info, leftover, self.timeout)
+
+    def _install(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.size = conn.info.size
+        self.tx_flags = conn.info.tx_flags
+        self.structured = conn.info.structured
+        self.max_payload = conn.info.max_payload
+        self.state = LinkState.CONNECTED
+        self._down_since = math.inf
+        self._connected.set()
+        self._installed.set()
+        self._installed = trio.Event()
+        log.info("connected to origin %s (%d bytes)", self.description, self.size)
+
+    def _uninstall(self) -> None:
+        self._conn = None
+        self._connected = trio.Event()
+        if self.state is LinkState.CONNECTED:
+            self.state = LinkState.RECONNECTING
+            self._down_since = trio.current_time()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect (the first failure is raised), report started, then keep the link up."""
+        conn: _Connection | None = await self._negotiate(self.address)
+        task_status.started()
+        try:
+            while not self._closing:
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    if conn is None:
+                        conn = await self._connect_with_backoff()
+                    self._install(conn)
+                    await conn.serve()
+                self._uninstall()
+                conn, self._replacement = self._replacement, None
+        finally:
+            self.state = LinkState.CLOSED
+            self._uninstall()
+            self._connected.set()  # wake waiters: they see CLOSED and fail
+
+    async def _connect_with_backoff(self) -> _Connection:
+        delay = self.backoff_initial
+        while True:
+            try:
+                return await self._negotiate(self.address)
+            except OSError as exc:
+                self.last_error = str(exc)
+                log.warning("reconnecting to %s failed: %s", self.description, exc)
+            if trio.current_time() - self._down_since > self.timeout:
+                self.state = LinkState.FAILED
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+
+    async def reconnect(self, address: RemoteAddress) -> None:
+        """Switch to another origin exporting the same size; requests in flight move over."""
+        conn = await self._negotiate(address)
+        if self._replacement is not None:  # a concurrent reconnect lost the race
+            self._replacement.kill("superseded")
+        old = self.description
+        self.address = address
+        self._replacement = conn
+        log.info("origin changed from %s to %s", old, self.description)
+        installed = self._installed
+        if self._scope is not None:
+            self._scope.cancel()
+        await installed.wait()
+
+    async def _wait_connection(self) -> _Connection:
+        while True:
+            if self.state is LinkState.CLOSED:
+                raise _eio("origin link closed")
+            if self.state is LinkState.FAILED:
+                raise _eio(f"origin {self.description} unavailable: {self.last_error}")
+            conn = self._conn
+            if conn is not None and not conn.dead:
+                return conn
+            await self._connected.wait()
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or
+        the origin's own error for this request."""
+        if length == 0:
+            return bytearray()
+        if length > self.max_payload:
+            out = bytearray()
+            for start in range(offset, offset + length, self.max_payload):
+                part = min(self.max_payload, offset + length - start)
+                out += await self.read(start, part)
+            return out
+        started = trio.current_time()
+        conn: _Connection | None = None
+        with trio.move_on_after(self.timeout):
+            while True:
+                conn = await self._wait_connection()
+                try:
+                    self.requests += 1
+                    return await conn.read(offset, length)
+                except _ConnectionLost:
+                    continue
+        # A connection on which nothing arrived since we asked is stuck: drop it, so the next
+        # requests go to a fresh one.
+        if conn is not None and conn is self._conn and conn.last_receive < started:
+            conn.kill(f"no reply for {self.timeout}s")
+        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+
+    async def aclose(self) -> None:
+        """Send DISC and stop; requests still waiting fail with EIO."""
+        self._closing = True
+        if self._conn is not None:
+            await self._conn.disconnect()
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+@asynccontextmanager
+async def open_remote_link(
+    address: RemoteAddress,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    backoff_max: float = 5.0,
+    expected_size: int | None = None,
+) -> AsyncIterator[RemoteLink]:
+    """Connect to ``address`` (OSError if that fails) and keep the link up inside the block."""
+    link = RemoteLink(
+        address,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        backoff_max=backoff_max,
+        expected_size=expected_size,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.run)
+        try:
+            yield link
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await link.aclose()
+            nursery.cancel_scope.cancel()
