@@ -1,0 +1,274 @@
+"""Target mode: a regular file or a block device, served with positional I/O.
+
+Every read and write is positional (no shared file offset, D11). I/O that cannot block runs on the
+event loop: a read first tries RWF_NOWAIT (served from the page cache or EAGAIN), and files on
+tmpfs/ramfs never wait for a device. Everything else goes to a bounded pool of worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from xnbdd.backends import linux
+from xnbdd.backends.base import Capabilities, Extent
+
+T = TypeVar("T")
+
+THREADS = 16  # worker threads per open image
+MAX_EXTENTS = 4096  # block_status answers a prefix beyond this many extents
+
+
+class FileBackend:
+    """An image file or block device, shared by every connection of the export."""
+
+    def __init__(self, fd: int, path: str, *, readonly: bool) -> None:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ValueError(f"{path}: not a regular file or block device")
+        self.fd = fd
+        self.path = path
+        self.readonly = readonly
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self._size = linux.file_size(fd)
+        self._limiter = trio.CapacityLimiter(THREADS)
+        self._inline = not self.is_block_device and linux.is_memory_fs(fd)
+        self._nowait_read = not self._inline
+        self._nowait_write = not self._inline
+        self._zero_range_ok = True  # these two are cleared at the first "unsupported"
+        self._allocate_ok = True
+        if readonly:
+            self._punch_ok = False
+        elif self.is_block_device:
+            self._punch_ok = linux.block_queue_limit(fd, "discard_max_bytes") > 0
+        else:
+            self._punch_ok = self._probe_punch()
+        if self.is_block_device:
+            self._fast_zero_ok = linux.block_queue_limit(fd, "write_zeroes_max_bytes") > 0
+        else:  # a punched hole, or zero-range / punch + allocate when holes are not wanted
+            self._fast_zero_ok = self._punch_ok
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str, *, readonly: bool) -> FileBackend:
+        """Open an image. OSError (missing, permission) or ValueError (not a file or device)."""
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | os.O_NOATIME)
+        except PermissionError:  # O_NOATIME needs ownership; retry plainly
+            fd = os.open(path, flags)
+        try:
+            return cls(fd, path, readonly=readonly)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _probe_punch(self) -> bool:
+        """Can this file system punch holes? Probed past the end with KEEP_SIZE: no data moves."""
+        probe_at = max(self._size, 0) + (1 << 20)
+        try:
+            linux.fallocate(
+                self.fd, linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE, probe_at, 4096
+            )
+        except OSError:
+            return False
+        return True
+
+    # -- Backend protocol ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            readonly=self.readonly,
+            flush=True,
+            fua=not self.readonly,
+            trim=self._punch_ok,
+            zero=not self.readonly,
+            fast_zero=not self.readonly and self._fast_zero_ok,
+            cache=True,
+            multi_conn=True,
+            block_status=True,
+        )
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        await self.read_into(memoryview(buf), offset)
+        return buf
+
+    async def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset``: inline when the data is cached, else in a thread."""
+        done = 0
+        if self._inline:
+            linux.read_all(self.fd, view, offset)
+            return
+        if self._nowait_read:
+            try:
+                done = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno in linux.UNSUPPORTED:
+                    self._nowait_read = False
+                elif e.errno != errno.EAGAIN:
+                    raise
+            if done == len(view):
+                return
+        await self._thread(linux.read_all, self.fd, view[done:], offset + done)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        view = memoryview(data).cast("B")
+        if fua:  # RWF_DSYNC: this write is durable when pwritev returns
+            await self._thread(linux.write_all, self.fd, view, offset, os.RWF_DSYNC)
+            return
+        if self._inline:
+            linux.write_all(self.fd, view, offset)
+            return
+        done = 0
+        if self._nowait_write:
+            try:
+                done = os.pwritev(self.fd, [view], offset, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno in linux.UNSUPPORTED:
+                    self._nowait_write = False
+                elif e.errno != errno.EAGAIN:
+                    raise
+            if done == len(view):
+                return
+        await self._thread(linux.write_all, self.fd, view[done:], offset + done)
+
+    async def flush(self) -> None:
+        await self._thread(os.fdatasync, self.fd)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Punch a hole (file) or discard (device); advisory, so nothing happens if unsupported."""
+        if not self._punch_ok:
+            return
+        if self.is_block_device:
+            await self._thread(linux.discard, self.fd, offset, length)
+        else:
+            await self._thread(self._punch, offset, length)
+        if fua:
+            await self.flush()
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool
+    ) -> None:
+        await self._thread(self.zero_sync, offset, length, may_trim, fast)
+        if fua:
+            await self.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self._thread(os.posix_fadvise, self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        if self.is_block_device:
+            return [Extent(length)]
+        return await self._thread(linux.extents, self.fd, offset, length, MAX_EXTENTS)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self.readonly:
+                await self.flush()
+        finally:
+            os.close(self.fd)
+
+    # -- helpers (blocking ones run in a worker thread) ----------------------------------------
+
+    async def _thread(self, fn: Callable[..., T], *args: object) -> T:
+        if self._inline:  # memory file system: nothing to wait for
+            return fn(*args)
+        result: T = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return result
+
+    def _punch(self, offset: int, length: int) -> None:
+        mode = linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE
+        linux.fallocate(self.fd, mode, offset, length)
+
+    def zero_sync(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        """Make the range read as zeros (blocking).
+
+        Cheapest first: punch a hole when holes are allowed, else zero-range, else (files) punch
+        and re-allocate. With ``fast`` and none of these available, ENOTSUP before any change;
+        without ``fast`` write zeros in bounded chunks.
+        """
+        if self.is_block_device:
+            self._zero_device(offset, length, may_trim, fast)
+            return
+        if may_trim and self._punch_ok:
+            self._punch(offset, length)
+            return
+        if self._zero_range_ok:
+            try:
+                mode = linux.FALLOC_FL_ZERO_RANGE | linux.FALLOC_FL_KEEP_SIZE
+                linux.fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in linux.UNSUPPORTED:
+                    raise
+                self._zero_range_ok = False
+        if self._punch_ok and self._allocate(offset, length):
+            # e.g. tmpfs: punched and re-allocated reads zeros and leaves no hole (NO_HOLE)
+            self._punch(offset, length)
+            self._allocate(offset, length)
+            return
+        if fast:
+            raise OSError(errno.ENOTSUP, "fast zeroing is not supported by this file system")
+        linux.write_zeros(self.fd, offset, length)
+
+    def _allocate(self, offset: int, length: int) -> bool:
+        """Allocate the holes of a range, data untouched; False if the file system cannot."""
+        if not self._allocate_ok:
+            return False
+        try:
+            linux.fallocate(self.fd, linux.FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in linux.UNSUPPORTED:
+                raise
+            self._allocate_ok = False
+        return self._allocate_ok
+
+    def _zero_device(self, offset: int, length: int, may_trim: bool, fast: bool) -> None:
+        """Block devices: the kernel wants sector-aligned ranges; unaligned edges get zero bytes.
+
+        fallocate PUNCH_HOLE on a device is a write-zeroes/discard without fallback (so it is
+        fast or fails); ZERO_RANGE falls back to writing zeros inside the kernel.
+        """
+        sector = linux.sector_size(self.fd)
+        start = -(-offset // sector) * sector
+        stop = (offset + length) // sector * sector
+        if stop <= start:
+            if fast:
+                raise OSError(errno.ENOTSUP, "range too small to zero quickly on this device")
+            linux.write_zeros(self.fd, offset, length)
+            return
+        fast_path = may_trim or self._fast_zero_ok
+        if fast and not fast_path:
+            raise OSError(errno.ENOTSUP, "this device cannot zero quickly")
+        if fast_path:
+            mode = linux.FALLOC_FL_KEEP_SIZE | (
+                linux.FALLOC_FL_PUNCH_HOLE if may_trim else linux.FALLOC_FL_ZERO_RANGE
+            )
+            try:
+                linux.fallocate(self.fd, mode, start, stop - start)
+            except OSError as e:
+                if e.errno not in linux.UNSUPPORTED:
+                    raise
+                if fast:
+                    raise OSError(errno.ENOTSUP, "this device cannot zero quickly") from e
+                linux.zero_out(self.fd, start, stop - start)
+        else:
+            linux.zero_out(self.fd, start, stop - start)
+        if start > offset:
+            linux.write_zeros(self.fd, offset, start - offset)
+        if offset + length > stop:
+            linux.write_zeros(self.fd, stop, offset + length - stop)
