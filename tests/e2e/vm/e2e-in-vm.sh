@@ -1,0 +1,91 @@
+#!/bin/bash
+# Runs inside the test VM (tests/e2e/test_vm_kernel.py) as a oneshot unit, as root, with the
+# xnbdd Debian package installed. Every step prints "STEP <name> ok" or "STEP <name> FAIL"; the
+# host reads /mnt/share/result.log and asserts on those lines. The unit powers the VM off after.
+#
+# /opt/xnbdd-e2e/config (written by the host) sets: UNIT (systemd unit of the export), IMAGE (the
+# file that unit serves), PORT, EXPORT (name for nbd-client -N, may be empty), PROXY_PORT.
+set -u
+exec > >(tee /mnt/share/result.log) 2>&1
+# shellcheck source=/dev/null
+. /opt/xnbdd-e2e/config
+echo "VM_UP kernel=$(uname -r)"
+
+step() {  # step NAME COMMAND...: run it, print the marker, return its status
+    local name=$1; shift
+    if "$@"; then echo "STEP $name ok"; return 0; fi
+    echo "STEP $name FAIL"; return 1
+}
+finish() {
+    echo "--- systemctl status"; systemctl --no-pager status "$UNIT" 2>&1 | head -n 30
+    echo "--- journal of $UNIT"; journalctl --no-pager -u "$UNIT" | tail -n 40
+    echo "E2E_DONE"
+    sync
+    exit 0
+}
+attach() {  # attach DEVICE PORT: kernel client to xnbdd on 127.0.0.1 (-N only if EXPORT is set)
+    nbd-client 127.0.0.1 "$2" "$1" ${EXPORT:+-N "$EXPORT"} && [ "$(blockdev --getsize64 "$1")" -gt 0 ]
+}
+
+step modprobe modprobe nbd nbds_max=4 || finish
+
+# Reference: Debian's nbd-server with the same kernel client, so a failure below is xnbdd's.
+truncate -s 64M /var/tmp/ref.img
+printf '[generic]\n[ref]\nexportname = /var/tmp/ref.img\n' > /run/nbd-ref.conf
+step reference sh -c 'nbd-server 127.0.0.1@10811 -C /run/nbd-ref.conf && sleep 0.5 &&
+    nbd-client 127.0.0.1 10811 /dev/nbd0 -N ref &&
+    dd if=/dev/nbd0 of=/dev/null bs=1M count=4 status=none && nbd-client -d /dev/nbd0'
+
+# xnbdd under systemd (Type=notify: start returns once the daemon said READY=1).
+mkdir -p "$(dirname "$IMAGE")"
+truncate -s 256M "$IMAGE"
+step unit_start systemctl start "$UNIT" || finish
+systemctl show -p ActiveState -p SubState -p StatusText -p MainPID "$UNIT"
+
+mkdir -p /mnt/t
+step attach attach /dev/nbd1 "$PORT" || finish
+step mkfs mkfs.ext4 -q -F /dev/nbd1 || finish
+step write sh -c 'mount /dev/nbd1 /mnt/t &&
+    dd if=/dev/urandom of=/mnt/t/blob bs=1M count=16 status=none &&
+    for i in 1 2 3 4 5 6 7 8; do head -c $((i * 37 * 1024)) /dev/urandom > /mnt/t/small$i; done &&
+    mkdir /mnt/t/dir && cp /etc/os-release /mnt/t/dir/ &&
+    (cd /mnt/t && sha256sum blob small* dir/os-release > /run/sums) && sync && umount /mnt/t' \
+    || finish
+step detach nbd-client -d /dev/nbd1
+# A fresh connection (and a fresh page cache on the device) must read the same bytes back.
+sleep 0.5
+step reattach attach /dev/nbd1 "$PORT" || finish
+step fsck e2fsck -fn /dev/nbd1
+step readback sh -c 'mount -o ro /dev/nbd1 /mnt/t && (cd /mnt/t && sha256sum -c --quiet /run/sums) &&
+    umount /mnt/t'
+# The data really lives in the served image: the filesystem's checksums from the file itself.
+step image_has_data sh -c 'nbd-client -d /dev/nbd1 && mount -o ro,loop "$0" /mnt/t &&
+    (cd /mnt/t && sha256sum -c --quiet /run/sums) && umount /mnt/t' "$IMAGE"
+
+step journal_connection sh -c 'journalctl --no-pager -u "$0" -o cat | tee /run/unit.log |
+    grep -q "127\.0\.0\.1"' "$UNIT"
+
+# Proxy switch with a mounted filesystem: needs proxy mode and xnbd-bgctl in the package.
+if xnbd-server --help 2>&1 | grep -q -- '--proxy' && command -v xnbd-bgctl >/dev/null; then
+    ctl=/run/xnbd-proxy.ctl
+    rm -f /var/tmp/cache.img /var/tmp/cache.bitmap "$ctl"
+    step proxy_start systemd-run --unit=xnbd-proxy -p Type=notify \
+        xnbd-server --proxy --lport "$PROXY_PORT" 127.0.0.1 "$PORT" \
+        /var/tmp/cache.img /var/tmp/cache.bitmap "$ctl" || finish
+    step proxy_attach attach /dev/nbd2 "$PROXY_PORT" || finish
+    step proxy_mount sh -c 'mount /dev/nbd2 /mnt/t && (cd /mnt/t && sha256sum -c --quiet /run/sums)
+        && echo written-through-proxy > /mnt/t/proxy-file && sync' || finish
+    step proxy_cache_all xnbd-bgctl --cache-all "$ctl"
+    step proxy_usr2 sh -c 'kill -USR2 "$(systemctl show -p MainPID --value xnbd-proxy)"'
+    # After the switch the proxy serves its cache as a target: the origin can go away.
+    sleep 2
+    step origin_stop systemctl stop "$UNIT"
+    step proxy_after_switch sh -c 'echo 3 > /proc/sys/vm/drop_caches &&
+        (cd /mnt/t && sha256sum -c --quiet /run/sums) && grep -q written-through-proxy /mnt/t/proxy-file
+        && umount /mnt/t && nbd-client -d /dev/nbd2'
+    journalctl --no-pager -u xnbd-proxy -o cat | tail -n 20
+else
+    echo "PROXY_UNAVAILABLE (this build has no proxy mode or no xnbd-bgctl)"
+fi
+
+finish
