@@ -1,0 +1,155 @@
+"""Instance configuration files, /etc/xnbd/<instance>.conf, read into xnbd-server option values.
+
+Format (documented for administrators in etc/xnbd/example.conf):
+
+    # comment lines start with '#' (after optional blanks); blank lines are ignored
+    mode = target
+    image = /var/lib/xnbd/disk.img
+    max-queue-size = 64
+
+One `key = value` per line. Keys are xnbd-server's long option names without the dashes in front
+(`max-queue-size`; `max_queue_size` is accepted too); each key at most once. Values run to the
+end of the line, surrounding blanks removed; double quotes around a value are removed, so a
+description can keep blanks at its ends. Booleans are yes/no, true/false, on/off or 1/0;
+numbers are decimal or 0x-hexadecimal; paths must be absolute (a unit's working directory is /);
+`laddr` takes one or more addresses separated by blanks or commas.
+
+load_config() returns the values under the argparse dest names of xnbd-server, so the command
+line parser can use them as defaults (flags given on the command line win). Every error names
+the file and the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["KEYS", "ConfigError", "load_config"]
+
+
+class ConfigError(Exception):
+    """A configuration file cannot be used; the message names the file (and the key)."""
+
+
+Parser = Callable[[str], object]
+
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+_MODES = {"target": "target", "cow-target": "cow_target", "cow_target": "cow_target",
+          "proxy": "proxy"}
+
+
+def _boolean(text: str) -> bool:
+    word = text.lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError("not a boolean (yes/no, true/false, on/off, 1/0)")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 0)  # 0x.. accepted like the original's option parser
+    except ValueError:
+        raise ValueError("not a number") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ValueError("not a port number") from None
+    if not 1 <= value <= 65535:
+        raise ValueError("not a port number")
+    return value
+
+
+def _mode(text: str) -> str:
+    try:
+        return _MODES[text.lower()]
+    except KeyError:
+        raise ValueError("not one of target, cow-target, proxy") from None
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("empty")
+    return text
+
+
+def _path(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("path must be absolute")
+    return text
+
+
+def _addresses(text: str) -> list[str]:
+    addresses = [a for a in text.replace(",", " ").split() if a]
+    if not addresses:
+        raise ValueError("empty")
+    return addresses
+
+
+# key as written in the file -> (argparse dest, value parser)
+KEYS: dict[str, tuple[str, Parser]] = {
+    "mode": ("mode", _mode),
+    "image": ("image", _path),
+    "readonly": ("readonly", _boolean),
+    "lport": ("lport", _port),
+    "laddr": ("laddr", _addresses),
+    "unix": ("unix", _path),
+    "exportname": ("exportname", _text),
+    "description": ("description", _text),
+    "oldstyle": ("oldstyle", _boolean),
+    "max-queue-size": ("max_queue_size", _count),
+    "max-buf-size": ("max_buf_size", _count),
+    "cow-dir": ("cow_dir", _path),
+    "logpath": ("logpath", _path),
+    "syslog": ("syslog", _boolean),
+    "remote-host": ("remote_host", _text),
+    "remote-port": ("remote_port", _port),
+    "cache-image": ("cache_image", _path),
+    "cache-bitmap": ("cache_bitmap", _path),
+    "control-socket": ("control_socket", _path),
+    "target-exportname": ("target_exportname", _text),
+    "clear-bitmap": ("clear_bitmap", _boolean),
+}
+
+
+def load_config(path: str) -> dict[str, object]:
+    """Parse the file at path; raises ConfigError for anything it cannot use."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+    values: dict[str, object] = {}
+    seen: set[str] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{path}:{number}: expected 'key = value', got {raw.strip()!r}")
+        name = key.replace("_", "-")
+        if name not in KEYS:
+            raise ConfigError(f"{path}: key {key!r}: unknown key")
+        if name in seen:
+            raise ConfigError(f"{path}: key {key!r}: given more than once")
+        seen.add(name)
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        dest, parse = KEYS[name]
+        try:
+            values[dest] = parse(value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: key {key!r}: {e}: {value!r}") from None
+    return values
