@@ -274,7 +274,9 @@ class ServerHandshake:
             raise OptionError(Rep.ERR_POLICY, "listing exports is disabled")
         for export in self._lister():
             name = export.name.encode("utf-8")
-            self._out += option_reply(opt, Rep.SERVER, U32.pack(len(name)) + name)
+            # SERVER data: name length, name, then the optional human-readable description.
+            payload = U32.pack(len(name)) + name + export.description.encode("utf-8")
+            self._out += option_reply(opt, Rep.SERVER, payload)
         self._out += option_reply(opt, Rep.ACK)
 
     def _info_or_go(self, opt: int, data: bytes) -> None:

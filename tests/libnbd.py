@@ -1,0 +1,16 @@
+"""Import Debian's python3-libnbd (built for the system Python 3.11) from any CPython 3.11."""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import pytest
+
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+def import_nbd() -> ModuleType:
+    if DIST_PACKAGES not in sys.path:
+        sys.path.append(DIST_PACKAGES)  # appended: the interpreter's own packages keep priority
+    return pytest.importorskip("nbd", reason="python3-libnbd is not installed")
