@@ -242,3 +242,34 @@ def copy_sparse(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     """Copy only the data runs of the range; ``dst_fd`` must already read zeros there."""
     for start, stop in data_runs(src_fd, offset, length):
         copy_range(src_fd, dst_fd, start, stop - start)
+
+
+def punch_or_zero(fd: int, offset: int, length: int) -> None:
+    """Make a range of a regular file read as zeros, as a hole where the file system can."""
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        if e.errno not in UNSUPPORTED:
+            raise
+        write_zeros(fd, offset, length)
+
+
+def clone_or_copy(src_fd: int, dst_fd: int, size: int) -> str:
+    """Fill the empty regular file ``dst_fd`` with the first ``size`` bytes of ``src_fd``.
+
+    A reflink when the file system can share extents ("reflink"), else a copy that keeps holes
+    ("copy"). ``src_fd`` may be a block device (always copied).
+    """
+    if not is_block_device(src_fd) and os.fstat(src_fd).st_size == size:
+        try:
+            clone(src_fd, dst_fd)
+            return "reflink"
+        except OSError as e:
+            if e.errno not in UNSUPPORTED | {errno.EXDEV, errno.EINVAL, errno.EBADF}:
+                raise
+    os.ftruncate(dst_fd, size)
+    if is_block_device(src_fd):
+        copy_range(src_fd, dst_fd, 0, size)
+    else:
+        copy_sparse(src_fd, dst_fd, 0, size)
+    return "copy"

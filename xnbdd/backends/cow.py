@@ -1,0 +1,324 @@
+"""cow-target: a read-only base image under a private, throwaway overlay (xnbd-compat.md §4.3).
+
+The base is opened read-only and never written. Writes go to ``<base>.cow<N>.layer1`` (sparse,
+1:1 offsets) in 4 KiB blocks; ``<base>.cow<N>.layer1.bm`` marks the blocks the overlay holds. A
+block present in the overlay is read from it, whatever it holds -- so a trimmed or zeroed block
+is simply a present block whose overlay bytes are zero (a punched hole), even where the base has
+data. Bits only ever go from clear to set.
+
+A partial write to an absent block first copies the base block up ("copy-up"). Writes that touch
+absent blocks hold a range lock over their blocks, so two partial writes to one block, or a
+copy-up and a full-block write, can never overwrite each other with stale base bytes. Writes to
+blocks already present take no lock.
+
+The overlay file is flock()ed for the life of the instance: at start, an overlay of the same base
+that nobody holds locked was left by a crash and is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+
+import trio
+
+from xnbdd.backends import linux
+from xnbdd.backends.base import Capabilities, Extent
+from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
+from xnbdd.backends.file import MAX_EXTENTS, FileBackend
+
+log = logging.getLogger("xnbdd")
+
+
+class CowBackend:
+    """Base image + overlay, shared by every connection of the instance."""
+
+    def __init__(
+        self, base: FileBackend, overlay: FileBackend, bitmap: Bitmap, overlay_path: str
+    ) -> None:
+        self.base = base
+        self.overlay = overlay
+        self.bitmap = bitmap
+        self.overlay_path = overlay_path
+        self.bitmap_path = overlay_path + ".bm"
+        self._size = base.size
+        self._locks = _RangeLocks()
+        self._closed = False
+
+    @classmethod
+    def open(cls, base_path: str, *, cow_dir: str | None = None) -> CowBackend:
+        """Open ``base_path`` read-only and create a fresh overlay beside it (or in ``cow_dir``).
+
+        Stale overlays of the same base (no live instance holds their lock) are removed first.
+        """
+        base = FileBackend.open(base_path, readonly=True)
+        try:
+            directory = cow_dir if cow_dir is not None else os.path.dirname(base_path) or "."
+            prefix = os.path.join(directory, os.path.basename(base_path))
+            remove_stale_overlays(prefix)
+            overlay_path, fd = _create_locked_overlay(prefix, base.size)
+        except BaseException:
+            os.close(base.fd)
+            raise
+        try:
+            overlay = FileBackend(fd, overlay_path, readonly=False)
+            bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size), clear=True)
+        except BaseException:
+            _unlink_quietly(overlay_path + ".bm")
+            _unlink_quietly(overlay_path)
+            os.close(fd)
+            os.close(base.fd)
+            raise
+        log.info("copy-on-write overlay %s over %s", overlay_path, base_path)
+        return cls(base, overlay, bitmap, overlay_path)
+
+    # -- Backend protocol ----------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            readonly=False,
+            trim=True,
+            zero=True,
+            fast_zero=self.overlay.capabilities.fast_zero,
+            multi_conn=True,  # one overlay for every connection
+        )
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for start, stop, present in self._segments(offset, length):
+            source = self.overlay if present else self.base
+            await source.read_into(view[start - offset : stop - offset], start)
+        return buf
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        first, last = _blocks(offset, len(data))
+        if self.bitmap.all_set(first, last):
+            await self.overlay.write(offset, data, fua)
+            return
+        async with self._locks.hold(first, last):
+            await self._copy_up_edges(offset, offset + len(data))
+            await self.overlay.write(offset, data, fua=False)
+            self.bitmap.set_range(first, last)  # only after the data is in the overlay
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Overlay data first, then the bitmap that covers it (captured before the data sync)."""
+        pending = self.bitmap.capture()
+        await self.overlay.flush()
+        await trio.to_thread.run_sync(self.bitmap.write_back, pending)
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        """Trimmed blocks read back as zeros, even where the base has data."""
+        await self.zero(offset, length, may_trim=True, fast=False, fua=fua)
+
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool
+    ) -> None:
+        if fast and not self.capabilities.fast_zero:
+            raise OSError(errno.ENOTSUP, "the overlay's file system cannot zero quickly")
+        first, last = _blocks(offset, length)
+        async with self._locks.hold(first, last):
+            await self._copy_up_edges(offset, offset + length)
+            # copied-up bytes are not visible until the bits are set: ENOTSUP here changes nothing
+            await self.overlay.zero(offset, length, may_trim=may_trim, fast=fast, fua=False)
+            self.bitmap.set_range(first, last)
+        if fua:
+            await self.flush()
+
+    async def cache(self, offset: int, length: int) -> None:
+        for start, stop, present in self._segments(offset, length):
+            await (self.overlay if present else self.base).cache(start, stop - start)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Overlay extents where blocks are present, base extents elsewhere, merged."""
+        out: list[Extent] = []
+        for start, stop, present in self._segments(offset, length):
+            source = self.overlay if present else self.base
+            part = await source.block_status(start, stop - start)
+            for extent in part:
+                if out and (out[-1].hole, out[-1].zero) == (extent.hole, extent.zero):
+                    out[-1] = Extent(out[-1].length + extent.length, extent.hole, extent.zero)
+                else:
+                    out.append(extent)
+            if sum(e.length for e in part) < stop - start or len(out) >= MAX_EXTENTS:
+                break  # a prefix is a valid answer
+        return out[:MAX_EXTENTS]
+
+    async def close(self) -> None:
+        """Remove the overlay (it is throwaway by design) and release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _unlink_quietly(self.bitmap_path)  # bitmap first: a .bm without .layer1 is always stale
+        _unlink_quietly(self.overlay_path)
+        try:
+            self.bitmap.close()
+        finally:
+            os.close(self.overlay.fd)  # drops the lock; no sync, the file is gone
+            await self.base.close()
+        log.info("removed copy-on-write overlay %s", self.overlay_path)
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot_into(self, dst_fd: int) -> str:
+        """Write what clients see (base + overlay) into the empty regular file ``dst_fd``.
+
+        Blocking: call it in a worker thread while no request runs (the daemon pauses them).
+        Returns "reflink" when the base was cloned, else "copy"; present blocks are then
+        copied from the overlay (holes there become holes, i.e. zeros, in the snapshot).
+        """
+        method = linux.clone_or_copy(self.base.fd, dst_fd, self._size)
+        for first, last in self.bitmap.runs(0, self.bitmap.nblocks, True):
+            start, stop = first * BLOCK_SIZE, min(last * BLOCK_SIZE, self._size)
+            linux.punch_or_zero(dst_fd, start, stop - start)
+            linux.copy_sparse(self.overlay.fd, dst_fd, start, stop - start)
+        return method
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _segments(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Split a byte range into (start, stop, present-in-overlay) pieces."""
+        first, last = _blocks(offset, length)
+        end = offset + length
+        pieces: list[tuple[int, int, bool]] = []
+        pos = first
+        for a, b in self.bitmap.runs(first, last, True):
+            if a > pos:
+                pieces.append((pos, a, False))
+            pieces.append((a, b, True))
+            pos = b
+        if pos < last:
+            pieces.append((pos, last, False))
+        return [
+            (max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end), present)
+            for a, b, present in pieces
+        ]
+
+    async def _copy_up_edges(self, offset: int, end: int) -> None:
+        """Copy absent, partially covered head/tail blocks from the base (caller holds the lock)."""
+        edges = set()
+        if offset % BLOCK_SIZE:
+            edges.add(offset // BLOCK_SIZE)
+        if end % BLOCK_SIZE and end < self._size:
+            edges.add(end // BLOCK_SIZE)
+        for block in sorted(edges):
+            if self.bitmap.test(block):
+                continue
+            start = block * BLOCK_SIZE
+            data = await self.base.read(start, min(BLOCK_SIZE, self._size - start))
+            await self.overlay.write(start, data, fua=False)
+
+
+class _RangeLocks:
+    """Exclusive locks over block ranges [start, stop); waiters retry when a holder leaves."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, trio.Event]] = []
+
+    @contextlib.asynccontextmanager
+    async def hold(self, start: int, stop: int) -> AsyncIterator[None]:
+        while True:
+            busy = next((e for a, b, e in self._held if a < stop and start < b), None)
+            if busy is None:
+                break
+            await busy.wait()
+        entry = (start, stop, trio.Event())
+        self._held.append(entry)
+        try:
+            yield
+        finally:
+            self._held.remove(entry)
+            entry[2].set()
+
+
+def _blocks(offset: int, length: int) -> tuple[int, int]:
+    """Blocks [first, last) touched by a byte range."""
+    return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+
+
+def _create_locked_overlay(prefix: str, size: int) -> tuple[str, int]:
+    """Create ``<prefix>.cow<N>.layer1`` for the lowest free N, already locked when it appears.
+
+    The file is made and locked under a private name, then hard-linked to its final name
+    (link never replaces an existing file), so no other instance can see it unlocked.
+    """
+    temp = f"{prefix}.cow-new.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, size)
+        n = 0
+        while True:
+            path = f"{prefix}.cow{n}.layer1"
+            try:
+                os.link(temp, path)
+                return path, fd
+            except FileExistsError:
+                n += 1
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        _unlink_quietly(temp)
+
+
+_OVERLAY_NAME = re.compile(r"\.cow(?:(\d+)\.layer1(\.bm)?|-new\.\d+\.[0-9a-f]+)")
+
+
+def remove_stale_overlays(prefix: str) -> list[str]:
+    """Remove overlays of ``<prefix>`` that no live instance holds locked; returns their paths."""
+    directory, base_name = os.path.split(prefix)
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if not name.startswith(base_name):
+            continue
+        match = _OVERLAY_NAME.fullmatch(name, len(base_name))
+        if match is None:
+            continue
+        path = os.path.join(directory, name)
+        if match.group(2):  # a bitmap: stale once its data file is gone
+            if os.path.lexists(path) and not os.path.lexists(path[: -len(".bm")]):
+                _unlink_quietly(path)
+                log.warning("removed stale copy-on-write bitmap %s", path)
+                removed.append(path)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live instance's overlay
+        try:
+            if match.group(1) is not None:
+                _unlink_quietly(path + ".bm")
+            _unlink_quietly(path)
+        finally:
+            os.close(fd)
+        log.warning("removed stale copy-on-write overlay %s (left by an unclean exit)", path)
+        removed.append(path)
+    return removed
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
