@@ -28,7 +28,7 @@ GUEST_CONFIG = {
     "UNIT": "xnbd@disk.service",
     "IMAGE": "/var/lib/xnbd/disk.img",
     "PORT": "8520",
-    "EXPORT": "",
+    "EXPORT": "disk",
     "PROXY_PORT": "8521",
 }
 

@@ -3,8 +3,8 @@
 # xnbdd Debian package installed. Every step prints "STEP <name> ok" or "STEP <name> FAIL"; the
 # host reads /mnt/share/result.log and asserts on those lines. The unit powers the VM off after.
 #
-# /opt/xnbdd-e2e/config (written by the host) sets: UNIT (systemd unit of the export), IMAGE (the
-# file that unit serves), PORT, EXPORT (name for nbd-client -N, may be empty), PROXY_PORT.
+# /opt/xnbdd-e2e/config (written by the host) sets: UNIT (systemd unit of the export), EXPORT (its
+# instance and export name), IMAGE (the file it serves), PORT, PROXY_PORT.
 set -u
 exec > >(tee /mnt/share/result.log) 2>&1
 # shellcheck source=/dev/null
@@ -36,7 +36,9 @@ step reference sh -c 'nbd-server 127.0.0.1@10811 -C /run/nbd-ref.conf && sleep 0
     nbd-client 127.0.0.1 10811 /dev/nbd0 -N ref &&
     dd if=/dev/nbd0 of=/dev/null bs=1M count=4 status=none && nbd-client -d /dev/nbd0'
 
-# xnbdd under systemd (Type=notify: start returns once the daemon said READY=1).
+# xnbdd under systemd (Type=notify: start returns once the daemon said READY=1), configured the
+# way the package documents: the shipped example copied to /etc/xnbd/NAME.conf.
+[ -e "/etc/xnbd/$EXPORT.conf" ] || cp /etc/xnbd/example.conf "/etc/xnbd/$EXPORT.conf"
 mkdir -p "$(dirname "$IMAGE")"
 truncate -s 256M "$IMAGE"
 step unit_start systemctl start "$UNIT" || finish
@@ -62,8 +64,17 @@ step readback sh -c 'mount -o ro /dev/nbd1 /mnt/t && (cd /mnt/t && sha256sum -c 
 step image_has_data sh -c 'nbd-client -d /dev/nbd1 && mount -o ro,loop "$0" /mnt/t &&
     (cd /mnt/t && sha256sum -c --quiet /run/sums) && umount /mnt/t' "$IMAGE"
 
-step journal_connection sh -c 'journalctl --no-pager -u "$0" -o cat | tee /run/unit.log |
-    grep -q "127\.0\.0\.1"' "$UNIT"
+# Both kernel-client connections are in the unit's journal (entries printed for the record).
+journal_connections() {
+    journalctl --no-pager -u "$UNIT" -o json | python3 -c '
+import json, re, sys
+hits = [e for e in map(json.loads, sys.stdin)
+        if re.search(r"(?<!dis)connect", str(e.get("MESSAGE", "")), re.I)]
+for e in hits:
+    print({k: v for k, v in e.items() if not k.startswith("__")})
+sys.exit(0 if len(hits) >= 2 else 1)'
+}
+step journal_connection journal_connections
 
 # Proxy switch with a mounted filesystem: needs proxy mode and xnbd-bgctl in the package.
 if xnbd-server --help 2>&1 | grep -q -- '--proxy' && command -v xnbd-bgctl >/dev/null; then
