@@ -182,6 +182,11 @@ class FileBackend:
         finally:
             os.close(self.fd)
 
+    def snapshot_into(self, dst_fd: int) -> str:
+        """Blocking: copy the image into the empty regular file ``dst_fd`` ("reflink"/"copy")."""
+        os.fdatasync(self.fd)
+        return linux.clone_or_copy(self.fd, dst_fd, self._size)
+
     # -- helpers (blocking ones run in a worker thread) ----------------------------------------
 
     async def _thread(self, fn: Callable[..., T], *args: object) -> T:

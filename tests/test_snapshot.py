@@ -1,0 +1,155 @@
+"""Snapshots on real file systems: copy (ext4, tmpfs), reflink (XFS, btrfs on a loop device),
+block-device images, cow-target sources, refusal to overwrite, and a full disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.backends.loopdev import loop_device, mounted_fs, require_loop
+from xnbdd.backends.cow import CowBackend
+from xnbdd.backends.file import FileBackend
+from xnbdd.snapshot import snapshot_path, take_snapshot
+
+MiB = 1 << 20
+NOW = 1764067200.7
+
+
+def sparse_image(path: Path, size: int) -> bytes:
+    """An image with two data islands in a sparse file; returns its full content."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(MiB)
+        f.write(os.urandom(MiB))
+        f.seek(size - 5000)
+        f.write(b"\x42" * 5000)
+    return path.read_bytes()
+
+
+@pytest.fixture(params=["disk", "tmpfs"])
+def copy_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    if request.param == "disk":
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        yield Path(d)
+
+
+async def test_copy_path_keeps_content_and_holes(copy_dir: Path) -> None:
+    image = copy_dir / "disk.img"
+    content = sparse_image(image, 32 * MiB)
+    result = await take_snapshot(str(image), now=NOW)
+    assert result.path == f"{image}.snapshot.1764067200" == snapshot_path(str(image), NOW)
+    assert result.method == "copy"  # neither ext4 nor tmpfs can reflink
+    assert result.size == 32 * MiB and result.seconds >= 0
+    snap = Path(result.path)
+    assert snap.read_bytes() == content
+    assert stat.S_IMODE(snap.stat().st_mode) == 0o600
+    assert snap.stat().st_blocks * 512 < 8 * MiB  # holes stayed holes
+    assert sorted(os.listdir(copy_dir)) == ["disk.img", snap.name]  # no temporary file left
+
+
+async def test_snapshot_from_the_daemons_open_descriptor(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    sparse_image(image, 4 * MiB)
+    backend = FileBackend.open(str(image), readonly=False)
+    await backend.write(0, b"written through the daemon", fua=False)  # not yet flushed
+    result = await take_snapshot(str(image), backend.fd, now=NOW)
+    assert Path(result.path).read_bytes() == image.read_bytes()
+    assert Path(result.path).read_bytes().startswith(b"written through the daemon")
+    result2 = await take_snapshot(str(image), now=NOW + 1, source=backend)
+    assert Path(result2.path).read_bytes() == image.read_bytes()
+    await backend.close()
+
+
+async def test_timestamp_is_zero_padded() -> None:
+    assert snapshot_path("/x/disk", 12345.9) == "/x/disk.snapshot.00012345"
+
+
+async def test_existing_snapshot_is_never_overwritten(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    sparse_image(image, 4 * MiB)
+    first = await take_snapshot(str(image), now=NOW)
+    before = Path(first.path).read_bytes()
+    with open(image, "r+b") as f:
+        f.write(b"changed")
+    with pytest.raises(FileExistsError, match="already exists"):
+        await take_snapshot(str(image), now=NOW)
+    assert Path(first.path).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["disk.img", Path(first.path).name]
+
+
+async def test_missing_image_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match=r"snapshot of .*missing\.img.* failed") as info:
+        await take_snapshot(str(tmp_path / "missing.img"), now=NOW)
+    assert info.value.errno == errno.ENOENT
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+async def test_reflink_path(tmp_path: Path, fstype: str) -> None:
+    with mounted_fs(tmp_path, fstype, 320 * MiB) as mnt:
+        image = mnt / "disk.img"
+        content = sparse_image(image, 64 * MiB)
+        result = await take_snapshot(str(image), now=NOW)
+        assert result.method == "reflink"
+        assert Path(result.path).read_bytes() == content
+        assert sorted(os.listdir(mnt)) == sorted(["disk.img", Path(result.path).name])
+
+
+async def test_reflink_of_a_cow_target(tmp_path: Path) -> None:
+    with mounted_fs(tmp_path, "xfs", 320 * MiB) as mnt:
+        image = mnt / "base.img"
+        sparse_image(image, 8 * MiB)
+        backend = CowBackend.open(str(image))
+        await backend.write(MiB + 10, b"overlay data", fua=False)
+        await backend.zero(8 * MiB - 4096, 4096, may_trim=True, fast=False, fua=False)
+        result = await take_snapshot(str(image), now=NOW, source=backend)
+        assert result.method == "reflink"
+        assert Path(result.path).read_bytes() == await backend.read(0, backend.size)
+        assert Path(result.path).read_bytes() != image.read_bytes()  # base untouched
+        await backend.close()
+
+
+async def test_cow_target_copy_path(tmp_path: Path) -> None:
+    image = tmp_path / "base.img"
+    sparse_image(image, 8 * MiB)
+    backend = CowBackend.open(str(image))
+    await backend.write(3, b"x" * 10000, fua=False)
+    result = await take_snapshot(str(image), now=NOW, source=backend)
+    assert result.method == "copy"
+    assert Path(result.path).read_bytes() == await backend.read(0, backend.size)
+    await backend.close()
+
+
+async def test_block_device_image_copies_the_device_size(tmp_path: Path) -> None:
+    require_loop()
+    with loop_device(tmp_path / "backing.img", 16 * MiB) as device:
+        with open(device, "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(b"on the device")
+        link = tmp_path / "disk"  # snapshot lands beside the name given, not in /dev
+        link.symlink_to(device)
+        result = await take_snapshot(str(link), now=NOW)
+        assert result.size == 16 * MiB and result.method == "copy"
+        snap = Path(result.path)
+        assert snap.stat().st_size == 16 * MiB
+        with open(device, "rb") as f:
+            assert snap.read_bytes() == f.read()
+
+
+async def test_full_disk_leaves_no_temporary_file(tmp_path: Path) -> None:
+    with mounted_fs(tmp_path, "ext4", 16 * MiB) as mnt:
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        image = mnt / "disk.img"
+        image.write_bytes(os.urandom(free * 6 // 10 // 4096 * 4096))
+        with pytest.raises(OSError, match=r"snapshot of .* failed") as info:
+            await take_snapshot(str(image), now=NOW)
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(p for p in os.listdir(mnt) if p != "lost+found") == ["disk.img"]
