@@ -202,10 +202,10 @@ class Connection:
                 if hs.state is HandshakeState.CLOSED:
                     log.debug("handshake ended: %s", hs.close_reason, extra=self._fields())
                     return None
-                hs.shutting_down = self.state.stopping.is_set()
                 data = await self.stream.receive_some(4096)
                 if not data:
                     return None
+                hs.shutting_down = self.state.stopping.is_set()
                 hs.receive_data(data)
         log.info("handshake timed out", extra=self._fields())
         return None
@@ -219,7 +219,11 @@ class Connection:
         """Run the whole connection. ``negotiated`` skips the handshake (``--connected-fd``)."""
         try:
             if negotiated is None:
-                negotiated = await self.handshake()
+                async with trio.open_nursery() as nursery:
+                    # A client still negotiating when the server stops is cut after the grace.
+                    nursery.start_soon(self._cut_handshake_on_shutdown, nursery.cancel_scope)
+                    negotiated = await self.handshake()
+                    nursery.cancel_scope.cancel()
                 if negotiated is None:
                     return
             export = self.catalog.lookup(negotiated.export.name)
@@ -231,6 +235,11 @@ class Connection:
             pass  # the client went away; nothing to answer
         finally:
             await trio.aclose_forcefully(self.stream)
+
+    async def _cut_handshake_on_shutdown(self, scope: trio.CancelScope) -> None:
+        await self.state.stopping.wait()
+        await trio.sleep(self.state.limits.shutdown_grace)
+        scope.cancel()
 
     async def _transmission(self, export: Export, negotiated: Negotiated) -> None:
         async with trio.open_nursery() as outer:

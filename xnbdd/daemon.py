@@ -18,6 +18,7 @@ from .backends.base import Backend
 from .backends.file import FileBackend
 from .connection import Connection, Limits, ServerState
 from .export import Export
+from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
 from .proto.messages import Negotiated
@@ -40,6 +41,7 @@ class ServerOptions:
     oldstyle: bool = False
     max_queue_size: int = 0
     max_buf_size: int = 0
+    handshake_timeout: float = 30.0
     cow_dir: str | None = None
     # proxy
     remote_host: str = ""
@@ -57,6 +59,7 @@ class ClientSources:
     listeners: list[socket.socket] = field(default_factory=list)
     connection: socket.socket | None = None  # one client, handshake still to do
     negotiated_fd: socket.socket | None = None  # one client, handshake already done
+    handoff: socket.socket | None = None  # unix listener: clients negotiated by xnbd-wrapper
 
 
 class SingleExportCatalog:
@@ -88,7 +91,7 @@ class Daemon:
     def __init__(self, opts: ServerOptions, sources: ClientSources) -> None:
         self.opts = opts
         self.sources = sources
-        limits = Limits()
+        limits = Limits(handshake_timeout=opts.handshake_timeout)
         if opts.max_queue_size:
             limits.max_requests = opts.max_queue_size
         if opts.max_buf_size:
@@ -142,7 +145,12 @@ class Daemon:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(self._accept_loop, listener, catalog, connections)
-                    where = ", ".join(describe(sock) for sock in src.listeners)
+                    if src.handoff is not None:
+                        acceptors.start_soon(self._handoff_loop, src.handoff, catalog, connections)
+                    where = ", ".join(
+                        describe(sock)
+                        for sock in [*src.listeners, *([src.handoff] if src.handoff else [])]
+                    )
                     log.info("listening on %s", where)
                     self._ready(f"listening on {where}")
             for listener in listeners:
@@ -166,11 +174,21 @@ class Daemon:
                 continue
             nursery.start_soon(self._client, stream, catalog, None)
 
+    async def _handoff_loop(
+        self, sock: socket.socket, catalog: SingleExportCatalog, nursery: trio.Nursery
+    ) -> None:
+        """Clients negotiated by xnbd-wrapper continue here with what they negotiated."""
+        export = catalog.export
+        async for client, message in receive_handoffs(sock, lambda: export_to_json(export.info())):
+            negotiated, pending = negotiated_from(export.info(), message)
+            nursery.start_soon(self._client, to_trio_stream(client), catalog, negotiated, pending)
+
     async def _client(
         self,
         stream: trio.abc.Stream,
         catalog: SingleExportCatalog,
         negotiated: Negotiated | None,
+        pending: bytes = b"",
     ) -> None:
         peer = peer_name(stream)
         fields = {"XNBD_CLIENT": peer}
@@ -178,8 +196,10 @@ class Daemon:
         self._update_status()
         log.info("client connected", extra=fields)
         try:
-            await Connection(stream, catalog, self.state, peer=peer,
-                             oldstyle=self.opts.oldstyle).serve(negotiated)
+            connection = Connection(stream, catalog, self.state, peer=peer,
+                                    oldstyle=self.opts.oldstyle)
+            connection.decoder.receive_data(pending)  # requests pipelined behind GO
+            await connection.serve(negotiated)
         finally:
             self.state.clients -= 1
             self._update_status()

@@ -61,7 +61,9 @@ class Backend(Protocol):
         """Discard a range; later reads return old data or zeros."""
         ...
 
-    async def zero(self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+    async def zero(
+        self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool
+    ) -> None:
         """Make a range read as zeros. ``may_trim``: a hole is fine (no NO_HOLE flag).
         ``fast``: raise OSError(ENOTSUP) without changing anything unless zeroing is cheap."""
         ...

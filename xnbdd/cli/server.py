@@ -43,6 +43,7 @@ DEFAULTS: dict[str, object] = {
     "clear_bitmap": False,
     "max_queue_size": 0,
     "max_buf_size": 0,
+    "handshake_timeout": 30.0,
     "description": "",
     "verbose": False,
 }
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the one client is on standard input (inetd, Accept=yes)")
     net.add_argument("-F", "--connected-fd", type=number, metavar="N",
                      help="fd N is a client whose handshake is already done")
+    net.add_argument("--handoff-socket", metavar="PATH",
+                     help="take clients negotiated by xnbd-wrapper from this unix socket "
+                          "(instead of listening on TCP)")
+    net.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
+                     help="disconnect clients that take longer to negotiate (default 30)")
     net.add_argument("--oldstyle", action="store_true",
                      help="speak the 2008 oldstyle handshake (for old xNBD tools)")
 
@@ -182,6 +188,7 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         oldstyle=bool(settings["oldstyle"]),
         max_queue_size=int(settings["max_queue_size"]),  # type: ignore[call-overload]
         max_buf_size=int(settings["max_buf_size"]),  # type: ignore[call-overload]
+        handshake_timeout=float(settings["handshake_timeout"]),  # type: ignore[arg-type]
         cow_dir=os.path.abspath(str(settings["cow_dir"])) if settings.get("cow_dir") else None,
         remote_host=str(settings.get("remote_host", "")),
         remote_port=str(settings.get("remote_port", "")),
@@ -205,6 +212,9 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         os.dup2(devnull, 1)
         os.close(devnull)
         return ClientSources(connection=sock)
+    handoff = settings.get("handoff_socket")
+    if isinstance(handoff, str):
+        return ClientSources(handoff=bind_unix(os.path.abspath(handoff), mode=0o600))
     fd = settings.get("connected_fd")
     if isinstance(fd, int):
         try:

@@ -176,7 +176,7 @@ class ServerHandshake:
                     return
                 (flags,) = CLIENT_FLAGS.unpack_from(self._in)
                 del self._in[: CLIENT_FLAGS.size]
-                if flags & ~KNOWN_CLIENT_FLAGS:
+                if flags & ~int(KNOWN_CLIENT_FLAGS):  # int: ~ on an IntFlag drops unknown bits
                     # MUST: unknown client flags end the connection.
                     self._close(f"unknown client flags {flags:#x}")
                     return

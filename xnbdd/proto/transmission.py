@@ -146,7 +146,7 @@ def check_request(
         allowed &= ~CmdFlag.FAST_ZERO
     if not tx_flags & TxFlag.SEND_FUA:
         allowed &= ~CmdFlag.FUA
-    if req.flags & ~allowed:
+    if req.flags & ~int(allowed):  # int: ~ on an IntFlag would drop unknown bits
         raise RequestError(Errno.EINVAL, f"flags {req.flags:#x} not valid for {command.name}")
     required = REQUIRED_TX_FLAG.get(command)
     if required is not None and not tx_flags & required:
