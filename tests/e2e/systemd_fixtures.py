@@ -168,3 +168,112 @@ class Journald:
 
 def missing_tools(*names: str) -> list[str]:
     return [n for n in names if shutil.which(n) is None]
+
+
+class Container:
+    """systemd 252 as PID 1 in systemd-nspawn on the cached tree, with a private network.
+
+    `binds` maps host paths to container paths (read-only unless listed in `writable`). The tree
+    is never modified (--volatile=overlay). `run` executes inside all of the container's
+    namespaces; `in_net` runs a *host* program inside the container's network namespace only
+    (how host-side NBD clients reach a server listening on the container's loopback).
+    """
+
+    def __init__(self, tree: Path, workdir: Path, binds: dict[str, str],
+                 writable: tuple[str, ...] = ()) -> None:
+        self.workdir = workdir
+        self.console = workdir / "console.log"
+        args = ["systemd-nspawn", "-D", str(tree), "--register=no", "--keep-unit",
+                "--private-network", "--volatile=overlay", "-b", "--console=pipe",
+                f"--machine=xnbdd-{uuid.uuid4().hex[:8]}"]
+        for host, guest in binds.items():
+            flag = "--bind" if host in writable else "--bind-ro"
+            args.append(f"{flag}={host}:{guest}")
+        with open(self.console, "wb") as console:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console,
+                                         stderr=subprocess.STDOUT)
+        try:
+            self.leader = self._find_leader()
+            self._wait_running()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _find_leader(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"systemd-nspawn exited early:\n{self.console_text()}")
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+            try:
+                pids = children.read_text().split()
+            except OSError:
+                pids = []
+            if pids:
+                return int(pids[0])
+            time.sleep(0.05)
+        raise TimeoutError("systemd-nspawn started no container")
+
+    def _wait_running(self) -> None:
+        deadline = time.monotonic() + 60
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run("systemctl", "is-system-running", "--wait", check=False,
+                             timeout=60).stdout.strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"container never finished booting ({state!r}):\n"
+                           f"{self.console_text()}")
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run cmd inside the container; raises with its output when check fails."""
+        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *cmd],
+                              capture_output=True, text=True, timeout=timeout, input=input,
+                              check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n"
+                                 f"{proc.stdout}{proc.stderr}")
+        return proc
+
+    def in_net(self, *cmd: str, check: bool = True,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-n", *cmd],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n"
+                                 f"{proc.stdout}{proc.stderr}")
+        return proc
+
+    def popen_in_net(self, *cmd: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(["nsenter", "-t", str(self.leader), "-n", *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal(self, *args: str) -> list[dict[str, object]]:
+        self.run("journalctl", "--sync", check=False)
+        out = self.run("journalctl", "-o", "json", "--no-pager", *args).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def console_text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def poweroff(self) -> None:
+        if self.proc.poll() is None:
+            self.run("systemctl", "poweroff", "--no-block", check=False, timeout=20)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
