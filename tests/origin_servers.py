@@ -86,8 +86,19 @@ class Origin:
         self.proc.wait()
 
     def stop(self) -> None:
+        """SIGSTOP, and wait until every thread is really stopped (delivery is asynchronous)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGSTOP)
+            task_dir = Path(f"/proc/{self.proc.pid}/task")
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                states = [
+                    (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                    for task in task_dir.iterdir()
+                ]
+                if all(state in "tT" for state in states):
+                    return
+                time.sleep(0.005)
 
     def cont(self) -> None:
         if self.proc.poll() is None:

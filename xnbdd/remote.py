@@ -110,10 +110,11 @@ class _Connection:
         self._next_cookie = 1
         self._leftover = leftover
         self._killed = trio.Event()
+        self._disconnecting = False
 
-    def kill(self, reason: str) -> None:
+    def kill(self, reason: str, *, expected: bool = False) -> None:
         if not self.dead:
-            log.warning("origin connection dropped: %s", reason)
+            (log.info if expected else log.warning)("origin connection ended: %s", reason)
         self.dead = True
         self._killed.set()
 
@@ -141,7 +142,7 @@ class _Connection:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 self.last_receive = trio.current_time()
                 if not data:
-                    self.kill("origin closed the connection")
+                    self.kill("origin closed the connection", expected=self._disconnecting)
                     return
                 self._dispatch(self.tx.receive_data(data))
         except NBDError as exc:
@@ -202,13 +203,14 @@ class _Connection:
         """Polite NBD_CMD_DISC (best effort, bounded), then the connection ends."""
         if self.dead:
             return
+        self._disconnecting = True
         with trio.move_on_after(1.0):
             async with self.send_lock:
                 with suppress(
                     OSError, trio.BrokenResourceError, trio.ClosedResourceError, NBDError
                 ):
                     await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
-        self.kill("disconnected")
+        self.kill("disconnected", expected=True)
 
 
 async def _close_quietly(stream: trio.abc.Stream) -> None:
@@ -380,7 +382,7 @@ class RemoteLink:
         """Switch to another origin exporting the same size; requests in flight move over."""
         conn = await self._negotiate(address)
         if self._replacement is not None:  # a concurrent reconnect lost the race
-            self._replacement.kill("superseded")
+            self._replacement.kill("superseded", expected=True)
         old = self.description
         self.address = address
         self._replacement = conn
@@ -438,6 +440,19 @@ class RemoteLink:
 
 
 @asynccontextmanager
+async def background_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for background tasks around a ``yield``: an exception from the body comes out
+    as itself, on trio 0.22 and on newer trio (which wraps it in an ExceptionGroup)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+@asynccontextmanager
 async def open_remote_link(
     address: RemoteAddress,
     *,
@@ -454,7 +469,7 @@ async def open_remote_link(
         backoff_max=backoff_max,
         expected_size=expected_size,
     )
-    async with trio.open_nursery() as nursery:
+    async with background_nursery() as nursery:
         await nursery.start(link.run)
         try:
             yield link
