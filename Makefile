@@ -10,6 +10,7 @@ IMAGE   ?= $(STATE)/disk.img
 PORT    ?= 8520
 PREFIX  ?= /usr/local
 DESTDIR ?=
+PYTHON  ?= python3
 
 # Units go where systemd looks for them: /lib/systemd/system for the distribution prefix,
 # $(PREFIX)/lib/systemd/system otherwise.
@@ -46,11 +47,10 @@ bench:
 	@scripts/bootstrap.sh test
 	$(PY) bench/run.py
 
-# pip writes the programs and the package under $(DESTDIR)$(PREFIX); systemd files and the
-# example configuration are plain copies.
+# pip writes the programs and the package under $(DESTDIR)$(PREFIX) for $(PYTHON) (on Debian,
+# prefer the package: make deb); systemd files and the example configuration are plain copies.
 install:
-	python3 -m pip install --no-deps --no-build-isolation --root="$(or $(DESTDIR),/)" \
-		--prefix="$(PREFIX)" .
+	$(PYTHON) -m pip install --no-deps --root="$(or $(DESTDIR),/)" --prefix="$(PREFIX)" .
 	install -d "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)/etc/xnbd"
 	@set -e; for f in units/*; do [ -f "$$f" ] || continue; \
 		install -m 0644 "$$f" "$(DESTDIR)$(UNITDIR)/"; done

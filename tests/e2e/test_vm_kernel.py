@@ -39,9 +39,11 @@ class VmRun:
     steps: dict[str, str]  # step name -> "ok" | "FAIL", in the order the guest ran them
 
     def explain(self) -> str:
-        return (f"guest exit {self.boot.returncode} after {self.boot.seconds:.0f} s\n"
-                f"--- result.log\n{self.boot.result_log}\n"
-                f"--- serial log (tail)\n{self.boot.serial_log[-3000:]}")
+        return (
+            f"guest exit {self.boot.returncode} after {self.boot.seconds:.0f} s\n"
+            f"--- result.log\n{self.boot.result_log}\n"
+            f"--- serial log (tail)\n{self.boot.serial_log[-3000:]}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,18 @@ def test_vm_reference_server_works(vm_run: VmRun) -> None:
 
 
 def test_kernel_client_ext4_roundtrip(vm_run: VmRun) -> None:
-    expect(vm_run, "unit_start", "attach", "mkfs", "write", "detach", "reattach", "fsck",
-           "readback", "image_has_data")
+    expect(
+        vm_run,
+        "unit_start",
+        "attach",
+        "mkfs",
+        "write",
+        "detach",
+        "reattach",
+        "fsck",
+        "readback",
+        "image_has_data",
+    )
 
 
 def test_journal_shows_the_connection(vm_run: VmRun) -> None:
@@ -87,5 +99,13 @@ def test_journal_shows_the_connection(vm_run: VmRun) -> None:
 def test_proxy_switch_with_mounted_filesystem(vm_run: VmRun) -> None:
     if "PROXY_UNAVAILABLE" in vm_run.boot.result_log:
         pytest.skip("the installed package has no proxy mode / xnbd-bgctl yet")
-    expect(vm_run, "proxy_start", "proxy_attach", "proxy_mount", "proxy_cache_all", "proxy_usr2",
-           "origin_stop", "proxy_after_switch")
+    expect(
+        vm_run,
+        "proxy_start",
+        "proxy_attach",
+        "proxy_mount",
+        "proxy_cache_all",
+        "proxy_usr2",
+        "origin_stop",
+        "proxy_after_switch",
+    )

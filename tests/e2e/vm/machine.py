@@ -25,7 +25,10 @@ def cached_tree() -> Path:
     """The cached Debian tree with kernel, systemd and NBD tools (built once, a few minutes)."""
     out = subprocess.run(
         [str(REPO / "tests/e2e/build-rootfs.sh")],
-        check=True, stdout=subprocess.PIPE, text=True, timeout=900,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=900,
     ).stdout
     return Path(out.strip().splitlines()[-1])
 
@@ -34,7 +37,10 @@ def build_deb(outdir: Path) -> Path:
     """Build this checkout's Debian package (scripts/build-deb.sh, which also runs lintian)."""
     out = subprocess.run(
         [str(REPO / "scripts/build-deb.sh"), str(outdir)],
-        check=True, stdout=subprocess.PIPE, text=True, timeout=600,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=600,
     ).stdout
     return Path(out.strip().splitlines()[-1])
 
@@ -65,8 +71,12 @@ def build_image(tree: Path, workdir: Path, debs: list[Path], config: dict[str, s
             policy = stage / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")
             policy.chmod(0o755)
-            subprocess.run(["chroot", str(stage), "dpkg", "-i", *names], check=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            subprocess.run(
+                ["chroot", str(stage), "dpkg", "-i", *names],
+                check=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             policy.unlink()
             shutil.rmtree(guest_debs)
         for junk in ("var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"):
@@ -76,8 +86,9 @@ def build_image(tree: Path, workdir: Path, debs: list[Path], config: dict[str, s
             "/dev/vda / ext4 rw 0 1\n"
             "share /mnt/share 9p trans=virtio,version=9p2000.L,msize=262144,nofail 0 0\n"
         )
-        subprocess.run(["chroot", str(stage), "passwd", "-d", "root"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["chroot", str(stage), "passwd", "-d", "root"], check=True, stdout=subprocess.DEVNULL
+        )
         (stage / "mnt/share").mkdir(parents=True, exist_ok=True)
         guest = stage / GUEST_DIR
         guest.mkdir(parents=True)
@@ -90,11 +101,26 @@ def build_image(tree: Path, workdir: Path, debs: list[Path], config: dict[str, s
         initrd = workdir / "initrd.img"
         shutil.copy(_only(stage / "boot", "vmlinuz-*"), kernel)
         shutil.copy(_only(stage / "boot", "initrd.img-*"), initrd)
-        used_mib = int(subprocess.run(["du", "-sm", str(stage)], check=True, stdout=subprocess.PIPE,
-                                      text=True).stdout.split()[0])
+        used_mib = int(
+            subprocess.run(
+                ["du", "-sm", str(stage)], check=True, stdout=subprocess.PIPE, text=True
+            ).stdout.split()[0]
+        )
         root = workdir / "root.img"
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(stage), str(root),
-                        f"{used_mib + 768}M"], check=True)
+        subprocess.run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "root",
+                "-d",
+                str(stage),
+                str(root),
+                f"{used_mib + 768}M",
+            ],
+            check=True,
+        )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return VmImage(kernel=kernel, initrd=initrd, root=root)
@@ -113,19 +139,43 @@ def boot(image: VmImage, share: Path, timeout: float) -> BootResult:
     share.mkdir(parents=True, exist_ok=True)
     serial = share.parent / "serial.log"
     cmd = [
-        "timeout", "--kill-after=10", str(int(timeout)),
-        "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024",
-        "-smp", "2", "-nographic", "-no-reboot", "-nic", "none",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 mitigations=off "
-                   f"systemd.wants={TEST_UNIT}",
-        "-drive", f"file={image.root},format=raw,if=virtio,cache=unsafe",
-        "-virtfs", f"local,path={share},mount_tag=share,security_model=none,id=share",
+        "timeout",
+        "--kill-after=10",
+        str(int(timeout)),
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        "console=ttyS0 root=/dev/vda rw panic=-1 quiet loglevel=3 mitigations=off "
+        f"systemd.wants={TEST_UNIT}",
+        "-drive",
+        f"file={image.root},format=raw,if=virtio,cache=unsafe",
+        "-virtfs",
+        f"local,path={share},mount_tag=share,security_model=none,id=share",
     ]
     start = time.monotonic()
     with serial.open("wb") as log:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout + 30)
+        proc = subprocess.run(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout + 30,
+        )
     result = share / "result.log"
     return BootResult(
         returncode=proc.returncode,
