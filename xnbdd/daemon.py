@@ -4,6 +4,7 @@ routes signals to operations. The only module that sees the whole tree."""
 
 from __future__ import annotations
 
+import errno as errno_mod
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from . import logs
-from .backends.base import Backend
+from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .connection import Connection, Limits, ServerState
 from .export import Export
@@ -22,6 +23,7 @@ from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
 from .proto.messages import Negotiated
+from .snapshot import take_snapshot
 from .systemd import Notifier
 
 log = logging.getLogger("xnbdd")
@@ -79,11 +81,12 @@ class SingleExportCatalog:
         return [self.export]
 
 
-async def open_backend(opts: ServerOptions) -> Backend:
-    if opts.mode == "target":
-        return await trio.to_thread.run_sync(
-            lambda: FileBackend.open(opts.image, readonly=opts.readonly)
-        )
+def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
+    if opts.mode == "target" or (opts.mode == "cow_target" and opts.readonly):
+        # A read-only cow-target never writes, so it needs no overlay.
+        return FileBackend.open(opts.image, readonly=opts.readonly)
+    if opts.mode == "cow_target":
+        return CowBackend.open(opts.image, cow_dir=opts.cow_dir)
     raise ValueError(f"mode {opts.mode} is not available yet")
 
 
@@ -100,11 +103,13 @@ class Daemon:
         self.notifier = Notifier()
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
+        self._operation = ""  # a snapshot or switch in progress, shown in STATUS
+        self._nursery: trio.Nursery | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        backend = await open_backend(self.opts)
+        backend = await trio.to_thread.run_sync(open_backend, self.opts)
         name = self.opts.exportname or ""
         self.export = Export(
             name, backend, description=self.opts.description, readonly=self.opts.readonly
@@ -114,6 +119,7 @@ class Daemon:
                          XNBD_MODE=self.opts.mode)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._watchdog)
                 await self._serve(catalog)
@@ -216,7 +222,41 @@ class Daemon:
     def _update_status(self) -> None:
         clients = self.state.clients
         noun = "client" if clients == 1 else "clients"
-        self.notifier.status(f"{self.opts.mode} {self.opts.image}: {clients} {noun}")
+        text = f"{self.opts.mode} {self.opts.image}: {clients} {noun}"
+        if self._operation:
+            text += f", {self._operation}"
+        self.notifier.status(text)
+
+    # -- operations (signals and, later, the control socket) ------------------------------------
+
+    async def snapshot(self) -> str:
+        """Copy the image as clients see it to ``<image>.snapshot.<epoch>``; returns the path."""
+        export = self.export
+        if export is None or not isinstance(export.backend, (FileBackend, CowBackend)):
+            raise OSError(errno_mod.ENOTSUP, f"snapshot is not available in {self.opts.mode} mode")
+        if self._operation:
+            raise OSError(errno_mod.EBUSY, f"refused: {self._operation}")
+        self._operation = "snapshot in progress"
+        self._update_status()
+        try:
+            # Paused: writes answered before this point are in the copy, later ones are not.
+            async with export.paused():
+                result = await take_snapshot(self.opts.image, source=export.backend)
+        finally:
+            self._operation = ""
+            self._update_status()
+        log.info(
+            "snapshot %s: %d bytes by %s in %.3f s",
+            result.path, result.size, result.method, result.seconds,
+        )
+        return result.path
+
+    async def _snapshot_logged(self) -> None:
+        try:
+            await self.snapshot()
+        except OSError as err:
+            log.error("snapshot failed: %s", err.strerror or err,
+                      extra={"XNBD_ERRNO": str(err.errno)})
 
     # -- signals and watchdog -------------------------------------------------------------------
 
@@ -231,8 +271,8 @@ class Daemon:
                     logs.reopen()
                     log.info("reloaded: log file reopened")
                     self.notifier.ready()
-                elif signum == signal.SIGUSR1:
-                    log.info("SIGUSR1: snapshot is not available in %s mode", self.opts.mode)
+                elif signum == signal.SIGUSR1 and self._nursery is not None:
+                    self._nursery.start_soon(self._snapshot_logged)
                 elif signum == signal.SIGUSR2:
                     log.info("SIGUSR2: nothing to switch in %s mode", self.opts.mode)
 

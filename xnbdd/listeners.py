@@ -37,9 +37,10 @@ def bind_tcp(addresses: list[str], port: int) -> list[socket.socket]:
                 try:
                     sock.bind(addr)
                 except OSError as err:
-                    where = f"[{addr[0]}]:{addr[1]}" if family == socket.AF_INET6 else (
-                        f"{addr[0]}:{addr[1]}"
-                    )
+                    host_text, port_number = str(addr[0]), int(addr[1])
+                    if family == socket.AF_INET6:
+                        host_text = f"[{host_text}]"
+                    where = f"{host_text}:{port_number}"
                     raise OSError(err.errno, f"cannot listen on {where}: {err.strerror}") from None
                 sock.listen(BACKLOG)
     except BaseException:

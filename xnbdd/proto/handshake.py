@@ -134,7 +134,7 @@ class ServerHandshake:
 
     # -- sans-IO surface ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the client and advance as far as they allow."""
         if self.state in (HandshakeState.DONE, HandshakeState.CLOSED):
             # Bytes after GO/EXPORT_NAME belong to transmission; the caller takes them back

@@ -75,7 +75,7 @@ class RequestDecoder:
         self._discard = 0  # bytes of a refused oversized WRITE payload still to drop
         self.max_payload = max_payload
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self._discard:
             dropped = min(self._discard, len(data))
             self._discard -= dropped
