@@ -22,7 +22,9 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_every_key_and_type(tmp_path: Path) -> None:
-    conf = write(tmp_path, """
+    conf = write(
+        tmp_path,
+        """
 # a comment
    # an indented comment
 
@@ -47,7 +49,8 @@ cache-bitmap = /var/lib/xnbd/c.bitmap
 control-socket = /run/xnbd/disk/control.sock
 target-exportname = upstream
 clear-bitmap = 1
-""")
+""",
+    )
     assert load_config(conf) == {
         "mode": "proxy",
         "image": "/srv/xnbd/disk.img",
@@ -73,9 +76,10 @@ clear-bitmap = 1
     }
 
 
-@pytest.mark.parametrize(("written", "dest"), [("cow-target", "cow_target"),
-                                               ("cow_target", "cow_target"),
-                                               ("Target", "target")])
+@pytest.mark.parametrize(
+    ("written", "dest"),
+    [("cow-target", "cow_target"), ("cow_target", "cow_target"), ("Target", "target")],
+)
 def test_mode_spellings(tmp_path: Path, written: str, dest: str) -> None:
     assert load_config(write(tmp_path, f"mode = {written}\n")) == {"mode": dest}
 
@@ -91,8 +95,10 @@ def test_empty_file_gives_nothing(tmp_path: Path) -> None:
         ("lport = 70000", "key 'lport': not a port number: '70000'"),
         ("lport = 0", "key 'lport': not a port number: '0'"),
         ("remote-port = -1", "key 'remote-port': not a port number: '-1'"),
-        ("readonly = maybe", "key 'readonly': not a boolean (yes/no, true/false, on/off, 1/0): "
-                             "'maybe'"),
+        (
+            "readonly = maybe",
+            "key 'readonly': not a boolean (yes/no, true/false, on/off, 1/0): 'maybe'",
+        ),
         ("mode = mirror", "key 'mode': not one of target, cow-target, proxy: 'mirror'"),
         ("image = disk.img", "key 'image': path must be absolute: 'disk.img'"),
         ("image =", "key 'image': path must be absolute: ''"),

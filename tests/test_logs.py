@@ -19,7 +19,8 @@ import pytest
 from tests.e2e.systemd_fixtures import REPO, Journald
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None
+    os.geteuid() != 0
+    or shutil.which("unshare") is None
     or not Path("/lib/systemd/systemd-journald").exists(),
     reason="needs root, unshare and systemd-journald (package systemd)",
 )
@@ -50,16 +51,30 @@ print(os.getpid())
 """
 
 
-def run_child(args: dict[str, object], prefix: list[str] | None = None,
-              env: dict[str, str] | None = None, shell_prefix: str = "") -> tuple[int, str]:
+def run_child(
+    args: dict[str, object],
+    prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    shell_prefix: str = "",
+) -> tuple[int, str]:
     """Run CHILD (optionally behind `prefix` and a shell snippet); returns (pid, stderr).
 
     pid is 0 when stdout did not come back (systemd-cat sends it to the journal)."""
     full_env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **(env or {})}
-    cmd = [*(prefix or []), "sh", "-c", shell_prefix + 'exec "$@"', "sh",
-           sys.executable, "-c", CHILD, json.dumps(args)]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=30,
-                          check=False)
+    cmd = [
+        *(prefix or []),
+        "sh",
+        "-c",
+        shell_prefix + 'exec "$@"',
+        "sh",
+        sys.executable,
+        "-c",
+        CHILD,
+        json.dumps(args),
+    ]
+    proc = subprocess.run(
+        cmd, env=full_env, capture_output=True, text=True, timeout=30, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.strip() or 0), proc.stderr
 
@@ -136,8 +151,9 @@ def test_plain_stderr_lines_without_journald() -> None:
     pid, stderr = run_child({})
     lines = stderr.splitlines()
     assert len(lines) == 3, stderr  # no debug line at the default level; one line per record
-    assert re.fullmatch(TEXT_LINE + r"INFO: client connected \[client=127\.0\.0\.1:4242\]",
-                        lines[0])
+    assert re.fullmatch(
+        TEXT_LINE + r"INFO: client connected \[client=127\.0\.0\.1:4242\]", lines[0]
+    )
     assert re.fullmatch(
         TEXT_LINE + r"ERROR: read failed at offset 4096 \[client=\[::1\]:99 errno=5\]", lines[1]
     )
@@ -156,8 +172,9 @@ def test_journal_stream_of_another_file_is_ignored() -> None:
 def test_logpath_is_private_appended_and_reopened(tmp_path: Path) -> None:
     log = tmp_path / "xnbd.log"
     log_old = tmp_path / "xnbd.log.1"
-    pid, stderr = run_child({"logpath": str(log), "rotate_to": str(log_old)},
-                            shell_prefix="umask 0; ")
+    pid, stderr = run_child(
+        {"logpath": str(log), "rotate_to": str(log_old)}, shell_prefix="umask 0; "
+    )
     assert stderr == ""  # --logpath alone: the file only
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     old = log_old.read_text().splitlines()
@@ -185,15 +202,21 @@ WITH_DEV_LOG = (
 
 def syslog_entries(journald: Journald, ident: str) -> dict[str, dict[str, object]]:
     return by_message(
-        [e for e in journald.entries("_TRANSPORT=syslog")
-         if str(e.get("SYSLOG_IDENTIFIER")) == ident]
+        [
+            e
+            for e in journald.entries("_TRANSPORT=syslog")
+            if str(e.get("SYSLOG_IDENTIFIER")) == ident
+        ]
     )
 
 
 def test_syslog_facility_daemon(journald: Journald, tmp_path: Path) -> None:
     ident = f"xnbd-test-{uuid.uuid4().hex[:8]}"
-    pid, stderr = run_child({"syslog": True, "identifier": ident},
-                            prefix=[*journald.enter, "unshare", "-m"], shell_prefix=WITH_DEV_LOG)
+    pid, stderr = run_child(
+        {"syslog": True, "identifier": ident},
+        prefix=[*journald.enter, "unshare", "-m"],
+        shell_prefix=WITH_DEV_LOG,
+    )
     assert stderr == ""  # --syslog alone: syslog only
     got = syslog_entries(journald, ident)
     connected = got["client connected [client=127.0.0.1:4242]"]
@@ -205,8 +228,11 @@ def test_syslog_facility_daemon(journald: Journald, tmp_path: Path) -> None:
 def test_syslog_and_logpath_together(journald: Journald, tmp_path: Path) -> None:
     ident = f"xnbd-test-{uuid.uuid4().hex[:8]}"
     log = tmp_path / "both.log"
-    _pid, stderr = run_child({"syslog": True, "identifier": ident, "logpath": str(log)},
-                             prefix=[*journald.enter, "unshare", "-m"], shell_prefix=WITH_DEV_LOG)
+    _pid, stderr = run_child(
+        {"syslog": True, "identifier": ident, "logpath": str(log)},
+        prefix=[*journald.enter, "unshare", "-m"],
+        shell_prefix=WITH_DEV_LOG,
+    )
     assert stderr == ""
     assert "client connected [client=127.0.0.1:4242]" in syslog_entries(journald, ident)
     assert "INFO: client connected" in log.read_text()
@@ -215,8 +241,11 @@ def test_syslog_and_logpath_together(journald: Journald, tmp_path: Path) -> None
 def test_without_usable_stderr_the_default_is_syslog(journald: Journald) -> None:
     """--inetd / --daemonize: stderr may be the client's socket or /dev/null."""
     ident = f"xnbd-test-{uuid.uuid4().hex[:8]}"
-    _pid, stderr = run_child({"identifier": ident, "stderr_usable": False},
-                             prefix=[*journald.enter, "unshare", "-m"], shell_prefix=WITH_DEV_LOG)
+    _pid, stderr = run_child(
+        {"identifier": ident, "stderr_usable": False},
+        prefix=[*journald.enter, "unshare", "-m"],
+        shell_prefix=WITH_DEV_LOG,
+    )
     assert stderr == ""
     assert "client connected [client=127.0.0.1:4242]" in syslog_entries(journald, ident)
 

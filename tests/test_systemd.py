@@ -183,9 +183,19 @@ needs_activate = pytest.mark.skipif(
 def _activate(args: list[str]) -> subprocess.Popen[str]:
     """Run the child under systemd-socket-activate, which passes only the variables named by -E."""
     return subprocess.Popen(
-        ["systemd-socket-activate", *args, "-E", f"PYTHONPATH={REPO}", "--",
-         sys.executable, "-c", CHILD],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            "systemd-socket-activate",
+            *args,
+            "-E",
+            f"PYTHONPATH={REPO}",
+            "--",
+            sys.executable,
+            "-c",
+            CHILD,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -215,8 +225,9 @@ def _report(proc: subprocess.Popen[str]) -> list[dict[str, object]]:
 def test_listening_tcp4_tcp6_and_unix_with_names(tmp_path: Path) -> None:
     p4, p6 = free_port(), free_port("::1")
     path = tmp_path / "nbd.sock"
-    proc = _activate(["-l", f"127.0.0.1:{p4}", "-l", f"[::1]:{p6}", "-l", str(path),
-                      "--fdname=tcp4:tcp6:unix"])
+    proc = _activate(
+        ["-l", f"127.0.0.1:{p4}", "-l", f"[::1]:{p6}", "-l", str(path), "--fdname=tcp4:tcp6:unix"]
+    )
     first = _connect_when_listening("127.0.0.1", p4, proc)  # the launcher waits for a client
     try:
         report = _report(proc)
@@ -266,8 +277,14 @@ def test_connected_socket_from_accept_mode() -> None:
     # In --accept mode the child's stdout is the launcher's.
     report = json.loads([line for line in out.splitlines() if line.startswith("[")][-1])
     assert report == [
-        {"fd": 3, "name": "conn", "listening": False, "family": "AF_INET", "inheritable": False,
-         "peer": list(local)},
+        {
+            "fd": 3,
+            "name": "conn",
+            "listening": False,
+            "family": "AF_INET",
+            "inheritable": False,
+            "peer": list(local),
+        },
         {"env": []},
     ]
 
@@ -275,16 +292,22 @@ def test_connected_socket_from_accept_mode() -> None:
 def _run_with_fds(fds: list[int], env: dict[str, str], *, own_pid: bool = True) -> tuple[int, str]:
     """Start the child with `fds` moved to 3, 4, ... and LISTEN_PID set by a shell to its own PID
     (exec keeps the PID), exactly as a service manager hands them over."""
+
     def move_fds() -> None:
         for target, fd in enumerate(fds, 3):
             os.dup2(fd, target)
 
     full_env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env}
-    prefix = 'LISTEN_PID=$$; export LISTEN_PID; ' if own_pid else ""
+    prefix = "LISTEN_PID=$$; export LISTEN_PID; " if own_pid else ""
     proc = subprocess.run(
         ["sh", "-c", prefix + 'exec "$@"', "sh", sys.executable, "-c", CHILD],
-        env=full_env, pass_fds=list(range(3, 3 + len(fds))), preexec_fn=move_fds,
-        capture_output=True, text=True, timeout=20, check=False,
+        env=full_env,
+        pass_fds=list(range(3, 3 + len(fds))),
+        preexec_fn=move_fds,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
     )
     return proc.returncode, proc.stdout.strip()
 
@@ -298,8 +321,6 @@ def listener() -> Iterator[socket.socket]:
 
 def test_not_set_means_no_sockets() -> None:
     assert _run_with_fds([], {}, own_pid=False) == (0, '[{"env": []}]')
-
-
 
 
 @pytest.mark.parametrize(

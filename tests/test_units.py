@@ -18,8 +18,10 @@ import pytest
 UNITS = Path(__file__).resolve().parents[1] / "units"
 MAX_EXPOSURE = 2.0
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                reason="systemd-analyze (package systemd) is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze (package systemd) is not installed",
+)
 
 # Each file under the name systemd gives it when used: templates need an instance. (An Accept=yes
 # instance is really called "xnbd-conn@0-127.0.0.1:10809-127.0.0.1:41234.service"; the colons
@@ -57,15 +59,23 @@ def unit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("name", list(INSTANCES.values()))
 def test_systemd_analyze_verify(unit_dir: Path, name: str) -> None:
     # --man=no: the man page is checked where it is installed (the Debian package), not here.
-    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_dir / name)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit_dir / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def exposure(unit_dir: Path, name: str) -> float:
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit_dir / name)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert found, proc.stdout + proc.stderr
@@ -81,8 +91,10 @@ def test_a_weakened_unit_scores_worse(unit_dir: Path, tmp_path: Path) -> None:
     """The exposure test can fail: without the sandbox the same service scores far above."""
     bare = tmp_path / "xnbd@bare.service"
     text = (unit_dir / "xnbd@disk.service").read_text()
-    kept = [line for line in text.splitlines()
-            if not re.match(r"(Protect|Private|Restrict|SystemCall|Capability|NoNew|Lock|Memory)",
-                            line)]
+    kept = [
+        line
+        for line in text.splitlines()
+        if not re.match(r"(Protect|Private|Restrict|SystemCall|Capability|NoNew|Lock|Memory)", line)
+    ]
     bare.write_text("\n".join(kept) + "\n")
     assert exposure(tmp_path, bare.name) > 5.0

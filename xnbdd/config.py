@@ -35,8 +35,12 @@ Parser = Callable[[str], object]
 
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
-_MODES = {"target": "target", "cow-target": "cow_target", "cow_target": "cow_target",
-          "proxy": "proxy"}
+_MODES = {
+    "target": "target",
+    "cow-target": "cow_target",
+    "cow_target": "cow_target",
+    "proxy": "proxy",
+}
 
 
 def _boolean(text: str) -> bool:

@@ -58,8 +58,7 @@ class _TextFormatter(logging.Formatter):
         extras = [
             f"{name[5:].lower()}={value}"
             for name, value in record.__dict__.items()
-            if name.startswith("XNBD_")
-            and (name in _TEXT_FIELDS or _context.get(name) != value)
+            if name.startswith("XNBD_") and (name in _TEXT_FIELDS or _context.get(name) != value)
         ]
         return f"{line} [{' '.join(extras)}]" if extras else line
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -88,9 +89,7 @@ class NotifyReceiver:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 for fd in fds:
                     os.close(fd)  # releases systemd-notify's barrier
-        fields = dict(
-            line.split("=", 1) for line in data.decode().splitlines() if "=" in line
-        )
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
         note = Notification(pid=pid, fields=fields, at=time.monotonic())
         self.received.append(note)
         return note
@@ -150,9 +149,18 @@ class Journald:
         """All entries (journalctl -o json), optionally filtered by FIELD=value matches."""
         subprocess.run([*self.enter, "journalctl", "--sync"], check=False, capture_output=True)
         out = subprocess.run(
-            ["journalctl", "-D", str(self.root / "run/log/journal"), "-o", "json", "--no-pager",
-             *matches],
-            capture_output=True, text=True, check=False,
+            [
+                "journalctl",
+                "-D",
+                str(self.root / "run/log/journal"),
+                "-o",
+                "json",
+                "--no-pager",
+                *matches,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -179,19 +187,30 @@ class Container:
     (how host-side NBD clients reach a server listening on the container's loopback).
     """
 
-    def __init__(self, tree: Path, workdir: Path, binds: dict[str, str],
-                 writable: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tree: Path, workdir: Path, binds: dict[str, str], writable: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = workdir
         self.console = workdir / "console.log"
-        args = ["systemd-nspawn", "-D", str(tree), "--register=no", "--keep-unit",
-                "--private-network", "--volatile=overlay", "-b", "--console=pipe",
-                f"--machine=xnbdd-{uuid.uuid4().hex[:8]}"]
+        args = [
+            "systemd-nspawn",
+            "-D",
+            str(tree),
+            "--register=no",
+            "--keep-unit",
+            "--private-network",
+            "--volatile=overlay",
+            "-b",
+            "--console=pipe",
+            f"--machine=xnbdd-{uuid.uuid4().hex[:8]}",
+        ]
         for host, guest in binds.items():
             flag = "--bind" if host in writable else "--bind-ro"
             args.append(f"{flag}={host}:{guest}")
         with open(self.console, "wb") as console:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
+            )
         try:
             self.leader = self._find_leader()
             self._wait_running()
@@ -200,6 +219,8 @@ class Container:
             raise
 
     def _find_leader(self) -> int:
+        """The container's PID 1 (NSpid "<host pid> 1"); nspawn's short-lived helper children
+        do not qualify, so nsenter never targets a process that is about to vanish."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -209,8 +230,14 @@ class Container:
                 pids = children.read_text().split()
             except OSError:
                 pids = []
-            if pids:
-                return int(pids[0])
+            for pid in pids:
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                nspids = re.search(r"^NSpid:\s+(.*)$", status, re.M)
+                if nspids and nspids.group(1).split()[1:] == ["1"]:
+                    return int(pid)
             time.sleep(0.05)
         raise TimeoutError("systemd-nspawn started no container")
 
@@ -218,37 +245,54 @@ class Container:
         deadline = time.monotonic() + 60
         state = ""
         while time.monotonic() < deadline:
-            state = self.run("systemctl", "is-system-running", "--wait", check=False,
-                             timeout=60).stdout.strip()
+            proc = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=60)
+            state = (proc.stdout + proc.stderr).strip()
             if state in ("running", "degraded"):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"container never finished booting ({state!r}):\n"
-                           f"{self.console_text()}")
+        raise TimeoutError(f"container never finished booting ({state!r}):\n{self.console_text()}")
 
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run cmd inside the container; raises with its output when check fails."""
-        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-a", *cmd],
-                              capture_output=True, text=True, timeout=timeout, input=input,
-                              check=False)
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-a", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n"
-                                 f"{proc.stdout}{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
-    def in_net(self, *cmd: str, check: bool = True,
-               timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(["nsenter", "-t", str(self.leader), "-n", *cmd],
-                              capture_output=True, text=True, timeout=timeout, check=False)
+    def in_net(
+        self, *cmd: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.leader), "-n", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n"
-                                 f"{proc.stdout}{proc.stderr}")
+            raise AssertionError(
+                f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout}{proc.stderr}"
+            )
         return proc
 
     def popen_in_net(self, *cmd: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(["nsenter", "-t", str(self.leader), "-n", *cmd],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            ["nsenter", "-t", str(self.leader), "-n", *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
