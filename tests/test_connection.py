@@ -1,0 +1,182 @@
+"""One connection over trio memory streams, with a real file backend behind it."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xnbdd.backends.file import FileBackend
+from xnbdd.connection import Connection, Limits, ServerState
+from xnbdd.export import Export
+from xnbdd.proto.consts import REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd, Errno, TxFlag
+from xnbdd.proto.messages import Negotiated
+
+SIZE = 1 << 20
+
+
+class OneExport:
+    def __init__(self, export: Export) -> None:
+        self.export = export
+
+    def lookup(self, name: str) -> Export | None:
+        return self.export
+
+    def exports(self) -> Sequence[Export]:
+        return [self.export]
+
+
+def request(cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
+            data: bytes = b"") -> bytes:
+    return struct.pack("!IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data
+
+
+class Reader:
+    """Reads simple replies off the client end of the memory stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise EOFError(f"closed with {len(self.buf)} of {n} bytes")
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def reply(self, read_lengths: dict[int, int]) -> tuple[int, int, bytes]:
+        magic, error, cookie = struct.unpack("!IIQ", await self.take(16))
+        assert magic == SIMPLE_REPLY_MAGIC
+        data = await self.take(read_lengths.get(cookie, 0)) if error == 0 else b""
+        return error, cookie, data
+
+
+def make_export(tmp: Path) -> Export:
+    path = tmp / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return Export("disk", FileBackend.open(str(path), readonly=False))
+
+
+def negotiated_for(export: Export) -> Negotiated:
+    info = export.info()
+    return Negotiated(export=info, tx_flags=info.tx_flags & ~TxFlag.SEND_DF)
+
+
+requests_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 3, 4, 5, 6, 7, 8, 42]),  # commands, some invalid
+        st.integers(0, 0x3F),  # flags, some invalid
+        st.integers(0, SIZE + 8192),  # offset, some beyond the end
+        st.integers(0, 8192),  # length
+    ),
+    max_size=40,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(requests_strategy)
+def test_valid_framing_never_closes_and_every_request_is_answered(
+    tmp_path: Path, reqs: list[tuple[int, int, int, int]]
+) -> None:
+    """Rule 49: whatever valid-framed requests arrive, each gets one reply, the stream stays
+    in step and the connection stays open."""
+
+    async def main() -> None:
+        export = make_export(tmp_path)
+        client, server = trio.testing.memory_stream_pair()
+        conn = Connection(server, OneExport(export), ServerState())
+        read_lengths: dict[int, int] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.serve, negotiated_for(export))
+            payload = b""
+            for cookie, (cmd, flags, offset, length) in enumerate(reqs):
+                data = os.urandom(length) if cmd == Cmd.WRITE else b""
+                if cmd == Cmd.READ:
+                    read_lengths[cookie] = length
+                payload += request(cmd, cookie, offset, length, flags, data)
+            payload += request(Cmd.READ, 10_000, 0, 16)  # the probe after everything
+            read_lengths[10_000] = 16
+            await client.send_all(payload)
+            reader = Reader(client)
+            seen = set()
+            for _ in range(len(reqs) + 1):
+                error, cookie, data = await reader.reply(read_lengths)
+                assert cookie not in seen
+                seen.add(cookie)
+                if error == 0 and cookie in read_lengths:
+                    assert len(data) == read_lengths[cookie]
+                assert error in {0, *map(int, Errno)}
+            assert seen == {*range(len(reqs)), 10_000}
+            await client.send_all(request(Cmd.DISC, 99))
+            assert await client.receive_some(1) == b""  # DISC: closed, no reply
+            nursery.cancel_scope.cancel()
+        await export.backend.close()
+
+    trio.run(main)
+
+
+async def test_backpressure_stops_reading_at_the_request_limit(tmp_path: Path) -> None:
+    """With --max-queue-size 2 and the export paused, the server takes two requests, holds a
+    third waiting for room, and reads nothing more: the client's sends block (lockstep stream,
+    where a send completes only when the peer reads it)."""
+    export = make_export(tmp_path)
+    client, server = trio.testing.lockstep_stream_pair()
+    state = ServerState(Limits(max_requests=2))
+    conn = Connection(server, OneExport(export), state)
+    sent = 0
+
+    async def send_ten() -> None:
+        nonlocal sent
+        for i in range(10):
+            await client.send_all(request(Cmd.READ, i, 0, 512))
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, negotiated_for(export))
+        async with export.paused():
+            nursery.start_soon(send_ten)
+            await trio.testing.wait_all_tasks_blocked()
+            assert state.queued_requests == 2
+            assert sent == 3  # two admitted, one parsed and waiting; the socket is not read
+        reader = Reader(client)
+        cookies = {(await reader.reply({i: 512 for i in range(10)}))[1] for _ in range(10)}
+        assert cookies == set(range(10)) and sent == 10
+        await trio.testing.wait_all_tasks_blocked()  # the writer releases after its send
+        assert state.queued_requests == 0
+        nursery.cancel_scope.cancel()
+    await export.backend.close()
+
+
+async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> None:
+    export = make_export(tmp_path)
+    client, server = trio.testing.memory_stream_pair()
+    state = ServerState(Limits(shutdown_grace=0.5))
+    conn = Connection(server, OneExport(export), state)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, negotiated_for(export))
+        async with export.paused():
+            await client.send_all(request(Cmd.READ, 1, 0, 512))
+            await trio.testing.wait_all_tasks_blocked()
+            state.stopping.set()
+            await client.send_all(request(Cmd.READ, 2, 0, 512))
+            await trio.testing.wait_all_tasks_blocked()
+        reader = Reader(client)
+        replies = {cookie: error for error, cookie, _d in
+                   [await reader.reply({1: 512, 2: 512}) for _ in range(2)]}
+        assert replies == {1: 0, 2: Errno.ESHUTDOWN}  # in flight finished, new one refused
+        with trio.fail_after(5):
+            assert await client.receive_some(1) == b""  # then the server hangs up
+    await export.backend.close()
