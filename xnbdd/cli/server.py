@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a disk image over NBD (target, copy-on-write target, or caching proxy).",
         argument_default=argparse.SUPPRESS,
     )
-    modes = p.add_argument_group("modes (exactly one)")
+    modes = p.add_argument_group("modes (exactly one)").add_mutually_exclusive_group()
     modes.add_argument("-t", "--target", dest="mode", action="store_const", const="target",
                        help="serve IMAGE (a file or a block device)")
     modes.add_argument("-c", "--cow-target", dest="mode", action="store_const",

@@ -1,0 +1,140 @@
+"""xnbd-server's command line: usage errors, start-up failures, and the one-client sources
+(--inetd, --connected-fd, socket activation) driven by real clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.libnbd import import_nbd
+from tests.serverproc import server_command, server_env
+
+MiB = 1024 * 1024
+
+
+def xnbd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(server_command(*args), capture_output=True, text=True,
+                          env=server_env(), timeout=timeout)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"")
+    os.truncate(path, 4 * MiB)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        [],
+        ["--target"],
+        ["--target", "a", "b"],
+        ["--target", "--cow-target", "x"],
+        ["--target", "x", "--lport", "70000"],
+        ["--target", "x", "--max-queue-size", "lots"],
+        ["--proxy", "host", "8520"],
+        ["--target", "x", "--inetd", "--connected-fd", "3"],
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str]) -> None:
+    done = xnbd(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xnbd-server: "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_image_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    done = xnbd("--target", str(tmp_path / "nope.img"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"xnbd-server: {tmp_path / 'nope.img'}: no such file or device"]
+
+
+def test_unreadable_image_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    done = xnbd("--target", str(directory))
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_port_in_use_is_one_line_and_exit_1(image: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = xnbd("--target", str(image), "--laddr", "127.0.0.1", "--lport", str(port))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"xnbd-server: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def test_help_and_version_exit_0() -> None:
+    helped = xnbd("--help")
+    assert helped.returncode == 0 and "--cow-target" in helped.stdout
+    version = xnbd("--version")
+    assert version.returncode == 0 and version.stdout.startswith("xnbdd ")
+
+
+def test_inetd_serves_the_client_on_stdin(image: Path) -> None:
+    nbd = import_nbd()
+    h = nbd.NBD()
+    h.connect_command(server_command("--inetd", "--target", str(image)))
+    h.pwrite(b"inetd!" * 100, 4096)
+    assert h.pread(600, 4096) == b"inetd!" * 100
+    h.shutdown()
+    assert image.read_bytes()[4096:4696] == b"inetd!" * 100
+
+
+def test_socket_activation_by_libnbd(image: Path) -> None:
+    """libnbd starts the server with LISTEN_FDS/LISTEN_PID, as systemd would."""
+    nbd = import_nbd()
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(server_command("--target", str(image)))
+    assert h.get_size() == 4 * MiB and h.get_structured_replies_negotiated()
+    h.pwrite(b"activated", 0)
+    h.shutdown()
+    assert image.read_bytes()[:9] == b"activated"
+
+
+def test_connected_fd_starts_in_transmission_and_exits_when_the_client_leaves(
+    image: Path,
+) -> None:
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen(
+        server_command("--target", str(image), "--connected-fd", str(theirs.fileno())),
+        pass_fds=[theirs.fileno()], env=server_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    theirs.close()
+    with ours:
+        # No greeting: the first bytes on the wire are our request's reply.
+        ours.sendall(struct.pack("!IHHQQI", 0x25609513, 0, 1, 5, 0, 4) + b"abcd")
+        assert struct.unpack("!IIQ", ours.recv(16)) == (0x67446698, 0, 5)
+        ours.sendall(struct.pack("!IHHQQI", 0x25609513, 0, 2, 6, 0, 0))  # DISC
+    assert proc.wait(15) == 0
+    assert image.read_bytes()[:4] == b"abcd"
+
+
+def test_bad_listen_pid_is_one_line(image: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        fd = listener.fileno()
+        env = server_env({"LISTEN_FDS": "1", "LISTEN_PID": "1"})  # PID 1 is not the server
+        done = subprocess.run(
+            server_command("--target", str(image)), capture_output=True, text=True, env=env,
+            pass_fds=[fd], preexec_fn=lambda: os.dup2(fd, 3), timeout=20,
+        )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LISTEN_PID" in lines[0], done.stderr
