@@ -1,0 +1,204 @@
+"""xnbd-bgctl: control a running proxy through its control socket (xnbd-compat.md §1.2, §7).
+
+    xnbd-bgctl [--json] --query CONTROL_SOCKET
+    xnbd-bgctl [--force] --switch CONTROL_SOCKET
+    xnbd-bgctl [--progress] [--blocks-per-request N] --cache-all CONTROL_SOCKET
+    xnbd-bgctl [--exportname NAME] --reconnect CONTROL_SOCKET HOST PORT
+
+Exit status: 0 success, 1 the daemon refused or failed the command (or usage error), 2 the
+control socket could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn, TextIO
+
+from xnbdd.control.client import CommandFailed, ControlClient
+from xnbdd.control.protocol import ControlError
+
+BLOCK_SIZE = 4096
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xnbd-bgctl", description="Control an xnbdd proxy.")
+    commands = parser.add_mutually_exclusive_group()
+    commands.add_argument("-q", "--query", action="store_const", dest="cmd", const="query")
+    commands.add_argument("-s", "--switch", action="store_const", dest="cmd", const="switch")
+    commands.add_argument(
+        "--shutdown", action="store_const", dest="cmd", const="switch", help=argparse.SUPPRESS
+    )  # deprecated alias of --switch
+    commands.add_argument("-c", "--cache-all", action="store_const", dest="cmd", const="cache-all")
+    commands.add_argument(
+        "-C",
+        "--cache-all2",
+        action="store_const",
+        dest="cmd",
+        const="cache-all",
+        help="same as --cache-all",
+    )
+    commands.add_argument("-r", "--reconnect", action="store_const", dest="cmd", const="reconnect")
+    parser.add_argument("--force", action="store_true", help="switch even with uncached blocks")
+    parser.add_argument("--progress", action="store_true", help="progress bar on a terminal")
+    parser.add_argument("--blocks-per-request", type=int, default=None, metavar="N")
+    parser.add_argument("--exportname", default=None, metavar="NAME")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("control_socket", metavar="CONTROL_SOCKET")
+    parser.add_argument("extra", nargs="*", metavar="HOST PORT")
+    return parser
+
+
+def _percent(part: int, whole: int) -> str:
+    """One decimal, rounded down, so 100.0 means really complete (as the original prints)."""
+    return f"{math.floor(1000 * part / whole) / 10:.1f}" if whole else "0.0"
+
+
+def format_query(status: dict[str, Any]) -> str:
+    cached, total = int(status.get("cached_blocks", 0)), int(status.get("total_blocks", 0))
+    buf, buf_max = int(status.get("buffer_used", 0)), int(status.get("buffer_limit", 0))
+    que, que_max = int(status.get("queue_used", 0)), int(status.get("queue_limit", 0))
+    remote = status.get("remote", "?")
+    state = status.get("remote_state")
+    lines = [
+        f"{status.get('cache_path', '?')} ({status.get('bitmap_path', '?')}): "
+        f"disksize {status.get('size', 0)}",
+        f"forwarded to {remote}" + (f" ({state})" if state else ""),
+        f"cached blocks {cached} / {total} ({_percent(cached, total)}%)",
+        f"internal buffer usage: {buf} bytes / {buf_max} bytes "
+        f"({100 * buf / buf_max if buf_max else 0.0:.1f}%)",
+        f"pending request count: {que} / {que_max} "
+        f"({100 * que / que_max if que_max else 0.0:.1f}%)",
+    ]
+    return "\n".join(lines)
+
+
+class ProgressBar:
+    """``\\r 42.0% [#####.....] 118.3 MiB/s, 0:00:12 left`` on a terminal; nothing otherwise."""
+
+    def __init__(self, out: TextIO, width: int = 30) -> None:
+        self.out = out
+        self.width = width
+        self.start = time.monotonic()
+        self.first: int | None = None
+        self.shown = False
+
+    def update(self, cached: int, total: int) -> None:
+        if self.first is None:
+            self.first = cached
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = (cached - self.first) / elapsed  # blocks per second fetched by this run
+        filled = self.width * cached // total if total else self.width
+        left = f"{_clock((total - cached) / rate)} left" if rate > 0 else "--:--:-- left"
+        self.out.write(
+            f"\r{_percent(cached, total):>5}% [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{rate * BLOCK_SIZE / 2**20:.1f} MiB/s, {left} "
+        )
+        self.out.flush()
+        self.shown = True
+
+    def finish(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _warn(message: str) -> None:
+    print(f"xnbd-bgctl: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = args.cmd or "query"  # a lone socket path means --query, as in the original
+    want_extra = 2 if cmd == "reconnect" else 0
+    if len(args.extra) != want_extra:
+        parser.error(
+            "--reconnect needs CONTROL_SOCKET HOST PORT"
+            if cmd == "reconnect"
+            else f"unexpected arguments: {' '.join(args.extra)}"
+        )
+    if args.blocks_per_request is not None and args.blocks_per_request < 1:
+        parser.error("--blocks-per-request must be at least 1")
+    for flag, applies in (
+        ("force", cmd == "switch"),
+        ("progress", cmd == "cache-all"),
+        ("blocks_per_request", cmd == "cache-all"),
+        ("exportname", cmd == "reconnect"),
+    ):
+        if getattr(args, flag) not in (None, False) and not applies:
+            _warn(f"ignore --{flag.replace('_', '-')}")
+    try:
+        client = ControlClient(args.control_socket, timeout=30.0)
+    except OSError as exc:
+        print(f"xnbd-bgctl: cannot connect to {args.control_socket}: {exc}", file=sys.stderr)
+        return 2
+    with client:
+        try:
+            return _run(client, cmd, args)
+        except CommandFailed as exc:
+            print(f"xnbd-bgctl: {cmd} failed: {exc}", file=sys.stderr)
+            return 1
+        except (OSError, ControlError) as exc:
+            print(f"xnbd-bgctl: control connection failed: {exc}", file=sys.stderr)
+            return 2
+
+
+def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
+    if cmd == "query":
+        status = client.call("query")
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_query(status))
+        return 0
+    if cmd == "switch":
+        if args.force:
+            _warn(
+                "switching to target mode despite an incomplete cache, requested by --force: "
+                "blocks never fetched will read as zeros or stale data"
+            )
+        client.set_timeout(None)  # waits until target mode serves (may finish caching first)
+        result = client.call("switch", force=bool(args.force))
+        print(json.dumps(result) if args.json else result.get("message", "switched"))
+        return 0
+    if cmd == "cache-all":
+        show = args.progress and sys.stderr.isatty()
+        bar = ProgressBar(sys.stderr)
+        client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
+        try:
+            result = client.call(
+                "cache-all",
+                on_event=(lambda e: bar.update(int(e["cached"]), int(e["total"])))
+                if show
+                else None,
+                blocks_per_request=args.blocks_per_request or 31,
+                progress=show,
+            )
+        finally:
+            bar.finish()
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    # reconnect
+    host, port = args.extra
+    result = client.call("reconnect", host=host, port=port, exportname=args.exportname)
+    print(
+        json.dumps(result, sort_keys=True) if args.json else f"forwarded to {result.get('remote')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
