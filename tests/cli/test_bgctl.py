@@ -1,0 +1,154 @@
+"""xnbd-bgctl as a separate process against a control server over a real proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.control.proxy_target import ProxyTarget
+from tests.origin_servers import nbdkit, random_image
+from xnbdd.backends.proxy import open_proxy_backend
+from xnbdd.cli.bgctl import format_query
+from xnbdd.control.server import serve_control
+from xnbdd.remote import RemoteAddress
+
+SIZE = 8 << 20
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+async def bgctl(*args: str, stderr: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run xnbd-bgctl; stderr captured unless a file descriptor (a terminal) is given."""
+    where: dict[str, object] = {"capture_stderr": True} if stderr is None else {"stderr": stderr}
+    return await trio.run_process(
+        [sys.executable, "-m", "xnbdd.cli.bgctl", *args],
+        capture_stdout=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        **where,
+    )
+
+
+@pytest.fixture
+async def ctl(tmp_path: Path) -> AsyncIterator[tuple[str, ProxyTarget, Path]]:
+    image = tmp_path / "origin.img"
+    random_image(image, SIZE)
+    path = str(tmp_path / "ctl")
+    with nbdkit(tmp_path, ["file", str(image), "rdelay=2ms"], filters=("delay",)) as origin:
+        async with (
+            open_proxy_backend(
+                RemoteAddress(origin.host, origin.port), str(tmp_path / "c"), str(tmp_path / "b")
+            ) as proxy,
+            trio.open_nursery() as nursery,
+        ):
+            target = ProxyTarget(proxy)
+            await nursery.start(serve_control, path, target)
+            yield path, target, image
+            nursery.cancel_scope.cancel()
+
+
+def test_query_format_matches_the_original() -> None:
+    text = format_query(
+        {
+            "cache_path": "/c",
+            "bitmap_path": "/b",
+            "size": 67108864,
+            "remote": "h:8520",
+            "cached_blocks": 272,
+            "total_blocks": 16384,
+            "buffer_used": 0,
+            "buffer_limit": 0,
+            "queue_used": 3,
+            "queue_limit": 4,
+        }
+    )
+    assert text.splitlines() == [
+        "/c (/b): disksize 67108864",
+        "forwarded to h:8520",
+        "cached blocks 272 / 16384 (1.6%)",
+        "internal buffer usage: 0 bytes / 0 bytes (0.0%)",
+        "pending request count: 3 / 4 (75.0%)",
+    ]
+    assert "(99.9%)" in format_query({"cached_blocks": 16383, "total_blocks": 16384})
+
+
+async def test_query_switch_guard_cache_all_and_switch(
+    ctl: tuple[str, ProxyTarget, Path],
+) -> None:
+    path, target, _image = ctl
+    await target.proxy.read(0, 4096 * 10)
+    lone = await bgctl(path)  # a lone socket means --query
+    assert f"cached blocks 10 / {SIZE // 4096} (0.4%)" in lone.stdout.decode()
+    as_json = json.loads((await bgctl("--json", "--query", path)).stdout)
+    assert as_json["cached_blocks"] == 10 and as_json["remote_state"] == "connected"
+    refused = await bgctl("--switch", path)
+    assert refused.returncode == 1 and b"incomplete cache" in refused.stderr
+    done = await bgctl("--progress", "--blocks-per-request", "16", "--cache-all", path)
+    assert done.returncode == 0 and done.stderr == b""  # no terminal: no bar
+    assert "(100.0%)" in (await bgctl("-q", path)).stdout.decode()
+    switched = await bgctl("--switch", path)
+    assert switched.returncode == 0 and target.switched
+
+
+async def test_progress_bar_on_a_terminal(ctl: tuple[str, ProxyTarget, Path]) -> None:
+    path, _target, _image = ctl
+    master, slave = os.openpty()
+    try:
+        result = await bgctl("--progress", "--blocks-per-request", "4", "-c", path, stderr=slave)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert result.returncode == 0
+    assert b"100.0% [" in shown and b"MiB/s" in shown and b"left" in shown
+
+
+async def test_reconnect_and_force_switch(
+    ctl: tuple[str, ProxyTarget, Path], tmp_path: Path
+) -> None:
+    path, target, image = ctl
+    with nbdkit(tmp_path, ["file", str(image)]) as second:
+        result = await bgctl("--exportname", "", "--reconnect", path, "127.0.0.1", second.port)
+        assert result.returncode == 0, result.stderr
+        assert f"forwarded to 127.0.0.1:{second.port}" in result.stdout.decode()
+    warned = await bgctl("--force", "--query", path)
+    assert b"ignore --force" in warned.stderr
+    forced = await bgctl("--force", "--switch", path)
+    assert forced.returncode == 0 and b"despite an incomplete cache" in forced.stderr
+    assert target.switched
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--query", "--switch", "/x"],
+        ["--reconnect", "/x", "host"],
+        ["--query", "/x", "extra"],
+        ["--blocks-per-request", "0", "--cache-all", "/x"],
+        ["--bogus", "/x"],
+        [],
+    ],
+)
+async def test_usage_errors_are_one_line(args: list[str]) -> None:
+    result = await bgctl(*args)
+    assert result.returncode == 1
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+async def test_unreachable_socket(tmp_path: Path) -> None:
+    result = await bgctl("--query", str(tmp_path / "nothing"))
+    assert result.returncode == 2 and b"cannot connect" in result.stderr
