@@ -5,6 +5,9 @@ from the code. Each entry point is called with --help while ArgumentParser's par
 patched to hand back the parser instead of parsing; no program code needs a special hook.
 
     python3 packaging/gen_man.py OUTDIR       writes OUTDIR/<program>.8
+
+Sections the parser cannot know (signals, files, examples) come from packaging/man/<program>.8.extra
+when that file exists.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 SECTION = "8"
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 SEE_ALSO = ["nbd-client(8)", "nbdinfo(1)", "systemd.socket(5)"]
 
 
@@ -108,6 +112,9 @@ def render(parser: argparse.ArgumentParser, summary: str, version: str) -> str:
     if parser.epilog:
         out.append(".SH NOTES")
         out.append("\n.PP\n".join(paragraphs(parser.epilog)))
+    extra = HERE / "man" / f"{prog}.{SECTION}.extra"  # hand-written sections, already roff
+    if extra.exists():
+        out.append(extra.read_text().rstrip("\n"))
     out.append(".SH SEE ALSO")
     out.append(", ".join(f"\\fB{roff(ref.split('(')[0])}\\fR({ref.split('(')[1]}"
                          for ref in SEE_ALSO))

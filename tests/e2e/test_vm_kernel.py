@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.vm.machine import BootResult, boot, build_deb, build_image, cached_tree
+from tests.e2e.vm.machine import REPO, BootResult, boot, build_deb, build_image, cached_tree
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -35,6 +38,7 @@ GUEST_CONFIG = {
 
 @dataclass(frozen=True)
 class VmRun:
+    deb: Path  # the package that was installed into the guest
     boot: BootResult
     steps: dict[str, str]  # step name -> "ok" | "FAIL", in the order the guest ran them
 
@@ -60,7 +64,7 @@ def vm_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmRun]:
         result = boot(image, work / "share", timeout=BOOT_TIMEOUT)
         image.root.unlink()
         steps = dict(re.findall(r"^STEP (\S+) (ok|FAIL)$", result.result_log, re.MULTILINE))
-        yield VmRun(boot=result, steps=steps)
+        yield VmRun(deb=deb, boot=result, steps=steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the root image alone is ~1.7 GB (sparse)
 
@@ -109,3 +113,31 @@ def test_proxy_switch_with_mounted_filesystem(vm_run: VmRun) -> None:
         "origin_stop",
         "proxy_after_switch",
     )
+
+
+def test_package_ships_programs_man_pages_units_and_config(vm_run: VmRun) -> None:
+    listing = subprocess.run(
+        ["dpkg-deb", "--contents", str(vm_run.deb)], check=True, capture_output=True, text=True
+    ).stdout
+    files = {line.split()[-1].removeprefix(".") for line in listing.splitlines()}
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    wanted = {f"/usr/bin/{prog}" for prog in scripts}
+    wanted |= {f"/usr/share/man/man8/{prog}.8.gz" for prog in scripts}
+    wanted |= {f"/lib/systemd/system/{unit.name}" for unit in (REPO / "units").iterdir()}
+    wanted |= {f"/etc/xnbd/{conf.name}" for conf in (REPO / "etc/xnbd").iterdir()}
+    assert wanted <= files, f"missing from the package: {sorted(wanted - files)}"
+
+    def field(name: str) -> str:
+        return subprocess.run(
+            ["dpkg-deb", "--field", str(vm_run.deb), name], check=True, capture_output=True,
+            text=True,
+        ).stdout
+
+    depends = field("Depends")
+    for debian_package in ("python3-trio", "python3-systemd", "python3-sdnotify"):
+        assert debian_package in depends
+    conffiles = subprocess.run(
+        ["dpkg-deb", "--info", str(vm_run.deb), "conffiles"], check=True, capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "/etc/xnbd/example.conf" in conffiles

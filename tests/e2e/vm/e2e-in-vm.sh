@@ -19,6 +19,9 @@ step() {  # step NAME COMMAND...: run it, print the marker, return its status
 finish() {
     echo "--- systemctl status"; systemctl --no-pager status "$UNIT" 2>&1 | head -n 30
     echo "--- journal of $UNIT"; journalctl --no-pager -u "$UNIT" | tail -n 40
+    if systemctl cat xnbd-proxy.service >/dev/null 2>&1; then
+        echo "--- journal of xnbd-proxy"; journalctl --no-pager -u xnbd-proxy | tail -n 40
+    fi
     echo "E2E_DONE"
     sync
     exit 0
