@@ -1,0 +1,325 @@
+"""SIGUSR1 snapshots end to end: the real daemon, real clients, real file systems."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.backends.loopdev import loop_device, mounted_fs, require_loop
+from tests.libnbd import import_nbd
+from tests.serverproc import ServerProcess, running_server
+
+pytestmark = pytest.mark.e2e
+
+KiB = 1024
+MiB = 1024 * KiB
+BLOCK = 4096
+SNAPSHOT_LINE = re.compile(r"snapshot (\S+): (\d+) bytes by (\w+) in ([\d.]+) s")
+
+
+@contextmanager
+def serving(*args: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """running_server, returned once the daemon is ready (its port listens before that)."""
+    with running_server(*args, tmp_path=tmp_path) as srv:
+        wait_for_log(srv, re.compile(r"ready: "))
+        yield srv
+
+
+def wait_for_log(
+    srv: ServerProcess, pattern: re.Pattern[str], timeout: float = 30
+) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        match = pattern.search(srv.log())
+        if match is not None:
+            return match
+        assert srv.proc.poll() is None, f"server exited:\n{srv.log()}"
+        assert time.monotonic() < deadline, f"no {pattern.pattern!r} in the log:\n{srv.log()}"
+        time.sleep(0.01)
+
+
+def snapshot(srv: ServerProcess) -> tuple[Path, str]:
+    """Send SIGUSR1, wait for the success line; returns the snapshot's path and the method."""
+    srv.proc.send_signal(signal.SIGUSR1)
+    match = wait_for_log(srv, re.compile(SNAPSHOT_LINE.pattern + "|snapshot failed: .*"))
+    assert match.group(1), f"snapshot failed:\n{srv.log()}"
+    return Path(match.group(1)), match.group(3)
+
+
+@contextmanager
+def connected(uri: str) -> Iterator[Any]:
+    nbd = import_nbd()
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        yield h
+    finally:
+        h.shutdown()
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="xnbdd-snap-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_image(path: Path, size: int, data_ranges: list[tuple[int, int]]) -> bytes:
+    """A sparse image with random data in ``data_ranges``; returns its content."""
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for start, stop in data_ranges:
+            content[start:stop] = os.urandom(stop - start)
+            f.seek(start)
+            f.write(content[start:stop])
+    return bytes(content)
+
+
+def other_files(directory: Path, keep: set[str]) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep)
+
+
+def test_answered_writes_are_in_the_snapshot_later_ones_are_not(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, 8 * MiB, [(0, MiB)])
+    with serving("--target", str(image), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+        h.pwrite(b"before" * 1000, 2 * MiB)
+        taken, _ = snapshot(srv)
+        h.pwrite(b"after!" * 1000, 2 * MiB)
+        h.pwrite(b"after!" * 1000, 3 * MiB)
+        assert h.pread(6000, 2 * MiB) == b"after!" * 1000  # the client carried on, no error
+        snap = taken.read_bytes()
+    assert taken.parent == tmp_path and taken.name.startswith("disk.img.snapshot.")
+    assert re.fullmatch(r"disk\.img\.snapshot\.\d{10}", taken.name)
+    assert snap[2 * MiB : 2 * MiB + 6000] == b"before" * 1000
+    assert snap[3 * MiB : 3 * MiB + 6000] == bytes(6000)
+    assert snap[:MiB] == image.read_bytes()[:MiB]
+    assert oct(taken.stat().st_mode & 0o777) == oct(0o600)
+    assert other_files(tmp_path, {"disk.img", taken.name}) == [f"server-{srv.port}.log"]
+
+
+class SequencedWriter(threading.Thread):
+    """Writes block i with sequence number i + 1, in order, ``depth`` requests in flight."""
+
+    def __init__(self, uri: str, nblocks: int, depth: int) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.nblocks = nblocks
+        self.depth = depth
+        self.answered = 0  # every write numbered up to this one was answered
+        self.issued = 0  # highest sequence number sent
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        nbd = import_nbd()
+        pending: dict[int, tuple[int, Any]] = {}  # seq -> (cookie, buffer kept alive)
+        try:
+            with connected(self.uri) as h:
+                while not self.stop.is_set():
+                    while len(pending) < self.depth and self.issued < self.nblocks:
+                        seq = self.issued + 1
+                        data = bytearray(struct.pack("<Q", seq) * (BLOCK // 8))
+                        buf = nbd.Buffer.from_bytearray(data)
+                        pending[seq] = (h.aio_pwrite(buf, (seq - 1) * BLOCK), buf)
+                        self.issued = seq
+                    if not pending:
+                        return
+                    h.poll(-1)
+                    for seq, (cookie, _) in list(pending.items()):
+                        if h.aio_command_completed(cookie):  # raises if the server said error
+                            del pending[seq]
+                    self.answered = min(pending) - 1 if pending else self.issued
+        except BaseException as e:  # reported by the test, in its own thread
+            self.error = e
+
+
+def sequence_numbers(path: Path, nblocks: int) -> list[int]:
+    data = path.read_bytes()
+    out = []
+    for i in range(nblocks):
+        block = data[i * BLOCK : (i + 1) * BLOCK]
+        (seq,) = struct.unpack_from("<Q", block)
+        assert block == struct.pack("<Q", seq) * (BLOCK // 8), f"block {i} is torn"
+        out.append(seq)
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 16], ids=["one-by-one", "pipelined"])
+@pytest.mark.parametrize("mode", ["--target", "--cow-target"])
+def test_continuous_writer_sees_no_error_and_the_snapshot_is_a_request_boundary(
+    shm_dir: Path, mode: str, depth: int
+) -> None:
+    nblocks = 16384
+    image = shm_dir / "disk.img"
+    write_image(image, nblocks * BLOCK, [])
+    with serving(mode, str(image), tmp_path=shm_dir) as srv:
+        writer = SequencedWriter(srv.uri, nblocks, depth)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while writer.answered < 300 and writer.error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        answered_before = writer.answered
+        taken, _ = snapshot(srv)
+        issued_after = writer.issued + 1  # sent after the copy was done
+        while writer.answered < issued_after + 100 and writer.is_alive():
+            time.sleep(0.005)
+        writer.stop.set()
+        writer.join(30)
+        assert writer.error is None, writer.error
+        seqs = sequence_numbers(taken, nblocks)
+    k = sum(1 for s in seqs if s)
+    # every block holds its own number or zeros, and exactly the first k writes are present
+    assert seqs == [i + 1 for i in range(k)] + [0] * (nblocks - k)
+    assert answered_before <= k < issued_after, (answered_before, k, issued_after)
+    assert writer.answered > issued_after  # writing went on after the snapshot
+
+
+REFLINK_FS_SIZE = {"xfs": 320 * MiB, "btrfs": 256 * MiB}
+
+
+@pytest.mark.parametrize("mode", ["--target", "--cow-target"])
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_reflink_path_on_a_reflink_file_system(tmp_path: Path, fstype: str, mode: str) -> None:
+    with mounted_fs(tmp_path, fstype, REFLINK_FS_SIZE[fstype]) as mnt:
+        image = mnt / "disk.img"
+        content = bytearray(write_image(image, 16 * MiB, [(0, 4 * MiB), (8 * MiB, 9 * MiB)]))
+        with serving(mode, str(image), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+            h.pwrite(b"R" * 10000, 5 * MiB + 7)
+            content[5 * MiB + 7 : 5 * MiB + 10007] = b"R" * 10000
+            h.zero(64 * KiB, 0)
+            content[: 64 * KiB] = bytes(64 * KiB)
+            taken, method = snapshot(srv)
+            assert method == "reflink"
+            assert taken.read_bytes() == content
+            assert taken.parent == mnt
+        if mode == "--cow-target":
+            assert other_files(mnt, {"disk.img", taken.name}) == []  # the overlay is gone
+
+
+@contextmanager
+def copy_fs(kind: str, tmp_path: Path) -> Iterator[Path]:
+    if kind == "tmpfs":
+        path = Path(tempfile.mkdtemp(prefix="xnbdd-snap-", dir="/dev/shm"))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+    else:
+        with mounted_fs(tmp_path, "ext4", 64 * MiB) as mnt:
+            yield mnt
+
+
+@pytest.mark.parametrize("kind", ["ext4", "tmpfs"])
+def test_copy_path_keeps_content_and_holes(tmp_path: Path, kind: str) -> None:
+    with copy_fs(kind, tmp_path) as directory:
+        image = directory / "disk.img"
+        content = bytearray(write_image(image, 16 * MiB, [(MiB, 3 * MiB)]))
+        with serving("--target", str(image), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+            h.pwrite(b"C" * 4096, 12 * MiB)
+            content[12 * MiB : 12 * MiB + 4096] = b"C" * 4096
+            taken, method = snapshot(srv)
+        assert method == "copy"
+        assert taken.read_bytes() == content
+        assert taken.stat().st_blocks * 512 < 4 * MiB  # holes kept: about 2 MiB of data
+        assert other_files(directory, {"disk.img", taken.name, "lost+found"}) == []
+
+
+def test_full_disk_leaves_no_temporary_file_and_a_serving_daemon(tmp_path: Path) -> None:
+    with mounted_fs(tmp_path, "ext4", 32 * MiB) as mnt:
+        image = mnt / "disk.img"
+        content = bytearray(write_image(image, 20 * MiB, [(0, 20 * MiB)]))
+        with serving("--target", str(image), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+            h.pwrite(b"D" * 4096, 0)
+            content[:4096] = b"D" * 4096
+            srv.proc.send_signal(signal.SIGUSR1)
+            line = wait_for_log(srv, re.compile(r"snapshot failed: .*"))
+            assert "No space left on device" in line.group(0)
+            assert other_files(mnt, {"disk.img", "lost+found"}) == []
+            # the same connection, and a new one, keep working
+            h.pwrite(b"E" * 4096, 4096)
+            content[4096:8192] = b"E" * 4096
+            with connected(srv.uri) as h2:
+                assert h2.pread(20 * MiB, 0) == content
+            assert SNAPSHOT_LINE.search(srv.log()) is None
+
+
+def test_a_second_snapshot_while_one_runs_is_refused(shm_dir: Path) -> None:
+    # a copy that takes a while: 1 GiB of data on tmpfs (no reflink there)
+    image = shm_dir / "big.img"
+    chunk = os.urandom(MiB)
+    with open(image, "wb") as f:
+        for _ in range(1024):
+            f.write(chunk)
+    with serving("--target", str(image), tmp_path=shm_dir) as srv:
+        srv.proc.send_signal(signal.SIGUSR1)
+        refused = re.compile(r"snapshot failed: .*in progress.*")
+        done = re.compile(SNAPSHOT_LINE.pattern)
+        # trio merges a signal that is still pending, so keep asking until one is refused
+        while not refused.search(srv.log()):
+            assert not done.search(srv.log()), f"the first finished before a refusal:\n{srv.log()}"
+            time.sleep(0.02)
+            srv.proc.send_signal(signal.SIGUSR1)
+        taken = Path(wait_for_log(srv, done, timeout=60).group(1))
+        log = srv.log()
+        assert log.index("in progress") < log.index(f"snapshot {taken}:")
+        assert taken.stat().st_size == 1024 * MiB
+        assert other_files(shm_dir, {"big.img", taken.name, f"server-{srv.port}.log"}) == []
+
+
+def need_nbdcopy() -> None:
+    if shutil.which("nbdcopy") is None:
+        pytest.skip("nbdcopy is not installed")
+
+
+def test_cow_target_snapshot_is_base_plus_overlay(tmp_path: Path) -> None:
+    need_nbdcopy()
+    base = tmp_path / "base.img"
+    before = write_image(base, 8 * MiB, [(0, 2 * MiB), (4 * MiB, 6 * MiB)])
+    nbd = import_nbd()
+    with serving("--cow-target", str(base), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+        h.pwrite(b"O" * 5000, MiB - 100)  # unaligned over base data
+        h.pwrite(b"P" * 8192, 3 * MiB)  # over a base hole
+        h.trim(64 * KiB, 4 * MiB)  # base data trimmed away
+        h.zero(8192, 5 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        taken, method = snapshot(srv)
+        seen = tmp_path / "seen.img"
+        subprocess.run(["nbdcopy", srv.uri, str(seen)], check=True, timeout=60)
+    assert method == "copy"  # ext4
+    assert taken.name.startswith("base.img.snapshot.")
+    assert taken.read_bytes() == seen.read_bytes()
+    assert seen.read_bytes() != before
+    assert base.read_bytes() == before
+
+
+def test_snapshot_of_a_block_device_target(tmp_path: Path) -> None:
+    require_loop()
+    with loop_device(tmp_path / "backing.img", 16 * MiB) as device:
+        with open(device, "r+b") as dev:
+            dev.write(os.urandom(2 * MiB))
+        link = tmp_path / "disk"  # the snapshot goes beside the path given, not into /dev
+        link.symlink_to(device)
+        with serving("--target", str(link), tmp_path=tmp_path) as srv, connected(srv.uri) as h:
+            h.pwrite(b"B" * 4096, 8 * MiB)
+            taken, method = snapshot(srv)
+            assert method == "copy"
+            with open(device, "rb") as dev:
+                assert taken.read_bytes() == dev.read()
+        assert taken.parent == tmp_path and taken.stat().st_size == 16 * MiB
