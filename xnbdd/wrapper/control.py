@@ -143,6 +143,8 @@ class ControlServer:
                 code = 1
             await write(f"return code {code}\n" + PROMPT)
             if command in ("shutdown", "orphan"):
+                # Only now: stopping the wrapper cancels this connection too.
+                self.commands.shutdown(orphan=command == "orphan")
                 return
 
     async def _run(self, command: str, args: list[str], write: Write) -> int:
@@ -181,10 +183,8 @@ class ControlServer:
             return await c.save(write)
         if command == "shutdown":
             await write("All images terminated\n")
-            c.shutdown(orphan=False)
             return 0
         if command == "orphan":
-            c.shutdown(orphan=True)
             return 0
         await write("unknown command\n")
         return 1

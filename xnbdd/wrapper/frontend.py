@@ -151,7 +151,11 @@ class Frontend:
                 if opt in NAMED_OPTIONS and not self.stopping:
                     name = option_export_name(opt, data)
                     if name is not None:
-                        await self._learn(name, infos, failures)
+                        # GO/EXPORT_NAME start the export's server first, so the client is
+                        # told what that server advertises, and a failed start is an error
+                        # reply instead of a connection dropped after a successful GO.
+                        start = opt in (Opt.GO, Opt.EXPORT_NAME)
+                        await self._learn(name, infos, failures, start=start)
                 if opt == Opt.STRUCTURED_REPLY and not self.handoff:
                     # --connected-fd servers speak simple replies only; say so up front.
                     await stream.send_all(option_reply(
@@ -163,13 +167,18 @@ class Frontend:
         return None
 
     async def _learn(self, name: str, infos: dict[str, ExportInfo],
-                     failures: dict[str, str]) -> None:
+                     failures: dict[str, str], *, start: bool) -> None:
         entry = self.registry.get(name)
         if entry is None:
             infos.pop(name, None)
             return
         try:
-            infos[name] = await self.supervisor.learn_info(entry)
+            if start and self.handoff:
+                infos[name] = (await self.supervisor.ensure(entry)).info
+            elif not self.handoff and entry.server_mode != "target":
+                raise StartError("without the hand-off only target exports are served")
+            else:
+                infos[name] = await self.supervisor.learn_info(entry)
             failures.pop(name, None)
         except StartError as err:
             log.warning("export %r is not available: %s", name, err)
