@@ -16,6 +16,7 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,17 +95,37 @@ class NotifyReceiver:
         self.received.append(note)
         return note
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0) -> Notification:
-        """Receive until a datagram carries key (=value); earlier ones stay in `received`."""
+    def wait_for(
+        self, key: str, value: str | Callable[[str], bool] | None = None, timeout: float = 10.0
+    ) -> Notification:
+        """Receive until a datagram carries key (equal to value, or accepted by it when it is a
+        function); earlier datagrams stay in `received`."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 seen = [n.fields for n in self.received]
                 raise TimeoutError(f"no {key}={value or '*'} within {timeout} s; got {seen}")
-            note = self.recv(remaining)
-            if key in note.fields and (value is None or note.fields[key] == value):
+            try:
+                note = self.recv(remaining)
+            except TimeoutError:
+                continue
+            if key not in note.fields:
+                continue
+            got = note.fields[key]
+            if value is None or (value(got) if callable(value) else got == value):
                 return note
+
+    def collect(self, seconds: float) -> list[Notification]:
+        """Everything that arrives during the next `seconds`."""
+        deadline = time.monotonic() + seconds
+        got = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                got.append(self.recv(remaining))
+            except TimeoutError:
+                break
+        return got
 
     def drain(self, quiet: float = 0.2) -> list[Notification]:
         """Everything that arrives until nothing has come for `quiet` seconds."""
