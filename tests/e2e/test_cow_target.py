@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.libnbd import import_nbd
-from tests.serverproc import ServerProcess, running_server
+from tests.serverproc import ServerProcess, running_server, server_command, server_env
 
 pytestmark = pytest.mark.e2e
 
@@ -153,16 +154,12 @@ def test_cow_dir_holds_the_overlay(tmp_path: Path, base: tuple[Path, bytearray])
     cow_dir = tmp_path / "overlays"
     cow_dir.mkdir()
     before = sha256(path)
-    with serving(
-        "--cow-target", str(path), "--cow-dir", str(cow_dir), tmp_path=tmp_path
-    ) as srv:
+    with serving("--cow-target", str(path), "--cow-dir", str(cow_dir), tmp_path=tmp_path) as srv:
         assert overlays(tmp_path) == []
         assert overlays(cow_dir) == ["base.img.cow0.layer1", "base.img.cow0.layer1.bm"]
         with connected(srv.uri) as (h,):
             h.pwrite(b"y" * 8192, MiB)
-            assert h.pread(3 * 4096, MiB - 4096) == (
-                model[MiB - 4096 : MiB] + b"y" * 8192
-            )
+            assert h.pread(3 * 4096, MiB - 4096) == (model[MiB - 4096 : MiB] + b"y" * 8192)
     assert overlays(cow_dir) == []
     assert sha256(path) == before
 
@@ -196,8 +193,10 @@ def test_two_live_instances_get_their_own_overlays(
         serving("--cow-target", str(path), tmp_path=tmp_path) as second,
     ):
         assert overlays(tmp_path) == [
-            "base.img.cow0.layer1", "base.img.cow0.layer1.bm",
-            "base.img.cow1.layer1", "base.img.cow1.layer1.bm",
+            "base.img.cow0.layer1",
+            "base.img.cow0.layer1.bm",
+            "base.img.cow1.layer1",
+            "base.img.cow1.layer1.bm",
         ]
         assert "stale" not in second.log()  # a live instance's overlay is not "stale"
         with connected(first.uri) as (a,), connected(second.uri) as (b,):
@@ -233,9 +232,7 @@ def flags_at(extents: list[dict[str, Any]], offset: int) -> int:
     raise AssertionError(f"no extent covers {offset}")
 
 
-def test_block_status_merges_base_and_overlay(
-    tmp_path: Path, base: tuple[Path, bytearray]
-) -> None:
+def test_block_status_merges_base_and_overlay(tmp_path: Path, base: tuple[Path, bytearray]) -> None:
     need("nbdinfo")
     need("qemu-img")
     path, model = base
@@ -324,3 +321,33 @@ def test_readonly_cow_target_refuses_writes_and_makes_no_overlay(
             assert err.value.errno == "EPERM"
             assert h.pread(4096, MiB) == model[MiB : MiB + 4096]
     assert sha256(path) == before
+
+
+def test_per_connection_instance_removes_its_overlay_when_the_client_leaves(
+    tmp_path: Path, base: tuple[Path, bytearray]
+) -> None:
+    """inetd style (one client on stdin, as xnbd-wrapper --cow spawns them): a private overlay,
+    gone when its one client disconnects and the instance exits."""
+    path, model = base
+    nbd = import_nbd()
+    ours, theirs = socket.socketpair()
+    log_path = tmp_path / "inetd.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            server_command("--cow-target", "--inetd", str(path)),
+            stdin=theirs.fileno(), stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+        )
+    theirs.close()
+    try:
+        h = nbd.NBD()
+        h.connect_socket(ours.detach())  # libnbd owns (and closes) the socket from here
+        h.pwrite(b"i" * 4096, 0)
+        assert h.pread(8192, 0) == b"i" * 4096 + model[4096:8192]
+        assert overlays(tmp_path) == ["base.img.cow0.layer1", "base.img.cow0.layer1.bm"]
+        h.shutdown()
+        assert proc.wait(15) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert overlays(tmp_path) == []

@@ -323,3 +323,19 @@ def test_snapshot_of_a_block_device_target(tmp_path: Path) -> None:
             with open(device, "rb") as dev:
                 assert taken.read_bytes() == dev.read()
         assert taken.parent == tmp_path and taken.stat().st_size == 16 * MiB
+
+
+def test_read_only_directory_fails_clearly_and_the_daemon_serves_on(tmp_path: Path) -> None:
+    with mounted_fs(tmp_path, "ext4", 32 * MiB) as mnt:
+        image = mnt / "disk.img"
+        content = write_image(image, 4 * MiB, [(0, MiB)])
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with (
+            serving("--target", "--readonly", str(image), tmp_path=tmp_path) as srv,
+            connected(srv.uri) as h,
+        ):
+            srv.proc.send_signal(signal.SIGUSR1)
+            line = wait_for_log(srv, re.compile(r"snapshot failed: .*"))
+            assert "Read-only file system" in line.group(0)
+            assert h.pread(4 * MiB, 0) == content
+        assert other_files(mnt, {"disk.img", "lost+found"}) == []
