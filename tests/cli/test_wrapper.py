@@ -253,18 +253,22 @@ def test_without_handoff_each_connection_gets_its_own_server(tmp_path: Path) -> 
         assert out is None or set(out) == {"z"}
 
 
-def test_under_systemd_socket_activate(tmp_path: Path) -> None:
+@pytest.mark.parametrize("by_name", [True, False], ids=["fd-name", "socket-path"])
+def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
+    """The control socket is found by its fd name, or (as xnbd-wrapper.socket does it) by being
+    the unix socket at the --socket path."""
     need("systemd-socket-activate")
     need("nbdinfo")
     disk = image(tmp_path / "disk.img", 5 * MiB)
     port = free_port()
     control = tmp_path / "activated.ctl"
-    args = [a for a in wrapper_args(tmp_path, port, "--imgfile", str(disk))]
+    args = wrapper_args(tmp_path, port, "--imgfile", str(disk),
+                        control=None if by_name else control)
+    names = ["--fdname=nbd:control"] if by_name else []
     env = server_env()
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", str(control),
-         "--fdname=nbd:control", "-E", f"PYTHONPATH={env['PYTHONPATH']}", "--",
-         *WRAPPER, *args],
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", str(control), *names,
+         "-E", f"PYTHONPATH={env['PYTHONPATH']}", "--", *WRAPPER, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

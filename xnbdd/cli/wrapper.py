@@ -9,6 +9,7 @@ import logging
 import os
 import shlex
 import shutil
+import socket
 import sys
 from typing import NoReturn
 
@@ -137,12 +138,16 @@ def build_registry(ns: argparse.Namespace) -> tuple[Registry, list[str]]:
 
 
 def bind_sockets(ns: argparse.Namespace) -> tuple[WrapperSockets, str | None]:
-    """Sockets from systemd (the control socket is the one named "control"), else bound here."""
+    """Sockets from systemd, else bound here. The inherited control socket is the one named
+    "control" (FileDescriptorName=) or the unix socket at the ``--socket`` path."""
     sockets = WrapperSockets()
+    wanted_control = os.path.abspath(ns.socket)
     for inherited in inherited_sockets():
         if not inherited.listening:
             raise SystemdEnvError("xnbd-wrapper needs listening sockets (Accept=no)")
-        if inherited.name == CONTROL_FD_NAME:
+        is_control_path = (inherited.sock.family == socket.AF_UNIX
+                           and inherited.sock.getsockname() == wanted_control)
+        if inherited.name == CONTROL_FD_NAME or is_control_path:
             sockets.control.append(inherited.sock)
         else:
             sockets.nbd.append(inherited.sock)
