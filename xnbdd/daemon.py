@@ -10,25 +10,36 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import trio
 
 from . import logs
+from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
+from .backends.proxy import ProxyBackend, open_proxy_backend
 from .connection import Connection, Limits, ServerState
+from .control.handlers import ProgressSink
+from .control.server import serve_control
 from .export import Export
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
 from .proto.messages import Negotiated
+from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .snapshot import take_snapshot
 from .systemd import Notifier
 
 log = logging.getLogger("xnbdd")
 
 ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
+STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
+SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
+CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
 
 
 @dataclass
@@ -52,6 +63,7 @@ class ServerOptions:
     control_socket: str = ""
     target_exportname: str | None = None
     clear_bitmap: bool = False
+    remote_timeout: float = DEFAULT_TIMEOUT
 
 
 @dataclass
@@ -105,30 +117,61 @@ class Daemon:
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
         self._nursery: trio.Nursery | None = None
+        self.mode = opts.mode  # becomes "target" after a proxy switches
+        self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        backend = await trio.to_thread.run_sync(open_backend, self.opts)
-        name = self.opts.exportname or ""
-        self.export = Export(
-            name, backend, description=self.opts.description, readonly=self.opts.readonly
-        )
-        catalog = SingleExportCatalog(self.export, strict_name=self.opts.exportname is not None)
-        logs.set_context(XNBD_EXPORT=name or os.path.basename(self.opts.image),
-                         XNBD_MODE=self.opts.mode)
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._signals, nursery.cancel_scope)
-                nursery.start_soon(self._watchdog)
-                await self._serve(catalog)
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await backend.close()
-                self.notifier.close()
+        async with AsyncExitStack() as stack:
+            backend = await self._open_backend(stack)
+            name = self.opts.exportname or ""
+            export = self.export = Export(
+                name, backend, description=self.opts.description, readonly=self.opts.readonly
+            )
+            if self.proxy is not None:
+                export.extra_contexts[CACHED_CONTEXT] = self._cached_extents
+            catalog = SingleExportCatalog(export, strict_name=self.opts.exportname is not None)
+            logs.set_context(XNBD_EXPORT=name or os.path.basename(self.opts.image),
+                             XNBD_MODE=self.mode)
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    nursery.start_soon(self._watchdog)
+                    if self.proxy is not None:
+                        nursery.start_soon(self._status_loop)
+                    if self.opts.control_socket:
+                        await nursery.start(
+                            partial(serve_control, self.opts.control_socket, self)
+                        )
+                    await self._serve(catalog)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await export.backend.close()
+                    self.notifier.close()
         log.info("stopped")
+
+    async def _open_backend(self, stack: AsyncExitStack) -> Backend:
+        opts = self.opts
+        if opts.mode != "proxy":
+            return await trio.to_thread.run_sync(open_backend, opts)
+        remote = RemoteAddress(opts.remote_host, opts.remote_port, opts.target_exportname)
+        self.proxy = await stack.enter_async_context(
+            open_proxy_backend(
+                remote,
+                opts.image,
+                opts.cache_bitmap,
+                readonly=opts.readonly,
+                clear_bitmap=opts.clear_bitmap,
+                timeout=opts.remote_timeout,
+            )
+        )
+        status = self.proxy.status()
+        log.info("proxy of %s: %d of %d blocks cached in %s",
+                 status.remote, status.cached_blocks, status.total_blocks, opts.image)
+        return self.proxy
 
     async def _serve(self, catalog: SingleExportCatalog) -> None:
         src = self.sources
@@ -166,7 +209,7 @@ class Daemon:
     def _ready(self, what: str) -> None:
         self.notifier.ready()
         self._update_status()
-        log.info("ready: %s %s, %s", self.opts.mode, self.opts.image, what)
+        log.info("ready: %s %s, %s", self.mode, self.opts.image, what)
 
     async def _accept_loop(
         self, listener: trio.SocketListener, catalog: SingleExportCatalog, nursery: trio.Nursery
@@ -222,10 +265,19 @@ class Daemon:
     def _update_status(self) -> None:
         clients = self.state.clients
         noun = "client" if clients == 1 else "clients"
-        text = f"{self.opts.mode} {self.opts.image}: {clients} {noun}"
+        text = f"{self.mode} {self.opts.image}: {clients} {noun}"
+        if self.proxy is not None:
+            status = self.proxy.status()
+            percent = 100.0 * status.cached_blocks / max(status.total_blocks, 1)
+            text += f", {percent:.1f}% cached from {status.remote} ({status.remote_state})"
         if self._operation:
             text += f", {self._operation}"
         self.notifier.status(text)
+
+    async def _status_loop(self) -> None:
+        while self.proxy is not None:
+            await trio.sleep(STATUS_INTERVAL)
+            self._update_status()
 
     # -- operations (signals and, later, the control socket) ------------------------------------
 
@@ -233,7 +285,7 @@ class Daemon:
         """Copy the image as clients see it to ``<image>.snapshot.<epoch>``; returns the path."""
         export = self.export
         if export is None or not isinstance(export.backend, (FileBackend, CowBackend)):
-            raise OSError(errno_mod.ENOTSUP, f"snapshot is not available in {self.opts.mode} mode")
+            raise OSError(errno_mod.ENOTSUP, f"snapshot is not available in {self.mode} mode")
         if self._operation:
             raise OSError(errno_mod.EBUSY, f"refused: {self._operation}")
         self._operation = "snapshot in progress"
@@ -258,6 +310,104 @@ class Daemon:
             log.error("snapshot failed: %s", err.strerror or err,
                       extra={"XNBD_ERRNO": str(err.errno)})
 
+    # -- proxy operations (ControlTarget for the control socket, and SIGUSR2) ----------------
+
+    def query(self) -> dict[str, Any]:
+        limits = self.state.limits
+        result: dict[str, Any] = {
+            "mode": self.mode,
+            "pid": os.getpid(),
+            "image": self.opts.image,
+            "size": self.export.size if self.export is not None else 0,
+            "clients": self.state.clients,
+            "operation": self._operation,
+            "queue_used": self.state.queued_requests,
+            "queue_limit": limits.max_requests,
+            "buffer_used": self.state.queued_bytes,
+            "buffer_limit": limits.max_bytes,
+        }
+        if self.proxy is not None:
+            result.update(self.proxy.status().as_dict())
+        return result
+
+    def _require_proxy(self, what: str) -> ProxyBackend:
+        if self.proxy is None:
+            raise RuntimeError(f"{what} needs proxy mode (this server is in {self.mode} mode)")
+        return self.proxy
+
+    async def cache_all(self, blocks_per_request: int, progress: ProgressSink) -> None:
+        proxy = self._require_proxy("cache-all")
+        log.info("cache-all started, %d blocks per request", blocks_per_request)
+        await proxy.cache_all(blocks_per_request, progress)
+        log.info("cache-all complete: every block is cached")
+        self._update_status()
+
+    async def reconnect(self, host: str, port: str, exportname: str | None) -> None:
+        proxy = self._require_proxy("reconnect")
+        await proxy.reconnect(RemoteAddress(host, port, exportname))
+        log.info("reconnected to %s", proxy.status().remote)
+        self._update_status()
+
+    async def switch(self, force: bool) -> str:
+        """Proxy -> target in place: drain, detach the origin, serve the cache image. Clients
+        keep their connections; returns once target mode serves (D26)."""
+        proxy = self._require_proxy("switch")
+        if self._operation:
+            raise RuntimeError(f"refused: {self._operation}")
+        missing = proxy.nblocks - proxy.cached_blocks()
+        if missing and not force:
+            raise RuntimeError(
+                f"{missing} blocks are not cached yet; run cache-all first, or force the switch "
+                "(uncached blocks would then read as zeros)"
+            )
+        assert self.export is not None
+        self._operation = "switching to target mode"
+        self._update_status()
+        try:
+            await self.export.replace_backend(proxy.switch_to_target)
+        finally:
+            self._operation = ""
+        self.proxy = None
+        self.mode = "target"
+        logs.set_context(XNBD_MODE=self.mode)
+        if missing:
+            message = (f"switched to target mode by force: {missing} uncached blocks "
+                       f"read as zeros from now on")
+            log.warning("%s", message)
+        else:
+            message = f"switched to target mode: serving {self.opts.image} without the origin"
+            log.info("%s", message)
+        self._update_status()
+        return message
+
+    async def _switch_when_complete(self) -> None:
+        """SIGUSR2: switch now if the cache is complete, else cache the rest first. A signal
+        never makes a client read a block the origin did not give (unlike the original)."""
+        proxy = self.proxy
+        if proxy is None:
+            log.info("SIGUSR2: nothing to switch in %s mode", self.mode)
+            return
+        try:
+            missing = proxy.nblocks - proxy.cached_blocks()
+            if missing:
+                log.info("SIGUSR2: %d blocks not cached yet; caching them, then switching",
+                         missing)
+                self._operation = "caching the rest before switching"
+                self._update_status()
+                try:
+                    await proxy.cache_all(SWITCH_BLOCKS_PER_REQUEST, lambda _c, _t: None)
+                finally:
+                    self._operation = ""
+            await self.switch(force=False)
+        except (OSError, RuntimeError, ValueError) as err:
+            log.error("SIGUSR2: switch failed: %s", err)
+
+    async def _cached_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        proxy = self.proxy
+        if proxy is None:
+            return [(length, 1)]  # after the switch everything is local
+        return [(run, 1 if cached else 0) for run, cached in proxy.cached_extents(offset, length)]
+
     # -- signals and watchdog -------------------------------------------------------------------
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -273,8 +423,8 @@ class Daemon:
                     self.notifier.ready()
                 elif signum == signal.SIGUSR1 and self._nursery is not None:
                     self._nursery.start_soon(self._snapshot_logged)
-                elif signum == signal.SIGUSR2:
-                    log.info("SIGUSR2: nothing to switch in %s mode", self.opts.mode)
+                elif signum == signal.SIGUSR2 and self._nursery is not None:
+                    self._nursery.start_soon(self._switch_when_complete)
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()

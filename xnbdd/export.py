@@ -127,8 +127,8 @@ class Export:
                 self._paused = False
                 self._resume.set()
 
-    async def replace_backend(self, backend: Backend) -> Backend:
-        """Swap the backend under live connections (proxy -> target); returns the old one."""
+    async def replace_backend(self, make: Callable[[], Awaitable[Backend]]) -> None:
+        """Swap the backend under live connections (proxy -> target): ``make`` builds the new
+        one while no request runs, so no request sees a half-switched export."""
         async with self.paused():
-            old, self.backend = self.backend, backend
-        return old
+            self.backend = await make()

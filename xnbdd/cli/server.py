@@ -44,6 +44,7 @@ DEFAULTS: dict[str, object] = {
     "max_queue_size": 0,
     "max_buf_size": 0,
     "handshake_timeout": 30.0,
+    "remote_timeout": 30.0,
     "description": "",
     "verbose": False,
 }
@@ -130,8 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="export name to ask the remote server for")
     prx.add_argument("--clear-bitmap", action="store_true",
                      help="forget what is cached and start over")
+    prx.add_argument("--remote-timeout", type=float, metavar="SECONDS",
+                     help="fail a request with EIO when the remote has not answered it after "
+                          "SECONDS, reconnecting meanwhile (default 30)")
 
     run = p.add_argument_group("running")
+    run.add_argument("--control-socket", metavar="PATH",
+                     help="control socket for xnbd-bgctl (target modes; proxy mode takes it "
+                          "as CONTROL_SOCKET)")
     run.add_argument("--config", metavar="FILE",
                      help="read settings from FILE (command-line options win)")
     run.add_argument("-L", "--logpath", metavar="FILE", help="append log lines to FILE")
@@ -196,6 +203,7 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         control_socket=path("control_socket") if settings.get("control_socket") else "",
         target_exportname=settings.get("target_exportname"),  # type: ignore[arg-type]
         clear_bitmap=bool(settings["clear_bitmap"]),
+        remote_timeout=float(settings["remote_timeout"]),  # type: ignore[arg-type]
     )
 
 
