@@ -294,3 +294,28 @@ def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_orphan_leaves_servers_and_the_next_wrapper_adopts_them(tmp_path: Path) -> None:
+    nbd = import_nbd()
+    disk = image(tmp_path / "disk.img", fill=b"o")
+    port = free_port()
+    with running_wrapper(tmp_path, "--imgfile", str(disk), port=port) as w:
+        client = nbd.NBD()
+        client.connect_uri(w.uri(str(disk)))
+        (pid, _), = w.export_servers()
+        assert w.ctl("--orphan")[0] == 0
+        assert w.proc.wait(20) == 0
+    assert alive(pid), "orphan leaves the export server running"
+    assert client.pread(4, 0) == b"oooo", "and its clients connected"
+    with running_wrapper(tmp_path, "--imgfile", str(disk), port=port) as w:
+        again = nbd.NBD()
+        again.connect_uri(w.uri(str(disk)))
+        assert again.pread(4, 4096) == b"oooo"
+        again.shutdown()
+        client.shutdown()
+        assert f"adopting running server (pid {pid})" in w.log()
+    deadline = time.monotonic() + 15
+    while alive(pid):
+        assert time.monotonic() < deadline, "the adopting wrapper stops it at shutdown"
+        time.sleep(0.05)
