@@ -13,4 +13,5 @@ DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 def import_nbd() -> ModuleType:
     if DIST_PACKAGES not in sys.path:
         sys.path.append(DIST_PACKAGES)  # appended: the interpreter's own packages keep priority
-    return pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    module: ModuleType = pytest.importorskip("nbd", reason="python3-libnbd is not installed")
+    return module

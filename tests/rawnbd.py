@@ -95,8 +95,14 @@ class RawClient:
             out += struct.pack("!I", len(q.encode())) + q.encode()
         return out
 
-    def go(self, name: str = "", *, structured: bool = False, contexts: tuple[str, ...] = (),
-           send_flags: bool = True) -> tuple[int, int]:
+    def go(
+        self,
+        name: str = "",
+        *,
+        structured: bool = False,
+        contexts: tuple[str, ...] = (),
+        send_flags: bool = True,
+    ) -> tuple[int, int]:
         """Fixed newstyle up to transmission; returns (size, transmission flags)."""
         if send_flags:
             self.client_flags(3)
@@ -116,8 +122,16 @@ class RawClient:
 
     # -- transmission ---------------------------------------------------------------------------
 
-    def request(self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0,
-                cookie: int = 1, data: bytes = b"") -> None:
+    def request(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: int = 0,
+        cookie: int = 1,
+        data: bytes = b"",
+    ) -> None:
         self.send(struct.pack("!IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data)
 
     def simple_reply(self, read_length: int = 0) -> tuple[int, int, bytes]:

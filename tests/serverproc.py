@@ -34,15 +34,17 @@ def server_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "xnbdd", *args]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def wait_until_ready(log_path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """The sockets are bound before the backend opens, so an accepting port does not yet mean
+    serving: wait for the daemon's "ready:" line (what it sends as READY=1 under systemd)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early with status {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        if "ready: " in log_path.read_text(errors="replace"):
             return
         time.sleep(0.02)
-    raise TimeoutError(f"server did not listen on port {port}")
+    raise TimeoutError("server did not become ready")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def running_server(
         )
     server = ServerProcess(proc, port, log_path)
     try:
-        wait_for_port(port, proc)
+        wait_until_ready(log_path, proc)
         yield server
     finally:
         status = server.stop()

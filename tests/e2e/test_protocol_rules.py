@@ -64,8 +64,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     image = tmp / "disk.img"
     image.write_bytes(b"")
     os.truncate(image, SIZE)
-    with running_server("--target", str(image), "--exportname", "disk",
-                        "--handshake-timeout", "2", tmp_path=tmp) as srv:
+    with running_server(
+        "--target", str(image), "--exportname", "disk", "--handshake-timeout", "2", tmp_path=tmp
+    ) as srv:
         yield srv
 
 
@@ -271,9 +272,13 @@ def test_rule24_to_26_cookies_unknown_commands_and_flags(server: ServerProcess) 
     c = client(server)
     c.go("disk")
     rng = random.Random(24)
-    for cmd, flags, want in [(99, 0, EINVAL), (CMD_READ, 0x80, EINVAL),
-                             (CMD_WRITE, FLAG_DF, EINVAL), (CMD_READ, FLAG_DF, EINVAL),
-                             (CMD_READ, FLAG_FUA, 0)]:
+    for cmd, flags, want in [
+        (99, 0, EINVAL),
+        (CMD_READ, 0x80, EINVAL),
+        (CMD_WRITE, FLAG_DF, EINVAL),
+        (CMD_READ, FLAG_DF, EINVAL),
+        (CMD_READ, FLAG_FUA, 0),
+    ]:
         cookie = rng.getrandbits(64)
         payload = bytes(512) if cmd == CMD_WRITE else b""
         c.request(cmd, 0, 512, flags=flags, cookie=cookie, data=payload)
@@ -284,10 +289,15 @@ def test_rule24_to_26_cookies_unknown_commands_and_flags(server: ServerProcess) 
 def test_rule27_out_of_range(server: ServerProcess) -> None:
     c = client(server)
     c.go("disk", structured=True, contexts=("base:allocation",))
-    cases = [(CMD_READ, SIZE - 100, 512, EINVAL), (CMD_READ, 2**64 - 256, 512, EINVAL),
-             (CMD_TRIM, SIZE, 1, EINVAL), (CMD_CACHE, SIZE - 1, 2, EINVAL),
-             (CMD_BLOCK_STATUS, 2**63, 4096, EINVAL), (CMD_WRITE_ZEROES, SIZE - 1, 2, ENOSPC),
-             (CMD_WRITE, 2**64 - 1, 16, ENOSPC)]
+    cases = [
+        (CMD_READ, SIZE - 100, 512, EINVAL),
+        (CMD_READ, 2**64 - 256, 512, EINVAL),
+        (CMD_TRIM, SIZE, 1, EINVAL),
+        (CMD_CACHE, SIZE - 1, 2, EINVAL),
+        (CMD_BLOCK_STATUS, 2**63, 4096, EINVAL),
+        (CMD_WRITE_ZEROES, SIZE - 1, 2, ENOSPC),
+        (CMD_WRITE, 2**64 - 1, 16, ENOSPC),
+    ]
     for cookie, (cmd, offset, length, want) in enumerate(cases):
         payload = bytes(length) if cmd == CMD_WRITE else b""
         c.request(cmd, offset, length, cookie=cookie, data=payload)

@@ -52,8 +52,15 @@ def sparse_image(path: Path, size: int) -> Path:
 def test_nbdinfo_reports_every_capability(tmp_path: Path) -> None:
     need("nbdinfo")
     image = sparse_image(tmp_path / "disk.img", 16 * MiB)
-    with running_server("--target", str(image), "--exportname", "disk",
-                        "--description", "test disk", tmp_path=tmp_path) as srv:
+    with running_server(
+        "--target",
+        str(image),
+        "--exportname",
+        "disk",
+        "--description",
+        "test disk",
+        tmp_path=tmp_path,
+    ) as srv:
         info = json.loads(run("nbdinfo", "--json", srv.uri + "disk"))
     assert info["protocol"] == "newstyle-fixed"
     assert info["structured"] is True
@@ -61,12 +68,23 @@ def test_nbdinfo_reports_every_capability(tmp_path: Path) -> None:
     assert export["export-size"] == 16 * MiB
     assert export["description"] == "test disk"
     assert export["contexts"] == ["base:allocation"]
-    for cap in ("can_cache", "can_df", "can_fast_zero", "can_flush", "can_fua",
-                "can_multi_conn", "can_trim", "can_zero"):
+    for cap in (
+        "can_cache",
+        "can_df",
+        "can_fast_zero",
+        "can_flush",
+        "can_fua",
+        "can_multi_conn",
+        "can_trim",
+        "can_zero",
+    ):
         assert export[cap] is True, cap
     assert export["is_read_only"] is False
-    assert (export["block_size_minimum"], export["block_size_preferred"],
-            export["block_size_maximum"]) == (1, 4096, 32 * MiB)
+    assert (
+        export["block_size_minimum"],
+        export["block_size_preferred"],
+        export["block_size_maximum"],
+    ) == (1, 4096, 32 * MiB)
 
 
 def test_nbdinfo_readonly_export(tmp_path: Path) -> None:
@@ -82,8 +100,15 @@ def test_nbdinfo_readonly_export(tmp_path: Path) -> None:
 def test_nbdinfo_list_shows_the_export(tmp_path: Path) -> None:
     need("nbdinfo")
     image = sparse_image(tmp_path / "disk.img", 4 * MiB)
-    with running_server("--target", str(image), "--exportname", "disk",
-                        "--description", "the disk", tmp_path=tmp_path) as srv:
+    with running_server(
+        "--target",
+        str(image),
+        "--exportname",
+        "disk",
+        "--description",
+        "the disk",
+        tmp_path=tmp_path,
+    ) as srv:
         listing = json.loads(run("nbdinfo", "--list", "--json", srv.uri))
     names = [e["export-name"] for e in listing["exports"]]
     assert names == ["disk"]
@@ -128,20 +153,35 @@ def test_qemu_io_patterns_fua_discard_and_write_zeroes(tmp_path: Path) -> None:
     image = sparse_image(tmp_path / "disk.img", 16 * MiB)
     with running_server("--target", str(image), tmp_path=tmp_path) as srv:
         out = run(
-            "qemu-io", "-f", "raw",
-            "-c", "write -P 0xab 1M 64k",
-            "-c", "read -P 0xab 1M 64k",
-            "-c", "write -f -P 0xcd 2M 4k",   # FUA
-            "-c", "read -P 0xcd 2M 4k",
-            "-c", "write -P 0x11 3M 128k",
-            "-c", "write -z 3M 64k",           # WRITE_ZEROES over data
-            "-c", "read -P 0 3M 64k",
-            "-c", "read -P 0x11 3136k 64k",
-            "-c", "discard 1M 64k",
-            "-c", "aio_write -P 0x22 5M 64k",
-            "-c", "aio_flush",
-            "-c", "read -P 0x22 5M 64k",
-            "-c", "flush",
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1M 64k",
+            "-c",
+            "read -P 0xab 1M 64k",
+            "-c",
+            "write -f -P 0xcd 2M 4k",  # FUA
+            "-c",
+            "read -P 0xcd 2M 4k",
+            "-c",
+            "write -P 0x11 3M 128k",
+            "-c",
+            "write -z 3M 64k",  # WRITE_ZEROES over data
+            "-c",
+            "read -P 0 3M 64k",
+            "-c",
+            "read -P 0x11 3136k 64k",
+            "-c",
+            "discard 1M 64k",
+            "-c",
+            "aio_write -P 0x22 5M 64k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "read -P 0x22 5M 64k",
+            "-c",
+            "flush",
             srv.uri,
         )
     assert "Pattern verification failed" not in out
@@ -158,13 +198,24 @@ def test_fio_verify_eight_connections_queue_depth_32(tmp_path: Path) -> None:
     image = sparse_image(tmp_path / "disk.img", 64 * MiB)
     with running_server("--target", str(image), tmp_path=tmp_path) as srv:
         out = run(
-            "fio", "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}",
-            "--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=8",
-            "--size=8M", "--offset_increment=8M", "--verify=crc32c",
-            "--verify_fatal=1", "--group_reporting", "--output-format=json",
+            "fio",
+            "--name=verify",
+            "--ioengine=nbd",
+            f"--uri={srv.uri}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--numjobs=8",
+            "--size=8M",
+            "--offset_increment=8M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",  # else fio leaves *-verify.state files in the cwd
+            "--group_reporting",
+            "--output-format=json",
             timeout=300,
         )
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     job = result["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] == 64 * MiB
@@ -198,9 +249,20 @@ def test_clean_stop_under_load_exits_zero(tmp_path: Path) -> None:
     image = sparse_image(tmp_path / "disk.img", 32 * MiB)
     with running_server("--target", str(image), tmp_path=tmp_path) as srv:
         fio = subprocess.Popen(
-            ["fio", "--name=load", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randwrite",
-             "--bs=64k", "--iodepth=16", "--size=32M", "--time_based", "--runtime=30"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "fio",
+                "--name=load",
+                "--ioengine=nbd",
+                f"--uri={srv.uri}",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=16",
+                "--size=32M",
+                "--time_based",
+                "--runtime=30",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             time.sleep(1.5)

@@ -158,8 +158,9 @@ def test_go_reply_carries_export_info_and_block_sizes() -> None:
 
 
 def test_contexts_set_for_another_export_do_not_carry_over() -> None:
-    other = ExportInfo(name="other", size=512, tx_flags=TxFlag.HAS_FLAGS,
-                       meta_contexts=("base:allocation",))
+    other = ExportInfo(
+        name="other", size=512, tx_flags=TxFlag.HAS_FLAGS, meta_contexts=("base:allocation",)
+    )
 
     def two(name: str) -> ExportInfo | None:
         return {"disk": EXPORT, "other": other}.get(name)
@@ -188,5 +189,7 @@ def test_select_contexts_matches_names_and_namespaces() -> None:
     names = ["base:allocation", "x-xnbd:cached"]
     assert select_contexts(names, ["base:"]) == ["base:allocation"]
     assert select_contexts(names, ["x-xnbd:cached", "base:allocation"]) == [
-        "x-xnbd:cached", "base:allocation"]
+        "x-xnbd:cached",
+        "base:allocation",
+    ]
     assert select_contexts(names, ["qemu:"]) == []

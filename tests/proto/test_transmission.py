@@ -77,8 +77,7 @@ def test_oversized_write_is_reported_then_drained_piecewise() -> None:
 
 def test_denial_of_service_write_closes() -> None:
     decoder = RequestDecoder()
-    decoder.receive_data(struct.pack("!IHHQQI", REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0,
-                                      DRAIN_LIMIT + 1))
+    decoder.receive_data(struct.pack("!IHHQQI", REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0, DRAIN_LIMIT + 1))
     with pytest.raises(ProtocolError):
         decoder.next_request()
 
@@ -144,19 +143,32 @@ def test_validation_follows_the_spec(
 
 
 def test_commands_not_advertised_are_refused() -> None:
-    for cmd, flag in [(Cmd.TRIM, TxFlag.SEND_TRIM), (Cmd.CACHE, TxFlag.SEND_CACHE),
-                      (Cmd.WRITE_ZEROES, TxFlag.SEND_WRITE_ZEROES),
-                      (Cmd.FLUSH, TxFlag.SEND_FLUSH)]:
+    for cmd, flag in [
+        (Cmd.TRIM, TxFlag.SEND_TRIM),
+        (Cmd.CACHE, TxFlag.SEND_CACHE),
+        (Cmd.WRITE_ZEROES, TxFlag.SEND_WRITE_ZEROES),
+        (Cmd.FLUSH, TxFlag.SEND_FLUSH),
+    ]:
         with pytest.raises(RequestError) as info:
-            check_request(Request(1, cmd, 0, 0, 0), size=SIZE, tx_flags=ALL_TX & ~flag,
-                          structured=False, has_contexts=False)
+            check_request(
+                Request(1, cmd, 0, 0, 0),
+                size=SIZE,
+                tx_flags=ALL_TX & ~flag,
+                structured=False,
+                has_contexts=False,
+            )
         assert info.value.errno is Errno.EINVAL
 
 
 def test_block_status_needs_a_selected_context() -> None:
     with pytest.raises(RequestError):
-        check_request(Request(1, Cmd.BLOCK_STATUS, 0, 0, 512), size=SIZE, tx_flags=ALL_TX,
-                      structured=True, has_contexts=False)
+        check_request(
+            Request(1, Cmd.BLOCK_STATUS, 0, 0, 512),
+            size=SIZE,
+            tx_flags=ALL_TX,
+            structured=True,
+            has_contexts=False,
+        )
 
 
 def test_proto_package_never_imports_trio() -> None:
