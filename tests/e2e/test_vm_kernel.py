@@ -102,7 +102,7 @@ def test_journal_shows_the_connection(vm_run: VmRun) -> None:
 
 def test_proxy_switch_with_mounted_filesystem(vm_run: VmRun) -> None:
     if "PROXY_UNAVAILABLE" in vm_run.boot.result_log:
-        pytest.skip("the installed package has no proxy mode / xnbd-bgctl yet")
+        pytest.skip("package lacks xnbdd.backends.proxy or xnbd-bgctl (proxy mode not built yet)")
     expect(
         vm_run,
         "proxy_start",
@@ -129,7 +129,9 @@ def test_package_ships_programs_man_pages_units_and_config(vm_run: VmRun) -> Non
 
     def field(name: str) -> str:
         return subprocess.run(
-            ["dpkg-deb", "--field", str(vm_run.deb), name], check=True, capture_output=True,
+            ["dpkg-deb", "--field", str(vm_run.deb), name],
+            check=True,
+            capture_output=True,
             text=True,
         ).stdout
 
@@ -137,7 +139,9 @@ def test_package_ships_programs_man_pages_units_and_config(vm_run: VmRun) -> Non
     for debian_package in ("python3-trio", "python3-systemd", "python3-sdnotify"):
         assert debian_package in depends
     conffiles = subprocess.run(
-        ["dpkg-deb", "--info", str(vm_run.deb), "conffiles"], check=True, capture_output=True,
+        ["dpkg-deb", "--info", str(vm_run.deb), "conffiles"],
+        check=True,
+        capture_output=True,
         text=True,
     ).stdout.split()
     assert "/etc/xnbd/example.conf" in conffiles

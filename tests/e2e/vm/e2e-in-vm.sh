@@ -79,8 +79,9 @@ sys.exit(0 if len(hits) >= 2 else 1)'
 }
 step journal_connection journal_connections
 
-# Proxy switch with a mounted filesystem: needs proxy mode and xnbd-bgctl in the package.
-if xnbd-server --help 2>&1 | grep -q -- '--proxy' && command -v xnbd-bgctl >/dev/null; then
+# Proxy switch with a mounted filesystem: needs the proxy backend and xnbd-bgctl in the package
+# (the --proxy option is parsed before the backend exists, so the option alone proves nothing).
+if python3 -c 'import xnbdd.backends.proxy' 2>/dev/null && command -v xnbd-bgctl >/dev/null; then
     ctl=/run/xnbd-proxy.ctl
     rm -f /var/tmp/cache.img /var/tmp/cache.bitmap "$ctl"
     step proxy_start systemd-run --unit=xnbd-proxy -p Type=notify \
@@ -99,7 +100,7 @@ if xnbd-server --help 2>&1 | grep -q -- '--proxy' && command -v xnbd-bgctl >/dev
         && umount /mnt/t && nbd-client -d /dev/nbd2'
     journalctl --no-pager -u xnbd-proxy -o cat | tail -n 20
 else
-    echo "PROXY_UNAVAILABLE (this build has no proxy mode or no xnbd-bgctl)"
+    echo "PROXY_UNAVAILABLE (this build has no xnbdd.backends.proxy or no xnbd-bgctl)"
 fi
 
 finish
