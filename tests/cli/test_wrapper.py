@@ -319,3 +319,34 @@ def test_orphan_leaves_servers_and_the_next_wrapper_adopts_them(tmp_path: Path) 
     while alive(pid):
         assert time.monotonic() < deadline, "the adopting wrapper stops it at shutdown"
         time.sleep(0.05)
+
+
+def test_two_clients_of_one_proxy_export_share_one_cache(tmp_path: Path) -> None:
+    """D21: the original gave each client its own proxy (the second one died); here both
+    clients and bgctl talk to one proxy server with one cache."""
+    nbd = import_nbd()
+    from tests.serverproc import running_server
+
+    origin_image = image(tmp_path / "origin.img", 4 * MiB, fill=os.urandom(4096))
+    cache = image(tmp_path / "vm.cache", 0)
+    with running_server("--target", str(origin_image), "--readonly",
+                        tmp_path=tmp_path) as origin, running_wrapper(tmp_path) as w:
+        code, out = w.ctl("--add-proxy", "vm", "127.0.0.1", str(origin.port), str(cache),
+                          str(tmp_path / "vm.bitmap"), str(tmp_path / "vm.ctl"))
+        assert code == 0, out
+        first, second = nbd.NBD(), nbd.NBD()
+        first.connect_uri(w.uri("vm"))
+        second.connect_uri(w.uri("vm"))
+        assert len(w.export_servers()) == 1, "one proxy for both clients"
+        expected = origin_image.read_bytes()
+        assert first.pread(64 * 1024, 0) == expected[: 64 * 1024]
+        assert second.pread(64 * 1024, 1 * MiB) == expected[MiB: MiB + 64 * 1024]
+        code, out = w.ctl("--bgctl-query", "vm")
+        assert code == 0, out
+        assert "cached blocks 32 / 1024" in out, out  # both clients' reads, in one cache
+        code, out = w.ctl("--bgctl-cache-all", "vm")
+        assert code == 0, out
+        assert "cached blocks 1024 / 1024" in w.ctl("--bgctl-query", "vm")[1]
+        first.shutdown()
+        second.shutdown()
+    assert cache.read_bytes() == origin_image.read_bytes()
