@@ -415,8 +415,10 @@ class Results:
         return f"{ours / best:.2f}x {best_name}" if best else "n/a"
 
     def cpu_cell(self, wl: Workload, name: str) -> str:
-        cpu = [s.server_cpu for s in self.samples[wl.key].get(name, [])]
-        return f"{statistics.median(cpu):.2f}" if cpu else "n/a"
+        """Server CPU microseconds per request: steadier than throughput on a busy machine."""
+        per_op = [s.server_cpu / s.value * 1e6 for s in self.samples[wl.key].get(name, [])
+                  if s.value]  # MiB/s workloads move 1 MiB per request, so value is requests/s
+        return f"{statistics.median(per_op):.0f}" if per_op else "n/a"
 
     def table(self, markdown: bool) -> str:
         head = ["workload", *self.servers, "xnbd / best peer"]
@@ -425,7 +427,7 @@ class Results:
         rows.append(["peak RSS (MiB)",
                      *(f"{self.rss_kib.get(n, 0) / 1024:.1f}" if n not in self.failed else "n/a"
                        for n in self.servers), ""])
-        cpu_rows = [[f"  server CPU, {wl.label} (cores)",
+        cpu_rows = [[f"  server CPU us/request, {wl.label}",
                      *(self.cpu_cell(wl, n) for n in self.servers), ""]
                     for wl in WORKLOADS if wl.key in self.samples]
         rows += cpu_rows
