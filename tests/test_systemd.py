@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,3 +365,23 @@ def test_bad_environment_is_one_clear_error(
     assert status == 2
     assert out.startswith(expected), out
     assert len(out.splitlines()) == 1
+
+
+def test_a_full_queue_delays_instead_of_dropping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """systemd reads its notify socket whenever it gets to it; the kernel queues only a few
+    datagrams meanwhile. The notifier must wait for room, not lose READY=1 or STOPPING=1."""
+    address = f"@xnbdd-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as slow_manager:
+        slow_manager.bind("\0" + address[1:])
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        n = Notifier()
+        sender = threading.Thread(
+            target=lambda: [n.status(f"step {i}") for i in range(30)] + [n.stopping()]
+        )
+        sender.start()
+        time.sleep(0.3)  # the manager is busy; the queue fills up
+        assert sender.is_alive()
+        slow_manager.settimeout(5)
+        got = [slow_manager.recv(4096).decode() for _ in range(31)]
+        sender.join(5)
+    assert got == [f"STATUS=step {i}" for i in range(30)] + ["STOPPING=1"]

@@ -3,8 +3,7 @@
 This is the only module that reads those environment variables. Everything here is a silent
 no-op outside systemd, so the daemon calls it unconditionally. Both halves are a few lines of
 stdlib, as in gunicorn: reading the address once lets the notifier keep working after the
-variables are removed from the environment (so that child processes never inherit them), and a
-non-blocking datagram socket guarantees a full notify queue can never stall the event loop.
+variables are removed from the environment (so that child processes never inherit them).
 """
 
 from __future__ import annotations
@@ -21,6 +20,9 @@ __all__ = ["InheritedSocket", "Notifier", "SystemdEnvError", "inherited_sockets"
 log = logging.getLogger("xnbdd")
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start at 3
+# The manager's datagram queue is short (net.unix.max_dgram_qlen = 10). Like sd_notify(3) we wait
+# when it is full instead of dropping READY=1 or STOPPING=1, but never longer than this.
+NOTIFY_SEND_TIMEOUT = 2.0
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
@@ -100,7 +102,7 @@ class Notifier:
             self._address = address
         if self._address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
+            self._sock.settimeout(NOTIFY_SEND_TIMEOUT)
         self._watchdog_interval = _watchdog_interval()
         if unset_environment:
             for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):

@@ -9,11 +9,13 @@ from __future__ import annotations
 import array
 import json
 import os
+import queue
 import re
 import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -56,8 +58,10 @@ class Notification:
 class NotifyReceiver:
     """Stands in for systemd's notify socket (an abstract AF_UNIX datagram socket).
 
-    Every datagram is kept in `received`, with the sender's PID as the kernel reports it
-    (SO_PASSCRED), so tests can assert on order, content, timing and origin.
+    Like systemd, it reads all the time (a background thread), so a sender never finds the
+    socket's small queue (net.unix.max_dgram_qlen, 10) full just because the test was busy.
+    Every datagram is kept in `received` in arrival order, with the sender's PID as the kernel
+    reports it (SO_PASSCRED), so tests can assert on order, content, timing and origin.
     """
 
     address: str = field(default_factory=lambda: f"@xnbdd-test-{uuid.uuid4().hex}")
@@ -68,30 +72,44 @@ class NotifyReceiver:
         abstract = self.address.startswith("@")
         self.sock.bind("\0" + self.address[1:] if abstract else self.address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.settimeout(0.05)
+        self._queue: queue.Queue[Notification] = queue.Queue()
+        self._closing = threading.Event()
+        self._reader = threading.Thread(target=self._read_all, daemon=True)
+        self._reader.start()
 
     def close(self) -> None:
+        self._closing.set()
+        self._reader.join()
         self.sock.close()
 
+    def _read_all(self) -> None:
+        while not self._closing.is_set():
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    65536, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * 253)
+                )
+            except TimeoutError:
+                continue
+            pid = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    for fd in fds:
+                        os.close(fd)  # releases systemd-notify's barrier
+            text = data.decode(errors="replace")
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            self._queue.put(Notification(pid=pid, fields=fields, at=time.monotonic()))
+
     def recv(self, timeout: float = 5.0) -> Notification:
-        """The next datagram; raises TimeoutError when none arrives in time."""
-        self.sock.settimeout(timeout)
+        """The next datagram not yet returned; raises TimeoutError when none arrives in time."""
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(
-                65536, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(4 * 253)
-            )
-        except TimeoutError:
+            note = self._queue.get(timeout=max(timeout, 0))
+        except queue.Empty:
             raise TimeoutError(f"no notification within {timeout} s") from None
-        pid = None
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("iII", payload[:12])[0]
-            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                for fd in fds:
-                    os.close(fd)  # releases systemd-notify's barrier
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        note = Notification(pid=pid, fields=fields, at=time.monotonic())
         self.received.append(note)
         return note
 
