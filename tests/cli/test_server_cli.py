@@ -138,3 +138,21 @@ def test_bad_listen_pid_is_one_line(image: Path) -> None:
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "LISTEN_PID" in lines[0], done.stderr
+
+
+def test_config_file_supplies_mode_and_image_and_errors_name_file_and_key(
+    image: Path, tmp_path: Path
+) -> None:
+    nbd = import_nbd()
+    good = tmp_path / "disk.conf"
+    good.write_text(f"mode = target\nimage = {image}\nreadonly = yes\n")
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(server_command("--config", str(good)))
+    assert h.is_read_only() and h.get_size() == 4 * MiB
+    h.shutdown()
+    bad = tmp_path / "bad.conf"
+    bad.write_text(f"mode = target\nimage = {image}\nlport = many\n")
+    done = xnbd("--config", str(bad))
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert str(bad) in line and "lport" in line

@@ -163,6 +163,8 @@ def parse(argv: list[str]) -> dict[str, object]:
         raise UsageError("choose a mode: --target, --cow-target or --proxy")
     settings.update(ns)
     settings["mode"] = mode
+    if mode == "proxy" and "cache_image" in settings:
+        settings.setdefault("image", settings.pop("cache_image"))  # config key cache-image
     names = POSITIONALS[str(mode)]
     if args:
         if len(args) != len(names):
