@@ -375,9 +375,13 @@ def test_a_full_queue_delays_instead_of_dropping(monkeypatch: pytest.MonkeyPatch
         slow_manager.bind("\0" + address[1:])
         monkeypatch.setenv("NOTIFY_SOCKET", address)
         n = Notifier()
-        sender = threading.Thread(
-            target=lambda: [n.status(f"step {i}") for i in range(30)] + [n.stopping()]
-        )
+
+        def send_all() -> None:
+            for i in range(30):
+                n.status(f"step {i}")
+            n.stopping()
+
+        sender = threading.Thread(target=send_all)
         sender.start()
         time.sleep(0.3)  # the manager is busy; the queue fills up
         assert sender.is_alive()
