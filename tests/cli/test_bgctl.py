@@ -78,6 +78,18 @@ def test_query_format_matches_the_original() -> None:
     assert "(99.9%)" in format_query({"cached_blocks": 16383, "total_blocks": 16384})
 
 
+def test_query_format_of_a_server_in_target_mode() -> None:
+    """After a switch the daemon has no cache, bitmap or origin: no "? (?)" or "0 / 0" lines."""
+    text = format_query(
+        {"mode": "target", "image": "/c", "size": 4096, "queue_used": 1, "queue_limit": 0}
+    )
+    assert text.splitlines() == [
+        "target mode: /c, disksize 4096",
+        "internal buffer usage: 0 bytes / 0 bytes (0.0%)",
+        "pending request count: 1 / 0 (0.0%)",
+    ]
+
+
 async def test_query_switch_guard_cache_all_and_switch(
     ctl: tuple[str, ProxyTarget, Path],
 ) -> None:

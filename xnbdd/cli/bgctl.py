@@ -64,9 +64,22 @@ def _percent(part: int, whole: int) -> str:
 
 
 def format_query(status: dict[str, Any]) -> str:
-    cached, total = int(status.get("cached_blocks", 0)), int(status.get("total_blocks", 0))
+    """The original's five lines for a proxy; a server that has switched (or was started in a
+    target mode) has no cache, bitmap or origin, so it gets one line naming its image instead."""
     buf, buf_max = int(status.get("buffer_used", 0)), int(status.get("buffer_limit", 0))
     que, que_max = int(status.get("queue_used", 0)), int(status.get("queue_limit", 0))
+    usage = [
+        f"internal buffer usage: {buf} bytes / {buf_max} bytes "
+        f"({100 * buf / buf_max if buf_max else 0.0:.1f}%)",
+        f"pending request count: {que} / {que_max} "
+        f"({100 * que / que_max if que_max else 0.0:.1f}%)",
+    ]
+    mode = status.get("mode", "proxy")
+    if mode != "proxy" and "cache_path" not in status:
+        head = f"{mode} mode: {status.get('image', '?')}, disksize {status.get('size', 0)}"
+        operation = status.get("operation")
+        return "\n".join([head, *([operation] if operation else []), *usage])
+    cached, total = int(status.get("cached_blocks", 0)), int(status.get("total_blocks", 0))
     remote = status.get("remote", "?")
     state = status.get("remote_state")
     lines = [
@@ -74,10 +87,7 @@ def format_query(status: dict[str, Any]) -> str:
         f"disksize {status.get('size', 0)}",
         f"forwarded to {remote}" + (f" ({state})" if state else ""),
         f"cached blocks {cached} / {total} ({_percent(cached, total)}%)",
-        f"internal buffer usage: {buf} bytes / {buf_max} bytes "
-        f"({100 * buf / buf_max if buf_max else 0.0:.1f}%)",
-        f"pending request count: {que} / {que_max} "
-        f"({100 * que / que_max if que_max else 0.0:.1f}%)",
+        *usage,
     ]
     return "\n".join(lines)
 
