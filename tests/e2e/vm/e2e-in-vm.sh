@@ -88,16 +88,16 @@ if python3 -c 'import xnbdd.backends.proxy' 2>/dev/null && command -v xnbd-bgctl
         xnbd-server --proxy --lport "$PROXY_PORT" 127.0.0.1 "$PORT" \
         /var/tmp/cache.img /var/tmp/cache.bitmap "$ctl" || finish
     step proxy_attach attach /dev/nbd2 "$PROXY_PORT" || finish
-    step proxy_mount sh -c 'mount /dev/nbd2 /mnt/t && (cd /mnt/t && sha256sum -c --quiet /run/sums)
-        && echo written-through-proxy > /mnt/t/proxy-file && sync' || finish
+    step proxy_mount sh -c 'mount /dev/nbd2 /mnt/t && (cd /mnt/t && sha256sum -c --quiet /run/sums) &&
+        echo written-through-proxy > /mnt/t/proxy-file && sync' || finish
     step proxy_cache_all xnbd-bgctl --cache-all "$ctl"
     step proxy_usr2 sh -c 'kill -USR2 "$(systemctl show -p MainPID --value xnbd-proxy)"'
     # After the switch the proxy serves its cache as a target: the origin can go away.
     sleep 2
     step origin_stop systemctl stop "$UNIT"
     step proxy_after_switch sh -c 'echo 3 > /proc/sys/vm/drop_caches &&
-        (cd /mnt/t && sha256sum -c --quiet /run/sums) && grep -q written-through-proxy /mnt/t/proxy-file
-        && umount /mnt/t && nbd-client -d /dev/nbd2'
+        (cd /mnt/t && sha256sum -c --quiet /run/sums) &&
+        grep -q written-through-proxy /mnt/t/proxy-file && umount /mnt/t && nbd-client -d /dev/nbd2'
     journalctl --no-pager -u xnbd-proxy -o cat | tail -n 20
 else
     echo "PROXY_UNAVAILABLE (this build has no xnbdd.backends.proxy or no xnbd-bgctl)"
