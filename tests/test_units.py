@@ -1,6 +1,7 @@
 """The unit files under units/: systemd's own linter accepts them, and the services stay hardened.
 
-The units run `xnbd-server` from systemd's executable search path (/usr/local/bin, /usr/bin, ...),
+The units run `xnbd-server` (or `xnbd-wrapper`) from systemd's executable search path
+(/usr/local/bin, /usr/bin, ...),
 which is not installed on a build host; systemd-analyze resolves that path itself and ignores
 $PATH, so the copies checked here name a stand-in program by its absolute path instead. The
 files exactly as shipped are verified inside a booted container in tests/e2e/test_nspawn.py.
@@ -31,6 +32,8 @@ INSTANCES = {
     "xnbd@.socket": "xnbd@disk.socket",
     "xnbd-conn.socket": "xnbd-conn.socket",
     "xnbd-conn@.service": "xnbd-conn@7.service",
+    "xnbd-wrapper.service": "xnbd-wrapper.service",
+    "xnbd-wrapper.socket": "xnbd-wrapper.socket",
 }
 SERVICES = [name for name in INSTANCES.values() if name.endswith(".service")]
 
@@ -49,8 +52,9 @@ def unit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out.mkdir()
     for source, name in INSTANCES.items():
         text = (UNITS / source).read_text()
-        assert re.search(r"^ExecStart=-?xnbd-server ", text, re.M) or source.endswith(".socket")
-        text = re.sub(r"^(ExecStart=-?)xnbd-server ", rf"\g<1>{stand_in} ", text, flags=re.M)
+        program = re.compile(r"^(ExecStart=-?)xnbd-[a-z]+ ", re.M)
+        assert program.search(text) or source.endswith(".socket")
+        text = program.sub(rf"\g<1>{stand_in} ", text)
         (out / name).write_text(text)
         (out / source).write_text(text)  # the template too: a socket names its service by it
     return out
