@@ -1,10 +1,10 @@
 """The unit files under units/: systemd's own linter accepts them, and the services stay hardened.
 
 The units run `xnbd-server` (or `xnbd-wrapper`) from systemd's executable search path
-(/usr/local/bin, /usr/bin, ...),
-which is not installed on a build host; systemd-analyze resolves that path itself and ignores
-$PATH, so the copies checked here name a stand-in program by its absolute path instead. The
-files exactly as shipped are verified inside a booted container in tests/e2e/test_nspawn.py.
+(/usr/local/bin, /usr/bin, ...), where a build host has no such program; systemd-analyze resolves
+that path itself and ignores $PATH, so the copies checked here name a stand-in program by its
+absolute path instead. The files exactly as shipped are verified inside a booted container in
+tests/e2e/test_nspawn.py.
 """
 
 from __future__ import annotations
