@@ -326,8 +326,10 @@ class Container:
         return proc
 
     def popen_in_net(self, *cmd: str) -> subprocess.Popen[str]:
+        """Start a host program in the container's network namespace, stdin/stdout piped."""
         return subprocess.Popen(
             ["nsenter", "-t", str(self.leader), "-n", *cmd],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
