@@ -44,7 +44,6 @@ logpath = /var/log/xnbd/disk.log
 syslog = true
 remote-host = origin.example.org
 remote-port = 8520
-cache-image = /var/lib/xnbd/c.img
 cache-bitmap = /var/lib/xnbd/c.bitmap
 control-socket = /run/xnbd/disk/control.sock
 target-exportname = upstream
@@ -68,7 +67,6 @@ clear-bitmap = 1
         "syslog": True,
         "remote_host": "origin.example.org",
         "remote_port": 8520,
-        "cache_image": "/var/lib/xnbd/c.img",
         "cache_bitmap": "/var/lib/xnbd/c.bitmap",
         "control_socket": "/run/xnbd/disk/control.sock",
         "target_exportname": "upstream",
@@ -166,3 +164,21 @@ def test_any_port_with_any_blanks(port: int, blank: str) -> None:
         assert load_config(f.name) == {"lport": port}
     finally:
         os.unlink(f.name)
+
+
+def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
+    """The values land under dest names xnbd-server's parser knows, and the file only supplies
+    defaults: a flag given on the command line wins."""
+    from xnbdd.cli.server import POSITIONALS, build_parser, parse
+
+    known = {action.dest for action in build_parser()._actions}
+    known |= {name for names in POSITIONALS.values() for name in names}
+    assert {dest for dest, _ in KEYS.values()} <= known
+
+    conf = write(
+        tmp_path, "mode = target\nimage = /srv/xnbd/a.img\nlport = 10809\nreadonly = yes\n"
+    )
+    settings = parse(["--config", conf, "--lport", "10810"])
+    assert settings["mode"] == "target" and settings["image"] == "/srv/xnbd/a.img"
+    assert settings["readonly"] is True
+    assert settings["lport"] == 10810

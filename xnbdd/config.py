@@ -12,7 +12,8 @@ One `key = value` per line. Keys are xnbd-server's long option names without the
 end of the line, surrounding blanks removed; double quotes around a value are removed, so a
 description can keep blanks at its ends. Booleans are yes/no, true/false, on/off or 1/0;
 numbers are decimal or 0x-hexadecimal; paths must be absolute (a unit's working directory is /);
-`laddr` takes one or more addresses separated by blanks or commas.
+`laddr` takes one or more addresses separated by blanks or commas. In proxy mode `image` is
+the local cache image (xnbd-server's CACHE_DISK argument).
 
 load_config() returns the values under the argparse dest names of xnbd-server, so the command
 line parser can use them as defaults (flags given on the command line win). Every error names
@@ -116,7 +117,6 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "syslog": ("syslog", _boolean),
     "remote-host": ("remote_host", _text),
     "remote-port": ("remote_port", _port),
-    "cache-image": ("cache_image", _path),
     "cache-bitmap": ("cache_bitmap", _path),
     "control-socket": ("control_socket", _path),
     "target-exportname": ("target_exportname", _text),
