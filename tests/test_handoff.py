@@ -26,8 +26,12 @@ from xnbdd.listeners import bind_unix
 from xnbdd.proto.consts import TxFlag
 from xnbdd.proto.messages import ExportInfo, Negotiated
 
-INFO = ExportInfo(name="disk", size=1 << 20, tx_flags=TxFlag.HAS_FLAGS | TxFlag.SEND_DF,
-                  meta_contexts=("base:allocation",))
+INFO = ExportInfo(
+    name="disk",
+    size=1 << 20,
+    tx_flags=TxFlag.HAS_FLAGS | TxFlag.SEND_DF,
+    meta_contexts=("base:allocation",),
+)
 REQUEST = struct.Struct("!IHHQQI")
 SIMPLE_REPLY = struct.Struct("!IIQ")
 STRUCTURED_CHUNK = struct.Struct("!IHHQI")
@@ -35,8 +39,9 @@ STRUCTURED_CHUNK = struct.Struct("!IHHQI")
 
 def negotiated(structured: bool) -> Negotiated:
     contexts = {1: "base:allocation"} if structured else {}
-    return Negotiated(export=INFO, tx_flags=INFO.tx_flags, structured=structured,
-                      meta_contexts=contexts)
+    return Negotiated(
+        export=INFO, tx_flags=INFO.tx_flags, structured=structured, meta_contexts=contexts
+    )
 
 
 def test_negotiated_state_survives_the_trip() -> None:
@@ -69,7 +74,7 @@ async def test_handoff_and_query_in_process(tmp_path: Path) -> None:
         theirs.close()
         assert answer["ok"] is True
         await trio.sleep(0.05)
-        (client, message), = received
+        ((client, message),) = received
         assert message["export"] == "disk" and message["structured"] is True
         client.sendall(b"ping")  # the received descriptor is the other end of our pair
         assert ours.recv(4) == b"ping"
@@ -115,7 +120,9 @@ def handoff_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         server_command("--target", str(image), "--exportname", "disk", "--handoff-socket", path),
-        stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=server_env(),
     )
     try:
         deadline = time.monotonic() + 15
