@@ -231,7 +231,7 @@ class Connection:
                 return
             self.export, self.negotiated = export, negotiated
             await self._transmission(export, negotiated)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer
         finally:
             await trio.aclose_forcefully(self.stream)
