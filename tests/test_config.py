@@ -29,7 +29,7 @@ def test_every_key_and_type(tmp_path: Path) -> None:
    # an indented comment
 
 mode = proxy
-image = /srv/xnbd/disk.img
+cache-image = /srv/xnbd/disk.img
 readonly = yes
 lport = 10809
 laddr = 127.0.0.1, ::1  192.0.2.1
@@ -52,7 +52,7 @@ clear-bitmap = 1
     )
     assert load_config(conf) == {
         "mode": "proxy",
-        "image": "/srv/xnbd/disk.img",
+        "cache_image": "/srv/xnbd/disk.img",
         "readonly": True,
         "lport": 10809,
         "laddr": ["127.0.0.1", "::1", "192.0.2.1"],
@@ -104,6 +104,10 @@ def test_empty_file_gives_nothing(tmp_path: Path) -> None:
         ("max-queue-size = lots", "key 'max-queue-size': not a number: 'lots'"),
         ("max-buf-size = -5", "key 'max-buf-size': must not be negative: '-5'"),
         ("laddr = ,", "key 'laddr': empty: ','"),
+        (
+            "image = /a\ncache-image = /b",
+            "key 'cache-image': the proxy's image is already set by 'image'",
+        ),
         ("target = /srv/disk.img", "key 'target': unknown key"),
         ("lport = 1\nlport = 2", "key 'lport': given more than once"),
         ("lport = 1\nlport_ = 2", "key 'lport_': unknown key"),
@@ -150,8 +154,10 @@ def test_commented_example_lines_are_valid_when_enabled(tmp_path: Path) -> None:
     """Uncommenting any example line must give a valid file (the examples are not stale)."""
     lines = EXAMPLE.read_text().splitlines()
     enabled = [line[1:] if re.match(r"#[a-z-]+ = ", line) else line for line in lines]
+    # image (target) and cache-image (proxy) exclude each other: enable the proxy's.
+    enabled = [line for line in enabled if not line.startswith("image = ")]
     values = load_config(write(tmp_path, "\n".join(enabled) + "\n"))
-    assert set(values) == {dest for dest, _ in KEYS.values()}
+    assert set(values) == {dest for dest, _ in KEYS.values()} - {"image"}
 
 
 @given(st.integers(min_value=1, max_value=65535), st.sampled_from([" ", "\t", ""]))
@@ -173,6 +179,7 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
 
     known = {action.dest for action in build_parser()._actions}
     known |= {name for names in POSITIONALS.values() for name in names}
+    known.add("cache_image")  # parse() turns it into the proxy's image, checked below
     assert {dest for dest, _ in KEYS.values()} <= known
 
     conf = write(
@@ -182,3 +189,11 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
     assert settings["mode"] == "target" and settings["image"] == "/srv/xnbd/a.img"
     assert settings["readonly"] is True
     assert settings["lport"] == 10810
+
+    proxy = write(
+        tmp_path,
+        "mode = proxy\nremote-host = origin\nremote-port = 8520\ncache-image = /srv/xnbd/c.img\n"
+        "cache-bitmap = /srv/xnbd/c.bitmap\ncontrol-socket = /run/xnbd/p/control.sock\n",
+    )
+    settings = parse(["--config", proxy])
+    assert settings["image"] == "/srv/xnbd/c.img" and settings["remote_port"] == 8520

@@ -12,8 +12,9 @@ One `key = value` per line. Keys are xnbd-server's long option names without the
 end of the line, surrounding blanks removed; double quotes around a value are removed, so a
 description can keep blanks at its ends. Booleans are yes/no, true/false, on/off or 1/0;
 numbers are decimal or 0x-hexadecimal; paths must be absolute (a unit's working directory is /);
-`laddr` takes one or more addresses separated by blanks or commas. In proxy mode `image` is
-the local cache image (xnbd-server's CACHE_DISK argument).
+`laddr` takes one or more addresses separated by blanks or commas. In proxy mode the local cache
+image (xnbd-server's CACHE_DISK argument) is `cache-image`; `image` is accepted for it too, but
+not both.
 
 load_config() returns the values under the argparse dest names of xnbd-server, so the command
 line parser can use them as defaults (flags given on the command line win). Every error names
@@ -117,6 +118,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "syslog": ("syslog", _boolean),
     "remote-host": ("remote_host", _text),
     "remote-port": ("remote_port", _port),
+    "cache-image": ("cache_image", _path),
     "cache-bitmap": ("cache_bitmap", _path),
     "control-socket": ("control_socket", _path),
     "target-exportname": ("target_exportname", _text),
@@ -156,4 +158,6 @@ def load_config(path: str) -> dict[str, object]:
             values[dest] = parse(value)
         except ValueError as e:
             raise ConfigError(f"{path}: key {key!r}: {e}: {value!r}") from None
+    if "image" in values and "cache_image" in values:
+        raise ConfigError(f"{path}: key 'cache-image': the proxy's image is already set by 'image'")
     return values
