@@ -310,7 +310,7 @@ class Connection:
         reply: Buffers
         await export.admit()
         try:
-            reply = await execute(req, export, negotiated)
+            reply = await execute(req, export, negotiated, self._fields())
         except Exception:
             # A bug must cost this request, not the connection or the daemon.
             log.exception("internal error serving a request", extra=self._fields())

@@ -249,6 +249,9 @@ class Daemon:
                                     oldstyle=self.opts.oldstyle)
             connection.decoder.receive_data(pending)  # requests pipelined behind GO
             await connection.serve(negotiated)
+        except Exception:
+            # Whatever went wrong is this client's alone: log it, keep serving the others.
+            log.exception("connection failed", extra=fields)
         finally:
             self.state.clients -= 1
             self._update_status()

@@ -7,6 +7,7 @@ choice between simple and structured replies is made.
 from __future__ import annotations
 
 import errno as errnos
+import logging
 
 from .backends.base import Backend
 from .export import Export
@@ -21,6 +22,8 @@ from .proto.transmission import (
 )
 
 Buffers = list[bytes | bytearray | memoryview]
+
+log = logging.getLogger("xnbdd")
 
 # Extents per BLOCK_STATUS chunk: keeps a reply far below the maximum payload.
 MAX_EXTENTS = 8192
@@ -60,13 +63,25 @@ def ok_reply(req: Request) -> Buffers:
     return [simple_reply(req.cookie)]
 
 
-async def execute(req: Request, export: Export, negotiated: Negotiated) -> Buffers:
-    """Run a request that passed ``check_request``; OSError becomes an error reply."""
+async def execute(
+    req: Request, export: Export, negotiated: Negotiated, fields: dict[str, str] | None = None
+) -> Buffers:
+    """Run a request that passed ``check_request``; OSError becomes an error reply, and one
+    log line with the request's context (``fields``: the client's journal fields)."""
     backend = export.backend
     try:
         return await _run(req, backend, export, negotiated)
     except OSError as err:
-        return error_reply(req, negotiated, nbd_errno(err, req), err.strerror or str(err))
+        errno = nbd_errno(err, req)
+        message = err.strerror or str(err)
+        if errno is not Errno.ENOTSUP:  # a refused FAST_ZERO is an answer, not a failure
+            command = req.command.name if req.command is not None else str(req.cmd)
+            log.warning(
+                "%s at offset %d length %d failed: %s",
+                command, req.offset, req.length, message,
+                extra={**(fields or {}), "XNBD_ERRNO": str(err.errno)},
+            )
+        return error_reply(req, negotiated, errno, message)
 
 
 async def _run(req: Request, backend: Backend, export: Export, negotiated: Negotiated) -> Buffers:
