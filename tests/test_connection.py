@@ -32,8 +32,9 @@ class OneExport:
         return [self.export]
 
 
-def request(cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0,
-            data: bytes = b"") -> bytes:
+def request(
+    cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0, data: bytes = b""
+) -> bytes:
     return struct.pack("!IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length) + data
 
 
@@ -174,8 +175,10 @@ async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> N
             await client.send_all(request(Cmd.READ, 2, 0, 512))
             await trio.testing.wait_all_tasks_blocked()
         reader = Reader(client)
-        replies = {cookie: error for error, cookie, _d in
-                   [await reader.reply({1: 512, 2: 512}) for _ in range(2)]}
+        replies = {
+            cookie: error
+            for error, cookie, _d in [await reader.reply({1: 512, 2: 512}) for _ in range(2)]
+        }
         assert replies == {1: 0, 2: Errno.ESHUTDOWN}  # in flight finished, new one refused
         with trio.fail_after(5):
             assert await client.receive_some(1) == b""  # then the server hangs up

@@ -132,8 +132,9 @@ class Daemon:
             if self.proxy is not None:
                 export.extra_contexts[CACHED_CONTEXT] = self._cached_extents
             catalog = SingleExportCatalog(export, strict_name=self.opts.exportname is not None)
-            logs.set_context(XNBD_EXPORT=name or os.path.basename(self.opts.image),
-                             XNBD_MODE=self.mode)
+            logs.set_context(
+                XNBD_EXPORT=name or os.path.basename(self.opts.image), XNBD_MODE=self.mode
+            )
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -142,9 +143,7 @@ class Daemon:
                     if self.proxy is not None:
                         nursery.start_soon(self._status_loop)
                     if self.opts.control_socket:
-                        await nursery.start(
-                            partial(serve_control, self.opts.control_socket, self)
-                        )
+                        await nursery.start(partial(serve_control, self.opts.control_socket, self))
                     await self._serve(catalog)
                     nursery.cancel_scope.cancel()
             finally:
@@ -169,8 +168,13 @@ class Daemon:
             )
         )
         status = self.proxy.status()
-        log.info("proxy of %s: %d of %d blocks cached in %s",
-                 status.remote, status.cached_blocks, status.total_blocks, opts.image)
+        log.info(
+            "proxy of %s: %d of %d blocks cached in %s",
+            status.remote,
+            status.cached_blocks,
+            status.total_blocks,
+            opts.image,
+        )
         return self.proxy
 
     async def _serve(self, catalog: SingleExportCatalog) -> None:
@@ -245,8 +249,9 @@ class Daemon:
         self._update_status()
         log.info("client connected", extra=fields)
         try:
-            connection = Connection(stream, catalog, self.state, peer=peer,
-                                    oldstyle=self.opts.oldstyle)
+            connection = Connection(
+                stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle
+            )
             connection.decoder.receive_data(pending)  # requests pipelined behind GO
             await connection.serve(negotiated)
         except Exception:
@@ -302,7 +307,10 @@ class Daemon:
             self._update_status()
         log.info(
             "snapshot %s: %d bytes by %s in %.3f s",
-            result.path, result.size, result.method, result.seconds,
+            result.path,
+            result.size,
+            result.method,
+            result.seconds,
         )
         return result.path
 
@@ -310,8 +318,9 @@ class Daemon:
         try:
             await self.snapshot()
         except OSError as err:
-            log.error("snapshot failed: %s", err.strerror or err,
-                      extra={"XNBD_ERRNO": str(err.errno)})
+            log.error(
+                "snapshot failed: %s", err.strerror or err, extra={"XNBD_ERRNO": str(err.errno)}
+            )
 
     # -- proxy operations (ControlTarget for the control socket, and SIGUSR2) ----------------
 
@@ -374,8 +383,10 @@ class Daemon:
         self.mode = "target"
         logs.set_context(XNBD_MODE=self.mode)
         if missing:
-            message = (f"switched to target mode by force: {missing} uncached blocks "
-                       f"read as zeros from now on")
+            message = (
+                f"switched to target mode by force: {missing} uncached blocks "
+                f"read as zeros from now on"
+            )
             log.warning("%s", message)
         else:
             message = f"switched to target mode: serving {self.opts.image} without the origin"
@@ -393,8 +404,7 @@ class Daemon:
         try:
             missing = proxy.nblocks - proxy.cached_blocks()
             if missing:
-                log.info("SIGUSR2: %d blocks not cached yet; caching them, then switching",
-                         missing)
+                log.info("SIGUSR2: %d blocks not cached yet; caching them, then switching", missing)
                 self._operation = "caching the rest before switching"
                 self._update_status()
                 try:
@@ -437,4 +447,3 @@ class Daemon:
             # Sent from the event loop itself, so a wedged loop stops the pings.
             self.notifier.watchdog()
             await trio.sleep(interval)
-

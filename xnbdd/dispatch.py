@@ -78,7 +78,10 @@ async def execute(
             command = req.command.name if req.command is not None else str(req.cmd)
             log.warning(
                 "%s at offset %d length %d failed: %s",
-                command, req.offset, req.length, message,
+                command,
+                req.offset,
+                req.length,
+                message,
                 extra={**(fields or {}), "XNBD_ERRNO": str(err.errno)},
             )
         return error_reply(req, negotiated, errno, message)

@@ -21,9 +21,7 @@ def bind_tcp(addresses: list[str], port: int) -> list[socket.socket]:
     seen: set[tuple[int, tuple[object, ...]]] = set()
     try:
         for host in hosts:
-            infos = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             for family, kind, proto, _name, addr in infos:
                 key = (family, tuple(addr))
                 if key in seen:

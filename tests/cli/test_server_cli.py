@@ -18,8 +18,9 @@ MiB = 1024 * 1024
 
 
 def xnbd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(server_command(*args), capture_output=True, text=True,
-                          env=server_env(), timeout=timeout)
+    return subprocess.run(
+        server_command(*args), capture_output=True, text=True, env=server_env(), timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_missing_image_is_one_line_and_exit_1(tmp_path: Path) -> None:
     done = xnbd("--target", str(tmp_path / "nope.img"))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"xnbd-server: {tmp_path / 'nope.img'}: no such file or device"]
+        f"xnbd-server: {tmp_path / 'nope.img'}: no such file or device"
+    ]
 
 
 def test_unreadable_image_is_one_line_and_exit_1(tmp_path: Path) -> None:
@@ -75,7 +77,8 @@ def test_port_in_use_is_one_line_and_exit_1(image: Path) -> None:
         done = xnbd("--target", str(image), "--laddr", "127.0.0.1", "--lport", str(port))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        f"xnbd-server: cannot listen on 127.0.0.1:{port}: Address already in use"]
+        f"xnbd-server: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 def test_help_and_version_exit_0() -> None:
@@ -112,8 +115,10 @@ def test_connected_fd_starts_in_transmission_and_exits_when_the_client_leaves(
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         server_command("--target", str(image), "--connected-fd", str(theirs.fileno())),
-        pass_fds=[theirs.fileno()], env=server_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        pass_fds=[theirs.fileno()],
+        env=server_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     theirs.close()
     with ours:
@@ -132,8 +137,13 @@ def test_bad_listen_pid_is_one_line(image: Path) -> None:
         fd = listener.fileno()
         env = server_env({"LISTEN_FDS": "1", "LISTEN_PID": "1"})  # PID 1 is not the server
         done = subprocess.run(
-            server_command("--target", str(image)), capture_output=True, text=True, env=env,
-            pass_fds=[fd], preexec_fn=lambda: os.dup2(fd, 3), timeout=20,
+            server_command("--target", str(image)),
+            capture_output=True,
+            text=True,
+            env=env,
+            pass_fds=[fd],
+            preexec_fn=lambda: os.dup2(fd, 3),
+            timeout=20,
         )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()

@@ -29,8 +29,18 @@ def faulty_file(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     sock, trigger, mnt = tmp_path / "nbdkit.sock", tmp_path / "trigger", tmp_path / "fuse"
     mnt.mkdir()
     nbdkit = subprocess.Popen(
-        ["nbdkit", "-f", "-U", str(sock), "--filter=error", "memory", "16M",
-         "error=EIO", "error-rate=1", f"error-file={trigger}"],
+        [
+            "nbdkit",
+            "-f",
+            "-U",
+            str(sock),
+            "--filter=error",
+            "memory",
+            "16M",
+            "error=EIO",
+            "error-rate=1",
+            f"error-file={trigger}",
+        ],
         stderr=subprocess.DEVNULL,
     )
     fuse = None

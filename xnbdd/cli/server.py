@@ -87,64 +87,133 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     modes = p.add_argument_group("modes (exactly one)").add_mutually_exclusive_group()
-    modes.add_argument("-t", "--target", dest="mode", action="store_const", const="target",
-                       help="serve IMAGE (a file or a block device)")
-    modes.add_argument("-c", "--cow-target", dest="mode", action="store_const",
-                       const="cow_target",
-                       help="serve BASE_IMAGE; writes go to a temporary overlay")
-    modes.add_argument("-p", "--proxy", dest="mode", action="store_const", const="proxy",
-                       help="serve a remote NBD export, caching blocks in CACHE_IMAGE")
+    modes.add_argument(
+        "-t",
+        "--target",
+        dest="mode",
+        action="store_const",
+        const="target",
+        help="serve IMAGE (a file or a block device)",
+    )
+    modes.add_argument(
+        "-c",
+        "--cow-target",
+        dest="mode",
+        action="store_const",
+        const="cow_target",
+        help="serve BASE_IMAGE; writes go to a temporary overlay",
+    )
+    modes.add_argument(
+        "-p",
+        "--proxy",
+        dest="mode",
+        action="store_const",
+        const="proxy",
+        help="serve a remote NBD export, caching blocks in CACHE_IMAGE",
+    )
     p.add_argument("args", nargs="*", metavar="ARG", help=argparse.SUPPRESS)
 
     net = p.add_argument_group("where clients come from")
-    net.add_argument("-l", "--lport", type=port, metavar="PORT",
-                     help=f"TCP port to listen on (default {DEFAULT_PORT})")
-    net.add_argument("--laddr", action="append", metavar="ADDR",
-                     help="address to listen on, repeatable (default: all IPv4 and IPv6)")
+    net.add_argument(
+        "-l",
+        "--lport",
+        type=port,
+        metavar="PORT",
+        help=f"TCP port to listen on (default {DEFAULT_PORT})",
+    )
+    net.add_argument(
+        "--laddr",
+        action="append",
+        metavar="ADDR",
+        help="address to listen on, repeatable (default: all IPv4 and IPv6)",
+    )
     net.add_argument("--unix", metavar="PATH", help="also listen on a unix socket")
-    net.add_argument("-i", "--inetd", action="store_true",
-                     help="the one client is on standard input (inetd, Accept=yes)")
-    net.add_argument("-F", "--connected-fd", type=number, metavar="N",
-                     help="fd N is a client whose handshake is already done")
-    net.add_argument("--handoff-socket", metavar="PATH",
-                     help="take clients negotiated by xnbd-wrapper from this unix socket "
-                          "(instead of listening on TCP)")
-    net.add_argument("--handshake-timeout", type=float, metavar="SECONDS",
-                     help="disconnect clients that take longer to negotiate (default 30)")
-    net.add_argument("--oldstyle", action="store_true",
-                     help="speak the 2008 oldstyle handshake (for old xNBD tools)")
+    net.add_argument(
+        "-i",
+        "--inetd",
+        action="store_true",
+        help="the one client is on standard input (inetd, Accept=yes)",
+    )
+    net.add_argument(
+        "-F",
+        "--connected-fd",
+        type=number,
+        metavar="N",
+        help="fd N is a client whose handshake is already done",
+    )
+    net.add_argument(
+        "--handoff-socket",
+        metavar="PATH",
+        help="take clients negotiated by xnbd-wrapper from this unix socket "
+        "(instead of listening on TCP)",
+    )
+    net.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="disconnect clients that take longer to negotiate (default 30)",
+    )
+    net.add_argument(
+        "--oldstyle",
+        action="store_true",
+        help="speak the 2008 oldstyle handshake (for old xNBD tools)",
+    )
 
     exp = p.add_argument_group("the export")
     exp.add_argument("-r", "--readonly", action="store_true", help="export read-only")
-    exp.add_argument("--exportname", metavar="NAME",
-                     help="answer only to this export name (default: any name)")
+    exp.add_argument(
+        "--exportname", metavar="NAME", help="answer only to this export name (default: any name)"
+    )
     exp.add_argument("--description", metavar="TEXT", help="export description for clients")
-    exp.add_argument("--cow-dir", metavar="DIR",
-                     help="cow-target: put the overlay files in DIR (default: beside the base)")
-    exp.add_argument("-Q", "--max-queue-size", type=number, metavar="N",
-                     help="requests in flight per connection (0: default 256)")
-    exp.add_argument("-B", "--max-buf-size", type=number, metavar="BYTES",
-                     help="bytes in flight per connection (0: default 128 MiB)")
+    exp.add_argument(
+        "--cow-dir",
+        metavar="DIR",
+        help="cow-target: put the overlay files in DIR (default: beside the base)",
+    )
+    exp.add_argument(
+        "-Q",
+        "--max-queue-size",
+        type=number,
+        metavar="N",
+        help="requests in flight per connection (0: default 256)",
+    )
+    exp.add_argument(
+        "-B",
+        "--max-buf-size",
+        type=number,
+        metavar="BYTES",
+        help="bytes in flight per connection (0: default 128 MiB)",
+    )
 
     prx = p.add_argument_group("proxy mode")
-    prx.add_argument("--target-exportname", metavar="NAME",
-                     help="export name to ask the remote server for")
-    prx.add_argument("--clear-bitmap", action="store_true",
-                     help="forget what is cached and start over")
-    prx.add_argument("--remote-timeout", type=float, metavar="SECONDS",
-                     help="fail a request with EIO when the remote has not answered it after "
-                          "SECONDS, reconnecting meanwhile (default 30)")
+    prx.add_argument(
+        "--target-exportname", metavar="NAME", help="export name to ask the remote server for"
+    )
+    prx.add_argument(
+        "--clear-bitmap", action="store_true", help="forget what is cached and start over"
+    )
+    prx.add_argument(
+        "--remote-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="fail a request with EIO when the remote has not answered it after "
+        "SECONDS, reconnecting meanwhile (default 30)",
+    )
 
     run = p.add_argument_group("running")
-    run.add_argument("--control-socket", metavar="PATH",
-                     help="control socket for xnbd-bgctl (target modes; proxy mode takes it "
-                          "as CONTROL_SOCKET)")
-    run.add_argument("--config", metavar="FILE",
-                     help="read settings from FILE (command-line options win)")
+    run.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="control socket for xnbd-bgctl (target modes; proxy mode takes it as CONTROL_SOCKET)",
+    )
+    run.add_argument(
+        "--config", metavar="FILE", help="read settings from FILE (command-line options win)"
+    )
     run.add_argument("-L", "--logpath", metavar="FILE", help="append log lines to FILE")
     run.add_argument("-S", "--syslog", action="store_true", help="log to syslog (daemon)")
-    run.add_argument("-d", "--daemonize", action="store_true",
-                     help="detach (ignored under systemd)")
+    run.add_argument(
+        "-d", "--daemonize", action="store_true", help="detach (ignored under systemd)"
+    )
     run.add_argument("--verbose", action="store_true", help="log debugging details")
     run.add_argument("-v", "--version", action="version", version=f"xnbdd {__version__}")
     return p

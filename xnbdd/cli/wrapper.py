@@ -53,49 +53,104 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
         description="Serve many NBD exports on one port; each export runs in its own "
-                    "xnbd-server, shared by all of its clients.",
+        "xnbd-server, shared by all of its clients.",
     )
     exp = p.add_argument_group("exports")
-    exp.add_argument("-f", "--imgfile", action="append", default=[], metavar="PATH",
-                     help="serve PATH as a target export named PATH (repeatable)")
-    exp.add_argument("--config-dir", metavar="DIR",
-                     help="one export per DIR/NAME.conf (xnbd-server's configuration format)")
-    exp.add_argument("--dbpath", default=DEFAULT_DB, metavar="PATH",
-                     help=f"state database of exports added at run time (default {DEFAULT_DB})")
-    exp.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
-                     help="exports added at run time must keep their files inside DIR "
-                          "(repeatable; default: anywhere)")
-    exp.add_argument("--cow", action="store_true",
-                     help="serve target exports copy-on-write (writes go to an overlay)")
+    exp.add_argument(
+        "-f",
+        "--imgfile",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="serve PATH as a target export named PATH (repeatable)",
+    )
+    exp.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="one export per DIR/NAME.conf (xnbd-server's configuration format)",
+    )
+    exp.add_argument(
+        "--dbpath",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help=f"state database of exports added at run time (default {DEFAULT_DB})",
+    )
+    exp.add_argument(
+        "--allow-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="exports added at run time must keep their files inside DIR "
+        "(repeatable; default: anywhere)",
+    )
+    exp.add_argument(
+        "--cow",
+        action="store_true",
+        help="serve target exports copy-on-write (writes go to an overlay)",
+    )
     exp.add_argument("--readonly", action="store_true", help="serve every export read-only")
 
     net = p.add_argument_group("where clients come from")
-    net.add_argument("-l", "--laddr", action="append", default=[], metavar="ADDR",
-                     help="address to listen on, repeatable (default: all IPv4 and IPv6)")
-    net.add_argument("-p", "--lport", "--port", type=port, default=DEFAULT_PORT, metavar="PORT",
-                     help=f"TCP port (default {DEFAULT_PORT})")
-    net.add_argument("-s", "--socket", default=DEFAULT_CONTROL, metavar="PATH",
-                     help=f"control socket for xnbd-wrapper-ctl (default {DEFAULT_CONTROL})")
-    net.add_argument("--handshake-timeout", type=float, default=30.0, metavar="SECONDS",
-                     help="disconnect clients that take longer to negotiate (default 30)")
+    net.add_argument(
+        "-l",
+        "--laddr",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="address to listen on, repeatable (default: all IPv4 and IPv6)",
+    )
+    net.add_argument(
+        "-p",
+        "--lport",
+        "--port",
+        type=port,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help=f"TCP port (default {DEFAULT_PORT})",
+    )
+    net.add_argument(
+        "-s",
+        "--socket",
+        default=DEFAULT_CONTROL,
+        metavar="PATH",
+        help=f"control socket for xnbd-wrapper-ctl (default {DEFAULT_CONTROL})",
+    )
+    net.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="disconnect clients that take longer to negotiate (default 30)",
+    )
 
     srv = p.add_argument_group("export servers")
-    srv.add_argument("-b", "--xnbd-server", "--xnbd-binary", metavar="CMD",
-                     help="xnbd-server command (default: xnbd-server from PATH, else this "
-                          "Python's xnbdd)")
+    srv.add_argument(
+        "-b",
+        "--xnbd-server",
+        "--xnbd-binary",
+        metavar="CMD",
+        help="xnbd-server command (default: xnbd-server from PATH, else this Python's xnbdd)",
+    )
     srv.add_argument("--xnbd-bgctl", metavar="CMD", help="xnbd-bgctl command (same default)")
-    srv.add_argument("--run-dir", metavar="DIR",
-                     help="hand-off sockets of the export servers (default $RUNTIME_DIRECTORY "
-                          f"or {DEFAULT_RUN_DIR})")
-    srv.add_argument("--no-handoff", action="store_true",
-                     help="as the original: a new server per connection via --connected-fd "
-                          "(simple replies only; for servers without --handoff-socket)")
+    srv.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="hand-off sockets of the export servers (default $RUNTIME_DIRECTORY "
+        f"or {DEFAULT_RUN_DIR})",
+    )
+    srv.add_argument(
+        "--no-handoff",
+        action="store_true",
+        help="as the original: a new server per connection via --connected-fd "
+        "(simple replies only; for servers without --handoff-socket)",
+    )
     srv.add_argument("-Q", "--max-queue-size", metavar="N", help="passed to proxy servers")
     srv.add_argument("-B", "--max-buf-size", metavar="N", help="passed to proxy servers")
 
     run = p.add_argument_group("running")
-    run.add_argument("-d", "--daemonize", action="store_true",
-                     help="detach (ignored under systemd)")
+    run.add_argument(
+        "-d", "--daemonize", action="store_true", help="detach (ignored under systemd)"
+    )
     run.add_argument("-L", "--logpath", metavar="FILE", help="append log lines to FILE")
     run.add_argument("-S", "--syslog", action="store_true", help="log to syslog (daemon)")
     run.add_argument("--verbose", action="store_true", help="log debugging details")
@@ -125,8 +180,9 @@ def build_registry(ns: argparse.Namespace) -> tuple[Registry, list[str]]:
         registry.add(apply_switches(entry, cow=ns.cow, readonly=ns.readonly), save=False)
 
     for path in ns.imgfile:
-        add_static(ExportEntry(name=path, mode="target", image=os.path.abspath(path),
-                               persistent=False))
+        add_static(
+            ExportEntry(name=path, mode="target", image=os.path.abspath(path), persistent=False)
+        )
     if ns.config_dir:
         entries, notes = load_config_dir(ns.config_dir)
         warnings += notes
@@ -145,8 +201,10 @@ def bind_sockets(ns: argparse.Namespace) -> tuple[WrapperSockets, str | None]:
     for inherited in inherited_sockets():
         if not inherited.listening:
             raise SystemdEnvError("xnbd-wrapper needs listening sockets (Accept=no)")
-        is_control_path = (inherited.sock.family == socket.AF_UNIX
-                           and inherited.sock.getsockname() == wanted_control)
+        is_control_path = (
+            inherited.sock.family == socket.AF_UNIX
+            and inherited.sock.getsockname() == wanted_control
+        )
         if inherited.name == CONTROL_FD_NAME or is_control_path:
             sockets.control.append(inherited.sock)
         else:
@@ -174,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=ns.verbose,
         )
         run_dir = os.path.abspath(
-            ns.run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-            or DEFAULT_RUN_DIR
+            ns.run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or DEFAULT_RUN_DIR
         )
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         settings = ServerSettings(

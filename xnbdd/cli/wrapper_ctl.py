@@ -33,28 +33,45 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Control a running xnbd-wrapper.")
-    p.add_argument("-s", "--socket", default=DEFAULT_SOCKET, metavar="PATH",
-                   help=f"the wrapper's control socket (default {DEFAULT_SOCKET})")
-    p.add_argument("--target-exportname", metavar="NAME",
-                   help="with --add-proxy / --bgctl-reconnect: the remote export name")
+    p.add_argument(
+        "-s",
+        "--socket",
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"the wrapper's control socket (default {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--target-exportname",
+        metavar="NAME",
+        help="with --add-proxy / --bgctl-reconnect: the remote export name",
+    )
     cmd = p.add_mutually_exclusive_group(required=True)
     cmd.add_argument("-l", "--list", action="store_true", help="list exports")
     cmd.add_argument("--add-target", nargs=2, metavar=("NAME", "FILE"), help="add a target export")
-    cmd.add_argument("--add-proxy", nargs=6,
-                     metavar=("NAME", "HOST", "PORT", "CACHE", "BITMAP", "CTL"),
-                     help="add a proxy export")
+    cmd.add_argument(
+        "--add-proxy",
+        nargs=6,
+        metavar=("NAME", "HOST", "PORT", "CACHE", "BITMAP", "CTL"),
+        help="add a proxy export",
+    )
     cmd.add_argument("--remove-by-file", metavar="FILE", help="remove the exports of FILE")
     cmd.add_argument("--remove-by-exportname", metavar="NAME", help="remove export NAME")
-    cmd.add_argument("-d", "--shutdown", action="store_true",
-                     help="stop every export and the wrapper")
-    cmd.add_argument("--orphan", action="store_true",
-                     help="stop the wrapper, leave the export servers running")
+    cmd.add_argument(
+        "-d", "--shutdown", action="store_true", help="stop every export and the wrapper"
+    )
+    cmd.add_argument(
+        "--orphan", action="store_true", help="stop the wrapper, leave the export servers running"
+    )
     cmd.add_argument("--save", action="store_true", help="write the state database now")
     cmd.add_argument("--bgctl-query", metavar="NAME", help="status of proxy export NAME")
     cmd.add_argument("--bgctl-switch", metavar="NAME", help="switch proxy export NAME to target")
     cmd.add_argument("--bgctl-cache-all", metavar="NAME", help="cache all of proxy export NAME")
-    cmd.add_argument("--bgctl-reconnect", nargs=3, metavar=("NAME", "HOST", "PORT"),
-                     help="connect proxy export NAME to another upstream")
+    cmd.add_argument(
+        "--bgctl-reconnect",
+        nargs=3,
+        metavar=("NAME", "HOST", "PORT"),
+        help="connect proxy export NAME to another upstream",
+    )
     cmd.add_argument("-a", "--add", metavar="FILE", help=argparse.SUPPRESS)  # deprecated
     cmd.add_argument("-r", "--remove", metavar="INDEX", help=argparse.SUPPRESS)  # deprecated
     return p
@@ -69,8 +86,16 @@ def command_words(ns: argparse.Namespace) -> list[str]:
         return ["add-target", ns.add_target[0], absolute(ns.add_target[1])]
     if ns.add_proxy:
         name, host, port, cache, bitmap, ctl = ns.add_proxy
-        return ["add-proxy", name, host, port, absolute(cache), absolute(bitmap),
-                absolute(ctl), *remote]
+        return [
+            "add-proxy",
+            name,
+            host,
+            port,
+            absolute(cache),
+            absolute(bitmap),
+            absolute(ctl),
+            *remote,
+        ]
     if ns.remove_by_file:
         return ["del-file", absolute(ns.remove_by_file)]
     if ns.remove_by_exportname:

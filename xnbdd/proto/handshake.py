@@ -329,8 +329,10 @@ class ServerHandshake:
         if export is None:
             raise OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}")
         if opt == Opt.LIST_META_CONTEXT:
-            chosen = list(export.meta_contexts) if not queries else select_contexts(
-                export.meta_contexts, queries
+            chosen = (
+                list(export.meta_contexts)
+                if not queries
+                else select_contexts(export.meta_contexts, queries)
             )
             for ctx in chosen:
                 self._out += option_reply(opt, Rep.META_CONTEXT, U32.pack(0) + ctx.encode())

@@ -64,7 +64,7 @@ class OptionFramer:
         if len(buf) < OPTION_HEADER.size + length:
             return None
         raw = self._take(OPTION_HEADER.size + length)
-        return raw, opt, raw[OPTION_HEADER.size:]
+        return raw, opt, raw[OPTION_HEADER.size :]
 
     def _take(self, size: int) -> bytes:
         piece = bytes(self.buffer[:size])
@@ -78,14 +78,20 @@ def option_export_name(opt: int, data: bytes) -> str | None:
         if opt == Opt.EXPORT_NAME:
             return data.decode("utf-8")
         (length,) = U32.unpack_from(data)
-        return data[4:4 + length].decode("utf-8")
+        return data[4 : 4 + length].decode("utf-8")
     except (struct.error, UnicodeDecodeError):
         return None
 
 
 class Frontend:
-    def __init__(self, registry: Registry, supervisor: Supervisor, *, handoff: bool = True,
-                 handshake_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        supervisor: Supervisor,
+        *,
+        handoff: bool = True,
+        handshake_timeout: float = 30.0,
+    ) -> None:
         self.registry = registry
         self.supervisor = supervisor
         self.handoff = handoff
@@ -121,9 +127,14 @@ class Frontend:
 
         def lister() -> list[ExportInfo]:
             return [
-                infos.get(entry.name) or self.supervisor.cached_info(entry.name)
-                or ExportInfo(name=entry.name, size=0, tx_flags=TxFlag.HAS_FLAGS,
-                              description=entry.description)
+                infos.get(entry.name)
+                or self.supervisor.cached_info(entry.name)
+                or ExportInfo(
+                    name=entry.name,
+                    size=0,
+                    tx_flags=TxFlag.HAS_FLAGS,
+                    description=entry.description,
+                )
                 for _, entry in self.registry
             ]
 
@@ -158,16 +169,18 @@ class Frontend:
                         await self._learn(name, infos, failures, start=start)
                 if opt == Opt.STRUCTURED_REPLY and not self.handoff:
                     # --connected-fd servers speak simple replies only; say so up front.
-                    await stream.send_all(option_reply(
-                        opt, Rep.ERR_UNSUP, b"structured replies need the hand-off"))
+                    await stream.send_all(
+                        option_reply(opt, Rep.ERR_UNSUP, b"structured replies need the hand-off")
+                    )
                     continue
                 current[0] = opt or 0
                 hs.receive_data(raw)
         log.info("handshake timed out", extra=fields)
         return None
 
-    async def _learn(self, name: str, infos: dict[str, ExportInfo],
-                     failures: dict[str, str], *, start: bool) -> None:
+    async def _learn(
+        self, name: str, infos: dict[str, ExportInfo], failures: dict[str, str], *, start: bool
+    ) -> None:
         entry = self.registry.get(name)
         if entry is None:
             infos.pop(name, None)
@@ -185,8 +198,9 @@ class Frontend:
             infos.pop(name, None)
             failures[name] = f"export {name!r} is not available: {err}"
 
-    async def _hand_over(self, stream: trio.SocketStream, hs: ServerHandshake, pending: bytes,
-                         fields: dict[str, str]) -> None:
+    async def _hand_over(
+        self, stream: trio.SocketStream, hs: ServerHandshake, pending: bytes, fields: dict[str, str]
+    ) -> None:
         negotiated = hs.negotiated
         assert negotiated is not None
         name = negotiated.export.name
@@ -200,8 +214,11 @@ class Frontend:
                 proc = await self.supervisor.hand_over(entry, client, negotiated, pending)
                 log.info("client handed to export %r (pid %d)", name, proc.pid, extra=fields)
             elif pending:
-                log.warning("client pipelined requests behind the handshake; --connected-fd "
-                            "cannot carry them, closing", extra=fields)
+                log.warning(
+                    "client pipelined requests behind the handshake; --connected-fd "
+                    "cannot carry them, closing",
+                    extra=fields,
+                )
             else:
                 await self.supervisor.connected_fd(entry, client)
                 log.info("client passed to a new server for export %r", name, extra=fields)

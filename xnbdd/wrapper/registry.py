@@ -71,8 +71,7 @@ class ExportEntry:
             remote = f"{self.remote_host}:{self.remote_port}"
             if self.remote_export_name:
                 remote += f":{self.remote_export_name}"
-            return (f"{self.name}  ({remote}, {self.image}, {self.bitmap}, "
-                    f"{self.control_socket})")
+            return f"{self.name}  ({remote}, {self.image}, {self.bitmap}, {self.control_socket})"
         return f"{self.name}  ({self.image})"
 
 
@@ -93,8 +92,9 @@ def check_name(name: str) -> None:
 
 def _inside(path: str, roots: Iterable[str]) -> bool:
     real = os.path.realpath(path)
-    return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r)
-               for r in roots)
+    return any(
+        os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots
+    )
 
 
 def check_path(path: str, what: str, allowed_dirs: tuple[str, ...]) -> None:
@@ -178,9 +178,14 @@ def entry_from_db(name: str, data: object) -> ExportEntry:
         if remote_name is not None and not isinstance(remote_name, str):
             raise DatabaseError(f"export {name!r}: 'remote_export_name' is not a string")
         return ExportEntry(
-            name=name, mode="proxy", image=text("image_path"), bitmap=text("bitmap_path"),
-            control_socket=text("control_socket_path"), remote_host=text("remote_host"),
-            remote_port=text("remote_port"), remote_export_name=remote_name,
+            name=name,
+            mode="proxy",
+            image=text("image_path"),
+            bitmap=text("bitmap_path"),
+            control_socket=text("control_socket_path"),
+            remote_host=text("remote_host"),
+            remote_port=text("remote_port"),
+            remote_export_name=remote_name,
         )
     raise DatabaseError(f"export {name!r}: unknown mode {mode!r}")
 
@@ -297,8 +302,9 @@ def load_config_dir(directory: str) -> tuple[list[ExportEntry], list[str]]:
             description=str(values.get("description", "")),
             remote_host=str(values.get("remote_host", "")),
             remote_port=str(values.get("remote_port", "")),
-            remote_export_name=(str(values["target_exportname"])
-                                if "target_exportname" in values else None),
+            remote_export_name=(
+                str(values["target_exportname"]) if "target_exportname" in values else None
+            ),
             bitmap=str(values.get("cache_bitmap", "")),
             control_socket=str(values.get("control_socket", "")),
             persistent=False,
@@ -396,12 +402,16 @@ class Registry:
 
 def apply_switches(entry: ExportEntry, *, cow: bool, readonly: bool) -> ExportEntry:
     """The wrapper's global ``--cow`` / ``--readonly`` (§8.4) on top of an entry's own settings."""
-    return replace(entry, cow=entry.cow or (cow and entry.mode == "target"),
-                   readonly=entry.readonly or readonly)
+    return replace(
+        entry,
+        cow=entry.cow or (cow and entry.mode == "target"),
+        readonly=entry.readonly or readonly,
+    )
 
 
-def restore(registry: Registry, entries: Iterable[ExportEntry], *, cow: bool,
-            readonly: bool) -> list[str]:
+def restore(
+    registry: Registry, entries: Iterable[ExportEntry], *, cow: bool, readonly: bool
+) -> list[str]:
     """Add the database's entries at start. Entries that cannot be added are skipped (with a
     warning each); then the loaded file is kept as ``<db>.prev`` and a fresh one written, as
     the original does, so the skipped entries are not lost."""

@@ -48,8 +48,9 @@ class Wrapper:
         self.registry = registry
         self.supervisor = supervisor
         supervisor.on_change = self._update_status
-        self.frontend = Frontend(registry, supervisor, handoff=opts.handoff,
-                                 handshake_timeout=opts.handshake_timeout)
+        self.frontend = Frontend(
+            registry, supervisor, handoff=opts.handoff, handshake_timeout=opts.handshake_timeout
+        )
         self.control = ControlServer(self)
         self.notifier = Notifier(unset_environment=True)  # children must not speak for us
         self._stop_scope = trio.CancelScope()
@@ -65,11 +66,13 @@ class Wrapper:
                 with self._stop_scope:
                     async with trio.open_nursery() as serving:
                         for sock in sockets.nbd:
-                            serving.start_soon(self._accept, to_trio_listener(sock),
-                                               self.frontend.serve)
+                            serving.start_soon(
+                                self._accept, to_trio_listener(sock), self.frontend.serve
+                            )
                         for sock in sockets.control:
-                            serving.start_soon(self._accept, to_trio_listener(sock),
-                                               self.control.serve)
+                            serving.start_soon(
+                                self._accept, to_trio_listener(sock), self.control.serve
+                            )
                         where = ", ".join(describe(s) for s in sockets.nbd)
                         control = ", ".join(describe(s) for s in sockets.control)
                         log.info("listening on %s, control on %s", where, control)
@@ -78,8 +81,10 @@ class Wrapper:
                 self.notifier.stopping()
                 self._save_quietly()
                 if self._orphan:
-                    log.info("orphan: leaving %d export server(s) running",
-                             len(self.supervisor.running()))
+                    log.info(
+                        "orphan: leaving %d export server(s) running",
+                        len(self.supervisor.running()),
+                    )
                 else:
                     with trio.CancelScope(shield=True):
                         await self.supervisor.stop_all()
@@ -151,11 +156,18 @@ class Wrapper:
 
     async def add_proxy(self, args: list[str], write: Write) -> int:
         name, host, port, cache, bitmap, ctl = args[:6]
-        self._add(ExportEntry(
-            name=name, mode="proxy", image=cache, bitmap=bitmap, control_socket=ctl,
-            remote_host=host, remote_port=port,
-            remote_export_name=args[6] if len(args) > 6 else None,
-        ))
+        self._add(
+            ExportEntry(
+                name=name,
+                mode="proxy",
+                image=cache,
+                bitmap=bitmap,
+                control_socket=ctl,
+                remote_host=host,
+                remote_port=port,
+                remote_export_name=args[6] if len(args) > 6 else None,
+            )
+        )
         return 0
 
     async def remove(self, how: str, key: str, write: Write) -> int:
@@ -207,17 +219,29 @@ class Wrapper:
             argv += args[1:3]
             if len(args) > 3:
                 argv.insert(len(self.opts.bgctl_command), f"--exportname={args[3]}")
-        result = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT,
-                                        check=False)
+        result = await trio.run_process(
+            argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False
+        )
         await write(result.stdout.decode("utf-8", "replace"))
         code = result.returncode if result.returncode >= 0 else 128 - result.returncode
         if code == 0 and what in ("switch", "reconnect"):
             if what == "switch":
-                changed = replace(entry, mode="target", remote_host="", remote_port="",
-                                  remote_export_name=None, bitmap="", control_socket="")
+                changed = replace(
+                    entry,
+                    mode="target",
+                    remote_host="",
+                    remote_port="",
+                    remote_export_name=None,
+                    bitmap="",
+                    control_socket="",
+                )
             else:
-                changed = replace(entry, remote_host=args[1], remote_port=args[2],
-                                  remote_export_name=args[3] if len(args) > 3 else None)
+                changed = replace(
+                    entry,
+                    remote_host=args[1],
+                    remote_port=args[2],
+                    remote_export_name=args[3] if len(args) > 3 else None,
+                )
             try:
                 self.registry.replace(changed)
             except RegistryError as err:

@@ -57,8 +57,12 @@ class ServerSettings:
     verbose: bool = False
 
 
-def server_args(entry: ExportEntry, settings: ServerSettings, handoff: str | None,
-                connected_fd: int | None = None) -> list[str]:
+def server_args(
+    entry: ExportEntry,
+    settings: ServerSettings,
+    handoff: str | None,
+    connected_fd: int | None = None,
+) -> list[str]:
     """xnbd-server's command line for ``entry`` (the original's order and options)."""
     mode = {"target": "--target", "cow_target": "--cow-target", "proxy": "--proxy"}
     args = [*settings.command, mode[entry.server_mode]]
@@ -83,8 +87,14 @@ def server_args(entry: ExportEntry, settings: ServerSettings, handoff: str | Non
             args.append(f"--max-buf-size={settings.max_buf_size}")
         if entry.remote_export_name:
             args.append(f"--target-exportname={entry.remote_export_name}")
-        args += ["--", entry.remote_host, entry.remote_port, entry.image, entry.bitmap,
-                 entry.control_socket]
+        args += [
+            "--",
+            entry.remote_host,
+            entry.remote_port,
+            entry.image,
+            entry.bitmap,
+            entry.control_socket,
+        ]
     else:
         args += ["--", entry.image]
     return args
@@ -101,8 +111,9 @@ def image_info(entry: ExportEntry) -> ExportInfo:
     code the server runs), without starting it."""
     backend = FileBackend.open(entry.image, readonly=entry.readonly)
     try:
-        info = Export(entry.name, backend, description=entry.description,
-                      readonly=entry.readonly).info()
+        info = Export(
+            entry.name, backend, description=entry.description, readonly=entry.readonly
+        ).info()
     finally:
         os.close(backend.fd)  # nothing was written: no flush needed
     return info
@@ -120,8 +131,9 @@ class ExportProcess:
 
 
 class Supervisor:
-    def __init__(self, settings: ServerSettings,
-                 on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, on_change: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
         self.on_change = on_change or (lambda: None)
         self.nursery: trio.Nursery | None = None  # set by the wrapper before serving
@@ -178,8 +190,9 @@ class Supervisor:
         with contextlib.suppress(HandoffError):
             answer = await trio.to_thread.run_sync(query_export, path, 1.0)
             log.info("export %r: adopting running server (pid %s)", entry.name, answer["pid"])
-            proc = ExportProcess(entry, path, int(answer["pid"]),
-                                 export_from_json(answer["export"]), None)
+            proc = ExportProcess(
+                entry, path, int(answer["pid"]), export_from_json(answer["export"]), None
+            )
             self._spawn_watch(proc)
             return proc
         args = server_args(entry, self.settings, path)
@@ -193,8 +206,7 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await process.wait()
             raise
-        proc = ExportProcess(entry, path, process.pid, export_from_json(answer["export"]),
-                             process)
+        proc = ExportProcess(entry, path, process.pid, export_from_json(answer["export"]), process)
         self._spawn_watch(proc)
         log.info("export %r: server ready (pid %d)", entry.name, process.pid)
         return proc
@@ -203,8 +215,10 @@ class Supervisor:
         with trio.move_on_after(START_TIMEOUT):
             while True:
                 if process.poll() is not None:
-                    raise StartError(f"server exited with status {process.returncode} "
-                                     "while starting (see its log)")
+                    raise StartError(
+                        f"server exited with status {process.returncode} "
+                        "while starting (see its log)"
+                    )
                 try:
                     return await trio.to_thread.run_sync(query_export, path, 1.0)
                 except HandoffError:
@@ -226,10 +240,18 @@ class Supervisor:
         if self._running.get(proc.entry.name) is proc:
             del self._running[proc.entry.name]
             self.on_change()
-        how = f"exit status {status}" if status is None or status >= 0 else (
-            f"signal {signal.Signals(-status).name}")
-        log.log(logging.INFO if status in (0, None) else logging.WARNING,
-                "export %r: server (pid %d) ended, %s", proc.entry.name, proc.pid, how)
+        how = (
+            f"exit status {status}"
+            if status is None or status >= 0
+            else (f"signal {signal.Signals(-status).name}")
+        )
+        log.log(
+            logging.INFO if status in (0, None) else logging.WARNING,
+            "export %r: server (pid %d) ended, %s",
+            proc.entry.name,
+            proc.pid,
+            how,
+        )
 
     def rebind(self, name: str, proc: ExportProcess, entry: ExportEntry) -> None:
         """The export changed shape inside its running server (proxy switched to target, or
@@ -254,8 +276,9 @@ class Supervisor:
         with trio.move_on_after(STOP_GRACE):
             await proc.exited.wait()
             return
-        log.warning("export %r: server (pid %d) ignored SIGTERM, killing it",
-                    proc.entry.name, proc.pid)
+        log.warning(
+            "export %r: server (pid %d) ignored SIGTERM, killing it", proc.entry.name, proc.pid
+        )
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         await proc.exited.wait()
@@ -267,16 +290,15 @@ class Supervisor:
 
     # -- clients --------------------------------------------------------------------------------
 
-    async def hand_over(self, entry: ExportEntry, client: socket.socket,
-                        negotiated: Negotiated, pending: bytes) -> ExportProcess:
+    async def hand_over(
+        self, entry: ExportEntry, client: socket.socket, negotiated: Negotiated, pending: bytes
+    ) -> ExportProcess:
         """Pass a negotiated client to the export's server; one retry with a fresh server when
         the running one has died meanwhile. The caller closes its copy of ``client`` after."""
         for attempt in (1, 2):
             proc = await self.ensure(entry)
             try:
-                await trio.to_thread.run_sync(
-                    send_handoff, proc.path, client, negotiated, pending
-                )
+                await trio.to_thread.run_sync(send_handoff, proc.path, client, negotiated, pending)
             except HandoffError as err:
                 if attempt == 2 or (not proc.exited.is_set() and _alive(proc.pid)):
                     raise StartError(f"export {entry.name!r}: hand-off failed: {err}") from None
