@@ -17,9 +17,16 @@ infinitely deep pipe.
     python3 bench/slowlink.py exec a -- nbdinfo nbd://10.77.0.1:9000
     python3 bench/slowlink.py teardown
 
-Status: a skeleton. ``measure`` runs iperf3 and a TCP echo round trip through the relay; the
-proxy measurements of issue 5 (cache-all rate, cold read RTT, p99 during cache-all, across a
-switch) are still to be written on top of it.
+The proxy measurements of issue 5 (each printed with the command that produced it):
+
+    python3 bench/slowlink.py all                           # setup, link, proxy, teardown
+    python3 bench/slowlink.py proxy --size 512M             # proxy figures (after setup)
+
+``proxy`` starts the origin (nbdkit, or ``--origin xnbd`` for our own target) in namespace B
+and the relays in A, then re-runs itself inside A (``proxy-inner``), where the proxy daemon and
+its clients live: cold 4 KiB reads against the echo round trip, cache-all throughput against
+iperf3 through the same relay, latency of requests on cached blocks while cache-all runs, and
+the longest request across a switch.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
+import os
+import random
 import shutil
 import socket
 import statistics
@@ -34,10 +43,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 ADDR_A, ADDR_B = "10.77.0.1", "10.77.0.2"
+REPO = Path(__file__).resolve().parent.parent
+ORIGIN_PORT, RELAY_PORT, ECHO_PORT, ECHO_RELAY_PORT, IPERF_PORT, IPERF_RELAY_PORT = (
+    10809,
+    9000,
+    7000,
+    9007,
+    5201,
+    9001,
+)
 
 
 @dataclass(frozen=True)
@@ -69,19 +90,47 @@ def setup(link: Link) -> None:
     teardown(link)
     sh("ip", "netns", "add", link.ns_a)
     sh("ip", "netns", "add", link.ns_b)
-    sh("ip", "link", "add", "slA", "netns", link.ns_a, "type", "veth",
-       "peer", "name", "slB", "netns", link.ns_b)
+    sh(
+        "ip",
+        "link",
+        "add",
+        "slA",
+        "netns",
+        link.ns_a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "slB",
+        "netns",
+        link.ns_b,
+    )
     for ns, dev, addr in ((link.ns_a, "slA", ADDR_A), (link.ns_b, "slB", ADDR_B)):
         sh(*in_ns(ns, "ip", "addr", "add", f"{addr}/24", "dev", dev))
         sh(*in_ns(ns, "ip", "link", "set", "lo", "up"))
         sh(*in_ns(ns, "ip", "link", "set", dev, "up"))
         # Egress shaping on both ends: the rate holds in each direction. The burst must be at
         # least rate/HZ or tbf cannot reach the rate; the latency bounds its queue.
-        sh(*in_ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", link.rate,
-                  "burst", "256kb", "latency", "20ms"))
+        sh(
+            *in_ns(
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                link.rate,
+                "burst",
+                "256kb",
+                "latency",
+                "20ms",
+            )
+        )
         # veth offloads would hand tbf 64 KiB super-packets; keep packets wire-sized.
-        sh(*in_ns(ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"),
-           check=False)
+        sh(*in_ns(ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"), check=False)
 
 
 def teardown(link: Link) -> None:
@@ -154,10 +203,13 @@ def relay_one(client: socket.socket, target: tuple[str, int], delay: float, wind
     with client, socket.create_connection(target) as upstream:
         for s in (client, upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pipes = [DelayPipe(client, upstream, delay, window),
-                 DelayPipe(upstream, client, delay, window)]
-        threads = [threading.Thread(target=f, daemon=True)
-                   for p in pipes for f in (p.reader, p.writer)]
+        pipes = [
+            DelayPipe(client, upstream, delay, window),
+            DelayPipe(upstream, client, delay, window),
+        ]
+        threads = [
+            threading.Thread(target=f, daemon=True) for p in pipes for f in (p.reader, p.writer)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -167,12 +219,16 @@ def relay_one(client: socket.socket, target: tuple[str, int], delay: float, wind
 def relay(listen: tuple[str, int], target: tuple[str, int], delay: float, window: int) -> None:
     """Forward every accepted connection to ``target``, ``delay`` seconds each way."""
     with socket.create_server(listen, reuse_port=False) as srv:
-        print(f"relay {listen[0]}:{listen[1]} -> {target[0]}:{target[1]}, "
-              f"{delay * 1000:.1f} ms each way", flush=True)
+        print(
+            f"relay {listen[0]}:{listen[1]} -> {target[0]}:{target[1]}, "
+            f"{delay * 1000:.1f} ms each way",
+            flush=True,
+        )
         while True:
             client, _ = srv.accept()
-            threading.Thread(target=relay_one, args=(client, target, delay, window),
-                             daemon=True).start()
+            threading.Thread(
+                target=relay_one, args=(client, target, delay, window), daemon=True
+            ).start()
 
 
 # -- measuring the link -------------------------------------------------------------------------
@@ -218,25 +274,352 @@ def background(cmd: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=10)
 
 
-def measure(link: Link, delay: float, seconds: int) -> None:
+def show(cmd: Sequence[str]) -> str:
+    return " ".join(cmd)
+
+
+def iperf_mbits(output: str) -> float:
+    """The receiver's bitrate from iperf3's summary."""
+    line = next(x for x in output.splitlines() if x.rstrip().endswith("receiver"))
+    return float(line.split("Mbits/sec")[0].split()[-1])
+
+
+def measure(link: Link, delay: float, seconds: int) -> float:
+    """iperf3 over the bare shaped veth, then through the relay; the TCP echo round trip.
+    Returns the iperf3 rate through the relay (Mbit/s): the link the proxy gets."""
     me = [sys.executable, __file__, "--prefix", link.prefix]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(background(in_ns(link.ns_b, "iperf3", "-s", "-p", "5201")))
-        stack.enter_context(background(in_ns(link.ns_b, *me, "echo", f"{ADDR_B}:7000")))
-        stack.enter_context(background(in_ns(
-            link.ns_a, *me, "relay", "--listen", f"{ADDR_A}:9001", "--connect", f"{ADDR_B}:5201",
-            "--delay-ms", str(delay * 1000))))
-        stack.enter_context(background(in_ns(
-            link.ns_a, *me, "relay", "--listen", f"{ADDR_A}:9007", "--connect", f"{ADDR_B}:7000",
-            "--delay-ms", str(delay * 1000))))
-        raw = sh(*in_ns(link.ns_a, "iperf3", "-c", ADDR_B, "-p", "5201", "-t", str(seconds),
-                        "-f", "m"))
-        print("iperf3 direct over the shaped veth:\n" + raw.stdout.strip().splitlines()[-3])
-        relayed = sh(*in_ns(link.ns_a, "iperf3", "-c", ADDR_A, "-p", "9001", "-t",
-                            str(seconds), "-f", "m"))
-        print("iperf3 through the delaying relay:\n" + relayed.stdout.strip().splitlines()[-3])
-        rtts = sh(*in_ns(link.ns_a, *me, "rtt", f"{ADDR_A}:9007"))
-        print(rtts.stdout.strip())
+        stack.enter_context(background(in_ns(link.ns_b, "iperf3", "-s", "-p", str(IPERF_PORT))))
+        stack.enter_context(background(in_ns(link.ns_b, *me, "echo", f"{ADDR_B}:{ECHO_PORT}")))
+        stack.enter_context(
+            background(in_ns(link.ns_a, *relay_command(link, IPERF_RELAY_PORT, IPERF_PORT, delay)))
+        )
+        stack.enter_context(
+            background(in_ns(link.ns_a, *relay_command(link, ECHO_RELAY_PORT, ECHO_PORT, delay)))
+        )
+        direct_cmd = in_ns(
+            link.ns_a, "iperf3", "-c", ADDR_B, "-p", str(IPERF_PORT), "-t", str(seconds), "-f", "m"
+        )
+        direct = iperf_mbits(sh(*direct_cmd).stdout)
+        print(f"$ {show(direct_cmd)}\n  bare shaped veth: {direct:.0f} Mbit/s")
+        relayed_cmd = in_ns(
+            link.ns_a,
+            "iperf3",
+            "-c",
+            ADDR_A,
+            "-p",
+            str(IPERF_RELAY_PORT),
+            "-t",
+            str(seconds),
+            "-f",
+            "m",
+        )
+        relayed = iperf_mbits(sh(*relayed_cmd).stdout)
+        print(f"$ {show(relayed_cmd)}\n  through the delaying relay: {relayed:.0f} Mbit/s")
+        rtt_cmd = in_ns(link.ns_a, *me, "rtt", f"{ADDR_A}:{ECHO_RELAY_PORT}")
+        print(f"$ {show(rtt_cmd)}\n  " + sh(*rtt_cmd).stdout.strip())
+    return relayed
+
+
+def relay_command(link: Link, listen_port: int, target_port: int, delay: float) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--prefix",
+        link.prefix,
+        "relay",
+        "--listen",
+        f"{ADDR_A}:{listen_port}",
+        "--connect",
+        f"{ADDR_B}:{target_port}",
+        "--delay-ms",
+        str(delay * 1000),
+    ]
+
+
+# -- the proxy on the slow link ------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1].upper()] if text[-1:].upper() in units else int(text)
+
+
+def proxy_outer(link: Link, delay: float, size: int, origin: str, link_mbits: float) -> None:
+    """Origin in B, relays in A, then the measurements themselves inside A."""
+    image = Path(f"/dev/shm/slowlink-origin-{os.getpid()}.img")
+    with open(image, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(os.urandom(1 << 20))
+    me = [sys.executable, __file__, "--prefix", link.prefix]
+    if origin == "nbdkit":
+        origin_cmd = ["nbdkit", "-f", "-i", ADDR_B, "-p", str(ORIGIN_PORT), "file", str(image)]
+    else:
+        origin_cmd = [
+            sys.executable,
+            "-m",
+            "xnbdd",
+            "--target",
+            str(image),
+            "--laddr",
+            ADDR_B,
+            "--lport",
+            str(ORIGIN_PORT),
+        ]
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(background(in_ns(link.ns_b, *origin_cmd)))
+            stack.enter_context(background(in_ns(link.ns_b, *me, "echo", f"{ADDR_B}:{ECHO_PORT}")))
+            stack.enter_context(
+                background(in_ns(link.ns_a, *relay_command(link, RELAY_PORT, ORIGIN_PORT, delay)))
+            )
+            stack.enter_context(
+                background(
+                    in_ns(link.ns_a, *relay_command(link, ECHO_RELAY_PORT, ECHO_PORT, delay))
+                )
+            )
+            print(f"origin: $ {show(in_ns(link.ns_b, *origin_cmd))}")
+            relay_cmd = relay_command(link, RELAY_PORT, ORIGIN_PORT, delay)
+            print(f"relay:  $ {show(in_ns(link.ns_a, *relay_cmd))}")
+            subprocess.run(
+                in_ns(
+                    link.ns_a,
+                    *me,
+                    "proxy-inner",
+                    "--size",
+                    str(size),
+                    "--link-mbits",
+                    str(link_mbits),
+                ),
+                check=True,
+            )
+    finally:
+        image.unlink()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summary(ms: Sequence[float]) -> str:
+    return (
+        f"median {statistics.median(ms):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms, "
+        f"max {max(ms):.2f} ms ({len(ms)} requests)"
+    )
+
+
+def import_nbd() -> Any:
+    if "/usr/lib/python3/dist-packages" not in sys.path:
+        sys.path.append("/usr/lib/python3/dist-packages")
+    import nbd  # Debian's python3-libnbd
+
+    return nbd
+
+
+@dataclass
+class Proxy:
+    """An xnbd-server --proxy of the origin behind the relay, inside namespace A."""
+
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes] = field(init=False)
+    files: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        base = f"/dev/shm/slowlink-{self.name}-{os.getpid()}"
+        self.cache, self.bitmap, self.ctl = (
+            Path(f"{base}.cache"),
+            Path(f"{base}.bm"),
+            Path(f"{base}.ctl"),
+        )
+        self.log = Path(f"{base}.log")
+        self.files = [self.cache, self.bitmap, Path(f"{self.bitmap}.xnbdd"), self.ctl, self.log]
+        self.command = [
+            sys.executable,
+            "-m",
+            "xnbdd",
+            "--proxy",
+            ADDR_A,
+            str(RELAY_PORT),
+            str(self.cache),
+            str(self.bitmap),
+            str(self.ctl),
+            "--clear-bitmap",
+            "--laddr",
+            "127.0.0.1",
+            "--lport",
+            str(self.port),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + 20
+        while "ready: " not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"proxy did not start:\n{self.log.read_text()}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.port}/"
+
+    def control(self, cmd: str, **args: Any) -> dict[str, Any]:
+        sys.path.insert(0, str(REPO))
+        from xnbdd.control.client import ControlClient
+
+        with ControlClient(str(self.ctl), timeout=None) as client:
+            return client.call(cmd, **args)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        for path in self.files:
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class Load:
+    """One libnbd client, QD 1, 4 KiB requests at random on [first, stop) blocks, until told
+    to stop; every request's start time and latency is kept, failures counted."""
+
+    uri: str
+    first: int
+    stop: int
+    write_share: float = 0.3
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        nbd = import_nbd()
+        handle = nbd.NBD()
+        handle.connect_uri(self.uri)
+        rng = random.Random(7)
+        payload = os.urandom(4096)
+        while not self.done.is_set():
+            offset = rng.randrange(self.first, self.stop) * 4096
+            t0 = time.perf_counter()
+            try:
+                if rng.random() < self.write_share:
+                    handle.pwrite(payload, offset)
+                else:
+                    handle.pread(4096, offset)
+            except nbd.Error as exc:
+                self.failures.append(str(exc))
+            self.samples.append((t0, (time.perf_counter() - t0) * 1000))
+        handle.shutdown()
+
+    def __enter__(self) -> Load:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(60)
+
+    def between(self, start: float, end: float) -> list[float]:
+        return [ms for t0, ms in self.samples if start <= t0 <= end]
+
+
+def timed(what: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    what()
+    return time.perf_counter() - t0
+
+
+def proxy_inner(size: int, link_mbits: float) -> None:
+    nbd = import_nbd()
+    nblocks = size // 4096
+    rtts = tcp_rtt((ADDR_A, ECHO_RELAY_PORT), count=100)
+    rtt = statistics.median(rtts)
+    print(
+        f"\nTCP echo round trip through the relay: median {rtt:.2f} ms, "
+        f"p99 {percentile(rtts, 0.99):.2f} ms"
+    )
+
+    # 1. A cold 4 KiB read: straight to the origin through the relay, then through the proxy.
+    direct = nbd.NBD()
+    direct.connect_uri(f"nbd://{ADDR_A}:{RELAY_PORT}/")
+    rng = random.Random(1)
+    base = [
+        timed(lambda: direct.pread(4096, rng.randrange(nblocks) * 4096)) * 1000 for _ in range(100)
+    ]
+    direct.shutdown()
+    print(f"cold 4 KiB read, libnbd straight to the origin via the relay: {summary(base)}")
+    proxy = Proxy("cold", 18100)
+    try:
+        client = nbd.NBD()
+        client.connect_uri(proxy.uri)
+        blocks = random.Random(2).sample(range(nblocks), 200)
+        cold = [timed(partial(client.pread, 4096, b * 4096)) * 1000 for b in blocks]
+        client.shutdown()
+        print(f"$ {show(proxy.command)}")
+        print(f"cold 4 KiB read through the proxy (QD 1, 200 distinct blocks): {summary(cold)}")
+        print(
+            f"  = RTT + {statistics.median(cold) - rtt:.2f} ms (median), proxy overhead over a "
+            f"direct read {statistics.median(cold) - statistics.median(base):+.2f} ms"
+        )
+    finally:
+        proxy.close()
+
+    # 2. cache-all alone on a fresh cache: its rate against iperf3 through the same relay.
+    proxy = Proxy("bulk", 18101)
+    try:
+        seconds = timed(lambda: proxy.control("cache-all", blocks_per_request=31, progress=False))
+        rate = size * 8 / seconds / 1e6
+        print(
+            f"cache-all of {size >> 20} MiB (control socket, 31 blocks per request): "
+            f"{seconds:.2f} s = {rate:.0f} Mbit/s = {100 * rate / link_mbits:.1f} % of iperf3 "
+            f"through the relay ({link_mbits:.0f} Mbit/s)"
+        )
+    finally:
+        proxy.close()
+
+    # 3. Requests on cached blocks while cache-all runs; 4. then the switch.
+    proxy = Proxy("busy", 18102)
+    try:
+        warm = 16384  # the first 64 MiB cached by a client before cache-all
+        client = nbd.NBD()
+        client.connect_uri(proxy.uri)
+        for offset in range(0, warm * 4096, 4 << 20):
+            client.pread(4 << 20, offset)
+        client.shutdown()
+        with Load(proxy.uri, 0, warm) as load:
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            seconds = timed(
+                lambda: proxy.control("cache-all", blocks_per_request=31, progress=False)
+            )
+            during = load.between(t0, t0 + seconds)
+        print(
+            f"4 KiB requests (70 % read, 30 % write, QD 1) on cached blocks while cache-all runs "
+            f"({seconds:.2f} s): {summary(during)}; {len(load.failures)} failed"
+        )
+        with Load(proxy.uri, 0, nblocks) as load:
+            time.sleep(1.0)
+            t0 = time.perf_counter()
+            seconds = timed(lambda: proxy.control("switch", force=False))
+            time.sleep(1.0)
+        around = [(t - t0, ms) for t, ms in load.samples if t0 - 0.5 <= t <= t0 + seconds + 0.5]
+        at, longest = max(around, key=lambda sample: sample[1])
+        # requests that were in flight at some moment of the switch command
+        overlapping = [ms for t, ms in load.samples if t <= t0 + seconds and t + ms / 1000 >= t0]
+        before = [ms for t, ms in load.samples if t < t0 - 0.5]
+        print(
+            f"4 KiB requests (70/30, QD 1, whole disk) across the switch "
+            f"({seconds * 1000:.1f} ms for the switch command): "
+            f"{len(overlapping)} overlapped it, the longest of them "
+            f"{max(overlapping, default=0.0):.2f} ms; within +-0.5 s: longest {longest:.2f} ms, "
+            f"started {at * 1000:+.1f} ms from the switch command, "
+            f"{summary([ms for _, ms in around])}; {len(load.failures)} failed\n"
+            f"  the same load in the second before: {summary(before)}"
+        )
+    finally:
+        proxy.close()
 
 
 def hostport(text: str) -> tuple[str, int]:
@@ -256,9 +639,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--connect", type=hostport, required=True)
     r.add_argument("--delay-ms", type=float, default=10.0)
     r.add_argument("--window", type=int, default=4 << 20, help="bytes held per direction")
-    m = sub.add_parser("measure")
-    m.add_argument("--delay-ms", type=float, default=10.0)
-    m.add_argument("--seconds", type=int, default=5)
+    for name in ("measure", "proxy", "all"):
+        m = sub.add_parser(name)
+        m.add_argument("--delay-ms", type=float, default=10.0)
+        m.add_argument("--seconds", type=int, default=10, help="iperf3 duration")
+        m.add_argument("--size", type=parse_size, default=1 << 30, help="origin size")
+        m.add_argument("--origin", choices=["nbdkit", "xnbd"], default="nbdkit")
+        m.add_argument(
+            "--link-mbits",
+            type=float,
+            default=0.0,
+            help="proxy: the link's rate if already measured (else iperf3 first)",
+        )
+    inner = sub.add_parser("proxy-inner")
+    inner.add_argument("--size", type=int, required=True)
+    inner.add_argument("--link-mbits", type=float, required=True)
     e = sub.add_parser("echo")
     e.add_argument("listen", type=hostport)
     t = sub.add_parser("rtt")
@@ -269,28 +664,40 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     link = Link(args.prefix, args.rate)
 
-    if args.cmd == "setup":
+    if args.cmd in ("setup", "all"):
         for tool in ("ip", "tc", "iperf3"):
             if shutil.which(tool) is None:
                 print(f"{tool} is missing", file=sys.stderr)
                 return 1
         setup(link)
         print(f"{link.ns_a} {ADDR_A} <-> {link.ns_b} {ADDR_B}, tbf {link.rate}")
-    elif args.cmd == "teardown":
+    if args.cmd == "teardown":
         teardown(link)
     elif args.cmd == "relay":
         relay(args.listen, args.connect, args.delay_ms / 1000, args.window)
     elif args.cmd == "measure":
         measure(link, args.delay_ms / 1000, args.seconds)
+    elif args.cmd in ("proxy", "all"):
+        try:
+            link_mbits = args.link_mbits or measure(link, args.delay_ms / 1000, args.seconds)
+            proxy_outer(link, args.delay_ms / 1000, args.size, args.origin, link_mbits)
+        finally:
+            if args.cmd == "all":
+                teardown(link)
+    elif args.cmd == "proxy-inner":
+        proxy_inner(args.size, args.link_mbits)
     elif args.cmd == "echo":
         echo_server(args.listen)
     elif args.cmd == "rtt":
         ms = tcp_rtt(args.target)
-        print(f"TCP round trip through the relay: median {statistics.median(ms):.2f} ms, "
-              f"min {min(ms):.2f}, max {max(ms):.2f} ms ({len(ms)} samples)")
+        print(
+            f"TCP round trip through the relay: median {statistics.median(ms):.2f} ms, "
+            f"min {min(ms):.2f}, max {max(ms):.2f} ms ({len(ms)} samples)"
+        )
     elif args.cmd == "exec":
-        command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] \
-            else args.command
+        command = (
+            [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
+        )
         return subprocess.call(in_ns(link.ns(args.side), *command))
     return 0
 
