@@ -525,6 +525,29 @@ class Load:
         return [ms for t0, ms in self.samples if start <= t0 <= end]
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time of a process (utime + stime), or of the whole machine (every core, not idle)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    if pid is not None:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / ticks
+    cpu = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(cpu) - cpu[3] - cpu[4]) / ticks  # minus idle and iowait
+
+
+@contextlib.contextmanager
+def cpu_report(what: str, pid: int) -> Iterator[None]:
+    """Print the proxy's and the machine's CPU use (in cores) over the block."""
+    t0, own0, all0 = time.perf_counter(), cpu_seconds(pid), cpu_seconds()
+    yield
+    wall = time.perf_counter() - t0
+    own, total = (cpu_seconds(pid) - own0) / wall, (cpu_seconds() - all0) / wall
+    print(
+        f"  CPU during {what}: proxy {own:.2f} cores, whole machine {total:.2f} of "
+        f"{os.cpu_count()} cores"
+    )
+
+
 def timed(what: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     what()
@@ -569,7 +592,10 @@ def proxy_inner(size: int, link_mbits: float) -> None:
     # 2. cache-all alone on a fresh cache: its rate against iperf3 through the same relay.
     proxy = Proxy("bulk", 18101)
     try:
-        seconds = timed(lambda: proxy.control("cache-all", blocks_per_request=31, progress=False))
+        with cpu_report("cache-all", proxy.proc.pid):
+            seconds = timed(
+                lambda: proxy.control("cache-all", blocks_per_request=31, progress=False)
+            )
         rate = size * 8 / seconds / 1e6
         print(
             f"cache-all of {size >> 20} MiB (control socket, 31 blocks per request): "
@@ -591,13 +617,15 @@ def proxy_inner(size: int, link_mbits: float) -> None:
         with Load(proxy.uri, 0, warm) as load:
             time.sleep(0.5)
             t0 = time.perf_counter()
-            seconds = timed(
-                lambda: proxy.control("cache-all", blocks_per_request=31, progress=False)
-            )
+            with cpu_report("cache-all with the client's load", proxy.proc.pid):
+                seconds = timed(
+                    lambda: proxy.control("cache-all", blocks_per_request=31, progress=False)
+                )
             during = load.between(t0, t0 + seconds)
+            slow = sum(ms > 2.0 for ms in during)
         print(
             f"4 KiB requests (70 % read, 30 % write, QD 1) on cached blocks while cache-all runs "
-            f"({seconds:.2f} s): {summary(during)}; {len(load.failures)} failed"
+            f"({seconds:.2f} s): {summary(during)}; {slow} over 2 ms; {len(load.failures)} failed"
         )
         with Load(proxy.uri, 0, nblocks) as load:
             time.sleep(1.0)
