@@ -266,9 +266,23 @@ def test_a_wrong_target_exportname_is_a_clear_start_error(tmp_path: Path) -> Non
     files = ProxyFiles.under(tmp_path)
     with own_target(tmp_path, image, "--exportname", "disk") as origin:
         result = subprocess.run(
-            [sys.executable, "-m", "xnbdd", *files.args("127.0.0.1", str(origin.port)),
-             "--target-exportname", "other", "--lport", str(free_port()), "--laddr", "127.0.0.1"],
-            capture_output=True, text=True, env=server_env(), timeout=30, check=False,
+            [
+                sys.executable,
+                "-m",
+                "xnbdd",
+                *files.args("127.0.0.1", str(origin.port)),
+                "--target-exportname",
+                "other",
+                "--lport",
+                str(free_port()),
+                "--laddr",
+                "127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            env=server_env(),
+            timeout=30,
+            check=False,
         )
     assert result.returncode != 0
     assert f"127.0.0.1:{origin.port}" in result.stderr and "other" in result.stderr
@@ -466,7 +480,9 @@ def test_origin_killed_mid_read_gives_eio_in_time_then_reconnect(tmp_path: Path)
     with (
         nbdkit(tmp_path, ["file", str(image), "rdelay=1000ms"], filters=("delay",)) as first,
         running_server(
-            *files.args(first.host, first.port), "--remote-timeout", str(timeout),
+            *files.args(first.host, first.port),
+            "--remote-timeout",
+            str(timeout),
             tmp_path=tmp_path,
         ) as proxy,
     ):
@@ -518,8 +534,12 @@ def test_queue_and_buffer_limits_bound_memory_in_proxy_mode(tmp_path: Path) -> N
     with (
         nbdkit(tmp_path, ["pattern", f"size={size}"]) as origin,
         running_server(
-            *files.args(origin.host, origin.port), "--max-queue-size", "2",
-            "--max-buf-size", str(4 << 20), tmp_path=tmp_path,
+            *files.args(origin.host, origin.port),
+            "--max-queue-size",
+            "2",
+            "--max-buf-size",
+            str(4 << 20),
+            tmp_path=tmp_path,
         ) as proxy,
     ):
         handle = connect(proxy.uri)
@@ -536,13 +556,10 @@ def test_queue_and_buffer_limits_bound_memory_in_proxy_mode(tmp_path: Path) -> N
             rounds += 1
         for i in (0, count // 2, count - 1):
             chunk = buffers[i].to_bytearray()
-            expected = b"".join(
-                (i * request + 8 * k).to_bytes(8, "big") for k in range(4)
-            )
+            expected = b"".join((i * request + 8 * k).to_bytes(8, "big") for k in range(4))
             assert chunk[:32] == expected
         handle.shutdown()
     grew = (peak - baseline) / 1024
     print(f"RSS baseline {baseline / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB (+{grew:.0f} MiB)")
     assert rounds > 1
     assert grew < 64, f"RSS grew by {grew:.0f} MiB for 512 MiB of pipelined cold reads"
-
