@@ -12,14 +12,19 @@ Shape of a connection (one reader, many handlers, one writer):
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 import trio
 
-from .dispatch import Buffers, error_reply, execute
+from .backends.base import FileRange
+from .dispatch import Buffers, error_reply, execute, execute_now
 from .export import Export
 from .proto.consts import Cmd, Errno
 from .proto.errors import ProtocolError, RequestError
@@ -30,7 +35,10 @@ from .proto.transmission import RequestDecoder, check_request
 log = logging.getLogger("xnbdd")
 
 RECEIVE_SIZE = 256 * 1024
-MAX_IOV = 512  # buffers per sendmsg, below the kernel's IOV_MAX of 1024
+MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
+DIRECT_PAYLOAD = 64 * 1024  # WRITE payloads this large are received straight into their buffer
+_DISC = int(Cmd.DISC)
+_PAYLOAD_COMMANDS = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
 
 
 class Catalog(Protocol):
@@ -91,7 +99,8 @@ class Budget:
         self.bytes -= cost
         self._state.queued_requests -= 1
         self._state.queued_bytes -= cost
-        self._lot.unpark_all()
+        if self._lot:  # waking nobody is a measurable cost at every reply
+            self._lot.unpark_all()
 
     async def wait_idle(self) -> None:
         while self.requests:
@@ -99,13 +108,21 @@ class Budget:
 
 
 class ReplyWriter:
-    """The one sender of a connection. ``put`` is synchronous, so replies never interleave."""
+    """The one sender of a connection. ``put`` is synchronous and queues a reply whole, so
+    replies never interleave.
+
+    On a socket, replies go out with ``writev`` of the queued buffers as they are (no copy of
+    READ data): the reader calls ``send_now`` before it waits for more requests, which sends
+    what the socket takes at once; ``run`` sends the rest when the socket is writable again. A
+    reply's budget is released when its last byte is with the kernel.
+    """
 
     def __init__(self, stream: trio.abc.Stream, budget: Budget) -> None:
         self._stream = stream
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._budget = budget
-        self._pending: list[bytes | bytearray | memoryview] = []
-        self._costs: list[int] = []
+        # (what is still to send, budget to release after it: only on a reply's last part)
+        self._queue: deque[tuple[memoryview | FileRange, int | None]] = deque()
         self._wake = trio.Event()
         self._closing = False
         self.broken = False
@@ -114,48 +131,95 @@ class ReplyWriter:
         if self.broken:
             self._budget.release(cost)
             return
-        self._pending.extend(buffers)
-        self._costs.append(cost)
+        parts = [b if isinstance(b, FileRange) else memoryview(b).cast("B") for b in buffers]
+        parts = [p for p in parts if (p.length if isinstance(p, FileRange) else len(p))]
+        last = len(parts) - 1
+        self._queue.extend((part, cost if i == last else None) for i, part in enumerate(parts))
         self._wake.set()
 
     def close(self) -> None:
         self._closing = True
         self._wake.set()
 
-    async def run(self, on_broken: trio.CancelScope) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            if self._pending:
-                batch, self._pending = self._pending, []
-                costs, self._costs = self._costs, []
-                try:
-                    await self._send(batch)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.broken = True
-                    on_broken.cancel()
-                finally:
-                    for cost in costs:
-                        self._budget.release(cost)
-            if self._closing and not self._pending:
-                return
+    def send_now(self) -> None:
+        """Send without waiting whatever the socket accepts; the writer task does the rest."""
+        if self._fd >= 0 and self._queue and not self.broken:
+            try:
+                self._write_some()
+            except OSError:
+                self._wake.set()  # the writer task meets the error and ends the connection
 
-    async def _send(self, batch: list[bytes | bytearray | memoryview]) -> None:
-        if not isinstance(self._stream, trio.SocketStream):
-            await self._stream.send_all(b"".join(batch))
-            return
-        # sendmsg with the buffers as they are: no copy of READ data into one big string.
-        sock = self._stream.socket
-        views = [memoryview(b).cast("B") for b in batch if len(b)]
-        while views:
-            sent = await sock.sendmsg(views[:MAX_IOV])
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+    def _write_some(self) -> bool:
+        """writev (or sendfile for file ranges) until the queue is empty (True) or the socket
+        is full (False)."""
+        queue = self._queue
+        while queue:
+            head = queue[0][0]
+            try:
+                if isinstance(head, FileRange):
+                    sent = os.sendfile(self._fd, head.fd, head.offset, head.length)
+                    if not sent:  # the image shrank under us; the header is already out
+                        raise OSError(errno.EIO, "image ended during a reply")
                 else:
-                    views[0] = views[0][sent:]
+                    views = []
+                    for part, _cost in islice(queue, MAX_IOV):
+                        if isinstance(part, FileRange):
+                            break
+                        views.append(part)
+                    sent = os.writev(self._fd, views)
+            except BlockingIOError:
+                return False
+            while sent:
+                part, cost = queue[0]
+                size = part.length if isinstance(part, FileRange) else len(part)
+                if sent >= size:
+                    sent -= size
+                    queue.popleft()
+                    if cost is not None:
+                        self._budget.release(cost)
+                else:
+                    if isinstance(part, FileRange):
+                        rest: memoryview | FileRange = FileRange(
+                            part.fd, part.offset + sent, part.length - sent
+                        )
+                    else:
+                        rest = part[sent:]
+                    queue[0] = (rest, cost)
                     sent = 0
+        return True
+
+    async def run(self, on_broken: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                elif self._fd < 0:
+                    await self._send_stream()
+                elif not self._write_some():
+                    await trio.lowlevel.wait_writable(self._fd)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.broken = True
+            while self._queue:
+                _view, cost = self._queue.popleft()
+                if cost is not None:
+                    self._budget.release(cost)
+            on_broken.cancel()
+
+    async def _send_stream(self) -> None:
+        """Streams without a socket (tests over memory streams): one send per batch."""
+        batch = list(self._queue)
+        self._queue.clear()
+        data = b"".join(
+            os.pread(part.fd, part.length, part.offset) if isinstance(part, FileRange) else part
+            for part, _cost in batch
+        )
+        await self._stream.send_all(data)
+        for _view, cost in batch:
+            if cost is not None:
+                self._budget.release(cost)
 
 
 class Connection:
@@ -174,6 +238,7 @@ class Connection:
         self.peer = peer
         self.oldstyle = oldstyle
         self.decoder = RequestDecoder()
+        self._receive_buffer = bytearray(RECEIVE_SIZE)
         self.budget = Budget(state)
         self.writer = ReplyWriter(stream, self.budget)
         self.export: Export | None = None
@@ -269,21 +334,27 @@ class Connection:
         self, handlers: trio.Nursery, export: Export, negotiated: Negotiated
     ) -> str:
         decoder = self.decoder
+        fields = self._fields()
         while True:
             try:
                 req = decoder.next_request()
+                if req is None:
+                    view = decoder.direct_payload(DIRECT_PAYLOAD)
+                    if view is not None:
+                        if not await self._receive_into(view):
+                            return "end of stream"
+                        req = decoder.complete_payload()
             except ProtocolError as err:
-                log.warning("closing connection: %s", err, extra=self._fields())
+                log.warning("closing connection: %s", err, extra=fields)
                 return "framing lost"
             if req is None:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
+                self.writer.send_now()  # answer what is done before waiting for more
+                if not await self._receive():
                     return "end of stream"
-                decoder.receive_data(data)
                 continue
-            if req.cmd == Cmd.DISC:
+            if req.cmd == _DISC:
                 return "disconnect requested"
-            cost = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) else 0
+            cost = req.length if req.cmd in _PAYLOAD_COMMANDS else 0
             await self.budget.acquire(cost)
             if self.state.stopping.is_set():
                 self.writer.put(
@@ -302,7 +373,37 @@ class Connection:
             except RequestError as err:
                 self.writer.put(error_reply(req, negotiated, err.errno, err.message), cost)
                 continue
+            if export.try_admit():
+                reply = execute_now(req, export, negotiated, fields)
+                export.release()
+                if reply is not None:
+                    self.writer.put(reply, cost)
+                    continue
             handlers.start_soon(self._handle, req, cost, export, negotiated)
+
+    async def _receive(self) -> bool:
+        """More bytes for the decoder; False at end of stream."""
+        if isinstance(self.stream, trio.SocketStream):
+            count = await self.stream.socket.recv_into(self._receive_buffer)
+            self.decoder.receive_data(memoryview(self._receive_buffer)[:count])
+            return count > 0
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.decoder.receive_data(data)
+        return bool(data)
+
+    async def _receive_into(self, view: memoryview) -> bool:
+        """Fill a WRITE payload straight from the socket; False at end of stream."""
+        while len(view):
+            if isinstance(self.stream, trio.SocketStream):
+                count = await self.stream.socket.recv_into(view)
+            else:
+                data = await self.stream.receive_some(len(view))
+                count = len(data)
+                view[:count] = data
+            if not count:
+                return False
+            view = view[count:]
+        return True
 
     async def _handle(
         self, req: Request, cost: int, export: Export, negotiated: Negotiated

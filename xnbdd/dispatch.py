@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno as errnos
 import logging
 
-from .backends.base import Backend
+from .backends.base import Backend, FileRange
 from .export import Export
 from .proto.consts import MAX_PAYLOAD, Cmd, CmdFlag, Errno
 from .proto.messages import Negotiated, Request
@@ -21,9 +21,11 @@ from .proto.transmission import (
     simple_reply,
 )
 
-Buffers = list[bytes | bytearray | memoryview]
+Buffers = list[bytes | bytearray | memoryview | FileRange]
 
 log = logging.getLogger("xnbdd")
+
+_READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlag.FUA)
 
 # Extents per BLOCK_STATUS chunk: keeps a reply far below the maximum payload.
 MAX_EXTENTS = 8192
@@ -72,31 +74,68 @@ async def execute(
     try:
         return await _run(req, backend, export, negotiated)
     except OSError as err:
-        errno = nbd_errno(err, req)
-        message = err.strerror or str(err)
-        if errno is not Errno.ENOTSUP:  # a refused FAST_ZERO is an answer, not a failure
-            command = req.command.name if req.command is not None else str(req.cmd)
-            log.warning(
-                "%s at offset %d length %d failed: %s",
-                command,
-                req.offset,
-                req.length,
-                message,
-                extra={**(fields or {}), "XNBD_ERRNO": str(err.errno)},
+        return _failed(req, negotiated, err, fields)
+
+
+def execute_now(
+    req: Request, export: Export, negotiated: Negotiated, fields: dict[str, str] | None = None
+) -> Buffers | None:
+    """Answer a READ or a plain WRITE at once when the backend can without waiting (it offers
+    ``try_read``/``try_write``, e.g. a file in the page cache); None: use ``execute``. Saves
+    the task per request that dominates small-request CPU time."""
+    backend = export.backend
+    try:
+        if req.cmd == _READ and req.length:
+            try_range = getattr(backend, "try_read_range", None)
+            data: FileRange | bytes | bytearray | None = (
+                try_range(req.offset, req.length) if try_range is not None else None
             )
-        return error_reply(req, negotiated, errno, message)
+            if data is None:
+                try_read = getattr(backend, "try_read", None)
+                data = try_read(req.offset, req.length) if try_read is not None else None
+            return None if data is None else read_reply(req, negotiated, data)
+        if req.cmd == _WRITE and req.length and not req.flags & _FUA:
+            try_write = getattr(backend, "try_write", None)
+            if try_write is not None and try_write(req.offset, req.data):
+                return ok_reply(req)
+    except OSError as err:
+        return _failed(req, negotiated, err, fields)
+    return None
+
+
+def _failed(
+    req: Request, negotiated: Negotiated, err: OSError, fields: dict[str, str] | None
+) -> Buffers:
+    errno = nbd_errno(err, req)
+    message = err.strerror or str(err)
+    if errno is not Errno.ENOTSUP:  # a refused FAST_ZERO is an answer, not a failure
+        command = req.command.name if req.command is not None else str(req.cmd)
+        log.warning(
+            "%s at offset %d length %d failed: %s",
+            command,
+            req.offset,
+            req.length,
+            message,
+            extra={**(fields or {}), "XNBD_ERRNO": str(err.errno)},
+        )
+    return error_reply(req, negotiated, errno, message)
+
+
+def read_reply(
+    req: Request, negotiated: Negotiated, data: bytes | bytearray | memoryview | FileRange
+) -> Buffers:
+    if negotiated.structured:
+        return [offset_data_header(req.cookie, req.offset, req.length, done=True), data]
+    return [simple_reply(req.cookie), data]
 
 
 async def _run(req: Request, backend: Backend, export: Export, negotiated: Negotiated) -> Buffers:
     cmd = req.cmd
     fua = req.has(CmdFlag.FUA)
     if cmd == Cmd.READ:
-        data = await backend.read(req.offset, req.length) if req.length else b""
-        if negotiated.structured:
-            if not req.length:
-                return [none_chunk(req.cookie)]
-            return [offset_data_header(req.cookie, req.offset, req.length, done=True), data]
-        return [simple_reply(req.cookie), data]
+        if not req.length:
+            return [none_chunk(req.cookie)] if negotiated.structured else ok_reply(req)
+        return read_reply(req, negotiated, await backend.read(req.offset, req.length))
     if cmd == Cmd.WRITE:
         if req.length:
             assert req.data is not None

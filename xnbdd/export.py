@@ -107,6 +107,13 @@ class Export:
             await self._resume.wait()
         self._in_flight += 1
 
+    def try_admit(self) -> bool:
+        """``admit`` without waiting: False while paused."""
+        if self._paused:
+            return False
+        self._in_flight += 1
+        return True
+
     def release(self) -> None:
         self._in_flight -= 1
         if self._in_flight == 0:

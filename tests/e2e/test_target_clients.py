@@ -272,3 +272,26 @@ def test_clean_stop_under_load_exits_zero(tmp_path: Path) -> None:
             if fio.poll() is None:
                 fio.kill()
     assert "stopping" in srv.log()
+
+
+def test_large_reads_from_a_memory_file_system_round_trip(tmp_path: Path) -> None:
+    """Images on tmpfs answer large reads with sendfile; the bytes must be the image's."""
+    need("nbdcopy")
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    image = shm / f"xnbdd-test-{os.getpid()}.img"
+    try:
+        image.write_bytes(os.urandom(48 * MiB))
+        back = tmp_path / "back.img"
+        with running_server("--target", str(image), tmp_path=tmp_path) as srv:
+            run("nbdcopy", "--request-size=4194304", srv.uri, str(back))
+            nbd = import_nbd()
+            h = nbd.NBD()
+            h.connect_uri(srv.uri)
+            for offset in (0, 12345, 47 * MiB):  # unaligned, and up to the end
+                assert h.pread(MiB, offset) == image.read_bytes()[offset : offset + MiB]
+            h.shutdown()
+        assert sha256(back) == sha256(image)
+    finally:
+        image.unlink(missing_ok=True)

@@ -180,3 +180,33 @@ def test_proto_package_never_imports_trio() -> None:
         "sys.exit('trio' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@given(st.integers(1, 4000), st.integers(0, 27 + 3999))
+def test_direct_payload_receives_a_write_without_the_stream_buffer(
+    length: int, arrived: int
+) -> None:
+    payload = (bytes(range(256)) * (length // 256 + 1))[:length]
+    write = Request(7, Cmd.WRITE, 0, 4096, length, payload)
+    follow = Request(8, Cmd.READ, 0, 0, 16)
+    stream = encode(write) + encode(follow)
+    arrived = min(arrived, 28 + length)
+    decoder = RequestDecoder()
+    decoder.receive_data(stream[:arrived])
+    view = decoder.direct_payload(threshold=1)
+    if arrived < 28 or arrived == 28 + length:
+        assert view is None  # no header yet, or nothing missing
+        decoder.receive_data(stream[arrived:])
+        assert decoder.next_request() == write
+    else:
+        assert view is not None and len(view) == 28 + length - arrived
+        view[:] = stream[arrived : 28 + length]
+        assert decoder.complete_payload() == write
+        decoder.receive_data(stream[28 + length :])
+    assert decoder.next_request() == follow
+
+
+def test_direct_payload_leaves_small_writes_to_the_buffer() -> None:
+    decoder = RequestDecoder()
+    decoder.receive_data(encode(Request(1, Cmd.WRITE, 0, 0, 100, bytes(100)))[:50])
+    assert decoder.direct_payload(threshold=101) is None

@@ -36,6 +36,16 @@ class Extent:
     zero: bool = False
 
 
+@dataclass
+class FileRange:
+    """Data a reply can send straight from an open file (sendfile: no copy through Python).
+    Backends offer it only where reading cannot block and cannot fail half-way silently."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class Backend(Protocol):
     """Storage behind one export. All ranges are validated by the caller."""
 

@@ -16,12 +16,13 @@ from typing import TypeVar
 import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import Capabilities, Extent
+from xnbdd.backends.base import Capabilities, Extent, FileRange
 
 T = TypeVar("T")
 
 THREADS = 16  # worker threads per open image
 MAX_EXTENTS = 4096  # block_status answers a prefix beyond this many extents
+SENDFILE_MIN = 64 * 1024  # smaller reads are cheaper copied and batched into one writev
 
 
 class FileBackend:
@@ -99,10 +100,61 @@ class FileBackend:
             block_status=True,
         )
 
-    async def read(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        await self.read_into(memoryview(buf), offset)
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        data = self.try_read(offset, length)
+        if data is not None:
+            return data
+        buf = bytearray(length)  # not in memory: wait for the device in a worker thread
+        await self._thread(linux.read_all, self.fd, memoryview(buf), offset)
         return buf
+
+    def try_read(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The data, if it can be had without waiting (memory file system, or page cache via
+        RWF_NOWAIT); else None. Lets the connection answer without a task of its own."""
+        if self._inline:
+            data = os.pread(self.fd, length, offset)  # no zero-filled buffer to allocate first
+            if len(data) < length:  # short read: take the careful path
+                buf = bytearray(data) + bytearray(length - len(data))
+                linux.read_all(self.fd, memoryview(buf)[len(data) :], offset + len(data))
+                return buf
+            return data
+        if not self._nowait_read:
+            return None
+        buf = bytearray(length)
+        try:
+            done = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno in linux.UNSUPPORTED:
+                self._nowait_read = False
+            elif e.errno != errno.EAGAIN:
+                raise
+            return None
+        return buf if done == length else None
+
+    def try_read_range(self, offset: int, length: int) -> FileRange | None:
+        """Large reads of a memory file system go out with sendfile: its pages are never on a
+        device, so sending cannot block, and no copy passes through Python."""
+        if self._inline and length >= SENDFILE_MIN:
+            return FileRange(self.fd, offset, length)
+        return None
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write without waiting if possible (not FUA); False means nothing was promised and
+        ``write`` must be used (rewriting bytes already written is harmless)."""
+        if self._inline:
+            linux.write_all(self.fd, data, offset)
+            return True
+        if not self._nowait_write:
+            return False
+        try:
+            done = os.pwritev(self.fd, [data], offset, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno in linux.UNSUPPORTED:
+                self._nowait_write = False
+            elif e.errno != errno.EAGAIN:
+                raise
+            return False
+        return done == len(data)
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from ``offset``: inline when the data is cached, else in a thread."""
@@ -127,21 +179,8 @@ class FileBackend:
         if fua:  # RWF_DSYNC: this write is durable when pwritev returns
             await self._thread(linux.write_all, self.fd, view, offset, os.RWF_DSYNC)
             return
-        if self._inline:
-            linux.write_all(self.fd, view, offset)
-            return
-        done = 0
-        if self._nowait_write:
-            try:
-                done = os.pwritev(self.fd, [view], offset, os.RWF_NOWAIT)
-            except OSError as e:
-                if e.errno in linux.UNSUPPORTED:
-                    self._nowait_write = False
-                elif e.errno != errno.EAGAIN:
-                    raise
-            if done == len(view):
-                return
-        await self._thread(linux.write_all, self.fd, view[done:], offset + done)
+        if not self.try_write(offset, view):
+            await self._thread(linux.write_all, self.fd, view, offset)
 
     async def flush(self) -> None:
         await self._thread(os.fdatasync, self.fd)

@@ -224,7 +224,7 @@ class ProxyBackend:
             block_status=True,
         )
 
-    async def read(self, offset: int, length: int) -> bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
         if not self._bitmap.all_set(first, stop):
             await self._ensure_cached(first, stop, self._link, MAX_FETCH)

@@ -51,7 +51,7 @@ class Request:
     flags: int
     offset: int
     length: int
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
 
     @property
     def command(self) -> Cmd | None:
