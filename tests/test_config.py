@@ -197,3 +197,10 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
     )
     settings = parse(["--config", proxy])
     assert settings["image"] == "/srv/xnbd/c.img" and settings["remote_port"] == 8520
+
+
+def test_timeouts_are_positive_seconds(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "remote-timeout = 2.5\nhandshake-timeout = 10\n"))
+    assert config == {"remote_timeout": 2.5, "handshake_timeout": 10.0}
+    with pytest.raises(ConfigError, match="key 'remote-timeout'"):
+        load_config(write(tmp_path, "remote-timeout = 0\n"))

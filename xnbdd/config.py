@@ -74,6 +74,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not value > 0:
+        raise ValueError("must be positive")
+    return value
+
+
 def _mode(text: str) -> str:
     try:
         return _MODES[text.lower()]
@@ -123,6 +133,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "control-socket": ("control_socket", _path),
     "target-exportname": ("target_exportname", _text),
     "clear-bitmap": ("clear_bitmap", _boolean),
+    "remote-timeout": ("remote_timeout", _seconds),
+    "handshake-timeout": ("handshake_timeout", _seconds),
 }
 
 
