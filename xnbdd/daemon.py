@@ -22,6 +22,7 @@ from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .backends.proxy import ProxyBackend, open_proxy_backend
+from .config import ConfigError, load_config
 from .connection import Connection, Limits, ServerState
 from .control.handlers import ProgressSink
 from .control.server import serve_control
@@ -64,6 +65,9 @@ class ServerOptions:
     target_exportname: str | None = None
     clear_bitmap: bool = False
     remote_timeout: float = DEFAULT_TIMEOUT
+    # SIGHUP re-reads this file; keys given on the command line keep their values
+    config: str | None = None
+    command_line_keys: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -421,6 +425,41 @@ class Daemon:
             return [(length, 1)]  # after the switch everything is local
         return [(run, 1 if cached else 0) for run, cached in proxy.cached_extents(offset, length)]
 
+    def reload(self) -> None:
+        """SIGHUP: reopen the log file and apply what can change while serving from the
+        configuration file; other changed keys wait for a restart, which the log says."""
+        self.notifier.reloading()
+        logs.reopen()
+        if self.opts.config:
+            try:
+                values = load_config(self.opts.config)
+            except ConfigError as err:
+                log.error("reload failed, settings unchanged: %s", err)
+            else:
+                self._apply_config(values)
+        log.info("reloaded")
+        self.notifier.ready()
+
+    def _apply_config(self, values: dict[str, object]) -> None:
+        limits = self.state.limits
+        for key, value in values.items():
+            if key in self.opts.command_line_keys:
+                continue  # the command line wins, as at start
+            if key == "description" and self.export is not None:
+                self.export.description = self.opts.description = str(value)
+            elif key == "max_queue_size" and isinstance(value, int):
+                limits.max_requests = value or Limits.max_requests
+            elif key == "max_buf_size" and isinstance(value, int):
+                limits.max_bytes = value or Limits.max_bytes
+            elif key == "handshake_timeout" and isinstance(value, float):
+                limits.handshake_timeout = value
+            elif getattr(self.opts, key, value) != value:
+                log.warning(
+                    "reload: %s changed in %s; it takes effect at the next restart",
+                    key.replace("_", "-"),
+                    self.opts.config,
+                )
+
     # -- signals and watchdog -------------------------------------------------------------------
 
     async def _signals(self, scope: trio.CancelScope) -> None:
@@ -430,10 +469,7 @@ class Daemon:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.stop()
                 elif signum == signal.SIGHUP:
-                    self.notifier.reloading()
-                    logs.reopen()
-                    log.info("reloaded: log file reopened")
-                    self.notifier.ready()
+                    self.reload()
                 elif signum == signal.SIGUSR1 and self._nursery is not None:
                     self._nursery.start_soon(self._snapshot_logged)
                 elif signum == signal.SIGUSR2 and self._nursery is not None:

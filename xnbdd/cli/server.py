@@ -226,6 +226,8 @@ def parse(argv: list[str]) -> dict[str, object]:
     settings: dict[str, object] = {}
     if isinstance(config_path, str):
         settings.update(load_config(config_path))
+        settings["config"] = os.path.abspath(config_path)
+    settings["command_line_keys"] = frozenset(ns)
     args = ns.pop("args", [])
     mode = ns.get("mode", settings.get("mode"))
     if mode is None:
@@ -275,6 +277,8 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         target_exportname=settings.get("target_exportname"),  # type: ignore[arg-type]
         clear_bitmap=bool(settings["clear_bitmap"]),
         remote_timeout=float(settings["remote_timeout"]),  # type: ignore[arg-type]
+        config=settings.get("config"),  # type: ignore[arg-type]
+        command_line_keys=settings["command_line_keys"],  # type: ignore[arg-type]
     )
 
 
