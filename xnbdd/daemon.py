@@ -78,6 +78,7 @@ class ClientSources:
     connection: socket.socket | None = None  # one client, handshake still to do
     negotiated_fd: socket.socket | None = None  # one client, handshake already done
     handoff: socket.socket | None = None  # unix listener: clients negotiated by xnbd-wrapper
+    control: socket.socket | None = None  # the control socket, when systemd passed it
 
 
 class SingleExportCatalog:
@@ -146,8 +147,11 @@ class Daemon:
                     nursery.start_soon(self._watchdog)
                     if self.proxy is not None:
                         nursery.start_soon(self._status_loop)
-                    if self.opts.control_socket:
-                        await nursery.start(partial(serve_control, self.opts.control_socket, self))
+                    control = self.sources.control
+                    if self.opts.control_socket or control is not None:
+                        await nursery.start(
+                            partial(serve_control, self.opts.control_socket, self, sock=control)
+                        )
                     await self._serve(catalog)
                     nursery.cancel_scope.cancel()
             finally:

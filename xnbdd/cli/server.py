@@ -22,6 +22,7 @@ from ..proto.consts import DEFAULT_PORT
 from ..systemd import SystemdEnvError, inherited_sockets
 
 PROG = "xnbd-server"
+CONTROL_FD_NAME = "control"
 USAGE = f"""\
 {PROG} --target     [options] IMAGE
        {PROG} --cow-target [options] BASE_IMAGE
@@ -306,19 +307,22 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
             raise OSError(f"--connected-fd {fd}: not a connected socket") from None
         return ClientSources(negotiated_fd=sock)
     inherited = inherited_sockets()
+    # A socket named "control" (FileDescriptorName=control) is xnbd-bgctl's, not a client's.
+    control = next((s.sock for s in inherited if s.name == CONTROL_FD_NAME), None)
+    inherited = [s for s in inherited if s.name != CONTROL_FD_NAME]
     if inherited:
         connected = [s for s in inherited if not s.listening]
         if connected:
             if len(inherited) > 1:
                 raise SystemdEnvError("a connected socket must be the only one passed")
-            return ClientSources(connection=connected[0].sock)
-        return ClientSources(listeners=[s.sock for s in inherited])
+            return ClientSources(connection=connected[0].sock, control=control)
+        return ClientSources(listeners=[s.sock for s in inherited], control=control)
     laddr = settings["laddr"]
     listeners = bind_tcp(list(laddr) if isinstance(laddr, list) else [], int(settings["lport"]))  # type: ignore[call-overload]
     unix = settings.get("unix")
     if isinstance(unix, str):
         listeners.append(bind_unix(os.path.abspath(unix)))
-    return ClientSources(listeners=listeners)
+    return ClientSources(listeners=listeners, control=control)
 
 
 def detach() -> None:
