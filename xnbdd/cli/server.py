@@ -10,7 +10,6 @@ import argparse
 import os
 import socket
 import sys
-from typing import NoReturn
 
 import trio
 
@@ -20,6 +19,14 @@ from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..systemd import SystemdEnvError, inherited_sockets
+from .common import (
+    OneLineParser,
+    UsageError,
+    describe_error,
+    detach,
+    first_failure,
+    under_systemd,
+)
 
 PROG = "xnbd-server"
 CONTROL_FD_NAME = "control"
@@ -49,17 +56,6 @@ DEFAULTS: dict[str, object] = {
     "description": "",
     "verbose": False,
 }
-
-
-class UsageError(Exception):
-    pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def number(text: str) -> int:
@@ -325,24 +321,6 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
     return ClientSources(listeners=listeners, control=control)
 
 
-def detach() -> None:
-    """Classic double fork. Paths are already absolute, so chdir("/") changes no meaning."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
-def under_systemd() -> bool:
-    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
@@ -375,24 +353,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {describe_error(failure)}", file=sys.stderr)
         return 1
     return 0
-
-
-EXPECTED_FAILURES = (OSError, ValueError, SystemdEnvError)
-
-
-def first_failure(err: BaseException) -> BaseException | None:
-    """The expected start-up failure inside ``err`` (possibly wrapped by a nursery), if any."""
-    if isinstance(err, EXPECTED_FAILURES):
-        return err
-    if isinstance(err, BaseExceptionGroup):
-        for inner in err.exceptions:
-            found = first_failure(inner)
-            if found is not None:
-                return found
-    return None
-
-
-def describe_error(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
-    return str(err)

@@ -11,7 +11,6 @@ import shlex
 import shutil
 import socket
 import sys
-from typing import NoReturn
 
 import trio
 
@@ -32,21 +31,20 @@ from ..wrapper.registry import (
 )
 from ..wrapper.server import Wrapper, WrapperOptions, WrapperSockets
 from ..wrapper.supervisor import ServerSettings, Supervisor
-from .server import describe_error, detach, first_failure, port, under_systemd
+from .common import (
+    OneLineParser,
+    UsageError,
+    describe_error,
+    detach,
+    first_failure,
+    under_systemd,
+)
+from .server import port
 
 PROG = "xnbd-wrapper"
 DEFAULT_CONTROL = "/var/run/xnbd-wrapper.ctl"
 DEFAULT_RUN_DIR = "/run/xnbd-wrapper"
 CONTROL_FD_NAME = "control"  # LISTEN_FDNAMES entry of the control socket (FileDescriptorName=)
-
-
-class UsageError(Exception):
-    pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,22 +13,14 @@ import contextlib
 import os
 import socket
 import sys
-from typing import NoReturn
 from urllib.parse import quote
+
+from .common import OneLineParser, UsageError
 
 PROG = "xnbd-wrapper-ctl"
 DEFAULT_SOCKET = "/var/run/xnbd-wrapper.ctl"
 PROMPT = b"(xnbd) "
 TIMEOUT = 600.0  # bgctl-cache-all may take long; a dead wrapper still ends the wait (EOF)
-
-
-class UsageError(Exception):
-    pass
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
