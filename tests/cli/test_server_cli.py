@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.libnbd import import_nbd
-from tests.serverproc import server_command, server_env
+from tests.serverproc import free_port, server_command, server_env
 
 MiB = 1024 * 1024
 
@@ -166,3 +168,50 @@ def test_config_file_supplies_mode_and_image_and_errors_name_file_and_key(
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert str(bad) in line and "lport" in line
+
+
+def test_daemonize_detaches_after_start_up_and_keeps_relative_paths(
+    image: Path, tmp_path: Path
+) -> None:
+    nbd = import_nbd()
+    port = free_port()
+    done = subprocess.run(
+        server_command(
+            "--target",
+            image.name,
+            "--daemonize",
+            "--laddr",
+            "127.0.0.1",
+            "--lport",
+            str(port),
+            "--logpath",
+            "server.log",
+        ),
+        cwd=image.parent,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+    marker = f"--lport\0{port}\0"
+    pids = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and marker in (p / "cmdline").read_text(errors="replace")
+    ]
+    try:
+        assert len(pids) == 1
+        log = image.parent / "server.log"  # relative --logpath, resolved before detaching
+        deadline = time.monotonic() + 10
+        while "ready: " not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        h = nbd.NBD()
+        h.connect_uri(f"nbd://127.0.0.1:{port}/")
+        h.pwrite(b"daemon", 0)
+        h.shutdown()
+        assert image.read_bytes()[:6] == b"daemon"
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)

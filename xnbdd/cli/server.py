@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         # As the original: inetd and daemonized runs have no stderr to log to, so syslog.
         implied_syslog = bool(settings.get("inetd") or settings["daemonize"]) and not logpath
         logs.setup_logging(
-            logpath=str(logpath) if logpath else None,
+            logpath=os.path.abspath(str(logpath)) if logpath else None,  # reopened after chdir
             syslog=bool(settings["syslog"]) or implied_syslog,
             identifier=PROG,
             verbose=bool(settings["verbose"]),
