@@ -92,7 +92,10 @@ def peer_name(stream: trio.abc.Stream) -> str:
     except OSError:
         return "unknown"
     if stream.socket.family == socket.AF_INET6:
-        return f"[{addr[0]}]:{addr[1]}"
+        host = str(addr[0])
+        if host.startswith("::ffff:") and "." in host:  # an IPv4 client of a dual-stack socket
+            return f"{host[7:]}:{addr[1]}"
+        return f"[{host}]:{addr[1]}"
     if stream.socket.family == socket.AF_INET:
         return f"{addr[0]}:{addr[1]}"
     return "unix"

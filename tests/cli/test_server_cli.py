@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.libnbd import import_nbd
-from tests.serverproc import free_port, server_command, server_env
+from tests.serverproc import REPO, free_port, server_command, server_env
 
 MiB = 1024 * 1024
 
@@ -215,3 +215,42 @@ def test_daemonize_detaches_after_start_up_and_keeps_relative_paths(
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
+
+
+def test_ipv4_clients_of_a_dual_stack_socket_are_logged_as_ipv4(
+    image: Path, tmp_path: Path
+) -> None:
+    """systemd's ListenStream=PORT is one IPv6 socket that also takes IPv4 clients; they are
+    logged as 127.0.0.1:N, not [::ffff:127.0.0.1]:N."""
+    nbd = import_nbd()
+    port, log = free_port(), tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            "systemd-socket-activate",
+            "-l",
+            str(port),
+            "-E",
+            f"PYTHONPATH={REPO}",
+            *server_command("--target", str(image), "--logpath", str(log)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                h = nbd.NBD()
+                h.connect_uri(f"nbd://127.0.0.1:{port}/")
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        h.shutdown()
+        while "client disconnected" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "[client=127.0.0.1:" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(15)
