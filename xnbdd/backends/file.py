@@ -113,23 +113,26 @@ class FileBackend:
         RWF_NOWAIT); else None. Lets the connection answer without a task of its own."""
         if self._inline:
             data = os.pread(self.fd, length, offset)  # no zero-filled buffer to allocate first
-            if len(data) < length:  # short read: take the careful path
-                buf = bytearray(data) + bytearray(length - len(data))
-                linux.read_all(self.fd, memoryview(buf)[len(data) :], offset + len(data))
-                return buf
-            return data
-        if not self._nowait_read:
-            return None
+            if len(data) == length:
+                return data
         buf = bytearray(length)
+        return buf if self._read_nowait(memoryview(buf), offset) == length else None
+
+    def _read_nowait(self, view: memoryview, offset: int) -> int:
+        """Bytes read into ``view`` without waiting for a device (0: it would have to wait)."""
+        if self._inline:
+            linux.read_all(self.fd, view, offset)
+            return len(view)
+        if not self._nowait_read:
+            return 0
         try:
-            done = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            return os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
         except OSError as e:
             if e.errno in linux.UNSUPPORTED:
                 self._nowait_read = False
             elif e.errno != errno.EAGAIN:
                 raise
-            return None
-        return buf if done == length else None
+            return 0
 
     def try_read_range(self, offset: int, length: int) -> FileRange | None:
         """Large reads of a memory file system go out with sendfile: its pages are never on a
@@ -158,21 +161,9 @@ class FileBackend:
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from ``offset``: inline when the data is cached, else in a thread."""
-        done = 0
-        if self._inline:
-            linux.read_all(self.fd, view, offset)
-            return
-        if self._nowait_read:
-            try:
-                done = os.preadv(self.fd, [view], offset, os.RWF_NOWAIT)
-            except OSError as e:
-                if e.errno in linux.UNSUPPORTED:
-                    self._nowait_read = False
-                elif e.errno != errno.EAGAIN:
-                    raise
-            if done == len(view):
-                return
-        await self._thread(linux.read_all, self.fd, view[done:], offset + done)
+        done = self._read_nowait(view, offset)
+        if done < len(view):
+            await self._thread(linux.read_all, self.fd, view[done:], offset + done)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         view = memoryview(data).cast("B")
