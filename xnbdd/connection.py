@@ -128,7 +128,9 @@ class ReplyWriter:
         self._closing = False
         self.broken = False
 
-    def put(self, buffers: Buffers, cost: int) -> None:
+    def put(self, buffers: Buffers, cost: int, *, wake: bool = True) -> None:
+        """Queue a reply. ``wake=False`` from the reader, which calls ``send_now`` before it
+        waits: waking the writer task for a reply the reader sends itself is a wasted pass."""
         if self.broken:
             self._budget.release(cost)
             return
@@ -136,19 +138,24 @@ class ReplyWriter:
         parts = [p for p in parts if (p.length if isinstance(p, FileRange) else len(p))]
         last = len(parts) - 1
         self._queue.extend((part, cost if i == last else None) for i, part in enumerate(parts))
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def close(self) -> None:
         self._closing = True
         self._wake.set()
 
     def send_now(self) -> None:
-        """Send without waiting whatever the socket accepts; the writer task does the rest."""
-        if self._fd >= 0 and self._queue and not self.broken:
-            try:
-                self._write_some()
-            except OSError:
-                self._wake.set()  # the writer task meets the error and ends the connection
+        """Send without waiting whatever the socket accepts; the writer task does the rest
+        (and meets any error, which ends the connection)."""
+        if not self._queue or self.broken:
+            return
+        try:
+            done = self._fd >= 0 and self._write_some()
+        except OSError:
+            done = False
+        if not done:
+            self._wake.set()
 
     def _write_some(self) -> bool:
         """writev (or sendfile for file ranges) until the queue is empty (True) or the socket
@@ -361,7 +368,9 @@ class Connection:
             await self.budget.acquire(cost)
             if self.state.stopping.is_set():
                 self.writer.put(
-                    error_reply(req, negotiated, Errno.ESHUTDOWN, "server shutting down"), cost
+                    error_reply(req, negotiated, Errno.ESHUTDOWN, "server shutting down"),
+                    cost,
+                    wake=False,
                 )
                 continue
             try:
@@ -374,13 +383,15 @@ class Connection:
                     max_payload=decoder.max_payload,
                 )
             except RequestError as err:
-                self.writer.put(error_reply(req, negotiated, err.errno, err.message), cost)
+                self.writer.put(
+                    error_reply(req, negotiated, err.errno, err.message), cost, wake=False
+                )
                 continue
             if export.try_admit():
                 reply = execute_now(req, export, negotiated, fields)
                 export.release()
                 if reply is not None:
-                    self.writer.put(reply, cost)
+                    self.writer.put(reply, cost, wake=False)
                     continue
             handlers.start_soon(self._handle, req, cost, export, negotiated)
 

@@ -75,6 +75,8 @@ _REQUIRED = {int(cmd): int(flag) for cmd, flag in REQUIRED_TX_FLAG.items()}
 _WRITING = frozenset(int(c) for c in WRITING)
 _SPACE_CONSUMING = frozenset(int(c) for c in SPACE_CONSUMING)
 _PAYLOAD = frozenset({int(Cmd.READ), _WRITE})
+_SEND_FAST_ZERO, _SEND_FUA = int(TxFlag.SEND_FAST_ZERO), int(TxFlag.SEND_FUA)
+_READ_ONLY = int(TxFlag.READ_ONLY)
 
 
 class RequestDecoder:
@@ -190,16 +192,16 @@ def check_request(
     tx = int(tx_flags)
     if cmd == 0 and not structured:  # READ
         allowed &= ~_DF
-    if not tx & TxFlag.SEND_FAST_ZERO:
+    if not tx & _SEND_FAST_ZERO:
         allowed &= ~_FAST_ZERO
-    if not tx & TxFlag.SEND_FUA:
+    if not tx & _SEND_FUA:
         allowed &= ~_FUA
     if req.flags & ~allowed:
         raise RequestError(Errno.EINVAL, f"flags {req.flags:#x} not valid for {Cmd(cmd).name}")
     required = _REQUIRED.get(cmd)
     if required is not None and not tx & required:
         raise RequestError(Errno.EINVAL, f"{Cmd(cmd).name} was not advertised")
-    if cmd in _WRITING and tx & TxFlag.READ_ONLY:
+    if cmd in _WRITING and tx & _READ_ONLY:
         raise RequestError(Errno.EPERM, "export is read-only")
     if cmd == Cmd.FLUSH:
         if req.offset or req.length:
