@@ -104,7 +104,7 @@ def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
         return FileBackend.open(opts.image, readonly=opts.readonly)
     if opts.mode == "cow_target":
         return CowBackend.open(opts.image, cow_dir=opts.cow_dir)
-    raise ValueError(f"mode {opts.mode} is not available yet")
+    raise ValueError(f"{opts.mode} is not a file-backed mode")  # proxy: Daemon._open_backend
 
 
 class Daemon:
@@ -143,7 +143,7 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._signals, nursery.cancel_scope)
+                    nursery.start_soon(self._signals)
                     nursery.start_soon(self._watchdog)
                     if self.proxy is not None:
                         nursery.start_soon(self._status_loop)
@@ -466,7 +466,7 @@ class Daemon:
 
     # -- signals and watchdog -------------------------------------------------------------------
 
-    async def _signals(self, scope: trio.CancelScope) -> None:
+    async def _signals(self) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
         with trio.open_signal_receiver(*wanted) as signals:
             async for signum in signals:
