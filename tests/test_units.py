@@ -34,6 +34,7 @@ INSTANCES = {
     "xnbd-conn@.service": "xnbd-conn@7.service",
     "xnbd-wrapper.service": "xnbd-wrapper.service",
     "xnbd-wrapper.socket": "xnbd-wrapper.socket",
+    "xnbd-export@.service": "xnbd-export@alpha.service",
 }
 SERVICES = [name for name in INSTANCES.values() if name.endswith(".service")]
 

@@ -135,6 +135,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "clear-bitmap": ("clear_bitmap", _boolean),
     "remote-timeout": ("remote_timeout", _seconds),
     "handshake-timeout": ("handshake_timeout", _seconds),
+    "handoff-socket": ("handoff_socket", _path),  # written by xnbd-wrapper --systemd-units
 }
 
 

@@ -31,6 +31,7 @@ from ..wrapper.registry import (
 )
 from ..wrapper.server import Wrapper, WrapperOptions, WrapperSockets
 from ..wrapper.supervisor import ServerSettings, Supervisor
+from ..wrapper.units import EXPORTS_DIR as UNITS_DIR
 from .common import (
     OneLineParser,
     UsageError,
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="as the original: a new server per connection via --connected-fd "
         "(simple replies only; for servers without --handoff-socket)",
     )
+    srv.add_argument(
+        "--systemd-units",
+        action="store_true",
+        help="run each export's server as the systemd unit xnbd-export@NAME.service "
+        f"(configuration and hand-off socket in {UNITS_DIR}) instead of as a child process",
+    )
     srv.add_argument("-Q", "--max-queue-size", metavar="N", help="passed to proxy servers")
     srv.add_argument("-B", "--max-buf-size", metavar="N", help="passed to proxy servers")
 
@@ -222,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"{PROG}: {err} (see --help)", file=sys.stderr)
         return 2
+    if ns.systemd_units and ns.no_handoff:
+        print(f"{PROG}: --systemd-units needs the hand-off (see --help)", file=sys.stderr)
+        return 2
+    if ns.systemd_units and not os.path.isdir("/run/systemd/system"):
+        print(f"{PROG}: --systemd-units: systemd is not running on this machine", file=sys.stderr)
+        return 1
     try:
         logs.setup_logging(
             logpath=os.path.abspath(ns.logpath) if ns.logpath else None,
@@ -233,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             ns.run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or DEFAULT_RUN_DIR
         )
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        if ns.systemd_units:
+            os.makedirs(UNITS_DIR, mode=0o700, exist_ok=True)
         settings = ServerSettings(
             command=command(ns.xnbd_server, "xnbd-server", "xnbdd.cli.server"),
             run_dir=run_dir,
@@ -241,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_size=ns.max_queue_size,
             max_buf_size=ns.max_buf_size,
             verbose=ns.verbose,
+            systemd_units=ns.systemd_units,
         )
         opts = WrapperOptions(
             bgctl_command=command(ns.xnbd_bgctl, "xnbd-bgctl", "xnbdd.cli.bgctl"),

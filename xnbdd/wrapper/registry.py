@@ -269,7 +269,7 @@ class Database:
 
 # -- the configuration folder -------------------------------------------------------------------
 
-_IGNORED_KEYS = {"lport", "laddr", "unix", "oldstyle", "logpath", "syslog"}
+_IGNORED_KEYS = {"lport", "laddr", "unix", "oldstyle", "logpath", "syslog", "handoff_socket"}
 
 
 def load_config_dir(directory: str) -> tuple[list[ExportEntry], list[str]]:

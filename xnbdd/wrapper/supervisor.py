@@ -9,6 +9,10 @@ Per-export files live in the wrapper's runtime directory, named by a hash of the
 settings, never by its name, so no export name can reach outside that directory. A server still
 listening there from an earlier wrapper (``orphan``, or a restart with KillMode=process) is
 adopted instead of started twice, as long as its settings are the same.
+
+With ``systemd_units`` the server of an export is the systemd unit ``xnbd-export@NAME.service``
+instead of a child (xnbdd/wrapper/units.py): started, stopped and watched through systemd, and
+handed clients the same way.
 """
 
 from __future__ import annotations
@@ -32,12 +36,24 @@ from ..export import Export
 from ..handoff import HandoffError, export_from_json, query_export, send_handoff
 from ..proto.messages import ExportInfo, Negotiated
 from .registry import ExportEntry
+from .units import (
+    EXPORTS_DIR,
+    UnitError,
+    config_path,
+    export_config,
+    remove_config,
+    start_unit,
+    stop_unit,
+    unit_name,
+    write_config,
+)
 
 log = logging.getLogger("xnbdd")
 
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL = 0.05
+WATCH_POLL = 0.5  # how often a server that is not our child is checked for life
 
 
 class StartError(Exception):
@@ -55,6 +71,8 @@ class ServerSettings:
     max_queue_size: str | None = None  # passed unchanged, proxy mode only (as the original)
     max_buf_size: str | None = None
     verbose: bool = False
+    systemd_units: bool = False  # xnbd-export@NAME.service units instead of children
+    units_dir: str = EXPORTS_DIR  # their configuration files and hand-off sockets
 
 
 def server_args(
@@ -103,7 +121,8 @@ def server_args(
 def handoff_path(entry: ExportEntry, settings: ServerSettings) -> str:
     identity = json.dumps(server_args(entry, settings, "-"), separators=(",", ":"))
     digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:24]
-    return os.path.join(settings.run_dir, f"export-{digest}.sock")
+    directory = settings.units_dir if settings.systemd_units else settings.run_dir
+    return os.path.join(directory, f"export-{digest}.sock")
 
 
 def image_info(entry: ExportEntry) -> ExportInfo:
@@ -125,7 +144,8 @@ class ExportProcess:
     path: str
     pid: int
     info: ExportInfo
-    process: trio.Process | None  # None: adopted from an earlier wrapper
+    process: trio.Process | None  # None: a unit, or adopted from an earlier wrapper
+    unit: str | None = None  # xnbd-export@NAME.service when run by systemd
     exited: trio.Event = field(default_factory=trio.Event)
     clients: int = 0
 
@@ -140,6 +160,9 @@ class Supervisor:
         self._running: dict[str, ExportProcess] = {}
         self._locks: dict[str, trio.Lock] = {}
         self._info: dict[str, ExportInfo] = {}  # last known, also for exports not running
+        # Exports whose unit this wrapper started: systemd may restart one behind our back
+        # (Restart=on-failure), so removal and shutdown stop these units whether running or not.
+        self._units: set[str] = set()
 
     def running(self) -> dict[str, ExportProcess]:
         return dict(self._running)
@@ -187,14 +210,20 @@ class Supervisor:
 
     async def _start(self, entry: ExportEntry) -> ExportProcess:
         path = handoff_path(entry, self.settings)
+        unit = None
+        if self.settings.systemd_units:
+            unit = unit_name_for(entry)
+            self._write_unit_config(entry, unit, path)
         with contextlib.suppress(HandoffError):
             answer = await trio.to_thread.run_sync(query_export, path, 1.0)
             log.info("export %r: adopting running server (pid %s)", entry.name, answer["pid"])
             proc = ExportProcess(
-                entry, path, int(answer["pid"]), export_from_json(answer["export"]), None
+                entry, path, int(answer["pid"]), export_from_json(answer["export"]), None, unit
             )
             self._spawn_watch(proc)
             return proc
+        if unit is not None:
+            return await self._start_unit(entry, path, unit)
         args = server_args(entry, self.settings, path)
         log.info("export %r: starting %s", entry.name, " ".join(args))
         process = await trio.lowlevel.open_process(args, stdin=subprocess.DEVNULL)
@@ -209,6 +238,42 @@ class Supervisor:
         proc = ExportProcess(entry, path, process.pid, export_from_json(answer["export"]), process)
         self._spawn_watch(proc)
         log.info("export %r: server ready (pid %d)", entry.name, process.pid)
+        return proc
+
+    def _write_unit_config(self, entry: ExportEntry, unit: str, path: str) -> None:
+        text = export_config(
+            entry,
+            path,
+            max_queue_size=self.settings.max_queue_size,
+            max_buf_size=self.settings.max_buf_size,
+        )
+        try:
+            write_config(config_path(unit, self.settings.units_dir), text)
+        except (UnitError, OSError) as err:
+            raise StartError(f"{unit}: cannot write its configuration: {err}") from None
+
+    async def _start_unit(self, entry: ExportEntry, path: str, unit: str) -> ExportProcess:
+        log.info("export %r: starting %s", entry.name, unit)
+        try:
+            await start_unit(unit)
+        except UnitError as err:
+            raise StartError(str(err)) from None
+        self._units.add(entry.name)
+        # systemctl returns once the server said READY=1, after binding its hand-off socket.
+        answer = None
+        with trio.move_on_after(START_TIMEOUT):
+            while answer is None:
+                try:
+                    answer = await trio.to_thread.run_sync(query_export, path, 1.0)
+                except HandoffError:
+                    await trio.sleep(POLL)
+        if answer is None:
+            raise StartError(f"{unit} is active but its hand-off socket {path} does not answer")
+        proc = ExportProcess(
+            entry, path, int(answer["pid"]), export_from_json(answer["export"]), None, unit
+        )
+        self._spawn_watch(proc)
+        log.info("export %r: %s ready (pid %d)", entry.name, unit, proc.pid)
         return proc
 
     async def _wait_ready(self, path: str, process: trio.Process) -> dict[str, Any]:
@@ -234,7 +299,7 @@ class Supervisor:
             status = await proc.process.wait()
         else:
             while _alive(proc.pid):
-                await trio.sleep(1.0)
+                await trio.sleep(WATCH_POLL)
             status = None
         proc.exited.set()
         if self._running.get(proc.entry.name) is proc:
@@ -245,6 +310,8 @@ class Supervisor:
             if status is None or status >= 0
             else (f"signal {signal.Signals(-status).name}")
         )
+        if proc.unit is not None:
+            how = f"see systemctl status {proc.unit}"
         log.log(
             logging.INFO if status in (0, None) else logging.WARNING,
             "export %r: server (pid %d) ended, %s",
@@ -258,6 +325,10 @@ class Supervisor:
         reconnected): keep that server for the new entry instead of restarting it."""
         if self._running.get(name) is proc:
             proc.entry = entry
+            if proc.unit is not None:
+                # A restart by systemd (Restart=on-failure) must come back in the new shape.
+                with contextlib.suppress(StartError):
+                    self._write_unit_config(entry, proc.unit, proc.path)
 
     async def stop(self, name: str) -> None:
         lock = self._locks.setdefault(name, trio.Lock())
@@ -266,11 +337,20 @@ class Supervisor:
             if proc is not None:
                 self.on_change()
                 await self._stop(proc)
+            elif name in self._units:
+                await self._stop_unit(name, unit_name(name))
+            self._units.discard(name)
         self._info.pop(name, None)
 
     async def _stop(self, proc: ExportProcess) -> None:
-        """SIGTERM (the server finishes requests in flight), SIGKILL after the grace period."""
+        """SIGTERM (the server finishes requests in flight), SIGKILL after the grace period.
+        A unit is stopped by systemd, which does the same (KillMode=mixed, TimeoutStopSec=)."""
         self._running.pop(proc.entry.name, None)
+        if proc.unit is not None:
+            await self._stop_unit(proc.entry.name, proc.unit)
+            with trio.move_on_after(STOP_GRACE):
+                await proc.exited.wait()
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
         with trio.move_on_after(STOP_GRACE):
@@ -283,9 +363,17 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGKILL)
         await proc.exited.wait()
 
+    async def _stop_unit(self, name: str, unit: str) -> None:
+        log.info("export %r: stopping %s", name, unit)
+        try:
+            await stop_unit(unit)
+        except UnitError as err:
+            log.error("export %r: %s", name, err)
+        remove_config(config_path(unit, self.settings.units_dir))
+
     async def stop_all(self) -> None:
         async with trio.open_nursery() as nursery:
-            for name in list(self._running):
+            for name in set(self._running) | self._units:
                 nursery.start_soon(self.stop, name)
 
     # -- clients --------------------------------------------------------------------------------
@@ -316,6 +404,13 @@ class Supervisor:
         process = await trio.lowlevel.open_process(args, stdin=subprocess.DEVNULL, pass_fds=(fd,))
         assert self.nursery is not None
         self.nursery.start_soon(process.wait)
+
+
+def unit_name_for(entry: ExportEntry) -> str:
+    try:
+        return unit_name(entry.name)
+    except UnitError as err:
+        raise StartError(str(err)) from None
 
 
 def _alive(pid: int) -> bool:
