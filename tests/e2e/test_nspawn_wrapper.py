@@ -1,5 +1,7 @@
 """xnbd-wrapper under real systemd 252 as PID 1 (systemd-nspawn on the cached Debian tree), with
-the shipped xnbd-wrapper.socket and xnbd-wrapper.service exactly as they are.
+the shipped xnbd-wrapper.socket, xnbd-wrapper.service and xnbd-export@.service: first with export
+servers as children (a drop-in takes --systemd-units off the wrapper's command line), then as the
+shipped service runs them, one xnbd-export@NAME.service unit per export.
 
 As in test_nspawn.py the container runs this work tree with Debian's python3, trio 0.22 and
 python3-systemd through small scripts in /usr/local/bin (systemd finds them on its executable
@@ -35,6 +37,13 @@ SERVICE = "xnbd-wrapper.service"
 SOCKET = "xnbd-wrapper.socket"
 IMAGE_SIZE = 8 << 20
 EXPORTS = {"alpha": "/var/lib/xnbd/alpha.img", "beta": "/var/lib/xnbd/beta.img"}
+# A name with '/' and '-': its unit is named by systemd-escape's rules.
+ODD_NAME, ODD_IMAGE, ODD_UNIT = (
+    "team/disk-1",
+    "/var/lib/xnbd/team.img",
+    "xnbd-export@team-disk\\x2d1.service",
+)
+DROPIN_DIR = f"/etc/systemd/system/{SERVICE}.d"
 
 PROGRAMS = {
     "xnbd-server": "xnbdd.cli.server",
@@ -52,7 +61,7 @@ SCRIPT = (
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The container's /var/lib/xnbd: the two images and, later, the state database."""
     path = tmp_path_factory.mktemp("wrapper-data")
-    for image in EXPORTS.values():
+    for image in [*EXPORTS.values(), ODD_IMAGE]:
         with open(path / os.path.basename(image), "wb") as f:
             f.truncate(IMAGE_SIZE)
     return path
@@ -71,7 +80,12 @@ def box(
         binds[str(script)] = f"/usr/local/bin/{program}"
     for unit in sorted((REPO / "units").glob("xnbd-wrapper.*")):
         binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
-    container = Container(systemd_tree, work, binds, writable=(str(data),))
+    export_unit = REPO / "units" / "xnbd-export@.service"
+    binds[str(export_unit)] = f"/etc/systemd/system/{export_unit.name}"
+    dropins = work / "dropins"
+    dropins.mkdir()
+    binds[str(dropins)] = DROPIN_DIR
+    container = Container(systemd_tree, work, binds, writable=(str(data), str(dropins)))
     yield container
     container.poweroff()
 
@@ -87,13 +101,13 @@ def ctl(box: Container, *args: str) -> str:
 
 
 def write_at(box: Container, name: str, offset_mib: int, payload: bytes, tmp_path: Path) -> None:
-    src = tmp_path / f"{name}-src.bin"
+    src = tmp_path / f"{name.replace('/', '_')}-src.bin"
     src.write_bytes(b"\0" * (offset_mib << 20) + payload)
     box.in_net("nbdcopy", str(src), f"nbd://127.0.0.1:{PORT}/{name}")
 
 
 def read_all(box: Container, name: str, tmp_path: Path) -> bytes:
-    back = tmp_path / f"{name}-back.bin"
+    back = tmp_path / f"{name.replace('/', '_')}-back.bin"
     box.in_net("nbdcopy", f"nbd://127.0.0.1:{PORT}/{name}", str(back))
     return back.read_bytes()
 
@@ -105,10 +119,26 @@ def export_server_pids(box: Container) -> set[str]:
 
 
 def test_shipped_wrapper_units_pass_verify_inside(box: Container) -> None:
-    proc = box.run("systemd-analyze", "verify", "--man=no", SOCKET, SERVICE, check=False)
+    units = (SOCKET, SERVICE, "xnbd-export@alpha.service", ODD_UNIT)
+    proc = box.run("systemd-analyze", "verify", "--man=no", *units, check=False)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
+@pytest.fixture
+def children_mode(box: Container) -> Iterator[None]:
+    """The wrapper's shipped command line without --systemd-units (a drop-in)."""
+    text = (REPO / "units" / SERVICE).read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert " --systemd-units" in exec_start
+    dropin = f"[Service]\nExecStart=\n{exec_start.replace(' --systemd-units', '')}\n"
+    box.run("sh", "-c", f"cat > {DROPIN_DIR}/children.conf", input=dropin)
+    box.run("systemctl", "daemon-reload")
+    yield
+    box.run("rm", f"{DROPIN_DIR}/children.conf")
+    box.run("systemctl", "daemon-reload")
+
+
+@pytest.mark.usefixtures("children_mode")
 def test_wrapper_socket_activation_exports_restart(
     box: Container, data: Path, tmp_path: Path
 ) -> None:
@@ -189,3 +219,79 @@ def test_wrapper_socket_activation_exports_restart(
 
     box.run("systemctl", "stop", SERVICE, SOCKET)
     assert box.show(SERVICE, "Result")["Result"] == "success"
+
+
+def unit_state(box: Container, unit: str) -> str:
+    return box.run("systemctl", "is-active", unit, check=False).stdout.strip()
+
+
+def test_each_export_is_its_own_unit(box: Container, data: Path, tmp_path: Path) -> None:
+    """The shipped service (--systemd-units): xnbd-export@NAME.service per export."""
+    (data / "xnbd.state").unlink(missing_ok=True)  # the exports of the test before
+    box.run("systemctl", "start", SOCKET)
+    assert listed(box) == {}  # activates the wrapper
+    wrapper_pid = box.show(SERVICE, "MainPID")["MainPID"]
+    exports = {**EXPORTS, ODD_NAME: ODD_IMAGE}
+    for name, image in exports.items():
+        ctl(box, "--add-target", name, image)
+    units = {name: f"xnbd-export@{name}.service" for name in EXPORTS} | {ODD_NAME: ODD_UNIT}
+    # Nothing runs before the first client chooses an export.
+    assert all(unit_state(box, unit) == "inactive" for unit in units.values())
+
+    payloads = {name: os.urandom(1 << 20) for name in exports}
+    for offset, (name, payload) in enumerate(payloads.items(), start=1):
+        write_at(box, name, offset, payload, tmp_path)
+    for offset, (name, payload) in enumerate(payloads.items(), start=1):
+        got = read_all(box, name, tmp_path)
+        assert got[offset << 20 : (offset + 1) << 20] == payload
+        on_disk = (data / os.path.basename(exports[name])).read_bytes()
+        assert on_disk[offset << 20 : (offset + 1) << 20] == payload
+
+    # Each export is served by its own unit, not by a child of the wrapper.
+    for unit in units.values():
+        assert unit_state(box, unit) == "active", box.run("systemctl", "status", unit).stdout
+        state = box.show(unit, "MainPID", "ControlGroup", "NRestarts")
+        assert state["ControlGroup"].endswith(f"/system-xnbd\\x2dexport.slice/{unit}"), state
+        assert state["MainPID"] not in ("0", wrapper_pid)
+    assert box.run("pgrep", "-P", wrapper_pid, check=False).stdout == ""
+
+    # journalctl -u of the export's unit shows its server and each client the wrapper handed it.
+    handed = {
+        str(e["XNBD_CLIENT"])
+        for e in box.journal("-u", SERVICE, f"_PID={wrapper_pid}")  # not the test before
+        if str(e["MESSAGE"]).startswith("client handed to export 'alpha'")
+    }
+    alpha_log = box.journal("-u", units["alpha"])
+    served = {str(e["XNBD_CLIENT"]) for e in alpha_log if e["MESSAGE"] == "client connected"}
+    assert len(handed) >= 2 and served == handed, (handed, served)  # nbdcopy write, read
+    assert {e["SYSLOG_IDENTIFIER"] for e in alpha_log} >= {"xnbd-server"}
+
+    # Removal stops the export's unit and only that one.
+    ctl(box, "--remove-by-exportname", "alpha")
+    assert unit_state(box, units["alpha"]) == "inactive"
+    assert box.show(units["alpha"], "Result")["Result"] == "success"
+    assert unit_state(box, units["beta"]) == "active"
+    assert "alpha" not in listed(box)
+
+    # A unit that cannot start: the client gets an error, the wrapper logs systemd's reason.
+    (data / "gone.img").write_bytes(b"\0" * 4096)
+    ctl(box, "--add-target", "gone", "/var/lib/xnbd/gone.img")
+    (data / "gone.img").unlink()
+    failed = box.in_net("nbdinfo", f"nbd://127.0.0.1:{PORT}/gone", check=False)
+    assert failed.returncode != 0
+    reasons = [
+        str(e["MESSAGE"])
+        for e in box.journal("-u", SERVICE)
+        if str(e["MESSAGE"]).startswith("export 'gone' is not available: ")
+    ]
+    assert reasons and "unit xnbd-export@gone.service failed to start" in reasons[-1], reasons
+    assert "journalctl -u xnbd-export@gone.service" in reasons[-1]
+    assert unit_state(box, units["beta"]) == "active"  # a failed export disturbs no other
+
+    # Stopping the wrapper stops the rest (PartOf=), all cleanly.
+    box.run("systemctl", "stop", SERVICE)
+    assert box.show(SERVICE, "Result")["Result"] == "success"
+    for name in ("beta", ODD_NAME):
+        assert unit_state(box, units[name]) == "inactive"
+        assert box.show(units[name], "Result")["Result"] == "success"
+    box.run("systemctl", "stop", SOCKET)

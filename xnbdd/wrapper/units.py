@@ -142,17 +142,15 @@ async def systemctl(*args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 async def failure_reason(unit: str) -> str:
-    """Why a unit is not running, from systemd's own record of it."""
-    shown = await systemctl(
-        "show", unit, "--property=ActiveState,Result,ExecMainCode,ExecMainStatus"
-    )
+    """Why a unit did not start, from systemd's own record of it."""
+    shown = await systemctl("show", unit, "--property=Result,ExecMainCode,ExecMainStatus")
     props = dict(
         line.split("=", 1)
         for line in shown.stdout.decode(errors="replace").splitlines()
         if "=" in line
     )
     how = {"1": "exited with status", "2": "killed by signal", "3": "dumped core, signal"}
-    reason = f"unit {unit} {props.get('ActiveState', 'unknown')} ({props.get('Result', '?')}"
+    reason = f"unit {unit} failed to start ({props.get('Result', '?')}"
     code = props.get("ExecMainCode", "0")
     if code in how:
         reason += f", main process {how[code]} {props.get('ExecMainStatus', '?')}"
