@@ -28,9 +28,13 @@ def image(tmp_path: Path, name: str = "disk.img", size: int = 1 << 20) -> str:
 
 def proxy(tmp_path: Path, name: str = "vm7") -> ExportEntry:
     return ExportEntry(
-        name=name, mode="proxy", image=image(tmp_path, f"{name}.cache"),
-        bitmap=str(tmp_path / f"{name}.bitmap"), control_socket=str(tmp_path / f"{name}.ctl"),
-        remote_host="127.0.0.1", remote_port="8520",
+        name=name,
+        mode="proxy",
+        image=image(tmp_path, f"{name}.cache"),
+        bitmap=str(tmp_path / f"{name}.bitmap"),
+        control_socket=str(tmp_path / f"{name}.ctl"),
+        remote_host="127.0.0.1",
+        remote_port="8520",
     )
 
 
@@ -70,9 +74,12 @@ def test_configuration_exports_are_not_state(tmp_path: Path) -> None:
         (b'{"version": 2, "images": []}', "not an object"),
         (b'{"version": 2, "images": {"a": {"mode": "target"}}}', "'image_path' missing"),
         (b'{"version": 2, "images": {"a": {"mode": "cow", "image_path": "/x"}}}', "unknown mode"),
-        (b'{"version": 2, "images": {"a": {"mode": "proxy", "image_path": "/x", '
-         b'"bitmap_path": "/b", "control_socket_path": "/c", "remote_host": "h", '
-         b'"remote_port": 8520}}}', "'remote_port' missing or not a string"),
+        (
+            b'{"version": 2, "images": {"a": {"mode": "proxy", "image_path": "/x", '
+            b'"bitmap_path": "/b", "control_socket_path": "/c", "remote_host": "h", '
+            b'"remote_port": 8520}}}',
+            "'remote_port' missing or not a string",
+        ),
     ],
 )
 def test_corrupt_database_is_refused_and_left_alone(
@@ -94,7 +101,8 @@ def test_symlinked_or_hardlinked_database_is_refused(tmp_path: Path) -> None:
         Database(str(link)).load()
     with pytest.raises(RegistryError, match="not a regular file"):
         Registry(Database(str(link))).add(
-            ExportEntry(name="a", mode="target", image=image(tmp_path)))
+            ExportEntry(name="a", mode="target", image=image(tmp_path))
+        )
     assert link.is_symlink() and real.read_text() == '{"version": 2, "images": {}}'
     hard = tmp_path / "hard.state"
     os.link(real, hard)
@@ -173,10 +181,15 @@ def test_paths_must_stay_inside_the_allowed_directories(tmp_path: Path) -> None:
 def test_restore_skips_bad_entries_and_keeps_the_previous_file(tmp_path: Path) -> None:
     db_path = tmp_path / "xnbd.state"
     good = image(tmp_path)
-    original = json.dumps({"version": 2, "images": {
-        "good": {"mode": "target", "image_path": good},
-        "gone": {"mode": "target", "image_path": str(tmp_path / "gone.img")},
-    }})
+    original = json.dumps(
+        {
+            "version": 2,
+            "images": {
+                "good": {"mode": "target", "image_path": good},
+                "gone": {"mode": "target", "image_path": str(tmp_path / "gone.img")},
+            },
+        }
+    )
     db_path.write_text(original)
     db = Database(str(db_path))
     registry = Registry(db)
@@ -204,11 +217,14 @@ def test_config_dir(tmp_path: Path) -> None:
     img = image(tmp_path)
     (conf / "disk.conf").write_text(f"mode = cow-target\nimage = {img}\ndescription = a disk\n")
     (conf / "named.conf").write_text(
-        f"image = {img}\nexportname = other\nreadonly = yes\nlport = 1234\n")
+        f"image = {img}\nexportname = other\nreadonly = yes\nlport = 1234\n"
+    )
     (conf / "ignored.txt").write_text("not a config\n")
     entries, warnings = load_config_dir(str(conf))
     assert [(e.name, e.server_mode, e.readonly, e.description) for e in entries] == [
-        ("disk", "cow_target", False, "a disk"), ("other", "target", True, "")]
+        ("disk", "cow_target", False, "a disk"),
+        ("other", "target", True, ""),
+    ]
     assert all(not e.persistent for e in entries)
     assert warnings and "lport" in warnings[0]
     (conf / "bad.conf").write_text("colour = blue\n")

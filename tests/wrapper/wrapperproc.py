@@ -35,8 +35,13 @@ class WrapperProcess:
         return self.log_path.read_text(errors="replace")
 
     def ctl(self, *args: str) -> tuple[int, str]:
-        done = subprocess.run([*CTL, "--socket", str(self.control), *args], capture_output=True,
-                              text=True, timeout=60, env=server_env())
+        done = subprocess.run(
+            [*CTL, "--socket", str(self.control), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=server_env(),
+        )
         return done.returncode, done.stdout + done.stderr
 
     def export_servers(self) -> list[tuple[int, str]]:
@@ -75,30 +80,44 @@ def wait_until_serving(w: WrapperProcess, timeout: float = 15.0) -> None:
     raise TimeoutError(f"wrapper did not start:\n{w.log()}")
 
 
-def wrapper_args(tmp_path: Path, port: int, *extra: str, control: Path | None = None
-                 ) -> list[str]:
+def wrapper_args(tmp_path: Path, port: int, *extra: str, control: Path | None = None) -> list[str]:
     return [
-        "--lport", str(port), "--laddr", "127.0.0.1",
-        "--socket", str(control or tmp_path / "ctl"),
-        "--dbpath", str(tmp_path / "state" / "xnbd.state"),
-        "--run-dir", str(tmp_path / "r"),
-        "--xnbd-server", SERVER,
+        "--lport",
+        str(port),
+        "--laddr",
+        "127.0.0.1",
+        "--socket",
+        str(control or tmp_path / "ctl"),
+        "--dbpath",
+        str(tmp_path / "state" / "xnbd.state"),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--xnbd-server",
+        SERVER,
         *extra,
     ]
 
 
 @contextlib.contextmanager
-def running_wrapper(tmp_path: Path, *extra: str, check_exit: bool = True,
-                    port: int | None = None, control: Path | None = None
-                    ) -> Iterator[WrapperProcess]:
+def running_wrapper(
+    tmp_path: Path,
+    *extra: str,
+    check_exit: bool = True,
+    port: int | None = None,
+    control: Path | None = None,
+) -> Iterator[WrapperProcess]:
     port = port or free_port()
     log_path = tmp_path / f"wrapper-{port}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [*WRAPPER, *wrapper_args(tmp_path, port, *extra, control=control)],
-            stdout=log, stderr=subprocess.STDOUT, env=server_env())
-    w = WrapperProcess(proc, port, control or tmp_path / "ctl",
-                       tmp_path / "state" / "xnbd.state", log_path)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+        )
+    w = WrapperProcess(
+        proc, port, control or tmp_path / "ctl", tmp_path / "state" / "xnbd.state", log_path
+    )
     try:
         wait_until_serving(w)
         yield w
@@ -110,8 +129,13 @@ def running_wrapper(tmp_path: Path, *extra: str, check_exit: bool = True,
 
 def start_wrapper(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run a wrapper that is expected to refuse to start."""
-    return subprocess.run([*WRAPPER, *wrapper_args(tmp_path, free_port(), *extra)],
-                          capture_output=True, text=True, timeout=30, env=server_env())
+    return subprocess.run(
+        [*WRAPPER, *wrapper_args(tmp_path, free_port(), *extra)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=server_env(),
+    )
 
 
 def alive(pid: int) -> bool:
