@@ -72,8 +72,9 @@ def test_unknown_export_is_refused_with_err_unknown(tmp_path: Path) -> None:
     need("nbdinfo")
     a = image(tmp_path / "a.img")
     with running_wrapper(tmp_path, "--imgfile", str(a)) as w:
-        done = subprocess.run(["nbdinfo", w.uri("nope")], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["nbdinfo", w.uri("nope")], capture_output=True, text=True, timeout=30
+        )
     assert done.returncode != 0
     # libnbd reports NBD_REP_ERR_UNKNOWN as ENOENT
     assert "No such file or directory for export: nope" in done.stderr
@@ -87,8 +88,11 @@ def test_qemu_img_on_two_exports_at_once(tmp_path: Path) -> None:
     src_b = image(tmp_path / "src-b.raw", 16 * MiB, fill=os.urandom(4096))
     with running_wrapper(tmp_path, "--imgfile", str(a), "--imgfile", str(b)) as w:
         jobs = [
-            subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
-                              w.uri(str(dst))], stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                ["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), w.uri(str(dst))],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for src, dst in ((src_a, a), (src_b, b))
         ]
         for job in jobs:
@@ -147,11 +151,12 @@ def test_add_and_remove_at_run_time(tmp_path: Path) -> None:
         assert w.ctl("--list") == (0, f"1 : late  ({disk})\n")
         info = json.loads(run("nbdinfo", "--json", w.uri("late")))
         assert info["exports"][0]["export-size"] == 2 * MiB
-        (pid, _), = w.export_servers()
+        ((pid, _),) = w.export_servers()
         assert w.ctl("--remove-by-exportname", "late")[0] == 0
         assert not alive(pid), "removing an export stops its server"
-        done = subprocess.run(["nbdinfo", w.uri("late")], capture_output=True, text=True,
-                              timeout=30)
+        done = subprocess.run(
+            ["nbdinfo", w.uri("late")], capture_output=True, text=True, timeout=30
+        )
         assert done.returncode != 0 and "No such file or directory" in done.stderr
         assert w.ctl("--remove-by-exportname", "late") == (1, "no export matches 'late'\n")
         assert w.ctl("--add-target", "again", str(disk))[0] == 0
@@ -193,7 +198,9 @@ def test_a_crashed_export_leaves_the_others_serving(tmp_path: Path) -> None:
         ha, hb = nbd.NBD(), nbd.NBD()
         ha.connect_uri(w.uri(str(a)))
         hb.connect_uri(w.uri(str(b)))
-        (pid_a, _), = [s for s in w.export_servers() if s[1].split() and s[1].split()[-1] == str(a)]
+        ((pid_a, _),) = [
+            s for s in w.export_servers() if s[1].split() and s[1].split()[-1] == str(a)
+        ]
         os.kill(pid_a, signal.SIGKILL)
         with pytest.raises(nbd.Error):
             ha.pread(512, 0)
@@ -262,21 +269,39 @@ def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
     disk = image(tmp_path / "disk.img", 5 * MiB)
     port = free_port()
     control = tmp_path / "activated.ctl"
-    args = wrapper_args(tmp_path, port, "--imgfile", str(disk),
-                        control=None if by_name else control)
+    args = wrapper_args(
+        tmp_path, port, "--imgfile", str(disk), control=None if by_name else control
+    )
     names = ["--fdname=nbd:control"] if by_name else []
     env = server_env()
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", str(control), *names,
-         "-E", f"PYTHONPATH={env['PYTHONPATH']}", "--", *WRAPPER, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            "systemd-socket-activate",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-l",
+            str(control),
+            *names,
+            "-E",
+            f"PYTHONPATH={env['PYTHONPATH']}",
+            "--",
+            *WRAPPER,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 15
         listing: dict[str, object] | None = None
         while listing is None:
-            done = subprocess.run(["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}/"],
-                                  capture_output=True, text=True, timeout=30)
+            done = subprocess.run(
+                ["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}/"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
             if done.returncode == 0:
                 listing = json.loads(done.stdout)
             else:
@@ -284,9 +309,17 @@ def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
                 time.sleep(0.1)
         assert [e["export-name"] for e in listing["exports"]] == [str(disk)]  # type: ignore[index]
         ctl = subprocess.run(
-            [*WRAPPER[:2], "import sys; from xnbdd.cli.wrapper_ctl import main; sys.exit(main())",
-             "--socket", str(control), "--list"],
-            capture_output=True, text=True, timeout=30, env=env,
+            [
+                *WRAPPER[:2],
+                "import sys; from xnbdd.cli.wrapper_ctl import main; sys.exit(main())",
+                "--socket",
+                str(control),
+                "--list",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
         )
         assert (ctl.returncode, ctl.stdout) == (0, f"1 : {disk}  ({disk})\n"), ctl.stderr
         assert not (tmp_path / "ctl").exists(), "the inherited control socket is used instead"
@@ -303,7 +336,7 @@ def test_orphan_leaves_servers_and_the_next_wrapper_adopts_them(tmp_path: Path) 
     with running_wrapper(tmp_path, "--imgfile", str(disk), port=port) as w:
         client = nbd.NBD()
         client.connect_uri(w.uri(str(disk)))
-        (pid, _), = w.export_servers()
+        ((pid, _),) = w.export_servers()
         assert w.ctl("--orphan")[0] == 0
         assert w.proc.wait(20) == 0
     assert alive(pid), "orphan leaves the export server running"
@@ -329,10 +362,19 @@ def test_two_clients_of_one_proxy_export_share_one_cache(tmp_path: Path) -> None
 
     origin_image = image(tmp_path / "origin.img", 4 * MiB, fill=os.urandom(4096))
     cache = image(tmp_path / "vm.cache", 0)
-    with running_server("--target", str(origin_image), "--readonly",
-                        tmp_path=tmp_path) as origin, running_wrapper(tmp_path) as w:
-        code, out = w.ctl("--add-proxy", "vm", "127.0.0.1", str(origin.port), str(cache),
-                          str(tmp_path / "vm.bitmap"), str(tmp_path / "vm.ctl"))
+    with (
+        running_server("--target", str(origin_image), "--readonly", tmp_path=tmp_path) as origin,
+        running_wrapper(tmp_path) as w,
+    ):
+        code, out = w.ctl(
+            "--add-proxy",
+            "vm",
+            "127.0.0.1",
+            str(origin.port),
+            str(cache),
+            str(tmp_path / "vm.bitmap"),
+            str(tmp_path / "vm.ctl"),
+        )
         assert code == 0, out
         first, second = nbd.NBD(), nbd.NBD()
         first.connect_uri(w.uri("vm"))
@@ -340,7 +382,7 @@ def test_two_clients_of_one_proxy_export_share_one_cache(tmp_path: Path) -> None
         assert len(w.export_servers()) == 1, "one proxy for both clients"
         expected = origin_image.read_bytes()
         assert first.pread(64 * 1024, 0) == expected[: 64 * 1024]
-        assert second.pread(64 * 1024, 1 * MiB) == expected[MiB: MiB + 64 * 1024]
+        assert second.pread(64 * 1024, 1 * MiB) == expected[MiB : MiB + 64 * 1024]
         code, out = w.ctl("--bgctl-query", "vm")
         assert code == 0, out
         assert "cached blocks 32 / 1024" in out, out  # both clients' reads, in one cache
@@ -350,3 +392,16 @@ def test_two_clients_of_one_proxy_export_share_one_cache(tmp_path: Path) -> None
         first.shutdown()
         second.shutdown()
     assert cache.read_bytes() == origin_image.read_bytes()
+
+
+def test_systemd_units_needs_systemd_and_the_handoff(tmp_path: Path) -> None:
+    done = start_wrapper(tmp_path, "--systemd-units", "--no-handoff")
+    assert done.returncode == 2 and "--systemd-units needs the hand-off" in done.stderr
+    if os.path.isdir("/run/systemd/system"):
+        pytest.skip("systemd is PID 1 here: the refusal below cannot happen")
+    done = start_wrapper(tmp_path, "--systemd-units")
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr.strip()
+        == "xnbd-wrapper: --systemd-units: systemd is not running on this machine"
+    )
