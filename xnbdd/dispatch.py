@@ -18,6 +18,7 @@ from .proto.transmission import (
     error_chunk,
     none_chunk,
     offset_data_header,
+    offset_hole,
     simple_reply,
 )
 
@@ -27,6 +28,9 @@ log = logging.getLogger("xnbdd")
 
 _READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlag.FUA)
 
+# Structured READs this large ask the backend whether the range is a hole: answered by one
+# OFFSET_HOLE chunk instead of the zeros themselves.
+HOLE_CHECK_MIN = 64 * 1024
 # Extents per BLOCK_STATUS chunk: keeps a reply far below the maximum payload.
 MAX_EXTENTS = 8192
 
@@ -86,6 +90,10 @@ def execute_now(
     backend = export.backend
     try:
         if req.cmd == _READ and req.length:
+            if negotiated.structured and req.length >= HOLE_CHECK_MIN:
+                is_hole = getattr(backend, "is_hole", None)
+                if is_hole is not None and is_hole(req.offset, req.length):
+                    return [offset_hole(req.cookie, req.offset, req.length, done=True)]
             try_range = getattr(backend, "try_read_range", None)
             data: FileRange | bytes | bytearray | None = (
                 try_range(req.offset, req.length) if try_range is not None else None

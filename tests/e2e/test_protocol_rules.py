@@ -447,3 +447,35 @@ def test_rule20_shutdown_during_negotiation(tmp_path: Path) -> None:
         assert c.reply()[1] == ERR_SHUTDOWN
         c.option(OPT_ABORT)
         assert c.reply()[1] == REP_ACK
+
+
+def test_rule35_holes_of_a_memory_file_system_are_sent_as_hole_chunks(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    image = shm / f"xnbdd-holes-{os.getpid()}.img"
+    try:
+        with open(image, "wb") as f:
+            f.truncate(SIZE)
+            f.seek(MiB)
+            f.write(b"d" * 65536)
+        with running_server("--target", str(image), tmp_path=tmp_path) as srv:
+            c = RawClient(srv.port)
+            c.go(structured=True)
+            c.request(CMD_READ, 2 * MiB, MiB, cookie=1)  # all hole
+            (chunk,) = c.structured_reply()
+            assert chunk[:3] == (1, 2, 1)  # DONE, OFFSET_HOLE, cookie
+            assert struct.unpack("!QI", chunk[3]) == (2 * MiB, MiB)
+            c.request(CMD_READ, MiB, 65536, cookie=2)  # data
+            (chunk,) = c.structured_reply()
+            assert chunk[1] == 1 and chunk[3][8:] == b"d" * 65536
+            c.request(CMD_READ, MiB - 65536, 131072, cookie=3)  # hole, then data: sent as data
+            (chunk,) = c.structured_reply()
+            assert chunk[1] == 1 and chunk[3][8:] == bytes(65536) + b"d" * 65536
+            c.request(CMD_WRITE, 3 * MiB, 65536, cookie=4, data=b"w" * 65536)
+            assert c.simple_reply()[:2] == (0, 4)
+            c.request(CMD_READ, 3 * MiB, 65536, cookie=5)  # a hole no more once written
+            (chunk,) = c.structured_reply()
+            assert chunk[1] == 1 and chunk[3][8:] == b"w" * 65536
+    finally:
+        image.unlink(missing_ok=True)

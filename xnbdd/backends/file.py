@@ -134,6 +134,13 @@ class FileBackend:
                 raise
             return 0
 
+    def is_hole(self, offset: int, length: int) -> bool:
+        """Whether a read of this range may be answered as a hole (structured replies): a file
+        range without data reads as zeros. Asked on the event loop, so only where the lseek
+        cannot wait for a device: memory file systems (elsewhere the extent lookup may read
+        metadata from disk; block_status does that in a thread)."""
+        return self._inline and linux.is_hole(self.fd, offset, length)
+
     def try_read_range(self, offset: int, length: int) -> FileRange | None:
         """Large reads of a memory file system go out with sendfile: its pages are never on a
         device, so sending cannot block, and no copy passes through Python."""

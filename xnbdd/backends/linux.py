@@ -167,6 +167,14 @@ def extents(fd: int, offset: int, length: int, limit: int) -> list[Extent]:
     return out
 
 
+def is_hole(fd: int, offset: int, length: int) -> bool:
+    """True when [offset, offset + length) holds no data at all (one lseek, SEEK_DATA)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + length
+    except OSError as e:
+        return e.errno == errno.ENXIO  # no data from offset to the end of file
+
+
 def _data_runs(fd: int, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
     """Alternating (start, stop, is_data) runs covering [offset, end)."""
     pos = offset
