@@ -249,6 +249,7 @@ class Connection:
         self._receive_buffer = bytearray(RECEIVE_SIZE)
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._reads_since_checkpoint = 0
+        self._spare_payload: bytearray | None = None
         self.budget = Budget(state)
         self.writer = ReplyWriter(stream, self.budget)
         self.export: Export | None = None
@@ -349,7 +350,7 @@ class Connection:
             try:
                 req = decoder.next_request()
                 if req is None:
-                    view = decoder.direct_payload(DIRECT_PAYLOAD)
+                    view = decoder.direct_payload(DIRECT_PAYLOAD, self._payload_buffer)
                     if view is not None:
                         if not await self._receive_into(view):
                             return "end of stream"
@@ -392,8 +393,17 @@ class Connection:
                 export.release()
                 if reply is not None:
                     self.writer.put(reply, cost, wake=False)
+                    if isinstance(req.data, bytearray):
+                        self._spare_payload = req.data  # written and done with: reuse it
                     continue
             handlers.start_soon(self._handle, req, cost, export, negotiated)
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        """A buffer for a large WRITE payload: the last one a WRITE answered inline released
+        if the size matches (sequential writers repeat sizes), else a new one. Saves zeroing
+        and faulting in a fresh megabyte per request."""
+        spare, self._spare_payload = self._spare_payload, None
+        return spare if spare is not None and len(spare) == length else bytearray(length)
 
     async def _receive(self) -> bool:
         """More bytes for the decoder; False at end of stream."""

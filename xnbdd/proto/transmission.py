@@ -12,7 +12,7 @@ Rules kept here (proto.md "Transmission", nbd-protocol.md §10):
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .consts import (
     MAX_PAYLOAD,
@@ -143,10 +143,13 @@ class RequestDecoder:
         self._consume(REQUEST.size + length)
         return Request(cookie, cmd, flags, offset, length, data)
 
-    def direct_payload(self, threshold: int) -> memoryview | None:
+    def direct_payload(
+        self, threshold: int, allocate: Callable[[int], bytearray] = bytearray
+    ) -> memoryview | None:
         """If the next request is a WRITE of at least ``threshold`` bytes whose payload has not
-        all arrived, move it into a buffer of its own and return the part still missing, for
-        the caller to receive into; then call ``complete_payload``. Otherwise None."""
+        all arrived, move it into a buffer of its own (from ``allocate``, which may recycle
+        one) and return the part still missing, for the caller to receive into; then call
+        ``complete_payload``. Otherwise None."""
         header = self._header()
         if header is None:
             return None
@@ -154,7 +157,7 @@ class RequestDecoder:
         have = len(self._buf) - self._pos - REQUEST.size
         if cmd != _WRITE or length > self.max_payload or length < threshold or have >= length:
             return None
-        payload = bytearray(length)
+        payload = allocate(length)
         payload[:have] = memoryview(self._buf)[self._pos + REQUEST.size :]
         self._consume(REQUEST.size + have)
         self._direct = (Request(cookie, cmd, flags, offset, length, None), payload)
