@@ -9,6 +9,9 @@ from typing import NoReturn
 
 from ..systemd import SystemdEnvError
 
+# The LISTEN_FDNAMES name (FileDescriptorName=) of a control socket passed by systemd.
+CONTROL_FD_NAME = "control"
+
 
 class UsageError(Exception):
     pass

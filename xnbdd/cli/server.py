@@ -20,6 +20,7 @@ from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..systemd import SystemdEnvError, inherited_sockets
 from .common import (
+    CONTROL_FD_NAME,
     OneLineParser,
     UsageError,
     describe_error,
@@ -29,7 +30,6 @@ from .common import (
 )
 
 PROG = "xnbd-server"
-CONTROL_FD_NAME = "control"
 USAGE = f"""\
 {PROG} --target     [options] IMAGE
        {PROG} --cow-target [options] BASE_IMAGE

@@ -33,6 +33,7 @@ from ..wrapper.server import Wrapper, WrapperOptions, WrapperSockets
 from ..wrapper.supervisor import ServerSettings, Supervisor
 from ..wrapper.units import EXPORTS_DIR as UNITS_DIR
 from .common import (
+    CONTROL_FD_NAME,
     OneLineParser,
     UsageError,
     describe_error,
@@ -45,7 +46,6 @@ from .server import port
 PROG = "xnbd-wrapper"
 DEFAULT_CONTROL = "/var/run/xnbd-wrapper.ctl"
 DEFAULT_RUN_DIR = "/run/xnbd-wrapper"
-CONTROL_FD_NAME = "control"  # LISTEN_FDNAMES entry of the control socket (FileDescriptorName=)
 
 
 def build_parser() -> argparse.ArgumentParser:
