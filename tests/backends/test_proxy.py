@@ -256,7 +256,8 @@ CRASH_CHILD = textwrap.dedent(
 
 
 def test_kill_9_never_exposes_a_wrong_block(tmp_path: Path) -> None:
-    # big and slow enough that most kills land while cache-all still has fetches in flight
+    # big and slow enough that several kills land while cache-all still has fetches in flight
+    # (the cache persists across rounds: a parallel origin let round 2 finish what round 1 began)
     size = 32 << 20
     nblocks = size // B
     image = tmp_path / "origin.img"
@@ -265,7 +266,10 @@ def test_kill_9_never_exposes_a_wrong_block(tmp_path: Path) -> None:
     root = str(Path(__file__).resolve().parents[2])
     rng = random.Random(42)
     cached_counts: list[int] = []
-    with nbdkit(tmp_path, ["file", str(image), "rdelay=20ms"], filters=("delay",)) as origin:
+    # noparallel: nbdkit 1.32 aborts ("sock >= 0") when a killed client leaves requests behind
+    with nbdkit(
+        tmp_path, ["file", str(image), "rdelay=20ms"], filters=("noparallel", "delay")
+    ) as origin:
         for round_ in range(6):
             code = CRASH_CHILD.format(
                 root=root,
