@@ -34,7 +34,7 @@ from .proto.transmission import RequestDecoder, check_request
 
 log = logging.getLogger("xnbdd")
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 64 * 1024  # per connection; large WRITE payloads bypass it (DIRECT_PAYLOAD)
 MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 DIRECT_PAYLOAD = 64 * 1024  # WRITE payloads this large are received straight into their buffer
 READS_PER_CHECKPOINT = 16  # socket reads without a pass through the trio scheduler
