@@ -443,7 +443,8 @@ class Connection:
             except BlockingIOError:
                 self._reads_since_checkpoint = 0
                 await trio.lowlevel.wait_readable(self._fd)
-            except ConnectionResetError:
+            except OSError as err:  # reset, keepalive timeout...: the client is gone
+                log.debug("client connection failed: %s", err, extra=self._fields())
                 return 0
 
     async def _handle(
