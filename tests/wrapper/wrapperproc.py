@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.serverproc import free_port, server_env
+from tests.serverproc import free_port, server_env, stop_process
 
 WRAPPER = [sys.executable, "-c", "import sys; from xnbdd.cli.wrapper import main; sys.exit(main())"]
 CTL = [sys.executable, "-c", "import sys; from xnbdd.cli.wrapper_ctl import main; sys.exit(main())"]
@@ -58,14 +57,7 @@ class WrapperProcess:
         return found
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def wait_until_serving(w: WrapperProcess, timeout: float = 15.0) -> None:
