@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.control.proxy_target import ProxyTarget
+from tests.control.proxy_target import ProxyTarget, control_over_proxy
 from tests.origin_servers import nbdkit, random_image
-from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.cli.bgctl import format_query
-from xnbdd.control.server import serve_control
-from xnbdd.remote import RemoteAddress
 
 SIZE = 8 << 20
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -39,18 +36,9 @@ async def bgctl(*args: str, stderr: int | None = None) -> subprocess.CompletedPr
 async def ctl(tmp_path: Path) -> AsyncIterator[tuple[str, ProxyTarget, Path]]:
     image = tmp_path / "origin.img"
     random_image(image, SIZE)
-    path = str(tmp_path / "ctl")
-    with nbdkit(tmp_path, ["file", str(image), "rdelay=2ms"], filters=("delay",)) as origin:
-        async with (
-            open_proxy_backend(
-                RemoteAddress(origin.host, origin.port), str(tmp_path / "c"), str(tmp_path / "b")
-            ) as proxy,
-            trio.open_nursery() as nursery,
-        ):
-            target = ProxyTarget(proxy)
-            await nursery.start(serve_control, path, target)
-            yield path, target, image
-            nursery.cancel_scope.cancel()
+    origin = ["file", str(image), "rdelay=2ms"]
+    async with control_over_proxy(tmp_path, origin, filters=("delay",)) as (path, target):
+        yield path, target, image
 
 
 def test_query_format_matches_the_original() -> None:

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-from xnbdd.backends.proxy import ProxyBackend
+import trio
+
+from tests.origin_servers import nbdkit
+from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
 from xnbdd.control.handlers import ProgressSink
+from xnbdd.control.server import serve_control
 from xnbdd.remote import RemoteAddress
 
 
@@ -37,3 +44,23 @@ class ProxyTarget:
 
     async def snapshot(self) -> str:
         raise RuntimeError("snapshot works in target mode only")
+
+
+@asynccontextmanager
+async def control_over_proxy(
+    tmp_path: Path, origin_args: list[str], filters: Sequence[str] = ()
+) -> AsyncIterator[tuple[str, ProxyTarget]]:
+    """An nbdkit origin, a real proxy in front of it, and a control server for that proxy;
+    yields the control socket path and the target."""
+    path = str(tmp_path / "ctl")
+    with nbdkit(tmp_path, origin_args, filters=tuple(filters)) as origin:
+        async with (
+            open_proxy_backend(
+                RemoteAddress(origin.host, origin.port), str(tmp_path / "c"), str(tmp_path / "b")
+            ) as proxy,
+            trio.open_nursery() as nursery,
+        ):
+            target = ProxyTarget(proxy)
+            await nursery.start(serve_control, path, target)
+            yield path, target
+            nursery.cancel_scope.cancel()

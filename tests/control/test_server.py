@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.control.proxy_target import ProxyTarget
+from tests.control.proxy_target import ProxyTarget, control_over_proxy
 from tests.origin_servers import nbdkit, random_image
-from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.control.client import CommandFailed, ControlClient
 from xnbdd.control.server import bind_control_socket, serve_control
-from xnbdd.remote import RemoteAddress
 
 SIZE = 2 << 20
 
@@ -27,18 +25,8 @@ SIZE = 2 << 20
 async def control(tmp_path: Path) -> AsyncIterator[tuple[str, ProxyTarget, bytes]]:
     image = tmp_path / "origin.img"
     data = random_image(image, SIZE)
-    path = str(tmp_path / "ctl")
-    with nbdkit(tmp_path, ["file", str(image)]) as origin:
-        async with (
-            open_proxy_backend(
-                RemoteAddress(origin.host, origin.port), str(tmp_path / "c"), str(tmp_path / "b")
-            ) as proxy,
-            trio.open_nursery() as nursery,
-        ):
-            target = ProxyTarget(proxy)
-            await nursery.start(serve_control, path, target)
-            yield path, target, data
-            nursery.cancel_scope.cancel()
+    async with control_over_proxy(tmp_path, ["file", str(image)]) as (path, target):
+        yield path, target, data
 
 
 def call(path: str, cmd: str, **args: object) -> dict[str, object]:
