@@ -106,7 +106,7 @@ async def test_origin_killed_mid_read_fails_within_timeout_then_reconnect(tmp_pa
                     await link.read(0, 4096)
             with nbdkit(tmp_path, ["file", str(image)]) as second:
                 await link.reconnect(RemoteAddress(second.host, second.port))
-                assert link.state is LinkState.CONNECTED
+                assert link.status()["state"] == LinkState.CONNECTED.value
                 assert link.description == f"127.0.0.1:{second.port}"
                 assert bytes(await link.read(8192, 4096)) == data[8192:12288]
 

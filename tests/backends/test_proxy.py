@@ -286,9 +286,11 @@ def test_kill_9_never_exposes_a_wrong_block(tmp_path: Path) -> None:
             child.wait()
             allowed: dict[int, set[bytes]] = {}
             for line in journal.read_text().splitlines():
-                kind, block, seq = line.split()
+                kind, written, seq = line.split()
                 if kind == "start":  # an unacknowledged write may or may not have landed
-                    allowed.setdefault(int(block), set()).add(int(seq).to_bytes(8, "little") * 512)
+                    allowed.setdefault(int(written), set()).add(
+                        int(seq).to_bytes(8, "little") * 512
+                    )
             bits = bits_on_disk(bitmap, nblocks)
             content = cache.read_bytes()
             cached_counts.append(sum(bits))

@@ -22,14 +22,13 @@ ROOT = str(Path(__file__).resolve().parents[2])
 
 async def bgctl(*args: str, stderr: int | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run xnbd-bgctl; stderr captured unless a file descriptor (a terminal) is given."""
-    where: dict[str, object] = {"capture_stderr": True} if stderr is None else {"stderr": stderr}
-    return await trio.run_process(
-        [sys.executable, "-m", "xnbdd.cli.bgctl", *args],
-        capture_stdout=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": ROOT},
-        **where,
-    )
+    command = [sys.executable, "-m", "xnbdd.cli.bgctl", *args]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    if stderr is None:
+        return await trio.run_process(
+            command, capture_stdout=True, capture_stderr=True, check=False, env=env
+        )
+    return await trio.run_process(command, capture_stdout=True, stderr=stderr, check=False, env=env)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -294,7 +295,7 @@ def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
     )
     try:
         deadline = time.monotonic() + 15
-        listing: dict[str, object] | None = None
+        listing: dict[str, Any] | None = None
         while listing is None:
             done = subprocess.run(
                 ["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}/"],
@@ -307,7 +308,7 @@ def test_under_systemd_socket_activate(tmp_path: Path, by_name: bool) -> None:
             else:
                 assert time.monotonic() < deadline, done.stderr
                 time.sleep(0.1)
-        assert [e["export-name"] for e in listing["exports"]] == [str(disk)]  # type: ignore[index]
+        assert [e["export-name"] for e in listing["exports"]] == [str(disk)]
         ctl = subprocess.run(
             [
                 *WRAPPER[:2],

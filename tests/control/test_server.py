@@ -9,6 +9,7 @@ import stat
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -29,7 +30,7 @@ async def control(tmp_path: Path) -> AsyncIterator[tuple[str, ProxyTarget, bytes
         yield path, target, data
 
 
-def call(path: str, cmd: str, **args: object) -> dict[str, object]:
+def call(path: str, cmd: str, **args: Any) -> dict[str, Any]:
     with ControlClient(path) as client:
         return client.call(cmd, **args)
 
@@ -37,7 +38,7 @@ def call(path: str, cmd: str, **args: object) -> dict[str, object]:
 async def test_socket_is_private_and_removed_at_exit(tmp_path: Path) -> None:
     path = str(tmp_path / "ctl")
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_control, path, None)  # type: ignore[arg-type]
+        await nursery.start(serve_control, path, None)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         nursery.cancel_scope.cancel()
     assert not os.path.exists(path)

@@ -110,6 +110,7 @@ def test_validation_follows_the_spec(
     if readonly:
         tx |= TxFlag.READ_ONLY
     req = Request(1, cmd, flags, offset, length)
+    errno: Errno | None
     try:
         check_request(req, size=SIZE, tx_flags=tx, structured=structured, has_contexts=True)
     except RequestError as err:
