@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,4 +295,86 @@ def test_each_export_is_its_own_unit(box: Container, data: Path, tmp_path: Path)
     for name in ("beta", ODD_NAME):
         assert unit_state(box, units[name]) == "inactive"
         assert box.show(units[name], "Result")["Result"] == "success"
+    box.run("systemctl", "stop", SOCKET)
+
+
+def wait_restarted(box: Container, unit: str, old_pid: str, timeout: float = 20.0) -> str:
+    """Poll until systemd has the unit running again under a new main PID; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = box.show(unit, "ActiveState", "MainPID")
+        if state["ActiveState"] == "active" and state["MainPID"] not in ("0", old_pid):
+            return state["MainPID"]
+        assert time.monotonic() < deadline, (state, box.run("systemctl", "status", unit).stdout)
+        time.sleep(0.1)
+
+
+def test_killed_export_unit_is_restarted_and_serves_again(
+    box: Container, data: Path, tmp_path: Path
+) -> None:
+    """kill -9 of an export's server: systemd restarts its unit (Restart=on-failure), the wrapper
+    hands the next client to the new process, and the other export never notices."""
+    (data / "xnbd.state").unlink(missing_ok=True)  # the exports of the tests before
+    box.run("systemctl", "start", SOCKET)
+    assert listed(box) == {}
+    wrapper_pid = box.show(SERVICE, "MainPID")["MainPID"]
+    for name, image in EXPORTS.items():
+        ctl(box, "--add-target", name, image)
+    alpha, beta = (f"xnbd-export@{name}.service" for name in EXPORTS)
+    payloads = {name: os.urandom(1 << 20) for name in EXPORTS}
+    for offset, (name, payload) in enumerate(payloads.items(), start=1):
+        write_at(box, name, offset, payload, tmp_path)
+    beta_pid = box.show(beta, "MainPID")["MainPID"]
+    first = box.show(alpha, "MainPID", "NRestarts")
+    assert first["NRestarts"] == "0" and beta_pid not in ("0", first["MainPID"]), first
+
+    # A crash while idle: systemd restarts the unit after RestartSec=, and the next client is
+    # handed to the new process with the data written before the crash.
+    box.run("kill", "-9", first["MainPID"])
+    second_pid = wait_restarted(box, alpha, first["MainPID"])
+    assert box.show(alpha, "NRestarts")["NRestarts"] == "1"  # systemd's restart, not the wrapper's
+    info = json.loads(box.in_net("nbdinfo", "--json", f"nbd://127.0.0.1:{PORT}/alpha").stdout)
+    assert info["exports"][0]["export-size"] == IMAGE_SIZE, info
+    assert read_all(box, "alpha", tmp_path)[1 << 20 : 2 << 20] == payloads["alpha"]
+    assert box.show(alpha, "MainPID")["MainPID"] == second_pid  # adopted, not started again
+
+    # A crash with a client right behind it (inside RestartSec=): still served, by a new process.
+    box.run("kill", "-9", second_pid)
+    assert read_all(box, "alpha", tmp_path)[1 << 20 : 2 << 20] == payloads["alpha"]
+    third_pid = wait_restarted(box, alpha, second_pid)
+    # ... and it writes: 1 MiB more at 3 MiB (the copy repeats what lies before it).
+    after = os.urandom(1 << 20)
+    src = tmp_path / "alpha-after.bin"
+    src.write_bytes(bytes(1 << 20) + payloads["alpha"] + bytes(1 << 20) + after)
+    box.in_net("nbdcopy", str(src), f"nbd://127.0.0.1:{PORT}/alpha")
+    got = read_all(box, "alpha", tmp_path)
+    assert got[1 << 20 : 2 << 20] == payloads["alpha"] and got[3 << 20 : 4 << 20] == after
+    assert (data / "alpha.img").read_bytes()[3 << 20 : 4 << 20] == after
+    assert box.show(alpha, "MainPID")["MainPID"] == third_pid
+
+    # The other export was never disturbed: the same process all along, its data intact.
+    assert box.show(beta, "MainPID", "NRestarts") == {"MainPID": beta_pid, "NRestarts": "0"}
+    assert read_all(box, "beta", tmp_path)[2 << 20 : 3 << 20] == payloads["beta"]
+    assert box.show(SERVICE, "MainPID")["MainPID"] == wrapper_pid
+
+    # journalctl -u shows both crashes and systemd's restart.
+    said = [str(e["MESSAGE"]) for e in box.journal("-u", alpha)]
+    killed = [m for m in said if "code=killed, status=9/KILL" in m]
+    assert len(killed) == 2, said
+    assert any("Scheduled restart job, restart counter is at 1" in m for m in said), said
+    pids = {first["MainPID"], second_pid, third_pid}
+    assert len(pids) == 3, pids
+    # The wrapper saw each server go and handed the next clients to its successor; the one
+    # systemd had restarted already was adopted, not restarted again.
+    wrapper_said = [str(e["MESSAGE"]) for e in box.journal("-u", SERVICE, f"_PID={wrapper_pid}")]
+    for pid in (first["MainPID"], second_pid):
+        ended = f"export 'alpha': server (pid {pid}) ended, see systemctl status {alpha}"
+        assert ended in wrapper_said, wrapper_said
+    for pid in (second_pid, third_pid):
+        assert f"client handed to export 'alpha' (pid {pid})" in wrapper_said, wrapper_said
+    assert f"export 'alpha': adopting running server (pid {second_pid})" in wrapper_said
+
+    box.run("systemctl", "stop", SERVICE)
+    assert box.show(SERVICE, "Result")["Result"] == "success"
+    assert unit_state(box, alpha) == "inactive" and unit_state(box, beta) == "inactive"
     box.run("systemctl", "stop", SOCKET)
