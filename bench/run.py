@@ -55,16 +55,33 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("seqread-1m", "1 MiB seq read, QD4", ("--rw=read", "--bs=1M", "--iodepth=4"), "MiB/s"),
-    Workload("seqwrite-1m", "1 MiB seq write, QD4", ("--rw=write", "--bs=1M", "--iodepth=4"),
-             "MiB/s"),
-    Workload("randread-4k-qd1", "4 KiB rand read, QD1",
-             ("--rw=randread", "--bs=4k", "--iodepth=1"), "IOPS"),
-    Workload("randread-4k-qd16", "4 KiB rand read, QD16",
-             ("--rw=randread", "--bs=4k", "--iodepth=16"), "IOPS"),
-    Workload("randwrite-4k-qd16", "4 KiB rand write, QD16",
-             ("--rw=randwrite", "--bs=4k", "--iodepth=16"), "IOPS"),
-    Workload("randrw70-4k-qd16", "4 KiB 70/30 rand mix, QD16",
-             ("--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"), "IOPS"),
+    Workload(
+        "seqwrite-1m", "1 MiB seq write, QD4", ("--rw=write", "--bs=1M", "--iodepth=4"), "MiB/s"
+    ),
+    Workload(
+        "randread-4k-qd1",
+        "4 KiB rand read, QD1",
+        ("--rw=randread", "--bs=4k", "--iodepth=1"),
+        "IOPS",
+    ),
+    Workload(
+        "randread-4k-qd16",
+        "4 KiB rand read, QD16",
+        ("--rw=randread", "--bs=4k", "--iodepth=16"),
+        "IOPS",
+    ),
+    Workload(
+        "randwrite-4k-qd16",
+        "4 KiB rand write, QD16",
+        ("--rw=randwrite", "--bs=4k", "--iodepth=16"),
+        "IOPS",
+    ),
+    Workload(
+        "randrw70-4k-qd16",
+        "4 KiB 70/30 rand mix, QD16",
+        ("--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"),
+        "IOPS",
+    ),
 )
 
 
@@ -90,7 +107,7 @@ def _stat_fields(pid: int) -> list[str] | None:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return text[text.rindex(")") + 2:].split()
+    return text[text.rindex(")") + 2 :].split()
 
 
 def children_of(pid: int) -> list[int]:
@@ -218,8 +235,23 @@ class Server:
         if self.name == "qemu-nbd":
             # Writeback cache and a thread pool, as a VM host would run it; -t stays up between
             # fio jobs, -e lets a job connect while the previous connection is still closing.
-            return ["qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads", "-t",
-                    "-e", "8", "-b", "127.0.0.1", "-p", port, "-x", EXPORT, img]
+            return [
+                "qemu-nbd",
+                "-f",
+                "raw",
+                "--cache=writeback",
+                "--aio=threads",
+                "-t",
+                "-e",
+                "8",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-x",
+                EXPORT,
+                img,
+            ]
         if self.name == "nbdkit":
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", port, "file", f"file={img}"]
         if self.name == "nbd-server":
@@ -241,8 +273,12 @@ class Server:
         self.log = self.workdir / f"{self.name}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=python_env(),
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=python_env(),
                 start_new_session=True,
             )
         if self.name == "nbd-server":
@@ -301,8 +337,7 @@ def server_version(name: str, xnbd_cmd: list[str]) -> str:
     if cmd is None:  # nbd-server has no --version that exits 0 on every release
         cmd = ["dpkg-query", "-W", "-f=${Version}", "nbd-server"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20,
-                             env=python_env())
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=python_env())
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     text = (out.stdout or out.stderr).strip().splitlines()
@@ -315,19 +350,31 @@ def server_version(name: str, xnbd_cmd: list[str]) -> str:
 
 @dataclass
 class Sample:
-    value: float       # MiB/s or IOPS, as the workload's unit says
+    value: float  # MiB/s or IOPS, as the workload's unit says
     server_cpu: float  # server CPU seconds per second of the job (1.0 = one core busy)
-    fio_cpu: float     # fio's own CPU, same unit
-    other_cpu: float   # everything else on the machine: other engineers' work, i.e. noise
-    p99_us: float      # p99 completion latency (reads if any, else writes)
+    fio_cpu: float  # fio's own CPU, same unit
+    other_cpu: float  # everything else on the machine: other engineers' work, i.e. noise
+    p99_us: float  # p99 completion latency (reads if any, else writes)
 
 
 def run_fio(server: Server, wl: Workload, runtime: float, ramp: float, workdir: Path) -> Sample:
     out = workdir / "fio.json"
-    cmd = ["fio", "--name", wl.key, "--ioengine=nbd", f"--uri={server.uri}",
-           "--time_based", f"--runtime={runtime}", f"--ramp_time={ramp}", "--norandommap",
-           "--randrepeat=0", "--numjobs=1", "--output-format=json", f"--output={out}",
-           *wl.fio_args]
+    cmd = [
+        "fio",
+        "--name",
+        wl.key,
+        "--ioengine=nbd",
+        f"--uri={server.uri}",
+        "--time_based",
+        f"--runtime={runtime}",
+        f"--ramp_time={ramp}",
+        "--norandommap",
+        "--randrepeat=0",
+        "--numjobs=1",
+        "--output-format=json",
+        f"--output={out}",
+        *wl.fio_args,
+    ]
     cpu0, (busy0, _) = tree_cpu_seconds(server.pid), machine_busy_seconds()
     fio0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -366,7 +413,7 @@ def make_image(path: Path, size: int) -> None:
         block = os.urandom(chunk)
         for off in range(0, size, chunk):
             # Vary each chunk cheaply so no server could dedupe or compress its way through.
-            f.write(off.to_bytes(8, "little") + block[8:min(chunk, size - off)])
+            f.write(off.to_bytes(8, "little") + block[8 : min(chunk, size - off)])
 
 
 def copy_image(src: Path, dst: Path) -> None:
@@ -407,8 +454,12 @@ class Results:
 
     def ratio(self, wl: Workload) -> str:
         ours = self.median(wl, "xnbd-server")
-        peers = [(m, n) for n in self.servers if n != "xnbd-server"
-                 if (m := self.median(wl, n)) is not None]
+        peers = [
+            (m, n)
+            for n in self.servers
+            if n != "xnbd-server"
+            if (m := self.median(wl, n)) is not None
+        ]
         if ours is None or not peers:
             return "n/a"
         best, best_name = max(peers)
@@ -416,29 +467,50 @@ class Results:
 
     def cpu_cell(self, wl: Workload, name: str) -> str:
         """Server CPU microseconds per request: steadier than throughput on a busy machine."""
-        per_op = [s.server_cpu / s.value * 1e6 for s in self.samples[wl.key].get(name, [])
-                  if s.value]  # MiB/s workloads move 1 MiB per request, so value is requests/s
+        per_op = [
+            s.server_cpu / s.value * 1e6 for s in self.samples[wl.key].get(name, []) if s.value
+        ]  # MiB/s workloads move 1 MiB per request, so value is requests/s
         return f"{statistics.median(per_op):.0f}" if per_op else "n/a"
 
     def table(self, markdown: bool) -> str:
         head = ["workload", *self.servers, "xnbd / best peer"]
-        rows = [[f"{wl.label} ({wl.unit})", *(self.cell(wl, n) for n in self.servers),
-                 self.ratio(wl)] for wl in WORKLOADS if wl.key in self.samples]
-        rows.append(["peak RSS (MiB)",
-                     *(f"{self.rss_kib.get(n, 0) / 1024:.1f}" if n not in self.failed else "n/a"
-                       for n in self.servers), ""])
-        cpu_rows = [[f"  server CPU us/request, {wl.label}",
-                     *(self.cpu_cell(wl, n) for n in self.servers), ""]
-                    for wl in WORKLOADS if wl.key in self.samples]
+        rows = [
+            [f"{wl.label} ({wl.unit})", *(self.cell(wl, n) for n in self.servers), self.ratio(wl)]
+            for wl in WORKLOADS
+            if wl.key in self.samples
+        ]
+        rows.append(
+            [
+                "peak RSS (MiB)",
+                *(
+                    f"{self.rss_kib.get(n, 0) / 1024:.1f}" if n not in self.failed else "n/a"
+                    for n in self.servers
+                ),
+                "",
+            ]
+        )
+        cpu_rows = [
+            [
+                f"  server CPU us/request, {wl.label}",
+                *(self.cpu_cell(wl, n) for n in self.servers),
+                "",
+            ]
+            for wl in WORKLOADS
+            if wl.key in self.samples
+        ]
         rows += cpu_rows
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(c.strip() for c in r) + " |" for r in rows]
             return "\n".join(lines)
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
         def line(r: list[str]) -> str:
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            return "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+
         return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
 
     def noise(self) -> str:
@@ -452,12 +524,16 @@ class Results:
                         rel.append((hi - lo) / med)
         parts = []
         if other:
-            parts.append(f"CPU used by other processes during jobs: median "
-                         f"{statistics.median(other):.2f} cores, max {max(other):.2f} "
-                         f"(of {os.cpu_count()})")
+            parts.append(
+                f"CPU used by other processes during jobs: median "
+                f"{statistics.median(other):.2f} cores, max {max(other):.2f} "
+                f"(of {os.cpu_count()})"
+            )
         if rel:
-            parts.append(f"run-to-run spread (max-min)/median: median {statistics.median(rel):.0%}"
-                         f", worst {max(rel):.0%}")
+            parts.append(
+                f"run-to-run spread (max-min)/median: median {statistics.median(rel):.0%}"
+                f", worst {max(rel):.0%}"
+            )
         return "; ".join(parts) or "no noise figures (one round, no samples)"
 
 
@@ -471,26 +547,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, help="seconds measured per fio job (default 5)")
     p.add_argument("--ramp", type=float, help="seconds of warm-up before measuring (default 1)")
     p.add_argument("--size", type=int, help="image size in MiB, one copy per server (default 1024)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test defaults: 1 round, 2 s jobs, no ramp, 256 MiB images")
-    p.add_argument("--servers", default="xnbd-server,nbd-server,qemu-nbd,nbdkit",
-                   help="comma-separated subset, in this order in the table")
-    p.add_argument("--only", default="",
-                   help="comma-separated workload keys: "
-                        + ", ".join(w.key for w in WORKLOADS))
-    p.add_argument("--xnbd-cmd", default=f"{shlex.quote(sys.executable)} -m xnbdd",
-                   help="how to start xnbd-server (default: this interpreter, -m xnbdd, with "
-                        "PYTHONPATH at the repository)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test defaults: 1 round, 2 s jobs, no ramp, 256 MiB images",
+    )
+    p.add_argument(
+        "--servers",
+        default="xnbd-server,nbd-server,qemu-nbd,nbdkit",
+        help="comma-separated subset, in this order in the table",
+    )
+    p.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workload keys: " + ", ".join(w.key for w in WORKLOADS),
+    )
+    p.add_argument(
+        "--xnbd-cmd",
+        default=f"{shlex.quote(sys.executable)} -m xnbdd",
+        help="how to start xnbd-server (default: this interpreter, -m xnbdd, with "
+        "PYTHONPATH at the repository)",
+    )
     p.add_argument("--shm", type=Path, default=Path("/dev/shm"), help="where images go")
-    p.add_argument("--out", type=Path, default=None,
-                   help="results folder (default bench/results/<timestamp>)")
-    p.add_argument("--hold", action="store_true",
-                   help="after starting the servers, print their pids and ports and wait for "
-                        "Enter before running (to attach a profiler)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results folder (default bench/results/<timestamp>)"
+    )
+    p.add_argument(
+        "--hold",
+        action="store_true",
+        help="after starting the servers, print their pids and ports and wait for "
+        "Enter before running (to attach a profiler)",
+    )
     args = p.parse_args(argv)
     # Options given explicitly win over both sets of defaults.
-    defaults = {"runs": 1, "runtime": 2, "ramp": 0, "size": 256} if args.quick else \
-        {"runs": 3, "runtime": 5, "ramp": 1, "size": 1024}
+    defaults = (
+        {"runs": 1, "runtime": 2, "ramp": 0, "size": 256}
+        if args.quick
+        else {"runs": 3, "runtime": 5, "ramp": 1, "size": 1024}
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -525,14 +619,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for tool in ["fio", *(n for n in names if n != "xnbd-server")]:
         if shutil.which(tool) is None:
-            print(f"{tool} is not installed (scripts/bootstrap.sh test installs it)",
-                  file=sys.stderr)
+            print(
+                f"{tool} is not installed (scripts/bootstrap.sh test installs it)", file=sys.stderr
+            )
             return 1
     size = args.size * MiB
     needed = size * (len(names) + 1)
     if shutil.disk_usage(args.shm).free < needed + 256 * MiB:
-        print(f"not enough room on {args.shm} for {len(names) + 1} images of {args.size} MiB",
-              file=sys.stderr)
+        print(
+            f"not enough room on {args.shm} for {len(names) + 1} images of {args.size} MiB",
+            file=sys.stderr,
+        )
         return 1
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -578,23 +675,32 @@ def main(argv: list[str] | None = None) -> int:
                         done += 1
                         try:
                             smp = run_fio(s, wl, args.runtime, args.ramp, work)
-                        except (RuntimeError, subprocess.TimeoutExpired, KeyError,
-                                json.JSONDecodeError) as e:
+                        except (
+                            RuntimeError,
+                            subprocess.TimeoutExpired,
+                            KeyError,
+                            json.JSONDecodeError,
+                        ) as e:
                             failed[s.name] = f"{wl.key}: {e}; log: {s.log_tail()}"
                             print(f"  {s.name} failed: {failed[s.name]}", file=sys.stderr)
                             continue
                         samples[wl.key].setdefault(s.name, []).append(smp)
-                        print(f"  [{done}/{jobs}] round {rnd + 1} {wl.key:<18} {s.name:<12} "
-                              f"{fmt(smp.value, wl.unit):>9} {wl.unit:<5}  server "
-                              f"{smp.server_cpu:.2f} fio {smp.fio_cpu:.2f} "
-                              f"other {smp.other_cpu:.2f} cores", flush=True)
+                        print(
+                            f"  [{done}/{jobs}] round {rnd + 1} {wl.key:<18} {s.name:<12} "
+                            f"{fmt(smp.value, wl.unit):>9} {wl.unit:<5}  server "
+                            f"{smp.server_cpu:.2f} fio {smp.fio_cpu:.2f} "
+                            f"other {smp.other_cpu:.2f} cores",
+                            flush=True,
+                        )
             rss.sample()
             rss_kib = dict(rss.peak_kib)
 
     results = Results(names, samples, rss_kib, failed)
-    settings = (f"runs={args.runs} runtime={args.runtime}s ramp={args.ramp}s "
-                f"image={args.size} MiB on {args.shm}, {os.cpu_count()} CPUs, "
-                f"load before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}")
+    settings = (
+        f"runs={args.runs} runtime={args.runtime}s ramp={args.ramp}s "
+        f"image={args.size} MiB on {args.shm}, {os.cpu_count()} CPUs, "
+        f"load before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}"
+    )
     text = results.table(markdown=False)
     print()
     print(f"median (min-max) over {args.runs} round(s); {settings}")
@@ -603,23 +709,47 @@ def main(argv: list[str] | None = None) -> int:
     for n, why in failed.items():
         print(f"FAILED {n}: {why}")
 
-    md = [f"# xnbd-server benchmark {stamp}", "", f"Settings: {settings}.", "",
-          "Versions: " + "; ".join(f"{n} {v}" for n, v in versions.items()), "",
-          results.table(markdown=True), "", f"Noise: {results.noise()}."]
+    md = [
+        f"# xnbd-server benchmark {stamp}",
+        "",
+        f"Settings: {settings}.",
+        "",
+        "Versions: " + "; ".join(f"{n} {v}" for n, v in versions.items()),
+        "",
+        results.table(markdown=True),
+        "",
+        f"Noise: {results.noise()}.",
+    ]
     md += [f"\nFAILED {n}: {why}" for n, why in failed.items()]
     (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps({
-        "started": started_at, "settings": vars(args) | {"shm": str(args.shm),
-                                                         "out": str(out)},
-        "host": {"kernel": platform.release(), "cpus": os.cpu_count(),
-                 "load_before": load_before, "load_after": os.getloadavg()},
-        "versions": versions,
-        "workloads": {w.key: {"label": w.label, "unit": w.unit, "fio_args": w.fio_args}
-                      for w in workloads},
-        "samples": {k: {n: [vars(s) for s in ss] for n, ss in per.items()}
-                    for k, per in samples.items()},
-        "peak_rss_kib": rss_kib, "failed": failed,
-    }, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "started": started_at,
+                "settings": vars(args) | {"shm": str(args.shm), "out": str(out)},
+                "host": {
+                    "kernel": platform.release(),
+                    "cpus": os.cpu_count(),
+                    "load_before": load_before,
+                    "load_after": os.getloadavg(),
+                },
+                "versions": versions,
+                "workloads": {
+                    w.key: {"label": w.label, "unit": w.unit, "fio_args": w.fio_args}
+                    for w in workloads
+                },
+                "samples": {
+                    k: {n: [vars(s) for s in ss] for n, ss in per.items()}
+                    for k, per in samples.items()
+                },
+                "peak_rss_kib": rss_kib,
+                "failed": failed,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     print(f"results: {out}/results.md and results.json")
     return 0
 

@@ -41,8 +41,10 @@ def capture_parser(prog: str, entry: str) -> argparse.ArgumentParser:
     module_name, _, func_name = entry.partition(":")
     main: Callable[[], object] = getattr(importlib.import_module(module_name), func_name)
     saved_argv = sys.argv
-    saved = {name: getattr(argparse.ArgumentParser, name)
-             for name in ("parse_args", "parse_known_args", "parse_intermixed_args")}
+    saved = {
+        name: getattr(argparse.ArgumentParser, name)
+        for name in ("parse_args", "parse_known_args", "parse_intermixed_args")
+    }
     sys.argv = [prog, "--help"]
     try:
         for name in saved:
@@ -90,8 +92,11 @@ def render(parser: argparse.ArgumentParser, summary: str, version: str) -> str:
         f"{roff(prog)} \\- {roff(summary)}",
         ".SH SYNOPSIS",
         ".nf",
-        *(roff(line.strip()) for line in parser.format_usage().removeprefix("usage: ").split("\n")
-          if line.strip()),
+        *(
+            roff(line.strip())
+            for line in parser.format_usage().removeprefix("usage: ").split("\n")
+            if line.strip()
+        ),
         ".fi",
     ]
     if parser.description:
@@ -116,8 +121,9 @@ def render(parser: argparse.ArgumentParser, summary: str, version: str) -> str:
     if extra.exists():
         out.append(extra.read_text().rstrip("\n"))
     out.append(".SH SEE ALSO")
-    out.append(", ".join(f"\\fB{roff(ref.split('(')[0])}\\fR({ref.split('(')[1]}"
-                         for ref in SEE_ALSO))
+    out.append(
+        ", ".join(f"\\fB{roff(ref.split('(')[0])}\\fR({ref.split('(')[1]}" for ref in SEE_ALSO)
+    )
     return "\n".join(out) + "\n"
 
 

@@ -335,7 +335,10 @@ def test_per_connection_instance_removes_its_overlay_when_the_client_leaves(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             server_command("--cow-target", "--inetd", str(path)),
-            stdin=theirs.fileno(), stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+            stdin=theirs.fileno(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
         )
     theirs.close()
     try:
