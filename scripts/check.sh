@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the project's checks with the tools of .venv (scripts/bootstrap.sh test puts them there).
 #
-#   scripts/check.sh        ruff, mypy, then the whole pytest suite (every marker, slow ones too)
+#   scripts/check.sh        ruff (lint and format), mypy, then the whole pytest suite (all markers)
 #   scripts/check.sh lint   ruff and mypy only
 #   extra arguments after the mode go to pytest:  scripts/check.sh all -k handshake
 #
@@ -30,6 +30,7 @@ step() {
 }
 
 step ruff "$bin/ruff" check .
+step ruff-format "$bin/ruff" format --check .
 step mypy "$bin/mypy"
 if [[ $mode == all ]]; then
     step pytest "$bin/python" -m pytest "$@"
