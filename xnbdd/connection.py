@@ -252,8 +252,6 @@ class Connection:
         self._spare_payload: bytearray | None = None
         self.budget = Budget(state)
         self.writer = ReplyWriter(stream, self.budget)
-        self.export: Export | None = None
-        self.negotiated: Negotiated | None = None
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -305,7 +303,6 @@ class Connection:
             export = self.catalog.lookup(negotiated.export.name)
             if export is None:
                 return
-            self.export, self.negotiated = export, negotiated
             await self._transmission(export, negotiated)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer

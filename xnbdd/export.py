@@ -97,10 +97,6 @@ class Export:
 
     # -- the gate -------------------------------------------------------------------------------
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     async def admit(self) -> None:
         """Wait while the export is paused, then count one running request."""
         while self._paused:
