@@ -1,19 +1,20 @@
-"""One connection over trio memory streams, with a real file backend behind it."""
+"""One connection over a real socket pair (the path production uses: the data-plane thread
+reads and writes the socket itself), with a real file backend behind it."""
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
-import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xnbdd.backends.file import FileBackend
-from xnbdd.connection import Connection, Limits, ServerState
+from xnbdd.budget import Limits
+from xnbdd.connection import Connection, ServerState
 from xnbdd.export import Export
 from xnbdd.proto.consts import REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Cmd, Errno, TxFlag
 from xnbdd.proto.messages import Negotiated
@@ -62,6 +63,18 @@ class Reader:
         return error, cookie, data
 
 
+def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Client and server ends of a connected unix socket pair."""
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
 def make_export(tmp: Path) -> Export:
     path = tmp / "disk.img"
     with open(path, "wb") as f:
@@ -97,7 +110,7 @@ def test_valid_framing_never_closes_and_every_request_is_answered(
 
     async def main() -> None:
         export = make_export(tmp_path)
-        client, server = trio.testing.memory_stream_pair()
+        client, server = socket_pair()
         conn = Connection(server, OneExport(export), ServerState())
         read_lengths: dict[int, int] = {}
         async with trio.open_nursery() as nursery:
@@ -130,50 +143,41 @@ def test_valid_framing_never_closes_and_every_request_is_answered(
 
 
 async def test_backpressure_stops_reading_at_the_request_limit(tmp_path: Path) -> None:
-    """With --max-queue-size 2 and the export paused, the server takes two requests, holds a
-    third waiting for room, and reads nothing more: the client's sends block (lockstep stream,
-    where a send completes only when the peer reads it)."""
+    """With --max-queue-size 2 and the export paused, the server admits two requests and
+    takes no more while they wait; once the export resumes every request is answered and the
+    budget is all given back."""
     export = make_export(tmp_path)
-    client, server = trio.testing.lockstep_stream_pair()
+    client, server = socket_pair()
     state = ServerState(Limits(max_requests=2))
     conn = Connection(server, OneExport(export), state)
-    sent = 0
-
-    async def send_ten() -> None:
-        nonlocal sent
-        for i in range(10):
-            await client.send_all(request(Cmd.READ, i, 0, 512))
-            sent += 1
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.serve, negotiated_for(export))
         async with export.paused():
-            nursery.start_soon(send_ten)
-            await trio.testing.wait_all_tasks_blocked()
-            assert state.queued_requests == 2
-            assert sent == 3  # two admitted, one parsed and waiting; the socket is not read
+            await client.send_all(b"".join(request(Cmd.READ, i, 0, 512) for i in range(10)))
+            await wait_until(lambda: state.budget.requests == 2)
+            await trio.sleep(0.2)
+            assert state.budget.requests == 2  # nothing more is admitted while they wait
         reader = Reader(client)
         cookies = {(await reader.reply({i: 512 for i in range(10)}))[1] for _ in range(10)}
-        assert cookies == set(range(10)) and sent == 10
-        await trio.testing.wait_all_tasks_blocked()  # the writer releases after its send
-        assert state.queued_requests == 0
+        assert cookies == set(range(10))
+        await wait_until(lambda: state.budget.requests == 0 and state.budget.used == 0)
         nursery.cancel_scope.cancel()
     await export.backend.close()
 
 
 async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> None:
     export = make_export(tmp_path)
-    client, server = trio.testing.memory_stream_pair()
+    client, server = socket_pair()
     state = ServerState(Limits(shutdown_grace=0.5))
     conn = Connection(server, OneExport(export), state)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.serve, negotiated_for(export))
         async with export.paused():
             await client.send_all(request(Cmd.READ, 1, 0, 512))
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_until(lambda: state.budget.requests == 1)
             state.stopping.set()
             await client.send_all(request(Cmd.READ, 2, 0, 512))
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.1)
         reader = Reader(client)
         replies = {
             cookie: error

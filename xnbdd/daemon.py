@@ -22,8 +22,9 @@ from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .backends.proxy import ProxyBackend, open_proxy_backend
+from .budget import Limits
 from .config import ConfigError, load_config
-from .connection import Connection, Limits, ServerState
+from .connection import Connection, ServerState
 from .control.handlers import ProgressSink
 from .control.server import serve_control
 from .export import Export
@@ -246,7 +247,7 @@ class Daemon:
 
     async def _client(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.SocketStream,
         catalog: SingleExportCatalog,
         negotiated: Negotiated | None,
         pending: bytes = b"",
@@ -260,7 +261,7 @@ class Daemon:
             connection = Connection(
                 stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle
             )
-            connection.decoder.receive_data(pending)  # requests pipelined behind GO
+            connection.pending = pending  # requests pipelined behind GO
             await connection.serve(negotiated)
         except Exception:
             # Whatever went wrong is this client's alone: log it, keep serving the others.
@@ -341,9 +342,9 @@ class Daemon:
             "size": self.export.size if self.export is not None else 0,
             "clients": self.state.clients,
             "operation": self._operation,
-            "queue_used": self.state.queued_requests,
+            "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,
-            "buffer_used": self.state.queued_bytes,
+            "buffer_used": self.state.budget.used,
             "buffer_limit": limits.max_bytes,
         }
         if self.proxy is not None:

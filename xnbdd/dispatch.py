@@ -18,7 +18,6 @@ from .proto.transmission import (
     error_chunk,
     none_chunk,
     offset_data_header,
-    offset_hole,
     simple_reply,
 )
 
@@ -26,11 +25,6 @@ Buffers = list[bytes | bytearray | memoryview | FileRange]
 
 log = logging.getLogger("xnbdd")
 
-_READ, _WRITE, _FUA = int(Cmd.READ), int(Cmd.WRITE), int(CmdFlag.FUA)
-
-# Structured READs this large ask the backend whether the range is a hole: answered by one
-# OFFSET_HOLE chunk instead of the zeros themselves.
-HOLE_CHECK_MIN = 64 * 1024
 # Extents per BLOCK_STATUS chunk: keeps a reply far below the maximum payload.
 MAX_EXTENTS = 8192
 
@@ -78,40 +72,10 @@ async def execute(
     try:
         return await _run(req, backend, export, negotiated)
     except OSError as err:
-        return _failed(req, negotiated, err, fields)
+        return failed_reply(req, negotiated, err, fields)
 
 
-def execute_now(
-    req: Request, export: Export, negotiated: Negotiated, fields: dict[str, str] | None = None
-) -> Buffers | None:
-    """Answer a READ or a plain WRITE at once when the backend can without waiting (it offers
-    ``try_read``/``try_write``, e.g. a file in the page cache); None: use ``execute``. Saves
-    the task per request that dominates small-request CPU time."""
-    backend = export.backend
-    try:
-        if req.cmd == _READ and req.length:
-            if negotiated.structured and req.length >= HOLE_CHECK_MIN:
-                is_hole = getattr(backend, "is_hole", None)
-                if is_hole is not None and is_hole(req.offset, req.length):
-                    return [offset_hole(req.cookie, req.offset, req.length, done=True)]
-            try_range = getattr(backend, "try_read_range", None)
-            data: FileRange | bytes | bytearray | None = (
-                try_range(req.offset, req.length) if try_range is not None else None
-            )
-            if data is None:
-                try_read = getattr(backend, "try_read", None)
-                data = try_read(req.offset, req.length) if try_read is not None else None
-            return None if data is None else read_reply(req, negotiated, data)
-        if req.cmd == _WRITE and req.length and not req.flags & _FUA:
-            try_write = getattr(backend, "try_write", None)
-            if try_write is not None and try_write(req.offset, req.data):
-                return ok_reply(req)
-    except OSError as err:
-        return _failed(req, negotiated, err, fields)
-    return None
-
-
-def _failed(
+def failed_reply(
     req: Request, negotiated: Negotiated, err: OSError, fields: dict[str, str] | None
 ) -> Buffers:
     errno = nbd_errno(err, req)

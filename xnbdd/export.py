@@ -3,16 +3,19 @@
 Snapshots and the proxy->target switch need a moment when no request is running. Requests pass
 ``admit``/``release``; ``paused()`` stops new admissions, waits for the running ones, and lets the
 caller work (or swap the backend) before everything resumes. Clients see a short delay, no error.
+Connections' data-plane threads pass the gate too (``try_admit``), so it is guarded by a lock and
+a release on another thread wakes the paused event loop through its trio token.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
-from .backends.base import Backend, Extent
+from .backends.base import Backend, Extent, InlineIO
 from .proto.consts import BASE_ALLOCATION, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK, State, TxFlag
 from .proto.messages import ExportInfo
 
@@ -38,14 +41,18 @@ class Export:
         self.name = name
         self.description = description
         self.backend = backend
+        self.inline = _inline_io(backend)
         self.force_readonly = readonly
         self.extra_contexts: dict[str, ContextProvider] = {}
+        self._gate = threading.Lock()
         self._in_flight = 0
         self._paused = False
         self._resume = trio.Event()
         self._resume.set()
         self._drained = trio.Event()
         self._pause_lock = trio.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread = 0
 
     @property
     def size(self) -> int:
@@ -99,39 +106,57 @@ class Export:
 
     async def admit(self) -> None:
         """Wait while the export is paused, then count one running request."""
-        while self._paused:
+        while not self.try_admit():
             await self._resume.wait()
-        self._in_flight += 1
 
     def try_admit(self) -> bool:
-        """``admit`` without waiting: False while paused."""
-        if self._paused:
-            return False
-        self._in_flight += 1
-        return True
+        """``admit`` without waiting, from any thread: False while paused."""
+        with self._gate:
+            if self._paused:
+                return False
+            self._in_flight += 1
+            return True
 
     def release(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
+        """From any thread: the request is done with the backend."""
+        with self._gate:
+            self._in_flight -= 1
+            drained = self._paused and self._in_flight == 0
+        if not drained:
+            return
+        if threading.get_ident() == self._loop_thread:
             self._drained.set()
+        elif self._token is not None:
+            self._token.run_sync_soon(self._drained.set)
 
     @asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:
         """No request runs inside this block; new ones wait at ``admit``."""
         async with self._pause_lock:
-            self._paused = True
+            self._token = trio.lowlevel.current_trio_token()
+            self._loop_thread = threading.get_ident()
             self._resume = trio.Event()
+            self._drained = trio.Event()
+            with self._gate:
+                self._paused = True
+                busy = self._in_flight > 0
             try:
-                while self._in_flight:
-                    self._drained = trio.Event()
+                if busy:
                     await self._drained.wait()
                 yield
             finally:
-                self._paused = False
+                with self._gate:
+                    self._paused = False
                 self._resume.set()
 
     async def replace_backend(self, make: Callable[[], Awaitable[Backend]]) -> None:
         """Swap the backend under live connections (proxy -> target): ``make`` builds the new
         one while no request runs, so no request sees a half-switched export."""
         async with self.paused():
-            self.backend = await make()
+            backend = await make()
+            self.backend, self.inline = backend, _inline_io(backend)
+
+
+def _inline_io(backend: Backend) -> InlineIO | None:
+    """The backend's synchronous side, resolved once per backend rather than per request."""
+    return backend if isinstance(backend, InlineIO) else None

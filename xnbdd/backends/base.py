@@ -9,7 +9,7 @@ or on a remote server; a backend that can finish without waiting simply never su
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -88,4 +88,25 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Flush and release resources."""
+        ...
+
+
+@runtime_checkable
+class InlineIO(Protocol):
+    """The synchronous side a backend may offer: I/O that needs no waiting (the page cache, a
+    memory file system, blocks already in a local cache). A connection's data-plane thread calls
+    it while the event loop may be running the backend's async methods, so an implementation
+    must be safe for that; what it cannot do at once it declines, and the request takes the
+    async path. Declining costs nothing: nothing has changed."""
+
+    def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
+        """Exactly ``length`` bytes (or a file range to send them from), or None."""
+        ...
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write ``data`` (not durably); False: nothing was promised, use ``write``."""
+        ...
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        """True only if the range certainly reads as zeros and saying so needs no waiting."""
         ...

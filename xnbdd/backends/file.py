@@ -101,16 +101,24 @@ class FileBackend:
         )
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        data = self.try_read(offset, length)
+        data = self._try_read_bytes(offset, length)
         if data is not None:
             return data
         buf = bytearray(length)  # not in memory: wait for the device in a worker thread
         await self._thread(linux.read_all, self.fd, memoryview(buf), offset)
         return buf
 
-    def try_read(self, offset: int, length: int) -> bytes | bytearray | None:
+    def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
+        """InlineIO: large reads of a memory file system go out with sendfile (its pages are
+        never on a device, so sending cannot block, and no copy passes through Python); other
+        data if it can be had without waiting; else None."""
+        if self._inline and length >= SENDFILE_MIN:
+            return FileRange(self.fd, offset, length)
+        return self._try_read_bytes(offset, length)
+
+    def _try_read_bytes(self, offset: int, length: int) -> bytes | bytearray | None:
         """The data, if it can be had without waiting (memory file system, or page cache via
-        RWF_NOWAIT); else None. Lets the connection answer without a task of its own."""
+        RWF_NOWAIT); else None."""
         if self._inline:
             data = os.pread(self.fd, length, offset)  # no zero-filled buffer to allocate first
             if len(data) == length:
@@ -140,13 +148,6 @@ class FileBackend:
         cannot wait for a device: memory file systems (elsewhere the extent lookup may read
         metadata from disk; block_status does that in a thread)."""
         return self._inline and linux.is_hole(self.fd, offset, length)
-
-    def try_read_range(self, offset: int, length: int) -> FileRange | None:
-        """Large reads of a memory file system go out with sendfile: its pages are never on a
-        device, so sending cannot block, and no copy passes through Python."""
-        if self._inline and length >= SENDFILE_MIN:
-            return FileRange(self.fd, offset, length)
-        return None
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Write without waiting if possible (not FUA); False means nothing was promised and

@@ -1,0 +1,523 @@
+"""The transmission phase of one connection: a thread that owns the client socket.
+
+After the handshake a connection's requests are read, parsed and answered by one OS thread in a
+tight batch loop: read what the socket holds, take every complete request out of it, answer at
+once whatever the backend can answer without waiting (``InlineIO``: the page cache, a memory file
+system, blocks already cached), and send every reply of the batch with one ``writev``. What must
+wait (a device, the origin server, a paused export, a FLUSH) goes to the event loop as a task, and
+its reply comes back through ``complete``, which wakes the thread. A task, a scheduler pass and
+an object per request was what made a request cost three times what Python needs.
+
+Flow control never stops the connection, it only slows the client: the thread stops reading the
+socket while the connection has ``--max-queue-size`` requests in flight or the daemon as a whole
+holds ``--max-buf-size`` bytes (``budget.ByteBudget``), and goes on sending replies and taking
+completions, which is what gives budget back. A request's cost is taken before its payload is
+read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
+nothing. Requests that have their reply sent give their cost back.
+
+On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
+socket closes as soon as the last reply is out. End of stream (or NBD_CMD_DISC) is the same: no
+more requests, the answers to those in flight, then close.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from .backends.base import FileRange, InlineIO
+from .budget import ByteBudget, Limits
+from .dispatch import Buffers, error_reply, failed_reply
+from .export import Export
+from .proto.consts import (
+    MAX_PAYLOAD,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    ReplyFlag,
+    ReplyType,
+    TxFlag,
+)
+from .proto.errors import RequestError
+from .proto.messages import Negotiated, Request
+from .proto.transmission import DRAIN_LIMIT, REQUEST, check_request, offset_hole
+
+log = logging.getLogger("xnbdd")
+
+RECEIVE_SIZE = 256 * 1024  # the socket is read into this; larger WRITE payloads get their own
+DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
+PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
+MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
+HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
+
+Part = bytes | bytearray | memoryview | FileRange
+Submit = Callable[[Request, int], None]
+
+_HEADER = REQUEST.size
+_READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+_SIMPLE = struct.Struct("!IIQ")
+_OFFSET_DATA = struct.Struct("!IHHQIQ")
+_DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
+_POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+
+
+class ClosedConnection(Exception):
+    """The client is gone or broke framing: the plane ends without answering more."""
+
+
+class DataPlane:
+    """One connection's transmission phase. ``run`` is the thread; ``complete``,
+    ``request_stop`` and ``abort`` may be called from the event loop."""
+
+    def __init__(
+        self,
+        fd: int,
+        export: Export,
+        negotiated: Negotiated,
+        limits: Limits,
+        budget: ByteBudget,
+        submit: Submit,
+        *,
+        pending: bytes = b"",
+        fields: dict[str, str] | None = None,
+    ) -> None:
+        self._fd = fd
+        self._export = export
+        self._negotiated = negotiated
+        self._limits = limits
+        self._budget = budget
+        self._submit = submit
+        self._fields = fields or {}
+        tx = int(negotiated.tx_flags)
+        self._structured = negotiated.structured
+        self._has_contexts = bool(negotiated.meta_contexts)
+        self._readonly = bool(tx & TxFlag.READ_ONLY)
+        fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
+        # flags a READ may carry and still be answered inline (FUA means nothing for a READ)
+        self._read_flags = fua | (int(CmdFlag.DF) if self._structured else 0)
+        self._max_payload = MAX_PAYLOAD
+        # receive buffer: unparsed bytes are rbuf[rstart:rend]
+        self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
+        self._rbuf[: len(pending)] = pending
+        self._rstart = 0
+        self._rend = len(pending)
+        self._head_admitted = False  # the header at rstart has its budget already
+        self._payload: bytearray | None = None  # a large WRITE payload being received
+        self._payload_got = 0
+        self._payload_head: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._discard = 0  # bytes of an oversized WRITE payload still to drop
+        # replies: parts to send, and (stream position of a reply's end, its cost)
+        self._out: deque[Part] = deque()
+        self._marks: deque[tuple[int, int]] = deque()
+        self._queued = 0
+        self._sent = 0
+        self.in_flight = 0  # admitted requests whose reply is not sent yet
+        self._held = 0  # their cost in bytes
+        # the event loop's side
+        self._completions: deque[tuple[Buffers, int]] = deque()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        self._sleeping = False
+        self._stopping = False
+        self._aborted = False
+        self._finished = False
+        self._end = ""  # why no more requests are read ("" while reading)
+        self._blocked = False  # waiting for budget
+        self._bytes_ok = True  # the daemon's byte budget did not refuse the last request
+
+    # -- the event loop's side ------------------------------------------------------------------
+
+    def complete(self, reply: Buffers, cost: int) -> None:
+        """A request handed to the event loop is answered."""
+        self._completions.append((reply, cost))
+        if self._sleeping:
+            self._wake()
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._wake_lock:  # never write to the fd number after ``run`` closed it
+            if not self._finished:
+                os.eventfd_write(self._wake_fd, 1)
+
+    # -- the thread -----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Serve until the connection ends; returns why."""
+        try:
+            return self._loop()
+        except ClosedConnection as why:
+            return str(why)
+        finally:
+            with self._wake_lock:
+                self._finished = True
+                os.close(self._wake_fd)
+            self._budget.forget(id(self))
+            # replies never sent give their budget back here; late completions are dropped
+            self._budget.give_back(self._held, self.in_flight)
+            self._held = self.in_flight = 0
+
+    def _loop(self) -> str:
+        poller = select.poll()
+        poller.register(self._wake_fd, _POLLIN)
+        poller.register(self._fd, _POLLIN)
+        while True:
+            if self._aborted:
+                return "cut after the shutdown grace period"
+            while self._completions:
+                reply, cost = self._completions.popleft()
+                self._queue(reply, cost)
+            self._blocked = False
+            if not self._end:
+                self._parse()
+            if self._out:
+                self._send()
+            if self._end and not self.in_flight and not self._out:
+                return self._end
+            if self._blocked and self.in_flight < self._limits.max_requests and self._bytes_ok:
+                continue  # the replies just sent made room
+            want_read = not self._end and not self._blocked
+            if want_read and self._read():
+                continue
+            self._wait(poller, want_read)
+
+    def _wait(self, poller: select.poll, want_read: bool) -> None:
+        events = (_POLLIN if want_read else 0) | (_POLLOUT if self._out else 0)
+        poller.modify(self._fd, events)
+        self._sleeping = True
+        try:
+            if self._completions:
+                return  # one came in before ``_sleeping`` was set: nobody will wake us
+            poller.poll()
+        finally:
+            self._sleeping = False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _read(self) -> bool:
+        """Read what the socket holds; False when it holds nothing now (or it ended)."""
+        if self._payload is not None:
+            return self._read_payload()
+        buf = self._rbuf
+        if self._rend == len(buf):
+            if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
+                raise ClosedConnection("receive buffer full without a complete request")
+            live = self._rend - self._rstart
+            buf[:live] = buf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, live
+        count = self._recv(memoryview(buf)[self._rend :])
+        if count is None:
+            return False
+        if self._discard:
+            dropped = min(self._discard, count)
+            self._discard -= dropped
+            buf[self._rend : self._rend + count - dropped] = buf[
+                self._rend + dropped : self._rend + count
+            ]
+            count -= dropped
+        self._rend += count
+        return True
+
+    def _read_payload(self) -> bool:
+        payload = self._payload
+        assert payload is not None
+        length = self._payload_head[3]
+        if self._payload_got == len(payload):  # allocate as the bytes arrive
+            payload.extend(bytes(min(len(payload), length - len(payload))))
+        count = self._recv(memoryview(payload)[self._payload_got :])
+        if count is None:
+            return False
+        self._payload_got += count
+        if self._payload_got == length:
+            self._payload = None
+            flags, cookie, offset, _length = self._payload_head
+            self._head_admitted = False
+            self._handle(_WRITE, flags, cookie, offset, length, payload, length, None)
+        return True
+
+    def _recv(self, view: memoryview) -> int | None:
+        """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
+        reading) ends the requests, and once stopping an empty socket does too."""
+        try:
+            count = os.readv(self._fd, [view])
+        except BlockingIOError:
+            if self._stopping:
+                self._end = "server shutting down"
+            return None
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            count = 0
+        if not count:
+            self._end = "end of stream"
+            if self._payload is not None or self._rend > self._rstart:
+                self._end = "end of stream inside a request"
+            return None
+        return count
+
+    # -- parsing and answering ------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        """Take every complete request out of the receive buffer that the budget admits."""
+        buf = self._rbuf
+        gate = False  # the export admitted this batch (inline answers pass its pause gate once)
+        try:
+            while self._payload is None and not self._discard:
+                pos = self._rstart
+                if self._rend - pos < _HEADER:
+                    break
+                magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, pos)
+                if magic != REQUEST_MAGIC:
+                    log.warning(
+                        "closing connection: bad request magic %#x", magic, extra=self._fields
+                    )
+                    raise ClosedConnection("framing lost")
+                if cmd == _DISC:
+                    self._rstart = pos + _HEADER
+                    self._end = "disconnect requested"
+                    break
+                payload_cmd = cmd in (_READ, _WRITE)
+                cost = length if payload_cmd and length <= self._max_payload else 0
+                if not self._head_admitted:
+                    if not self._admit(cost):
+                        self._blocked = True
+                        break
+                    self._head_admitted = True
+                data: memoryview | None = None
+                if cmd == _WRITE:
+                    if length > self._max_payload:
+                        self._oversized_write(pos, length)
+                        self._head_admitted = False
+                        self._queue(self._refusal(cookie, cmd, length), cost)
+                        continue
+                    have = self._rend - pos - _HEADER
+                    if have < length:
+                        if length < DIRECT_PAYLOAD:
+                            break  # small: the rest comes into the receive buffer
+                        self._start_payload(pos, flags, cookie, offset, length, have)
+                        break
+                    data = memoryview(buf)[pos + _HEADER : pos + _HEADER + length]
+                    self._rstart = pos + _HEADER + length
+                else:
+                    self._rstart = pos + _HEADER
+                self._head_admitted = False
+                if not gate:
+                    gate = self._export.try_admit()
+                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
+        finally:
+            if gate:
+                self._export.release()
+        if self._rstart == self._rend:
+            self._rstart = self._rend = 0
+
+    def _admit(self, cost: int) -> bool:
+        if self.in_flight >= self._limits.max_requests:
+            return False
+        # Refused bytes register a wake-up: another connection's (or our own) give_back wakes us.
+        self._bytes_ok = self._budget.try_take(cost, id(self), self._wake)
+        if not self._bytes_ok:
+            return False
+        self.in_flight += 1
+        self._held += cost
+        return True
+
+    def _start_payload(
+        self, pos: int, flags: int, cookie: int, offset: int, length: int, have: int
+    ) -> None:
+        payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
+        start = pos + _HEADER
+        payload[:have] = self._rbuf[start : start + have]
+        self._payload = payload
+        self._payload_got = have
+        self._payload_head = (flags, cookie, offset, length)
+        self._rstart = self._rend = 0
+
+    def _oversized_write(self, pos: int, length: int) -> None:
+        """A WRITE beyond the maximum payload: drop its payload to stay in step (it is
+        refused), or close when it is too large even to drop (denial of service)."""
+        if length > DRAIN_LIMIT:
+            log.warning(
+                "closing connection: WRITE of %d bytes refused as denial of service",
+                length,
+                extra=self._fields,
+            )
+            raise ClosedConnection("framing lost")
+        start = pos + _HEADER
+        here = min(length, self._rend - start)
+        self._rstart = start + here
+        self._discard = length - here
+
+    def _refusal(self, cookie: int, cmd: int, length: int) -> Buffers:
+        req = Request(cookie, cmd, 0, 0, length)
+        message = f"{Cmd(cmd).name} of {length} bytes exceeds maximum"
+        return error_reply(req, self._negotiated, Errno.EINVAL, message)
+
+    def _handle(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: memoryview | bytearray | None,
+        cost: int,
+        gate: bool | None,
+    ) -> None:
+        """Answer one request: inline when the backend can without waiting, else as a task of
+        the event loop. ``gate``: the export admitted this batch (None: not asked yet)."""
+        if self._stopping:
+            req = Request(cookie, cmd, flags, offset, length)
+            message = "server shutting down"
+            self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
+            return
+        if gate is None:
+            gate = self._export.try_admit()
+            try:
+                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
+            finally:
+                if gate:
+                    self._export.release()
+            return
+        inline = self._export.inline if gate else None
+        if (
+            inline is not None
+            and length
+            and offset + length <= self._export.size
+            and length <= self._max_payload
+        ):
+            try:
+                if cmd == _READ and not flags & ~self._read_flags:
+                    if self._read_inline(inline, cookie, offset, length, cost):
+                        return
+                elif cmd == _WRITE and not flags and not self._readonly:
+                    assert data is not None
+                    if inline.try_write(offset, data):
+                        self._queue_simple(cookie, cost)
+                        return
+            except OSError as err:
+                req = Request(cookie, cmd, flags, offset, length)
+                self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
+                return
+        payload = bytes(data) if isinstance(data, memoryview) else data
+        req = Request(cookie, cmd, flags, offset, length, payload)
+        try:
+            check_request(
+                req,
+                size=self._export.size,
+                tx_flags=self._negotiated.tx_flags,
+                structured=self._structured,
+                has_contexts=self._has_contexts,
+                max_payload=self._max_payload,
+            )
+        except RequestError as err:
+            self._queue(error_reply(req, self._negotiated, err.errno, err.message), cost)
+            return
+        self._submit(req, cost)
+
+    def _read_inline(
+        self, inline: InlineIO, cookie: int, offset: int, length: int, cost: int
+    ) -> bool:
+        if self._structured and length >= HOLE_CHECK_MIN and inline.is_hole(offset, length):
+            self._queue([offset_hole(cookie, offset, length, done=True)], cost)
+            return True
+        data = inline.try_read(offset, length)
+        if data is None:
+            return False
+        if self._structured:
+            head = _OFFSET_DATA.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
+            )
+        else:
+            head = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        self._out.append(head)
+        self._out.append(data)
+        self._queued += len(head) + length
+        self._marks.append((self._queued, cost))
+        return True
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _queue_simple(self, cookie: int, cost: int) -> None:
+        self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._queued += 16
+        self._marks.append((self._queued, cost))
+
+    def _queue(self, reply: Buffers, cost: int) -> None:
+        for part in reply:
+            size = part.length if isinstance(part, FileRange) else len(part)
+            if size:
+                self._out.append(part)
+                self._queued += size
+        self._marks.append((self._queued, cost))
+
+    def _send(self) -> None:
+        """Send what the socket takes now; give back the budget of every reply sent whole."""
+        out = self._out
+        fd = self._fd
+        try:
+            while out:
+                head = out[0]
+                if isinstance(head, FileRange):
+                    sent = os.sendfile(fd, head.fd, head.offset, head.length)
+                    if not sent:  # the image shrank under us; the header is already out
+                        raise OSError(errno.EIO, "image ended during a reply")
+                    if sent < head.length:
+                        out[0] = FileRange(head.fd, head.offset + sent, head.length - sent)
+                    else:
+                        out.popleft()
+                    self._sent += sent
+                    continue
+                views: list[bytes | bytearray | memoryview] = []
+                for part in out:
+                    if isinstance(part, FileRange) or len(views) == MAX_IOV:
+                        break
+                    views.append(part)
+                sent = os.writev(fd, views)
+                self._sent += sent
+                for part in views:
+                    size = len(part)
+                    if sent >= size:
+                        out.popleft()
+                        sent -= size
+                    else:
+                        out[0] = memoryview(part)[sent:]
+                        break
+                else:
+                    continue
+                break  # the socket took part of the batch: it is full
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            raise ClosedConnection("client gone while sending") from None
+        finally:
+            self._release_sent()
+
+    def _release_sent(self) -> None:
+        marks = self._marks
+        sent = self._sent
+        cost = count = 0
+        while marks and marks[0][0] <= sent:
+            cost += marks.popleft()[1]
+            count += 1
+        if count:
+            self.in_flight -= count
+            self._held -= cost
+            self._budget.give_back(cost, count)
