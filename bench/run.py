@@ -6,7 +6,12 @@ whole benchmark and fio visits them in turn for every workload and every round (
 so slow drifts of a shared machine hit every server alike. Each figure is the median of the rounds,
 printed with its min-max spread. A report, not a test: it never fails on a slow figure.
 
-    .venv/bin/python bench/run.py                  # what `make bench` runs
+Our rows are xnbd-server in three modes (target; cow-target; proxy in front of an nbdkit origin,
+its cache fully populated first), each with its ratio to nbdkit from the same run; the peers are
+nbd-server, qemu-nbd, nbdkit and bench/refloop.py, a reference loop (not a product).
+
+    .venv/bin/python bench/run.py                  # what `make bench` runs: unpinned
+    .venv/bin/python bench/run.py --pin            # each server on CPU 0 alone, fio on CPU 1
     python3 bench/run.py --quick                   # smoke test: short jobs, one round
     python3 bench/run.py --runs 5 --runtime 10 --only randread-4k-qd16
     python3 bench/run.py --xnbd-cmd 'python3 /tmp/run_xnbd.py'   # another way to start xnbdd
@@ -51,18 +56,23 @@ class Workload:
     label: str
     fio_args: tuple[str, ...]
     unit: str  # "MiB/s" or "IOPS"
+    jobs: int = 1  # fio --numjobs: each job is its own NBD connection
+    same_core: bool = False  # pinned mode: fio on the server's CPU instead of its own
+    unpinned: bool = False  # measured unpinned even in pinned mode
+    default: bool = True  # run unless --only asks for others
 
 
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("seqread-1m", "1 MiB seq read, QD4", ("--rw=read", "--bs=1M", "--iodepth=4"), "MiB/s"),
+    Workload("seqread-1m", "1 MiB seq read, QD8", ("--rw=read", "--bs=1M", "--iodepth=8"), "MiB/s"),
     Workload(
-        "seqwrite-1m", "1 MiB seq write, QD4", ("--rw=write", "--bs=1M", "--iodepth=4"), "MiB/s"
+        "seqwrite-1m", "1 MiB seq write, QD8", ("--rw=write", "--bs=1M", "--iodepth=8"), "MiB/s"
     ),
     Workload(
         "randread-4k-qd1",
         "4 KiB rand read, QD1",
         ("--rw=randread", "--bs=4k", "--iodepth=1"),
         "IOPS",
+        same_core=True,
     ),
     Workload(
         "randread-4k-qd16",
@@ -77,12 +87,63 @@ WORKLOADS: tuple[Workload, ...] = (
         "IOPS",
     ),
     Workload(
+        "randread-4k-4conn",
+        "4 KiB rand read, 4 connections x QD16",
+        ("--rw=randread", "--bs=4k", "--iodepth=16"),
+        "IOPS",
+        jobs=4,
+        unpinned=True,
+    ),
+    Workload(
         "randrw70-4k-qd16",
         "4 KiB 70/30 rand mix, QD16",
         ("--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"),
         "IOPS",
+        default=False,
     ),
 )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a job's server and fio may run: CPU lists for taskset, None = unpinned."""
+
+    server: str | None = None
+    fio: str | None = None
+
+    def describe(self) -> str:
+        if self.server is None and self.fio is None:
+            return "unpinned"
+        if self.server == self.fio:
+            return f"server and fio on CPU {self.server}"
+        return f"server on CPU {self.server}, fio on CPU {self.fio}"
+
+
+def placement(wl: Workload, args: argparse.Namespace) -> Placement:
+    if not args.pin or wl.unpinned:
+        return Placement()
+    cpu, fio_cpu = str(args.server_cpu), str(args.fio_cpu)
+    return Placement(cpu, cpu if wl.same_core else fio_cpu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers under test: key -> label in the table. xnbd rows get ratios; NBDKIT and REFLOOP are
+# what they are compared with.
+
+KINDS: dict[str, str] = {
+    "xnbd-target": "xnbd target",
+    "xnbd-cow": "xnbd cow-target",
+    "xnbd-proxy": "xnbd proxy warm",
+    "nbd-server": "nbd-server",
+    "qemu-nbd": "qemu-nbd",
+    "nbdkit": "nbdkit",
+    "refloop": "reference loop (not a product)",
+}
+ALIASES = {"xnbd-server": "xnbd-target", "xnbd": "xnbd-target"}
+OURS = ("xnbd-target", "xnbd-cow", "xnbd-proxy")
+PEERS = ("nbd-server", "qemu-nbd", "nbdkit")  # "best peer": the best of these
+NBDKIT, REFLOOP = "nbdkit", "refloop"
+COPIES = {"xnbd-cow": 2, "xnbd-proxy": 2}  # images in /dev/shm: cow overlay; origin + cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,29 +271,68 @@ def wait_for_port(port: int, alive: Sequence[subprocess.Popen[bytes]], timeout: 
     raise RuntimeError(f"nothing listening on port {port} after {timeout:.0f} s")
 
 
+def all_cpus() -> str:
+    """The CPUs this benchmark may use, as a taskset list: what "unpinned" means."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
 @dataclass
 class Server:
     """One NBD server under test: how to start it and, once started, where it is."""
 
-    name: str
-    image: Path
+    kind: str
+    image: Path  # the data it serves (a proxy: its origin's image)
     workdir: Path
     xnbd_cmd: list[str] = field(default_factory=list)
+    bgctl_cmd: list[str] = field(default_factory=list)
+    pin: str | None = None  # pinned mode: the CPU list it starts on
     port: int = 0
     pid: int = 0
-    version: str = ""
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    helpers: list[Server] = field(default_factory=list)  # a proxy's origin
+    cpus: str | None = None  # its current taskset list; None: never pinned
+    warm_seconds: float = 0.0  # a proxy: how long cache-all took
+
+    @property
+    def label(self) -> str:
+        return KINDS[self.kind]
 
     @property
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.port}/{EXPORT}"
 
+    @property
+    def control_socket(self) -> Path:
+        return self.workdir / "control.sock"
+
     def command(self) -> list[str]:
         img, port = str(self.image), str(self.port)
-        if self.name == "xnbd-server":
-            return [*self.xnbd_cmd, "--target", img, "--lport", port, "--laddr", "127.0.0.1"]
-        if self.name == "qemu-nbd":
+        listen = ["--lport", port, "--laddr", "127.0.0.1"]
+        if self.kind == "xnbd-target":
+            return [*self.xnbd_cmd, "--target", img, *listen]
+        if self.kind == "xnbd-cow":
+            # The overlay goes to the same tmpfs directory as the base image.
+            return [*self.xnbd_cmd, "--cow-target", img, "--cow-dir", str(self.workdir), *listen]
+        if self.kind == "xnbd-proxy":
+            origin = self.helpers[0]
+            return [
+                *self.xnbd_cmd,
+                "--proxy",
+                "127.0.0.1",
+                str(origin.port),
+                str(self.workdir / "cache.img"),
+                str(self.workdir / "cache.bitmap"),
+                str(self.control_socket),
+                "--clear-bitmap",
+                "--target-exportname",
+                EXPORT,
+                *listen,
+            ]
+        if self.kind == "refloop":
+            script = str(REPO / "bench" / "refloop.py")
+            return [sys.executable, script, img, "--port", port, "--addr", "127.0.0.1"]
+        if self.kind == "qemu-nbd":
             # Writeback cache and a thread pool, as a VM host would run it; -t stays up between
             # fio jobs, -e lets a job connect while the previous connection is still closing.
             return [
@@ -252,9 +352,9 @@ class Server:
                 EXPORT,
                 img,
             ]
-        if self.name == "nbdkit":
+        if self.kind == "nbdkit":
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", port, "file", f"file={img}"]
-        if self.name == "nbd-server":
+        if self.kind == "nbd-server":
             conf = self.workdir / "nbd-server.conf"
             conf.write_text(
                 "[generic]\n"
@@ -266,14 +366,21 @@ class Server:
                 "    flush = true\n    fua = true\n    trim = true\n"
             )
             return ["nbd-server", "-C", str(conf), "-p", str(self.workdir / "nbd-server.pid")]
-        raise ValueError(self.name)
+        raise ValueError(self.kind)
 
     def start(self) -> None:
+        if self.kind == "xnbd-proxy":
+            # The origin: nbdkit on the image, on the proxy's CPU; idle once the cache is warm.
+            origin = Server("nbdkit", self.image, self.workdir / "origin", pin=self.pin)
+            origin.workdir.mkdir(exist_ok=True)
+            self.helpers.append(origin)
+            origin.start()
         self.port = free_port()
-        self.log = self.workdir / f"{self.name}.log"
+        self.log = self.workdir / f"{self.kind}.log"
+        taskset = ["taskset", "-c", self.pin] if self.pin else []
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                self.command(),
+                [*taskset, *self.command()],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -281,7 +388,8 @@ class Server:
                 env=python_env(),
                 start_new_session=True,
             )
-        if self.name == "nbd-server":
+        self.cpus = self.pin
+        if self.kind == "nbd-server":
             # It daemonizes: the process we started exits and the pid file names the server.
             self.proc.wait(timeout=10)
             if self.proc.returncode != 0:
@@ -297,6 +405,44 @@ class Server:
         else:
             self.pid = self.proc.pid
             wait_for_port(self.port, [self.proc], 30)
+        if self.kind == "xnbd-proxy":
+            self.warm()
+
+    def bgctl(self, *args: str) -> str:
+        cmd = [*self.bgctl_cmd, *args, str(self.control_socket)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=python_env())
+        if out.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)}: exit {out.returncode}: {out.stderr.strip()}")
+        return out.stdout
+
+    def warm(self) -> None:
+        """Fetch every block from the origin, then check the cache holds them all."""
+        t0 = time.monotonic()
+        self.bgctl("--cache-all")
+        self.warm_seconds = time.monotonic() - t0
+        status = json.loads(self.bgctl("--json", "--query"))
+        cached, total = int(status["cached_blocks"]), int(status["total_blocks"])
+        if not total or cached != total:
+            raise RuntimeError(f"cache not warm after cache-all: {cached} / {total} blocks")
+
+    def pids(self) -> list[int]:
+        return [*process_tree(self.pid), *(p for h in self.helpers for p in h.pids())]
+
+    def place(self, cpus: str | None) -> None:
+        """Pin every thread of the server (and its helpers) to cpus; None: to every CPU."""
+        if cpus is None and self.cpus is None:
+            return  # never pinned: leave it alone
+        want = cpus or all_cpus()
+        if want == self.cpus:
+            return
+        for pid in self.pids():
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", want, str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,  # a per-connection child may have just exited
+            )
+        self.cpus = want
 
     def stop(self) -> None:
         pids = process_tree(self.pid) if self.pid else []
@@ -315,6 +461,8 @@ class Server:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for helper in self.helpers:
+            helper.stop()
 
     def log_tail(self) -> str:
         if self.log is None or not self.log.exists():
@@ -328,13 +476,14 @@ def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}:{path}" if path else str(REPO)}
 
 
-def server_version(name: str, xnbd_cmd: list[str]) -> str:
+def server_version(kind: str, xnbd_cmd: list[str]) -> str:
+    if kind == "refloop":
+        return "bench/refloop.py"
     cmd = {
-        "xnbd-server": [*xnbd_cmd, "--version"],
         "qemu-nbd": ["qemu-nbd", "--version"],
         "nbdkit": ["nbdkit", "--version"],
-    }.get(name)
-    if cmd is None:  # nbd-server has no --version that exits 0 on every release
+    }.get(kind, [*xnbd_cmd, "--version"])
+    if kind == "nbd-server":  # no --version that exits 0 on every release
         cmd = ["dpkg-query", "-W", "-f=${Version}", "nbd-server"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=python_env())
@@ -357,9 +506,12 @@ class Sample:
     p99_us: float  # p99 completion latency (reads if any, else writes)
 
 
-def run_fio(server: Server, wl: Workload, runtime: float, ramp: float, workdir: Path) -> Sample:
+def run_fio(
+    server: Server, wl: Workload, where: Placement, runtime: float, ramp: float, workdir: Path
+) -> Sample:
     out = workdir / "fio.json"
     cmd = [
+        *(["taskset", "-c", where.fio] if where.fio else []),
         "fio",
         "--name",
         wl.key,
@@ -370,11 +522,13 @@ def run_fio(server: Server, wl: Workload, runtime: float, ramp: float, workdir: 
         f"--ramp_time={ramp}",
         "--norandommap",
         "--randrepeat=0",
-        "--numjobs=1",
+        f"--numjobs={wl.jobs}",
+        "--group_reporting",  # one summed entry in "jobs", whatever numjobs is
         "--output-format=json",
         f"--output={out}",
         *wl.fio_args,
     ]
+    server.place(where.server)
     cpu0, (busy0, _) = tree_cpu_seconds(server.pid), machine_busy_seconds()
     fio0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -434,13 +588,33 @@ def fmt(value: float, unit: str) -> str:
 
 @dataclass
 class Results:
-    servers: list[str]
-    samples: dict[str, dict[str, list[Sample]]]  # workload key -> server -> samples
+    kinds: list[str]
+    workloads: list[Workload]
+    places: dict[str, Placement]  # workload key -> where its jobs ran
+    samples: dict[str, dict[str, list[Sample]]]  # workload key -> server kind -> samples
     rss_kib: dict[str, int]
     failed: dict[str, str]
 
-    def cell(self, wl: Workload, name: str) -> str:
-        values = [s.value for s in self.samples[wl.key].get(name, [])]
+    HEAD = (
+        "server",
+        "median (min-max)",
+        "vs nbdkit",
+        "vs ref loop",
+        "vs best peer",
+        "server CPU us/req",
+        "p99 us",
+        "other cores",
+    )
+
+    def of(self, wl: Workload, kind: str) -> list[Sample]:
+        return self.samples[wl.key].get(kind, [])
+
+    def median(self, wl: Workload, kind: str) -> float | None:
+        values = [s.value for s in self.of(wl, kind)]
+        return statistics.median(values) if values else None
+
+    def cell(self, wl: Workload, kind: str) -> str:
+        values = [s.value for s in self.of(wl, kind)]
         if not values:
             return "n/a"
         med, lo, hi = spread(values)
@@ -448,70 +622,88 @@ class Results:
             return fmt(med, wl.unit)
         return f"{fmt(med, wl.unit)} ({fmt(lo, wl.unit)}-{fmt(hi, wl.unit)})"
 
-    def median(self, wl: Workload, name: str) -> float | None:
-        values = [s.value for s in self.samples[wl.key].get(name, [])]
-        return statistics.median(values) if values else None
+    def ratio(self, wl: Workload, kind: str, other: str) -> str:
+        """Our median over another server's, same run; only our rows get ratios."""
+        if kind not in OURS or other not in self.kinds:
+            return ""
+        ours, theirs = self.median(wl, kind), self.median(wl, other)
+        return f"{ours / theirs:.2f}x" if ours is not None and theirs else "n/a"
 
-    def ratio(self, wl: Workload) -> str:
-        ours = self.median(wl, "xnbd-server")
-        peers = [
-            (m, n)
-            for n in self.servers
-            if n != "xnbd-server"
-            if (m := self.median(wl, n)) is not None
-        ]
+    def best_peer(self, wl: Workload, kind: str) -> str:
+        if kind not in OURS:
+            return ""
+        ours = self.median(wl, kind)
+        peers = [(m, n) for n in PEERS if (m := self.median(wl, n)) is not None]
         if ours is None or not peers:
             return "n/a"
-        best, best_name = max(peers)
-        return f"{ours / best:.2f}x {best_name}" if best else "n/a"
+        best, name = max(peers)
+        return f"{ours / best:.2f}x {name}" if best else "n/a"
 
-    def cpu_cell(self, wl: Workload, name: str) -> str:
+    def cpu_cell(self, wl: Workload, kind: str) -> str:
         """Server CPU microseconds per request: steadier than throughput on a busy machine."""
-        per_op = [
-            s.server_cpu / s.value * 1e6 for s in self.samples[wl.key].get(name, []) if s.value
-        ]  # MiB/s workloads move 1 MiB per request, so value is requests/s
+        # MiB/s workloads move 1 MiB per request, so value is requests/s either way.
+        per_op = [s.server_cpu / s.value * 1e6 for s in self.of(wl, kind) if s.value]
         return f"{statistics.median(per_op):.0f}" if per_op else "n/a"
 
-    def table(self, markdown: bool) -> str:
-        head = ["workload", *self.servers, "xnbd / best peer"]
-        rows = [
-            [f"{wl.label} ({wl.unit})", *(self.cell(wl, n) for n in self.servers), self.ratio(wl)]
-            for wl in WORKLOADS
-            if wl.key in self.samples
-        ]
-        rows.append(
-            [
-                "peak RSS (MiB)",
-                *(
-                    f"{self.rss_kib.get(n, 0) / 1024:.1f}" if n not in self.failed else "n/a"
-                    for n in self.servers
-                ),
-                "",
-            ]
-        )
-        cpu_rows = [
-            [
-                f"  server CPU us/request, {wl.label}",
-                *(self.cpu_cell(wl, n) for n in self.servers),
-                "",
-            ]
-            for wl in WORKLOADS
-            if wl.key in self.samples
-        ]
-        rows += cpu_rows
-        if markdown:
-            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(c.strip() for c in r) + " |" for r in rows]
-            return "\n".join(lines)
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    def p99_cell(self, wl: Workload, kind: str) -> str:
+        p99 = [s.p99_us for s in self.of(wl, kind)]
+        return f"{statistics.median(p99):,.0f}" if p99 else "n/a"
 
-        def line(r: list[str]) -> str:
-            return "  ".join(
+    def other_cell(self, wl: Workload, kind: str) -> str:
+        """CPU that other processes used during these jobs: how far to trust the row."""
+        other = [s.other_cpu for s in self.of(wl, kind)]
+        return f"{statistics.median(other):.2f}" if other else "n/a"
+
+    def heading(self, wl: Workload) -> str:
+        return f"{wl.label} ({wl.unit}); {self.places[wl.key].describe()}"
+
+    def rows(self, wl: Workload) -> list[list[str]]:
+        return [
+            [
+                KINDS[k],
+                self.cell(wl, k),
+                self.ratio(wl, k, NBDKIT),
+                self.ratio(wl, k, REFLOOP),
+                self.best_peer(wl, k),
+                self.cpu_cell(wl, k),
+                self.p99_cell(wl, k),
+                self.other_cell(wl, k),
+            ]
+            for k in self.kinds
+        ]
+
+    def rss_line(self) -> str:
+        return "; ".join(
+            f"{KINDS[k]} {self.rss_kib.get(k, 0) / 1024:.1f}"
+            for k in self.kinds
+            if k not in self.failed
+        )
+
+    def table(self, markdown: bool) -> str:
+        done = [wl for wl in self.workloads if self.samples.get(wl.key)]
+        if markdown:
+            lines = [
+                "| workload | " + " | ".join(self.HEAD) + " |",
+                "|" + "---|" * (len(self.HEAD) + 1),
+            ]
+            for wl in done:
+                for i, r in enumerate(self.rows(wl)):
+                    lines.append("| " + " | ".join([self.heading(wl) if i == 0 else "", *r]) + " |")
+            return "\n".join(lines)
+        every = [list(self.HEAD), *(r for wl in done for r in self.rows(wl))]
+        widths = [max(len(r[i]) for r in every) for i in range(len(self.HEAD))]
+
+        def line(r: Sequence[str]) -> str:
+            cells = (
                 c.ljust(w) if i == 0 else c.rjust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
+            return "  " + "  ".join(cells)
 
-        return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, rows)])
+        out = [line(self.HEAD)]
+        for wl in done:
+            out += ["", self.heading(wl), *map(line, self.rows(wl))]
+        return "\n".join(out)
 
     def noise(self) -> str:
         other = [s.other_cpu for per in self.samples.values() for ss in per.values() for s in ss]
@@ -553,20 +745,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="smoke test defaults: 1 round, 2 s jobs, no ramp, 256 MiB images",
     )
     p.add_argument(
+        "--pin",
+        action="store_true",
+        help="pinned mode: every server (all its threads) on --server-cpu, fio on --fio-cpu; "
+        "QD1 with fio on the server's CPU; the multi-connection row stays unpinned",
+    )
+    p.add_argument("--server-cpu", type=int, default=0, help="--pin: the servers' CPU (0)")
+    p.add_argument("--fio-cpu", type=int, default=1, help="--pin: fio's CPU (1)")
+    p.add_argument(
         "--servers",
-        default="xnbd-server,nbd-server,qemu-nbd,nbdkit",
-        help="comma-separated subset, in this order in the table",
+        default=",".join(KINDS),
+        help="comma-separated subset, in this order in the table: " + ", ".join(KINDS),
     )
     p.add_argument(
         "--only",
         default="",
-        help="comma-separated workload keys: " + ", ".join(w.key for w in WORKLOADS),
+        help="comma-separated workload keys (default: all but randrw70-4k-qd16): "
+        + ", ".join(w.key for w in WORKLOADS),
     )
     p.add_argument(
         "--xnbd-cmd",
         default=f"{shlex.quote(sys.executable)} -m xnbdd",
         help="how to start xnbd-server (default: this interpreter, -m xnbdd, with "
         "PYTHONPATH at the repository)",
+    )
+    p.add_argument(
+        "--bgctl-cmd",
+        default=f"{shlex.quote(sys.executable)} -m xnbdd.cli.bgctl",
+        help="how to run xnbd-bgctl (warms the proxy's cache with --cache-all)",
     )
     p.add_argument("--shm", type=Path, default=Path("/dev/shm"), help="where images go")
     p.add_argument(
@@ -599,9 +805,9 @@ def started(servers: list[Server], failed: dict[str, str]) -> Iterator[list[Serv
             try:
                 s.start()
                 up.append(s)
-            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-                failed[s.name] = f"did not start: {e}; log: {s.log_tail()}"
-                print(f"  {s.name}: {failed[s.name]}", file=sys.stderr)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, KeyError, ValueError) as e:
+                failed[s.kind] = f"did not start: {e}; log: {s.log_tail()}"
+                print(f"  {s.kind}: {failed[s.kind]}", file=sys.stderr)
                 s.stop()
         yield up
     finally:
@@ -609,56 +815,85 @@ def started(servers: list[Server], failed: dict[str, str]) -> Iterator[list[Serv
             s.stop()
 
 
+def check_setup(args: argparse.Namespace, kinds: list[str]) -> str | None:
+    """Why the benchmark cannot run as asked, or None."""
+    tools = {"fio"} | {k for k in kinds if k in PEERS}
+    if "xnbd-proxy" in kinds:
+        tools.add("nbdkit")  # the proxy's origin
+    if args.pin:
+        tools.add("taskset")
+    for tool in sorted(tools):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (scripts/bootstrap.sh test installs it)"
+    if args.pin:
+        mine = os.sched_getaffinity(0)
+        if args.server_cpu == args.fio_cpu or not {args.server_cpu, args.fio_cpu} <= mine:
+            return f"--pin needs two distinct CPUs among {sorted(mine)}"
+    copies = 1 + sum(COPIES.get(k, 1) for k in kinds)
+    if shutil.disk_usage(args.shm).free < (copies * args.size + 256) * MiB:
+        return f"not enough room on {args.shm} for {copies} images of {args.size} MiB"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    kinds = [ALIASES.get(n.strip(), n.strip()) for n in args.servers.split(",") if n.strip()]
+    if unknown_kinds := [k for k in kinds if k not in KINDS]:
+        print(f"unknown server(s): {', '.join(unknown_kinds)}", file=sys.stderr)
+        return 2
     wanted = {k.strip() for k in args.only.split(",") if k.strip()}
-    workloads = [w for w in WORKLOADS if not wanted or w.key in wanted]
+    workloads = [w for w in WORKLOADS if w.key in wanted or (not wanted and w.default)]
     if unknown := wanted - {w.key for w in WORKLOADS}:
         print(f"unknown workload(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
-    for tool in ["fio", *(n for n in names if n != "xnbd-server")]:
-        if shutil.which(tool) is None:
-            print(
-                f"{tool} is not installed (scripts/bootstrap.sh test installs it)", file=sys.stderr
-            )
-            return 1
-    size = args.size * MiB
-    needed = size * (len(names) + 1)
-    if shutil.disk_usage(args.shm).free < needed + 256 * MiB:
-        print(
-            f"not enough room on {args.shm} for {len(names) + 1} images of {args.size} MiB",
-            file=sys.stderr,
-        )
+    if why := check_setup(args, kinds):
+        print(why, file=sys.stderr)
         return 1
 
+    size = args.size * MiB
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "bench" / "results" / stamp
     out.mkdir(parents=True, exist_ok=True)
-    xnbd_cmd = shlex.split(args.xnbd_cmd)
+    xnbd_cmd, bgctl_cmd = shlex.split(args.xnbd_cmd), shlex.split(args.bgctl_cmd)
+    places = {w.key: placement(w, args) for w in workloads}
+    mode = (
+        f"pinned (--pin): servers on CPU {args.server_cpu}, fio on CPU {args.fio_cpu}"
+        if args.pin
+        else "unpinned"
+    )
     failed: dict[str, str] = {}
+    warm, warm_seconds = "", None
     samples: dict[str, dict[str, list[Sample]]] = {w.key: {} for w in workloads}
     load_before = os.getloadavg()
     started_at = time.time()
 
     with tempfile.TemporaryDirectory(prefix="xnbd-bench-", dir=args.shm) as tmp:
         work = Path(tmp)
-        print(f"images: {len(names)} x {args.size} MiB of random data in {work}")
+        print(f"images: {len(kinds)} x {args.size} MiB of random data in {work}; {mode}")
         base = work / "base.img"
         make_image(base, size)
         servers = []
-        for n in names:
-            sdir = work / n
+        for k in kinds:
+            sdir = work / k
             sdir.mkdir()
             copy_image(base, sdir / "disk.img")
-            servers.append(Server(n, sdir / "disk.img", sdir, xnbd_cmd=xnbd_cmd))
+            pin = str(args.server_cpu) if args.pin else None
+            servers.append(Server(k, sdir / "disk.img", sdir, xnbd_cmd, bgctl_cmd, pin=pin))
         base.unlink()
-        versions = {n: server_version(n, xnbd_cmd) for n in names}
+        versions = {k: server_version(k, xnbd_cmd) for k in kinds}
 
         with started(servers, failed) as up, PeakRss() as rss:
             for s in up:
-                rss.watch(s.name, s.pid)
-                print(f"  {s.name:<12} pid {s.pid:<7} {s.uri}  ({versions[s.name]})")
+                rss.watch(s.kind, s.pid)
+                print(f"  {s.kind:<12} pid {s.pid:<7} {s.uri}  ({versions[s.kind]})")
+                if s.kind == "xnbd-proxy":
+                    origin = s.helpers[0]
+                    warm = (
+                        f"xnbd proxy warm: cache-all of {args.size} MiB from its nbdkit origin "
+                        f"took {s.warm_seconds:.1f} s; every block cached before the first job"
+                    )
+                    warm_seconds = s.warm_seconds
+                    print(f"  {'':<12} origin pid {origin.pid} port {origin.port}; {warm}")
             if args.hold:
                 input("servers are up; press Enter to start the jobs ")
             jobs = args.runs * len(workloads) * len(up)
@@ -670,23 +905,23 @@ def main(argv: list[str] | None = None) -> int:
                     # Rotate who goes first so no server always follows the same neighbour.
                     shift = (rnd + wi) % max(1, len(up))
                     for s in up[shift:] + up[:shift]:
-                        if s.name in failed:
+                        if s.kind in failed:
                             continue
                         done += 1
                         try:
-                            smp = run_fio(s, wl, args.runtime, args.ramp, work)
+                            smp = run_fio(s, wl, places[wl.key], args.runtime, args.ramp, work)
                         except (
                             RuntimeError,
                             subprocess.TimeoutExpired,
                             KeyError,
                             json.JSONDecodeError,
                         ) as e:
-                            failed[s.name] = f"{wl.key}: {e}; log: {s.log_tail()}"
-                            print(f"  {s.name} failed: {failed[s.name]}", file=sys.stderr)
+                            failed[s.kind] = f"{wl.key}: {e}; log: {s.log_tail()}"
+                            print(f"  {s.kind} failed: {failed[s.kind]}", file=sys.stderr)
                             continue
-                        samples[wl.key].setdefault(s.name, []).append(smp)
+                        samples[wl.key].setdefault(s.kind, []).append(smp)
                         print(
-                            f"  [{done}/{jobs}] round {rnd + 1} {wl.key:<18} {s.name:<12} "
+                            f"  [{done}/{jobs}] round {rnd + 1} {wl.key:<18} {s.kind:<11} "
                             f"{fmt(smp.value, wl.unit):>9} {wl.unit:<5}  server "
                             f"{smp.server_cpu:.2f} fio {smp.fio_cpu:.2f} "
                             f"other {smp.other_cpu:.2f} cores",
@@ -695,16 +930,18 @@ def main(argv: list[str] | None = None) -> int:
             rss.sample()
             rss_kib = dict(rss.peak_kib)
 
-    results = Results(names, samples, rss_kib, failed)
+    results = Results(kinds, workloads, places, samples, rss_kib, failed)
     settings = (
-        f"runs={args.runs} runtime={args.runtime}s ramp={args.ramp}s "
+        f"{mode}; runs={args.runs} runtime={args.runtime}s ramp={args.ramp}s "
         f"image={args.size} MiB on {args.shm}, {os.cpu_count()} CPUs, "
         f"load before {load_before[0]:.2f} after {os.getloadavg()[0]:.2f}"
     )
-    text = results.table(markdown=False)
+    command = shlex.join(["bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     print()
     print(f"median (min-max) over {args.runs} round(s); {settings}")
-    print(text)
+    print(results.table(markdown=False))
+    print()
+    print(f"peak RSS (MiB): {results.rss_line()}")
     print(results.noise())
     for n, why in failed.items():
         print(f"FAILED {n}: {why}")
@@ -712,11 +949,16 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         f"# xnbd-server benchmark {stamp}",
         "",
+        f"Command: `{command}`",
+        "",
         f"Settings: {settings}.",
         "",
-        "Versions: " + "; ".join(f"{n} {v}" for n, v in versions.items()),
+        *([warm, ""] if warm else []),
+        "Versions: " + "; ".join(f"{KINDS[k]} {v}" for k, v in versions.items()),
         "",
         results.table(markdown=True),
+        "",
+        f"Peak RSS (MiB): {results.rss_line()}.",
         "",
         f"Noise: {results.noise()}.",
     ]
@@ -726,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "started": started_at,
+                "command": command,
                 "settings": vars(args) | {"shm": str(args.shm), "out": str(out)},
                 "host": {
                     "kernel": platform.release(),
@@ -734,8 +977,16 @@ def main(argv: list[str] | None = None) -> int:
                     "load_after": os.getloadavg(),
                 },
                 "versions": versions,
+                "proxy_cache_all_seconds": warm_seconds,
+                "labels": {k: KINDS[k] for k in kinds},
                 "workloads": {
-                    w.key: {"label": w.label, "unit": w.unit, "fio_args": w.fio_args}
+                    w.key: {
+                        "label": w.label,
+                        "unit": w.unit,
+                        "fio_args": w.fio_args,
+                        "numjobs": w.jobs,
+                        "placement": places[w.key].describe(),
+                    }
                     for w in workloads
                 },
                 "samples": {
