@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,6 +177,7 @@ async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> N
             await client.send_all(request(Cmd.READ, 1, 0, 512))
             await wait_until(lambda: state.budget.requests == 1)
             state.stopping.set()
+            await trio.testing.wait_all_tasks_blocked()  # the connection has seen the stop
             await client.send_all(request(Cmd.READ, 2, 0, 512))
             await trio.sleep(0.1)
         reader = Reader(client)

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import select
+import socket
 import struct
 import threading
 from collections import deque
@@ -161,7 +162,10 @@ class DataPlane:
     def run(self) -> str:
         """Serve until the connection ends; returns why."""
         try:
-            return self._loop()
+            reason = self._loop()
+            if self._stopping and reason == "server shutting down":
+                self._linger()
+            return reason
         except ClosedConnection as why:
             return str(why)
         finally:
@@ -196,6 +200,30 @@ class DataPlane:
             if want_read and self._read():
                 continue
             self._wait(poller, want_read)
+
+    def _linger(self) -> None:
+        """Every reply is out: tell the client (end of stream) and read until it closes, so a
+        request it sent meanwhile does not turn our close into a reset that could destroy
+        replies it has not read yet. The grace period (``abort``) bounds the wait."""
+        try:
+            with socket.socket(fileno=os.dup(self._fd)) as sock:  # shuts the socket, not the fd
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        poller = select.poll()
+        poller.register(self._wake_fd, _POLLIN)
+        poller.register(self._fd, _POLLIN)
+        scratch = memoryview(bytearray(RECEIVE_SIZE))
+        while not self._aborted:
+            try:
+                if not os.readv(self._fd, [scratch]):
+                    return
+            except BlockingIOError:
+                poller.poll()
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake_fd)
+            except OSError:
+                return
 
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         events = (_POLLIN if want_read else 0) | (_POLLOUT if self._out else 0)
@@ -259,8 +287,8 @@ class DataPlane:
         try:
             count = os.readv(self._fd, [view])
         except BlockingIOError:
-            if self._stopping:
-                self._end = "server shutting down"
+            if self._stopping and not self.in_flight and not self._out:
+                self._end = "server shutting down"  # nothing in flight and nothing more sent
             return None
         except OSError as err:
             log.debug("client connection failed: %s", err, extra=self._fields)
