@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import Capabilities, Extent
+from xnbdd.backends.base import Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
 from xnbdd.backends.file import MAX_EXTENTS, FileBackend
 
@@ -101,6 +101,30 @@ class CowBackend:
             source = self.overlay if present else self.base
             await source.read_into(view[start - offset : stop - offset], start)
         return buf
+
+    # -- InlineIO: a connection's thread reads what needs no waiting and rewrites present
+    # blocks; the bitmap only ever gains bits, and a bit is set only after its data is in the
+    # overlay, so what the thread sees is always a consistent choice of source.
+
+    def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
+        first, last = _blocks(offset, length)
+        if last - first == 1:  # one block: one source (the common small read)
+            source = self.overlay if self.bitmap.test(first) else self.base
+            return source.try_read(offset, length)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for start, stop, present in self._segments(offset, length):
+            source = self.overlay if present else self.base
+            if not source.try_read_into(view[start - offset : stop - offset], start):
+                return None
+        return buf
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        first, last = _blocks(offset, len(data))
+        return self.bitmap.all_set(first, last) and self.overlay.try_write(offset, data)
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        return False  # would need both layers' allocation; block_status answers that
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         first, last = _blocks(offset, len(data))

@@ -126,6 +126,10 @@ class FileBackend:
         buf = bytearray(length)
         return buf if self._read_nowait(memoryview(buf), offset) == length else None
 
+    def try_read_into(self, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from ``offset`` if that needs no waiting; False: nothing promised."""
+        return self._read_nowait(view, offset) == len(view)
+
     def _read_nowait(self, view: memoryview, offset: int) -> int:
         """Bytes read into ``view`` without waiting for a device (0: it would have to wait)."""
         if self._inline:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import trio
 
-from xnbdd.backends.base import Capabilities, Extent
+from xnbdd.backends.base import Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
 from xnbdd.backends.file import FileBackend
 from xnbdd.remote import (
@@ -229,6 +229,22 @@ class ProxyBackend:
         if not self._bitmap.all_set(first, stop):
             await self._ensure_cached(first, stop, self._link, MAX_FETCH)
         return await self._cache.read(offset, length)
+
+    # -- InlineIO: blocks already cached are read by a connection's thread without waiting
+    # (a bit is set only after its data is in the cache file). Writes keep the async path:
+    # they take the busy table, which lives on the event loop.
+
+    def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
+        first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+        if not self._bitmap.all_set(first, stop):
+            return None
+        return self._cache.try_read(offset, length)
+
+    def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        return False
+
+    def is_hole(self, offset: int, length: int) -> bool:
+        return False
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
