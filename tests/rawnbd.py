@@ -51,6 +51,15 @@ class RawClient:
             out += chunk
         return bytes(out)
 
+    def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly: large READ data without a new buffer per chunk."""
+        total = len(view)
+        while len(view):
+            count = self.sock.recv_into(view)
+            if not count:
+                raise Closed(f"connection closed after {total - len(view)} of {total} bytes")
+            view = view[count:]
+
     def at_eof(self, timeout: float = 5.0) -> bool:
         """True when the server closed the connection (and sent nothing more)."""
         self.sock.settimeout(timeout)
@@ -121,6 +130,13 @@ class RawClient:
         return size, flags
 
     # -- transmission ---------------------------------------------------------------------------
+
+    @staticmethod
+    def encode_request(
+        cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, cookie: int = 1
+    ) -> bytes:
+        """One request header, for tests that send many requests in one go."""
+        return struct.pack("!IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
     def request(
         self,
