@@ -1,21 +1,27 @@
 """How much the daemon may hold for requests in flight: the limits, and the shared byte budget.
 
-Two bounds, both soft by one request so that a request larger than a limit still runs, alone:
-- per connection, ``--max-queue-size`` requests (the client's queue depth);
-- for the whole daemon, ``--max-buf-size`` bytes of request data (WRITE payloads being received
-  or waiting for the backend, READ data waiting to be sent), as xNBD's proxy meant it: a few
-  hundred connections cannot hold more than this between them.
+- ``--max-queue-size``: requests in flight per connection (the client's queue depth).
+- ``--max-buf-size``: bytes of request data the whole daemon holds (WRITE payloads received and
+  not yet written, READ data not yet sent), as xNBD's proxy meant it; a few hundred connections
+  cannot hold more than this between them. One connection holds at most a quarter of it (but
+  always one request of the maximum payload), so a client that never reads its replies cannot
+  take it all. A request larger than what is free runs once nothing else is held.
 
-A connection that cannot get what its next request costs stops reading its socket (the client's
-TCP window closes) and is woken when another connection gives bytes back. Data-plane threads and
-the event loop both use the budget, so it is guarded by a lock.
+A large WRITE is charged when its payload starts to arrive, not when its header does: a header
+alone costs nothing. A connection that cannot have what its next request costs stops reading its
+socket (the client's TCP window closes). Waiting connections are served first come, first
+served, so a large request is not starved by a stream of small ones; the first in line is woken
+when bytes come back. Data-plane threads and the event loop share the budget, behind a lock.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .proto.consts import MAX_PAYLOAD
 
 DEFAULT_MAX_REQUESTS = 256
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -30,42 +36,60 @@ class Limits:
     handshake_timeout: float = 30.0
     shutdown_grace: float = 5.0
 
+    @property
+    def max_bytes_per_connection(self) -> int:
+        return max(self.max_bytes // 4, MAX_PAYLOAD)
+
+
+class Grant(enum.Enum):
+    TAKEN = "taken"
+    OWN_SHARE = "the connection holds its share: it must send replies first"
+    QUEUED = "queued for the daemon's bytes: the waker is called when it is this one's turn"
+
 
 class ByteBudget:
-    """Bytes of request data held by the whole daemon. ``try_take`` never waits: a caller that
-    is refused registers a wake-up callback and tries again when it is called."""
+    """Bytes of request data held by the whole daemon, and requests in flight (for STATUS)."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.used = 0
-        self.requests = 0  # requests in flight on every connection, for STATUS and query
+        self.requests = 0
         self._lock = threading.Lock()
-        self._waiters: dict[int, Callable[[], None]] = {}
+        self._waiters: dict[int, Callable[[], None]] = {}  # in arrival order
 
-    def try_take(self, cost: int, key: int, wake: Callable[[], None]) -> bool:
-        """Take ``cost`` bytes (and count one request); False, with ``wake`` registered under
-        ``key``, when they are not available now. Nothing held lets any one request through."""
+    def take(self, cost: int, held: int, key: int, wake: Callable[[], None]) -> Grant:
+        """Take ``cost`` bytes for a connection that holds ``held``; never waits."""
+        if not cost:
+            return Grant.TAKEN
+        if held and held + cost > self.limits.max_bytes_per_connection:
+            return Grant.OWN_SHARE
         with self._lock:
-            if cost and self.used and self.used + cost > self.limits.max_bytes:
-                self._waiters[key] = wake
-                return False
-            self.used += cost
-            self.requests += 1
-            return True
+            first = next(iter(self._waiters), key)
+            if first == key and (not self.used or self.used + cost <= self.limits.max_bytes):
+                self._waiters.pop(key, None)
+                self.used += cost
+                return Grant.TAKEN
+            self._waiters.setdefault(key, wake)
+            return Grant.QUEUED
 
-    def give_back(self, cost: int, count: int) -> None:
-        """Return the bytes of ``count`` finished requests; wakes every waiting connection."""
+    def count(self, requests: int) -> None:
+        with self._lock:
+            self.requests += requests
+
+    def give_back(self, cost: int, requests: int) -> None:
+        """Return the bytes of ``requests`` finished requests; wakes the first in line."""
         with self._lock:
             self.used -= cost
-            self.requests -= count
-            if not (cost and self._waiters):
-                return
-            waiters = list(self._waiters.values())
-            self._waiters.clear()
-        for wake in waiters:
+            self.requests -= requests
+            wake = next(iter(self._waiters.values()), None) if cost else None
+        if wake is not None:
             wake()
 
     def forget(self, key: int) -> None:
-        """A connection that ends stops waiting."""
+        """A connection that ends leaves the line (and the next in line is woken)."""
         with self._lock:
-            self._waiters.pop(key, None)
+            if self._waiters.pop(key, None) is None:
+                return
+            wake = next(iter(self._waiters.values()), None)
+        if wake is not None:
+            wake()

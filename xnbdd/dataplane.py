@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .backends.base import FileRange, InlineIO
-from .budget import ByteBudget, Limits
+from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
 from .proto.consts import (
@@ -55,7 +55,7 @@ from .proto.transmission import DRAIN_LIMIT, REQUEST, check_request, offset_hole
 
 log = logging.getLogger("xnbdd")
 
-RECEIVE_SIZE = 256 * 1024  # the socket is read into this; larger WRITE payloads get their own
+RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads get their own
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
 PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
 MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
@@ -133,8 +133,12 @@ class DataPlane:
         self._aborted = False
         self._finished = False
         self._end = ""  # why no more requests are read ("" while reading)
-        self._blocked = False  # waiting for budget
-        self._bytes_ok = True  # the daemon's byte budget did not refuse the last request
+        # why requests are not admitted now (None: they are); OWN_SHARE: until our replies
+        # are sent (``_released``), QUEUED: until the budget wakes us
+        self._blocked: Grant | None = None
+        self._released = False
+        self._payload_charged = False  # the large WRITE at rstart has its bytes
+        self._counted = 0  # requests admitted and not yet counted in the shared budget
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -187,14 +191,15 @@ class DataPlane:
             while self._completions:
                 reply, cost = self._completions.popleft()
                 self._queue(reply, cost)
-            self._blocked = False
+            self._blocked = None
+            self._released = False
             if not self._end:
                 self._parse()
             if self._out:
                 self._send()
             if self._end and not self.in_flight and not self._out:
                 return self._end
-            if self._blocked and self.in_flight < self._limits.max_requests and self._bytes_ok:
+            if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
             if want_read and self._read():
@@ -276,6 +281,7 @@ class DataPlane:
         self._payload_got += count
         if self._payload_got == length:
             self._payload = None
+            self._payload_charged = False
             flags, cookie, offset, _length = self._payload_head
             self._head_admitted = False
             self._handle(_WRITE, flags, cookie, offset, length, payload, length, None)
@@ -323,9 +329,9 @@ class DataPlane:
                     break
                 payload_cmd = cmd in (_READ, _WRITE)
                 cost = length if payload_cmd and length <= self._max_payload else 0
+                large_write = cmd == _WRITE and cost >= DIRECT_PAYLOAD
                 if not self._head_admitted:
-                    if not self._admit(cost):
-                        self._blocked = True
+                    if not self._admit(0 if large_write else cost):
                         break
                     self._head_admitted = True
                 data: memoryview | None = None
@@ -336,13 +342,20 @@ class DataPlane:
                         self._queue(self._refusal(cookie, cmd, length), cost)
                         continue
                     have = self._rend - pos - _HEADER
+                    if large_write and not self._payload_charged:
+                        if not have:
+                            break  # a header alone costs nothing until its payload comes
+                        if not self._charge(cost):
+                            break
+                        self._payload_charged = True
                     if have < length:
-                        if length < DIRECT_PAYLOAD:
+                        if not large_write:
                             break  # small: the rest comes into the receive buffer
                         self._start_payload(pos, flags, cookie, offset, length, have)
                         break
                     data = memoryview(buf)[pos + _HEADER : pos + _HEADER + length]
                     self._rstart = pos + _HEADER + length
+                    self._payload_charged = False
                 else:
                     self._rstart = pos + _HEADER
                 self._head_admitted = False
@@ -352,17 +365,28 @@ class DataPlane:
         finally:
             if gate:
                 self._export.release()
+            if self._counted:
+                self._budget.count(self._counted)
+                self._counted = 0
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 
     def _admit(self, cost: int) -> bool:
+        """Count one more request in flight and take its bytes, or say why not."""
         if self.in_flight >= self._limits.max_requests:
+            self._blocked = Grant.OWN_SHARE
             return False
-        # Refused bytes register a wake-up: another connection's (or our own) give_back wakes us.
-        self._bytes_ok = self._budget.try_take(cost, id(self), self._wake)
-        if not self._bytes_ok:
+        if not self._charge(cost):
             return False
         self.in_flight += 1
+        self._counted += 1
+        return True
+
+    def _charge(self, cost: int) -> bool:
+        grant = self._budget.take(cost, self._held, id(self), self._wake)
+        if grant is not Grant.TAKEN:
+            self._blocked = grant
+            return False
         self._held += cost
         return True
 
@@ -546,6 +570,7 @@ class DataPlane:
             cost += marks.popleft()[1]
             count += 1
         if count:
+            self._released = True
             self.in_flight -= count
             self._held -= cost
             self._budget.give_back(cost, count)

@@ -46,11 +46,14 @@ STALL = 20.0  # seconds without any progress on a socket: the connection hangs
 IDLE = 0.05  # a pause that lets the server settle with nothing to do (see ``connect``)
 WARMUP_COOKIE = 2**63
 
-# Memory ceilings above the server's resident set before the test's load. They are what a
-# correct server must stay under; tighten them once the bounds of the new design are known.
+# Memory ceilings above the server's resident set before the test's load, from the documented
+# bound: --max-buf-size bytes for the whole daemon, plus one request of the maximum payload (32
+# MiB) that may run alone, plus 128 KiB of receive buffer per connection, plus slack for the
+# allocator and the interpreter.
 HEADERS_CEILING = 64 * MiB  # 40 connections x one 32 MiB WRITE header: 1280 MiB if allocated
-FLOOD_CEILING = 200 * MiB  # 64 connections x -B 8 MiB: 512 MiB if each may hold its -B
-SLOW_READERS_CEILING = 300 * MiB  # 4 connections x the default -B 128 MiB: 512 MiB
+FLOOD_CEILING = 8 * MiB + 32 * MiB + 64 * 128 * 1024 + 24 * MiB  # -B 8M, 64 connections
+SLOW_READERS_BUF = 64 * MiB
+SLOW_READERS_CEILING = SLOW_READERS_BUF + 32 * MiB + 32 * MiB
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -589,14 +592,20 @@ def test_64_clients_flooding_1_mib_writes_stay_bounded(tmp_path: Path) -> None:
 
 
 def test_slow_readers_of_large_reads_stay_bounded(tmp_path: Path) -> None:
-    """4 clients each pipeline 16 READs of 32 MiB (4 x the default -B of 128 MiB) and read
-    nothing: the server must not hold their data in memory meanwhile. Then they read it all.
+    """4 clients each pipeline 16 READs of 32 MiB (8 x ``--max-buf-size 64M`` between them) and
+    read nothing: the server must not hold their data in memory meanwhile. Then they read it
+    all.
     (16 rather than 64 READs per client: the same pressure, a quarter of the 8 GiB to check.)"""
     clients_count, reads_each, length = 4, 16, 32 * MiB
     size = 4 * length
     path, image = make_image(tmp_path, size)  # on disk: READ data goes through buffers
     reads = {j: ((j % 4) * length, length) for j in range(reads_each)}
-    with running_server("--target", str(path), tmp_path=tmp_path) as srv, ExitStack() as stack:
+    with (
+        running_server(
+            "--target", str(path), "--max-buf-size", str(SLOW_READERS_BUF), tmp_path=tmp_path
+        ) as srv,
+        ExitStack() as stack,
+    ):
         clients = []
         for _ in range(clients_count):
             c = connect(srv, idle=False)
