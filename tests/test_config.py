@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xnbdd.config import KEYS, ConfigError, load_config
+from xnbdd.config import KEYS, ConfigError, load_config, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "etc" / "xnbd" / "example.conf"
 
@@ -204,3 +204,17 @@ def test_timeouts_are_positive_seconds(tmp_path: Path) -> None:
     assert config == {"remote_timeout": 2.5, "handshake_timeout": 10.0}
     with pytest.raises(ConfigError, match="key 'remote-timeout'"):
         load_config(write(tmp_path, "remote-timeout = 0\n"))
+
+
+def test_sizes_take_binary_suffixes() -> None:
+    assert [parse_size(t) for t in ("8M", "512KiB", "1.5G", "16MB", "4096", "0x10")] == [
+        8 << 20,
+        512 << 10,
+        3 << 29,
+        16 << 20,
+        4096,
+        16,
+    ]
+    for bad in ("M", "-1", "8Q", "lots"):
+        with pytest.raises(ValueError):
+            parse_size(bad)

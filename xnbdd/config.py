@@ -64,6 +64,26 @@ def _count(text: str) -> int:
     return value
 
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: an integer (0x.. accepted) or a number with a binary suffix K, M, G or T
+    (``8M``, ``512KiB``, ``1.5G``). ValueError with a short reason otherwise."""
+    word = text.strip().upper().removesuffix("IB").removesuffix("B")
+    suffix = word[-1:] if word[-1:] in _SIZE_SUFFIXES else ""
+    number = word[: len(word) - len(suffix)]
+    if not suffix:
+        return _count(text)
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError("not a size (a number, optionally with K, M, G or T)") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return int(value * _SIZE_SUFFIXES[suffix])
+
+
 def _port(text: str) -> int:
     try:
         value = int(text, 10)
@@ -122,7 +142,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "description": ("description", _text),
     "oldstyle": ("oldstyle", _boolean),
     "max-queue-size": ("max_queue_size", _count),
-    "max-buf-size": ("max_buf_size", _count),
+    "max-buf-size": ("max_buf_size", parse_size),
     "cow-dir": ("cow_dir", _path),
     "logpath": ("logpath", _path),
     "syslog": ("syslog", _boolean),

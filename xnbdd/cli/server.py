@@ -14,7 +14,7 @@ import sys
 import trio
 
 from .. import __version__, logs
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
@@ -67,6 +67,14 @@ def number(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return value
+
+
+def byte_size(text: str) -> int:
+    """Bytes, with an optional binary suffix (``8M``)."""
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}: {text!r}") from None
 
 
 def port(text: str) -> int:
@@ -177,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "-B",
         "--max-buf-size",
-        type=number,
+        type=byte_size,
         metavar="BYTES",
-        help="bytes in flight per connection (0: default 128 MiB)",
+        help="bytes of request data the whole server holds, a quarter of it at most per "
+        "connection (suffixes K, M, G; 0: default 256M)",
     )
 
     prx = p.add_argument_group("proxy mode")
