@@ -44,6 +44,22 @@ SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the re
 CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
 
 
+_sigterm_outside_receiver = False
+
+
+def catch_sigterm_outside_the_daemon() -> None:
+    """Call before ``trio.run``. The daemon's signal receiver restores, when it closes during
+    the final teardown, the handler it found: a second SIGTERM then (systemd, a test's
+    clean-up) must not kill the stop already under way with the default action. A SIGTERM
+    before the receiver opens is remembered and stops the daemon as soon as it runs."""
+
+    def remember(signum: int, frame: object) -> None:
+        global _sigterm_outside_receiver
+        _sigterm_outside_receiver = True
+
+    signal.signal(signal.SIGTERM, remember)
+
+
 @dataclass
 class ServerOptions:
     """Everything the daemon needs, already validated by the command line."""
@@ -470,6 +486,8 @@ class Daemon:
     async def _signals(self) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
         with trio.open_signal_receiver(*wanted) as signals:
+            if _sigterm_outside_receiver:
+                self.stop()
             async for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 
@@ -15,7 +16,7 @@ import trio
 
 from .. import __version__, logs
 from ..config import ConfigError, load_config, parse_size
-from ..daemon import ClientSources, Daemon, ServerOptions
+from ..daemon import ClientSources, Daemon, ServerOptions, catch_sigterm_outside_the_daemon
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..systemd import SystemdEnvError, inherited_sockets
@@ -352,7 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         sources = client_sources(settings)
         if settings["daemonize"] and not under_systemd():
             detach()
-        trio.run(Daemon(opts, sources).run)
+        catch_sigterm_outside_the_daemon()
+        try:
+            trio.run(Daemon(opts, sources).run)
+        finally:
+            # Stopped: the interpreter's own finalisation would restore the default action,
+            # and a late SIGTERM would then replace our exit status with its own.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except KeyboardInterrupt:
         return 130
     except BaseException as err:  # start-up errors become one line, not a traceback
