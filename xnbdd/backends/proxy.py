@@ -69,6 +69,15 @@ class _Busy:
         self.error: OSError | None = None  # a fetch that failed (not one that was cancelled)
 
 
+@dataclass
+class _BulkState:
+    """cache-all's origin connection (None until open: the clients' one is used) and how many
+    of its requests may be in flight."""
+
+    window: int
+    link: RemoteLink | None = None
+
+
 @dataclass(frozen=True)
 class ProxyStatus:
     size: int
@@ -391,7 +400,20 @@ class ProxyBackend:
             raise OSError(errno.ECANCELED, "cache-all was stopped")
 
     async def _cache_all(self, per_request: int, progress: ProgressCallback | None) -> None:
-        opened = False
+        """Fetch over a connection of its own (client misses keep theirs), opened while the
+        first windows already go over the clients' connection: the link is busy from the
+        first millisecond, not after a TCP and an NBD handshake."""
+        bulk_window = max(1, BULK_BYTES_IN_FLIGHT // (per_request * BLOCK_SIZE))
+        state = _BulkState(bulk_window)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hold_bulk_link, state)
+            await self._copy_rest(state, per_request, progress)
+            nursery.cancel_scope.cancel()
+        await self.flush()
+        if progress is not None:
+            progress(self.cached_blocks(), self.nblocks)
+
+    async def _hold_bulk_link(self, state: _BulkState) -> None:
         try:
             async with open_remote_link(
                 self._link.address,
@@ -399,39 +421,31 @@ class ProxyBackend:
                 connect_timeout=3.0,
                 expected_size=self._size,
             ) as bulk:
-                opened = True
-                self._bulk = bulk
+                self._bulk = state.link = bulk
                 try:
-                    in_flight = max(1, BULK_BYTES_IN_FLIGHT // (per_request * BLOCK_SIZE))
-                    await self._copy_rest(bulk, per_request, in_flight, progress)
+                    await trio.sleep_forever()
                 finally:
-                    self._bulk = None
+                    self._bulk = state.link = None
         except OSError as exc:
-            if opened:
-                raise
             # the origin allows a single connection: share it, but keep few requests queued
             log.info("cache-all uses the clients' origin connection (%s)", exc)
-            await self._copy_rest(self._link, per_request, BULK_SHARED_REQUESTS, progress)
-        await self.flush()
-        if progress is not None:
-            progress(self.cached_blocks(), self.nblocks)
+            state.window = BULK_SHARED_REQUESTS
 
     async def _copy_rest(
-        self,
-        link: RemoteLink,
-        per_request: int,
-        in_flight: int,
-        progress: ProgressCallback | None,
+        self, state: _BulkState, per_request: int, progress: ProgressCallback | None
     ) -> None:
-        slots = trio.Semaphore(in_flight)
+        in_flight = 0
+        room = trio.Event()
         last_report = -1.0
 
         async def fetch_window(first: int, stop: int) -> None:
-            nonlocal last_report
+            nonlocal in_flight, room, last_report
             try:
+                link = state.link or self._link
                 await self._ensure_cached(first, stop, link, per_request * BLOCK_SIZE)
             finally:
-                slots.release()
+                in_flight -= 1
+                room.set()
             now = trio.current_time()
             if progress is not None and now - last_report >= 0.1:
                 last_report = now
@@ -443,7 +457,10 @@ class ProxyBackend:
                     for window in range(0, self.nblocks, per_request):
                         window_stop = min(window + per_request, self.nblocks)
                         for first, stop in self._bitmap.runs(window, window_stop, False):
-                            await slots.acquire()
+                            while in_flight >= state.window:
+                                room = trio.Event()
+                                await room.wait()
+                            in_flight += 1
                             nursery.start_soon(fetch_window, first, stop)
             except* OSError as group:
                 raise group.exceptions[0] from None
