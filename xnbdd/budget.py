@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .proto.consts import MAX_PAYLOAD
+from .proto.consts import MAX_ACCEPTED_PAYLOAD
 
 DEFAULT_MAX_REQUESTS = 256
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -38,7 +38,7 @@ class Limits:
 
     @property
     def max_bytes_per_connection(self) -> int:
-        return max(self.max_bytes // 4, MAX_PAYLOAD)
+        return max(self.max_bytes // 4, MAX_ACCEPTED_PAYLOAD)
 
 
 class Grant(enum.Enum):

@@ -38,7 +38,7 @@ from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
 from .proto.consts import (
-    MAX_PAYLOAD,
+    MAX_ACCEPTED_PAYLOAD,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -106,7 +106,7 @@ class DataPlane:
         fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
         # flags a READ may carry and still be answered inline (FUA means nothing for a READ)
         self._read_flags = fua | (int(CmdFlag.DF) if self._structured else 0)
-        self._max_payload = MAX_PAYLOAD
+        self._max_payload = MAX_ACCEPTED_PAYLOAD
         # receive buffer: unparsed bytes are rbuf[rstart:rend]
         self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
         self._rbuf[: len(pending)] = pending

@@ -48,7 +48,7 @@ WARMUP_COOKIE = 2**63
 
 # Memory ceilings above the server's resident set before the test's load, from the documented
 # bound: --max-buf-size bytes for the whole daemon, plus one request of the maximum payload (32
-# MiB) that may run alone, plus 128 KiB of receive buffer per connection, plus slack for the
+# MiB here) that may run alone, plus 128 KiB of receive buffer per connection, plus slack for the
 # allocator and the interpreter.
 HEADERS_CEILING = 64 * MiB  # 40 connections x one 32 MiB WRITE header: 1280 MiB if allocated
 FLOOD_CEILING = 8 * MiB + 32 * MiB + 64 * 128 * 1024 + 24 * MiB  # -B 8M, 64 connections

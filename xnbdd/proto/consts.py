@@ -19,6 +19,9 @@ EXTENDED_REPLY_MAGIC = 0x6E8A278C  # experimental, recognised only
 DEFAULT_PORT = 8520  # xNBD's historical default (IANA's is 10809)
 MAX_STRING = 4096  # strings MUST be at most 4096 bytes
 MAX_PAYLOAD = 32 * 1024 * 1024  # our advertised maximum payload (the spec's default minimum)
+# What we still take from a client that ignores the advertised maximum (the spec lets a server
+# honour larger requests; nbd-tester-client's integrity test sends up to 48 MiB, nbdkit takes 64).
+MAX_ACCEPTED_PAYLOAD = 64 * 1024 * 1024
 PREFERRED_BLOCK = 4096
 MIN_BLOCK = 1
 
