@@ -136,6 +136,7 @@ class DataPlane:
         # why requests are not admitted now (None: they are); OWN_SHARE: until our replies
         # are sent (``_released``), QUEUED: until the budget wakes us
         self._blocked: Grant | None = None
+        self._drained = False  # the last read emptied the socket
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
         self._counted = 0  # requests admitted and not yet counted in the shared budget
@@ -202,7 +203,7 @@ class DataPlane:
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
-            if want_read and self._read():
+            if want_read and not self._drained and self._read():
                 continue
             self._wait(poller, want_read)
 
@@ -237,11 +238,13 @@ class DataPlane:
         try:
             if self._completions:
                 return  # one came in before ``_sleeping`` was set: nobody will wake us
-            poller.poll()
+            ready = poller.poll()
         finally:
             self._sleeping = False
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake_fd)
+        self._drained = False
+        if any(fd == self._wake_fd for fd, _events in ready):
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake_fd)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -304,6 +307,9 @@ class DataPlane:
             if self._payload is not None or self._rend > self._rstart:
                 self._end = "end of stream inside a request"
             return None
+        # A short read emptied the socket: wait for more with poll rather than find out with
+        # one more read (a system call, and a pass of the interpreter lock, per batch).
+        self._drained = count < len(view)
         return count
 
     # -- parsing and answering ------------------------------------------------------------------
