@@ -66,7 +66,7 @@ ENDS_WITHIN = 2.0  # a connection that should close has closed by then
 
 # The largest payload the server takes: the advertised maximum, or more where the code accepts
 # more from clients that ignore it (MAX_ACCEPTED_PAYLOAD); a WRITE above it is refused, drained.
-ACCEPTED: int = getattr(consts, "MAX_ACCEPTED_PAYLOAD", MAX_PAYLOAD)
+ACCEPTED = consts.MAX_ACCEPTED_PAYLOAD
 # What one connection may always hold, however small --max-buf-size is (budget.py).
 FLOOR = Limits(max_bytes=0).max_bytes_per_connection
 U = 8 * MiB  # the READ size of the budget tests
@@ -982,15 +982,15 @@ async def test_waiting_connections_behind_a_stuck_one_are_still_served(shm: Path
         await x.client.send(x.client.request(Cmd.READ, 1, 0, FLOOR))
         await wait_until(lambda: budget.used == FLOOR)
         await a.client.send(*(a.client.request(Cmd.READ, i, 0, U) for i in range(6)))
-        await wait_until(lambda: budget.used == limits.max_bytes and len(budget._waiters) == 1)
+        await wait_until(lambda: budget.used == limits.max_bytes and budget.waiting == 1)
         await b.client.send(b.client.request(Cmd.READ, 1, 0, U))
-        await wait_until(lambda: len(budget._waiters) == 2)
+        await wait_until(lambda: budget.waiting == 2)
         assert (await x.client.reply()).data == bytes(FLOOR)
         with trio.move_on_after(ENDS_WITHIN) as waited:
             reply = await b.client.reply()
         assert not waited.cancelled_caught, (
             f"B's READ is not answered while the daemon holds {budget.used // MiB} of its "
-            f"{limits.max_bytes // MiB} MiB; connections in line: {len(budget._waiters)}"
+            f"{limits.max_bytes // MiB} MiB; connections in line: {budget.waiting}"
         )
         assert reply.data == bytes(U)
         assert (await a.client.replies(6)).keys() == set(range(6))
@@ -1163,7 +1163,7 @@ def test_budget_is_safe_across_threads() -> None:
     for thread in threads:
         thread.join()
     assert not errors
-    assert budget.used == 0 and budget.requests == 0 and not budget._waiters
+    assert budget.used == 0 and budget.requests == 0 and not budget.waiting
 
 
 # -- cow-target -----------------------------------------------------------------------------------

@@ -65,12 +65,16 @@ class ByteBudget:
             return Grant.OWN_SHARE
         with self._lock:
             first = next(iter(self._waiters), key)
-            if first == key and (not self.used or self.used + cost <= self.limits.max_bytes):
-                self._waiters.pop(key, None)
-                self.used += cost
-                return Grant.TAKEN
-            self._waiters.setdefault(key, wake)
-            return Grant.QUEUED
+            if not (first == key and (not self.used or self.used + cost <= self.limits.max_bytes)):
+                self._waiters.setdefault(key, wake)
+                return Grant.QUEUED
+            self.used += cost
+            self._waiters.pop(key, None)
+            # the next in line may fit in what is left; it was not woken while we were first
+            following = next(iter(self._waiters.values()), None)
+        if following is not None:
+            following()
+        return Grant.TAKEN
 
     def count(self, requests: int) -> None:
         with self._lock:
@@ -84,6 +88,11 @@ class ByteBudget:
             wake = next(iter(self._waiters.values()), None) if cost else None
         if wake is not None:
             wake()
+
+    @property
+    def waiting(self) -> int:
+        """Connections in line for bytes."""
+        return len(self._waiters)
 
     def forget(self, key: int) -> None:
         """A connection that ends leaves the line (and the next in line is woken)."""

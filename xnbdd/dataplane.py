@@ -113,6 +113,7 @@ class DataPlane:
         self._rstart = 0
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
+        self._head_cost = 0  # bytes it holds of the budget so far
         self._payload: bytearray | None = None  # a large WRITE payload being received
         self._payload_got = 0
         self._payload_head: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -233,7 +234,13 @@ class DataPlane:
 
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         events = (_POLLIN if want_read else 0) | (_POLLOUT if self._out else 0)
-        poller.modify(self._fd, events)
+        if events:
+            poller.register(self._fd, events)  # registers or modifies
+        else:
+            # Nothing to do with the socket (waiting for the event loop or for budget): a
+            # closed peer's POLLHUP, reported whatever the events, would make this spin.
+            with contextlib.suppress(KeyError):
+                poller.unregister(self._fd)
         self._sleeping = True
         try:
             if self._completions:
@@ -306,6 +313,12 @@ class DataPlane:
             self._end = "end of stream"
             if self._payload is not None or self._rend > self._rstart:
                 self._end = "end of stream inside a request"
+            if self._head_admitted:  # a request cut short is never answered: let it go
+                self._head_admitted = False
+                self.in_flight -= 1
+                self._held -= self._head_cost
+                self._budget.give_back(self._head_cost, 1)
+                self._head_cost = 0
             return None
         # A short read emptied the socket: wait for more with poll rather than find out with
         # one more read (a system call, and a pass of the interpreter lock, per batch).
@@ -340,6 +353,7 @@ class DataPlane:
                     if not self._admit(0 if large_write else cost):
                         break
                     self._head_admitted = True
+                    self._head_cost = 0 if large_write else cost
                 data: memoryview | None = None
                 if cmd == _WRITE:
                     if length > self._max_payload:
@@ -354,6 +368,7 @@ class DataPlane:
                         if not self._charge(cost):
                             break
                         self._payload_charged = True
+                        self._head_cost = cost
                     if have < length:
                         if not large_write:
                             break  # small: the rest comes into the receive buffer
