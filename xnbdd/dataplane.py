@@ -346,6 +346,10 @@ class DataPlane:
                     self._rstart = pos + _HEADER
                     self._end = "disconnect requested"
                     break
+                if self._stopping:
+                    if not self._refuse_while_stopping(pos, cmd, cookie, length):
+                        break
+                    continue
                 payload_cmd = cmd in (_READ, _WRITE)
                 cost = length if payload_cmd and length <= self._max_payload else 0
                 large_write = cmd == _WRITE and cost >= DIRECT_PAYLOAD
@@ -392,6 +396,25 @@ class DataPlane:
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 
+    def _refuse_while_stopping(self, pos: int, cmd: int, cookie: int, length: int) -> bool:
+        """ESHUTDOWN, at no cost in bytes: a WRITE's payload is dropped, not received, so a
+        stop never waits for budget. False: the queue depth is reached."""
+        if self._head_admitted:
+            cost, self._head_admitted, self._head_cost = self._head_cost, False, 0
+        elif self._admit(0):
+            cost = 0
+        else:
+            return False
+        if cmd == _WRITE:
+            self._oversized_write(pos, length)
+        else:
+            self._rstart = pos + _HEADER
+        self._payload_charged = False
+        req = Request(cookie, cmd, 0, 0, length)
+        message = "server shutting down"
+        self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
+        return True
+
     def _admit(self, cost: int) -> bool:
         """Count one more request in flight and take its bytes, or say why not."""
         if self.in_flight >= self._limits.max_requests:
@@ -423,8 +446,8 @@ class DataPlane:
         self._rstart = self._rend = 0
 
     def _oversized_write(self, pos: int, length: int) -> None:
-        """A WRITE beyond the maximum payload: drop its payload to stay in step (it is
-        refused), or close when it is too large even to drop (denial of service)."""
+        """A refused WRITE (beyond the maximum payload, or while stopping): drop its payload to
+        stay in step, or close when it is too large even to drop (denial of service)."""
         if length > DRAIN_LIMIT:
             log.warning(
                 "closing connection: WRITE of %d bytes refused as denial of service",

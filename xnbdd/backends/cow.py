@@ -111,9 +111,12 @@ class CowBackend:
         if last - first == 1:  # one block: one source (the common small read)
             source = self.overlay if self.bitmap.test(first) else self.base
             return source.try_read(offset, length)
+        segments = self._segments(offset, length)
+        if len(segments) == 1:  # one source: it may send straight from its file
+            return (self.overlay if segments[0][2] else self.base).try_read(offset, length)
         buf = bytearray(length)
         view = memoryview(buf)
-        for start, stop, present in self._segments(offset, length):
+        for start, stop, present in segments:
             source = self.overlay if present else self.base
             if not source.try_read_into(view[start - offset : stop - offset], start):
                 return None

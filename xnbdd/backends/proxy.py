@@ -239,9 +239,10 @@ class ProxyBackend:
             await self._ensure_cached(first, stop, self._link, MAX_FETCH)
         return await self._cache.read(offset, length)
 
-    # -- InlineIO: blocks already cached are read by a connection's thread without waiting
-    # (a bit is set only after its data is in the cache file). Writes keep the async path:
-    # they take the busy table, which lives on the event loop.
+    # -- InlineIO: blocks already cached are read and rewritten by a connection's thread
+    # without waiting. A bit is set only after its data is in the cache file and is never
+    # cleared, and no fetch touches a cached block, so nothing on the event loop can overwrite
+    # such a write with origin data; writes to uncached blocks take the async path (busy table).
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
         first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
@@ -250,7 +251,8 @@ class ProxyBackend:
         return self._cache.try_read(offset, length)
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        return False
+        first, stop = offset // BLOCK_SIZE, -(-(offset + len(data)) // BLOCK_SIZE)
+        return self._bitmap.all_set(first, stop) and self._cache.try_write(offset, data)
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
