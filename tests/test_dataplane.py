@@ -550,6 +550,20 @@ async def test_disk_reads_go_async_when_uncached_then_inline_from_the_page_cache
 # -- WRITE payloads in pieces ---------------------------------------------------------------------
 
 
+async def test_sequential_large_writes_of_one_size_each_land_whole(shm: Path) -> None:
+    """Sixteen pipelined 1 MiB WRITEs of different contents (the connection reuses the buffer
+    of a finished payload for the next one of the same size): each lands with its own data."""
+    path = shm / "disk.img"
+    make_image(path, 16 * MiB, seed=None)
+    blobs = [random.Random(i).randbytes(MiB) for i in range(16)]
+    async with file_export(path) as export, serving(export) as s:
+        c = s.client
+        await c.send(*(c.write(i, i * MiB, blob) for i, blob in enumerate(blobs)))
+        assert {r.error for r in (await c.replies(16)).values()} == {0}
+        await budget_returns(s.state)
+    assert read_file(path, 0, 16 * MiB) == b"".join(blobs)
+
+
 @pytest.mark.parametrize(
     "length", [1, 1000, DIRECT_PAYLOAD - 1, DIRECT_PAYLOAD, 3 * MiB + 5, MAX_PAYLOAD]
 )

@@ -58,6 +58,7 @@ log = logging.getLogger("xnbdd")
 RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads get their own
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
 PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
+SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
 
@@ -118,6 +119,7 @@ class DataPlane:
         self._payload_got = 0
         self._payload_head: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._discard = 0  # bytes of an oversized WRITE payload still to drop
+        self._spare: bytearray | None = None  # a payload buffer to reuse (dropped when idle)
         # replies: parts to send, and (stream position of a reply's end, its cost)
         self._out: deque[Part] = deque()
         self._marks: deque[tuple[int, int]] = deque()
@@ -233,6 +235,8 @@ class DataPlane:
                 return
 
     def _wait(self, poller: select.poll, want_read: bool) -> None:
+        if not self.in_flight:
+            self._spare = None  # an idle connection holds no memory outside the budget
         events = (_POLLIN if want_read else 0) | (_POLLOUT if self._out else 0)
         if events:
             poller.register(self._fd, events)  # registers or modifies
@@ -437,7 +441,11 @@ class DataPlane:
     def _start_payload(
         self, pos: int, flags: int, cookie: int, offset: int, length: int, have: int
     ) -> None:
-        payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
+        spare, self._spare = self._spare, None
+        if spare is not None and len(spare) == length:
+            payload = spare  # sequential writers repeat sizes: no allocation, no page faults
+        else:
+            payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
         start = pos + _HEADER
         payload[:have] = self._rbuf[start : start + have]
         self._payload = payload
@@ -506,6 +514,8 @@ class DataPlane:
                     assert data is not None
                     if inline.try_write(offset, data):
                         self._queue_simple(cookie, cost)
+                        if isinstance(data, bytearray) and len(data) <= SPARE_PAYLOAD_MAX:
+                            self._spare = data  # written and done with
                         return
             except OSError as err:
                 req = Request(cookie, cmd, flags, offset, length)
