@@ -233,10 +233,13 @@ class ProxyBackend:
             block_status=True,
         )
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
         if not self._bitmap.all_set(first, stop):
-            await self._ensure_cached(first, stop, self._link, MAX_FETCH)
+            fetched = await self._ensure_cached(first, stop, self._link, MAX_FETCH)
+            if fetched is not None:  # the whole range came in one fetch: answer from it
+                start = offset - first * BLOCK_SIZE
+                return memoryview(fetched)[start : start + length]
         return await self._cache.read(offset, length)
 
     # -- InlineIO: blocks already cached are read and rewritten by a connection's thread
@@ -544,20 +547,23 @@ class ProxyBackend:
         finally:
             self._unlock(first, stop, busy)
 
-    async def _fetch_into_cache(self, link: RemoteLink, first: int, stop: int) -> None:
-        """Fetch blocks the caller holds busy, store them, then (only then) mark them cached."""
+    async def _fetch_into_cache(self, link: RemoteLink, first: int, stop: int) -> bytearray:
+        """Fetch blocks the caller holds busy, store them, then (only then) mark them cached;
+        returns what was fetched."""
         offset = first * BLOCK_SIZE
         length = min(stop * BLOCK_SIZE, self._size) - offset
         data = await link.read(offset, length)
         await self._cache.write(offset, data, fua=False)
         self._mark_cached(first, stop)
         self.fetched_blocks += stop - first
+        return data
 
     async def _ensure_cached(
         self, first: int, stop: int, link: RemoteLink, max_request: int
-    ) -> None:
+    ) -> bytearray | None:
         """Make [first, stop) cached: fetch the missing blocks nobody else is fetching (adjacent
-        ones together, at most ``max_request`` bytes per request) and wait for the others."""
+        ones together, at most ``max_request`` bytes per request) and wait for the others.
+        Returns the data when all of [first, stop) came in one fetch of ours, else None."""
         per_request = max(1, max_request // BLOCK_SIZE)
         while True:
             mine: list[tuple[int, int]] = []
@@ -576,10 +582,12 @@ class ProxyBackend:
                         others[holder] = None
                 take(start, run_stop)
             if not mine and not others:
-                return
+                return None
             claims = [(a, b, self._claim(a, b)) for a, b in mine]
             if len(claims) == 1:
-                await self._fetch_claimed(link, *claims[0])
+                data = await self._fetch_claimed(link, *claims[0])
+                if not others and mine[0] == (first, stop):
+                    return data
             elif claims:
                 try:
                     async with trio.open_nursery() as nursery:
@@ -598,9 +606,11 @@ class ProxyBackend:
             self._busy[block] = busy
         return busy
 
-    async def _fetch_claimed(self, link: RemoteLink, first: int, stop: int, busy: _Busy) -> None:
+    async def _fetch_claimed(
+        self, link: RemoteLink, first: int, stop: int, busy: _Busy
+    ) -> bytearray:
         try:
-            await self._fetch_into_cache(link, first, stop)
+            return await self._fetch_into_cache(link, first, stop)
         except OSError as exc:
             busy.error = exc
             raise
