@@ -1,8 +1,8 @@
-"""Request framing and validation, by Hypothesis over every command x flag combination."""
+"""Request validation, by Hypothesis over every command x flag combination. (Framing is the
+data plane's: tests/test_dataplane.py.)"""
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 
@@ -10,76 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xnbdd.proto.consts import REQUEST_MAGIC, Cmd, CmdFlag, Errno, TxFlag
-from xnbdd.proto.errors import ProtocolError, RequestError
+from xnbdd.proto.consts import Cmd, CmdFlag, Errno, TxFlag
+from xnbdd.proto.errors import RequestError
 from xnbdd.proto.messages import Request
-from xnbdd.proto.transmission import DRAIN_LIMIT, RequestDecoder, check_request
+from xnbdd.proto.transmission import check_request
 
 ALL_TX = TxFlag(sum(TxFlag))
 SIZE = 1 << 20
-
-
-def encode(req: Request) -> bytes:
-    head = struct.pack(
-        "!IHHQQI", REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length
-    )
-    return head + (req.data or b"")
-
-
-requests = st.builds(
-    lambda cmd, flags, cookie, offset, length: Request(
-        cookie, cmd, flags, offset, length, bytes(length) if cmd == Cmd.WRITE else None
-    ),
-    cmd=st.integers(0, 9),
-    flags=st.integers(0, 0xFFFF),
-    cookie=st.integers(0, 2**64 - 1),
-    offset=st.integers(0, 2**64 - 1),
-    length=st.integers(0, 5000),
-)
-
-
-@given(st.lists(requests, max_size=20), st.lists(st.integers(1, 3000), max_size=50))
-def test_decoder_yields_the_requests_sent_however_split(
-    sent: list[Request], cuts: list[int]
-) -> None:
-    stream = b"".join(encode(r) for r in sent)
-    decoder = RequestDecoder()
-    got: list[Request] = []
-    pos = 0
-    for cut in [*cuts, len(stream)]:
-        decoder.receive_data(stream[pos : pos + cut])
-        pos += cut
-        while (req := decoder.next_request()) is not None:
-            got.append(req)
-    assert got == sent
-    assert decoder.buffered == 0
-
-
-def test_bad_magic_is_a_protocol_error() -> None:
-    decoder = RequestDecoder()
-    decoder.receive_data(struct.pack("!IHHQQI", 0xDEADBEEF, 0, 0, 1, 0, 512))
-    with pytest.raises(ProtocolError):
-        decoder.next_request()
-
-
-def test_oversized_write_is_reported_then_drained_piecewise() -> None:
-    decoder = RequestDecoder(max_payload=1024)
-    big = Request(1, Cmd.WRITE, 0, 0, 5000, b"\xaa" * 5000)
-    follow = Request(2, Cmd.READ, 0, 0, 16)
-    stream = encode(big) + encode(follow)
-    decoder.receive_data(stream[:100])
-    first = decoder.next_request()
-    assert first is not None and first.data is None and first.length == 5000
-    for pos in range(100, len(stream), 700):
-        decoder.receive_data(stream[pos : pos + 700])
-    assert decoder.next_request() == follow
-
-
-def test_denial_of_service_write_closes() -> None:
-    decoder = RequestDecoder()
-    decoder.receive_data(struct.pack("!IHHQQI", REQUEST_MAGIC, 0, Cmd.WRITE, 1, 0, DRAIN_LIMIT + 1))
-    with pytest.raises(ProtocolError):
-        decoder.next_request()
 
 
 ALLOWED = {
@@ -181,33 +118,3 @@ def test_proto_package_never_imports_trio() -> None:
         "sys.exit('trio' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-
-
-@given(st.integers(1, 4000), st.integers(0, 27 + 3999))
-def test_direct_payload_receives_a_write_without_the_stream_buffer(
-    length: int, arrived: int
-) -> None:
-    payload = (bytes(range(256)) * (length // 256 + 1))[:length]
-    write = Request(7, Cmd.WRITE, 0, 4096, length, payload)
-    follow = Request(8, Cmd.READ, 0, 0, 16)
-    stream = encode(write) + encode(follow)
-    arrived = min(arrived, 28 + length)
-    decoder = RequestDecoder()
-    decoder.receive_data(stream[:arrived])
-    view = decoder.direct_payload(threshold=1)
-    if arrived < 28 or arrived == 28 + length:
-        assert view is None  # no header yet, or nothing missing
-        decoder.receive_data(stream[arrived:])
-        assert decoder.next_request() == write
-    else:
-        assert view is not None and len(view) == 28 + length - arrived
-        view[:] = stream[arrived : 28 + length]
-        assert decoder.complete_payload() == write
-        decoder.receive_data(stream[28 + length :])
-    assert decoder.next_request() == follow
-
-
-def test_direct_payload_leaves_small_writes_to_the_buffer() -> None:
-    decoder = RequestDecoder()
-    decoder.receive_data(encode(Request(1, Cmd.WRITE, 0, 0, 100, bytes(100)))[:50])
-    assert decoder.direct_payload(threshold=101) is None

@@ -1,22 +1,23 @@
-"""Transmission phase: request framing, request validation and reply encoding.
+"""Transmission phase: the request layout, request validation and reply encoding.
 
 Rules kept here (proto.md "Transmission", nbd-protocol.md §10):
-- a bad request magic means framing is lost: ProtocolError, the connection closes;
-- the payload of every WRITE is taken off the stream even when the WRITE is refused, so the next
-  request is read in step; oversized payloads are discarded piecewise, never buffered whole;
 - unknown commands and flags, out-of-range READ/TRIM/CACHE/BLOCK_STATUS -> EINVAL; WRITE and
   WRITE_ZEROES past the end -> ENOSPC; writes on a read-only export -> EPERM;
 - range checks use Python integers, so offset + length cannot wrap.
+
+Framing (where a request ends, how a refused WRITE's payload is dropped to stay in step, when a
+bad magic or an undrainable WRITE closes the connection) is done by the data plane
+(``xnbdd/dataplane.py``) straight on its receive buffer, without a copy; ``REQUEST`` and
+``DRAIN_LIMIT`` are its numbers.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from .consts import (
     MAX_PAYLOAD,
-    REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
@@ -26,7 +27,7 @@ from .consts import (
     ReplyType,
     TxFlag,
 )
-from .errors import ProtocolError, RequestError
+from .errors import RequestError
 from .messages import Request
 
 REQUEST = struct.Struct("!IHHQQI")
@@ -77,105 +78,6 @@ _SPACE_CONSUMING = frozenset(int(c) for c in SPACE_CONSUMING)
 _PAYLOAD = frozenset({int(Cmd.READ), _WRITE})
 _SEND_FAST_ZERO, _SEND_FUA = int(TxFlag.SEND_FAST_ZERO), int(TxFlag.SEND_FUA)
 _READ_ONLY = int(TxFlag.READ_ONLY)
-
-
-class RequestDecoder:
-    """Turns the client's byte stream into ``Request`` objects.
-
-    Large WRITE payloads need not pass through the stream buffer: ``direct_payload`` hands the
-    caller the payload's own buffer to receive into, and ``complete_payload`` finishes it.
-    """
-
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
-        self._pos = 0
-        self._discard = 0  # bytes of a refused oversized WRITE payload still to drop
-        self._direct: tuple[Request, bytearray] | None = None
-        self.max_payload = max_payload
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._discard:
-            dropped = min(self._discard, len(data))
-            self._discard -= dropped
-            data = data[dropped:]
-        if self._pos and self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        self._buf += data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet turned into requests."""
-        return len(self._buf) - self._pos
-
-    def _header(self) -> tuple[int, int, int, int, int] | None:
-        if self._discard or self._direct is not None:
-            return None
-        if len(self._buf) - self._pos < REQUEST.size:
-            return None
-        magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._buf, self._pos)
-        if magic != REQUEST_MAGIC:
-            raise ProtocolError(f"bad request magic {magic:#x}")
-        return flags, cmd, cookie, offset, length
-
-    def next_request(self) -> Request | None:
-        """The next complete request, or None when more bytes are needed."""
-        header = self._header()
-        if header is None:
-            return None
-        flags, cmd, cookie, offset, length = header
-        if cmd != _WRITE:
-            self._consume(REQUEST.size)
-            return Request(cookie, cmd, flags, offset, length)
-        if length > self.max_payload:
-            if length > DRAIN_LIMIT:
-                raise ProtocolError(f"WRITE of {length} bytes refused as denial of service")
-            self._consume(REQUEST.size)
-            in_buffer = min(length, len(self._buf) - self._pos)
-            self._consume(in_buffer)
-            self._discard = length - in_buffer
-            return Request(cookie, cmd, flags, offset, length, None)
-        start = self._pos + REQUEST.size
-        if len(self._buf) < start + length:
-            return None
-        with memoryview(self._buf) as view:
-            data = bytes(view[start : start + length])  # one copy, not two
-        self._consume(REQUEST.size + length)
-        return Request(cookie, cmd, flags, offset, length, data)
-
-    def direct_payload(
-        self, threshold: int, allocate: Callable[[int], bytearray] = bytearray
-    ) -> memoryview | None:
-        """If the next request is a WRITE of at least ``threshold`` bytes whose payload has not
-        all arrived, move it into a buffer of its own (from ``allocate``, which may recycle
-        one) and return the part still missing, for the caller to receive into; then call
-        ``complete_payload``. Otherwise None."""
-        header = self._header()
-        if header is None:
-            return None
-        flags, cmd, cookie, offset, length = header
-        have = len(self._buf) - self._pos - REQUEST.size
-        if cmd != _WRITE or length > self.max_payload or length < threshold or have >= length:
-            return None
-        payload = allocate(length)
-        payload[:have] = memoryview(self._buf)[self._pos + REQUEST.size :]
-        self._consume(REQUEST.size + have)
-        self._direct = (Request(cookie, cmd, flags, offset, length, None), payload)
-        return memoryview(payload)[have:]
-
-    def complete_payload(self) -> Request:
-        """The WRITE whose missing payload the caller has received into ``direct_payload``."""
-        assert self._direct is not None, "no direct payload in progress"
-        head, payload = self._direct
-        self._direct = None
-        return Request(head.cookie, head.cmd, head.flags, head.offset, head.length, payload)
-
-    def _consume(self, count: int) -> None:
-        self._pos += count
-        # Compact only when the dead prefix dominates, so consuming stays amortised O(1).
-        if self._pos > 65536 and self._pos * 2 > len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
 
 
 def check_request(
