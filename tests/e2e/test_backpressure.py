@@ -515,6 +515,16 @@ def test_closing_a_stalled_connection_frees_it_on_the_server(tmp_path: Path) -> 
 # -- 4. memory: WRITE payloads ----------------------------------------------------------------
 
 
+def connect_many(srv: ServerProcess, stack: ExitStack, count: int) -> list[RawClient]:
+    """``count`` negotiated clients, closed when ``stack`` unwinds."""
+    clients = []
+    for _ in range(count):
+        c = connect(srv, idle=False)
+        stack.callback(c.close)
+        clients.append(c)
+    return clients
+
+
 def test_write_headers_without_payload_do_not_reserve_memory(tmp_path: Path) -> None:
     """40 connections each announce a 32 MiB WRITE and send none of it (and stay open): the
     server must not hold 40 x 32 MiB for payloads that may never come."""
@@ -551,11 +561,7 @@ def test_64_clients_flooding_1_mib_writes_stay_bounded(tmp_path: Path) -> None:
         ) as srv,
         ExitStack() as stack,
     ):
-        clients = []
-        for _ in range(clients_count):
-            c = connect(srv, idle=False)
-            stack.callback(c.close)
-            clients.append(c)
+        clients = connect_many(srv, stack, clients_count)
         time.sleep(IDLE)
         memory = PeakRss(srv.proc.pid)
 
@@ -606,11 +612,7 @@ def test_slow_readers_of_large_reads_stay_bounded(tmp_path: Path) -> None:
         ) as srv,
         ExitStack() as stack,
     ):
-        clients = []
-        for _ in range(clients_count):
-            c = connect(srv, idle=False)
-            stack.callback(c.close)
-            clients.append(c)
+        clients = connect_many(srv, stack, clients_count)
         time.sleep(IDLE)
         memory = PeakRss(srv.proc.pid)
         for c in clients:
