@@ -20,12 +20,13 @@ else
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 endif
 
-.PHONY: help run test lint check bench install deb man clean
+.PHONY: help run test lint check bench bench-pin install deb man clean
 
 help:
 	@echo "make run    serve IMAGE (default $(STATE)/disk.img, 1 GiB sparse) on PORT (default 8520)"
 	@echo "make test   install what the tests need, then ruff, mypy and the whole pytest suite"
 	@echo "make lint   ruff + mypy          make bench    benchmark against peer NBD servers"
+	@echo "make bench-pin   the same with the server and fio pinned to one core each"
 	@echo "make deb    build the Debian package into build/deb/"
 	@echo "make install [PREFIX=/usr/local] [DESTDIR=]"
 
@@ -46,6 +47,11 @@ lint:
 bench:
 	@scripts/bootstrap.sh test
 	$(PY) bench/run.py
+
+# One core each for the server and fio: what a core buys from each server (bench/README.md).
+bench-pin:
+	@scripts/bootstrap.sh test
+	$(PY) bench/run.py --pin
 
 # pip writes the programs and the package under $(DESTDIR)$(PREFIX) for $(PYTHON) (on Debian,
 # prefer the package: make deb); systemd files and the example configuration are plain copies.
