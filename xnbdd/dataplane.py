@@ -206,6 +206,9 @@ class DataPlane:
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
+            if want_read and self._drained and self._stopping and not self.in_flight:
+                self._end = "server shutting down"  # every request taken has its answer
+                continue
             if want_read and not self._drained and self._read():
                 continue
             self._wait(poller, want_read)
