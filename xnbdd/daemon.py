@@ -33,6 +33,7 @@ from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
 from .proto.messages import Negotiated
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
+from .signals import sigterm_came_early
 from .snapshot import take_snapshot
 from .systemd import Notifier
 
@@ -42,22 +43,6 @@ ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than
 STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
 SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
 CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
-
-
-_sigterm_outside_receiver = False
-
-
-def catch_sigterm_outside_the_daemon() -> None:
-    """Call before ``trio.run``. The daemon's signal receiver restores, when it closes during
-    the final teardown, the handler it found: a second SIGTERM then (systemd, a test's
-    clean-up) must not kill the stop already under way with the default action. A SIGTERM
-    before the receiver opens is remembered and stops the daemon as soon as it runs."""
-
-    def remember(signum: int, frame: object) -> None:
-        global _sigterm_outside_receiver
-        _sigterm_outside_receiver = True
-
-    signal.signal(signal.SIGTERM, remember)
 
 
 @dataclass
@@ -486,7 +471,7 @@ class Daemon:
     async def _signals(self) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
         with trio.open_signal_receiver(*wanted) as signals:
-            if _sigterm_outside_receiver:
+            if sigterm_came_early():
                 self.stop()
             async for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):

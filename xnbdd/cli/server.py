@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import sys
 
@@ -16,9 +15,10 @@ import trio
 
 from .. import __version__, logs
 from ..config import ConfigError, load_config, parse_size
-from ..daemon import ClientSources, Daemon, ServerOptions, catch_sigterm_outside_the_daemon
+from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
+from ..signals import catch_sigterm_outside_the_receiver, ignore_sigterm_after_the_run
 from ..systemd import SystemdEnvError, inherited_sockets
 from .common import (
     CONTROL_FD_NAME,
@@ -353,13 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         sources = client_sources(settings)
         if settings["daemonize"] and not under_systemd():
             detach()
-        catch_sigterm_outside_the_daemon()
+        catch_sigterm_outside_the_receiver()
         try:
             trio.run(Daemon(opts, sources).run)
         finally:
-            # Stopped: the interpreter's own finalisation would restore the default action,
-            # and a late SIGTERM would then replace our exit status with its own.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            ignore_sigterm_after_the_run()
     except KeyboardInterrupt:
         return 130
     except BaseException as err:  # start-up errors become one line, not a traceback

@@ -17,6 +17,7 @@ import trio
 from .. import __version__, logs
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
+from ..signals import catch_sigterm_outside_the_receiver, ignore_sigterm_after_the_run
 from ..systemd import SystemdEnvError, inherited_sockets
 from ..wrapper.registry import (
     DEFAULT_DB,
@@ -271,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         sockets, opts.control_path = bind_sockets(ns)
         if ns.daemonize and not under_systemd():
             detach()
-        trio.run(Wrapper(opts, registry, Supervisor(settings)).run, sockets)
+        catch_sigterm_outside_the_receiver()
+        try:
+            trio.run(Wrapper(opts, registry, Supervisor(settings)).run, sockets)
+        finally:
+            ignore_sigterm_after_the_run()
     except KeyboardInterrupt:
         return 130
     except (RegistryError, DatabaseError) as err:

@@ -15,6 +15,7 @@ import trio
 
 from .. import logs
 from ..listeners import describe, to_trio_listener
+from ..signals import sigterm_came_early
 from ..systemd import Notifier
 from .control import CommandError, ControlServer, Write
 from .frontend import Frontend
@@ -117,6 +118,8 @@ class Wrapper:
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            if sigterm_came_early():
+                self.shutdown(orphan=False)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     logs.reopen()
