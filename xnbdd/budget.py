@@ -61,9 +61,9 @@ class ByteBudget:
         """Take ``cost`` bytes for a connection that holds ``held``; never waits."""
         if not cost:
             return Grant.TAKEN
+        if held and held + cost > self.limits.max_bytes_per_connection:
+            return Grant.OWN_SHARE
         limit = self.limits.max_bytes
-        if held and held + cost > limit // 4 and held + cost > MAX_ACCEPTED_PAYLOAD:
-            return Grant.OWN_SHARE  # (max_bytes_per_connection, without the calls: hot path)
         with self._lock:
             if not self._waiters:  # nobody in line: the common case
                 if self.used and self.used + cost > limit:

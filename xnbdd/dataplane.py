@@ -28,7 +28,6 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -51,7 +50,14 @@ from .proto.consts import (
 )
 from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
-from .proto.transmission import DRAIN_LIMIT, REQUEST, check_request, offset_hole
+from .proto.transmission import (
+    DRAIN_LIMIT,
+    OFFSET_DATA,
+    REQUEST,
+    SIMPLE_REPLY,
+    check_request,
+    offset_hole,
+)
 
 log = logging.getLogger("xnbdd")
 
@@ -67,8 +73,6 @@ Submit = Callable[[Request, int], None]
 
 _HEADER = REQUEST.size
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
-_SIMPLE = struct.Struct("!IIQ")
-_OFFSET_DATA = struct.Struct("!IHHQIQ")
 _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 
@@ -207,10 +211,11 @@ class DataPlane:
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
-            if want_read and self._drained and self._stopping and not self.in_flight:
-                self._end = "server shutting down"  # every request taken has its answer
-                continue
             if want_read and not self._drained and self._read():
+                continue
+            if want_read and self._drained and self._stopping and not self.in_flight:
+                # the socket holds nothing more and every request taken has its answer
+                self._end = "server shutting down"
                 continue
             self._wait(poller, want_read)
 
@@ -233,8 +238,7 @@ class DataPlane:
                     return
             except BlockingIOError:
                 poller.poll()
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._wake_fd)
+                self._take_wake()
             except OSError:
                 return
 
@@ -258,8 +262,12 @@ class DataPlane:
             self._sleeping = False
         self._drained = False
         if any(fd == self._wake_fd for fd, _events in ready):
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self._wake_fd)
+            self._take_wake()
+
+    def _take_wake(self) -> None:
+        """Reset the wake-up eventfd (it may not have fired)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -311,8 +319,7 @@ class DataPlane:
         try:
             count = os.readv(self._fd, [view])
         except BlockingIOError:
-            if self._stopping and not self.in_flight and not self._out:
-                self._end = "server shutting down"  # nothing in flight and nothing more sent
+            self._drained = True
             return None
         except OSError as err:
             log.debug("client connection failed: %s", err, extra=self._fields)
@@ -418,10 +425,12 @@ class DataPlane:
         else:
             self._rstart = pos + _HEADER
         self._payload_charged = False
-        req = Request(cookie, cmd, 0, 0, length)
+        self._queue_shutdown(Request(cookie, cmd, 0, 0, length), cost)
+        return True
+
+    def _queue_shutdown(self, req: Request, cost: int) -> None:
         message = "server shutting down"
         self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
-        return True
 
     def _admit(self, cost: int) -> bool:
         """Count one more request in flight and take its bytes, or say why not."""
@@ -490,10 +499,8 @@ class DataPlane:
     ) -> None:
         """Answer one request: inline when the backend can without waiting, else as a task of
         the event loop. ``gate``: the export admitted this batch (None: not asked yet)."""
-        if self._stopping:
-            req = Request(cookie, cmd, flags, offset, length)
-            message = "server shutting down"
-            self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
+        if self._stopping:  # a payload that finished arriving after the stop
+            self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
         if gate is None:
             gate = self._export.try_admit()
@@ -551,11 +558,11 @@ class DataPlane:
         if data is None:
             return False
         if self._structured:
-            head = _OFFSET_DATA.pack(
+            head = OFFSET_DATA.pack(
                 STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
             )
         else:
-            head = _SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         self._out.append(head)
         self._out.append(data)
         if isinstance(data, FileRange):
@@ -567,7 +574,7 @@ class DataPlane:
     # -- sending --------------------------------------------------------------------------------
 
     def _queue_simple(self, cookie: int, cost: int) -> None:
-        self._out.append(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
         self._queued += 16
         self._marks.append((self._queued, cost))
 

@@ -30,6 +30,11 @@ def nblocks_for(size: int) -> int:
     return -(-size // BLOCK_SIZE)
 
 
+def block_span(offset: int, length: int) -> tuple[int, int]:
+    """Blocks [first, stop) touched by the byte range ``offset``, ``length``."""
+    return offset // BLOCK_SIZE, nblocks_for(offset + length)
+
+
 def bitmap_file_size(nblocks: int) -> int:
     """Bytes of a bitmap file for ``nblocks`` bits: whole 64-bit words."""
     return 8 * -(-nblocks // 64)

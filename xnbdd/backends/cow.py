@@ -30,7 +30,7 @@ import trio
 
 from xnbdd.backends import linux
 from xnbdd.backends.base import Capabilities, Extent, FileRange
-from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
+from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.file import MAX_EXTENTS, FileBackend
 
 log = logging.getLogger("xnbdd")
@@ -107,7 +107,7 @@ class CowBackend:
     # overlay, so what the thread sees is always a consistent choice of source.
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
-        first, last = _blocks(offset, length)
+        first, last = block_span(offset, length)
         if last - first == 1:  # one block: one source (the common small read)
             source = self.overlay if self.bitmap.test(first) else self.base
             return source.try_read(offset, length)
@@ -123,14 +123,14 @@ class CowBackend:
         return buf
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        first, last = _blocks(offset, len(data))
+        first, last = block_span(offset, len(data))
         return self.bitmap.all_set(first, last) and self.overlay.try_write(offset, data)
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False  # would need both layers' allocation; block_status answers that
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
-        first, last = _blocks(offset, len(data))
+        first, last = block_span(offset, len(data))
         if self.bitmap.all_set(first, last):
             await self.overlay.write(offset, data, fua)
             return
@@ -156,7 +156,7 @@ class CowBackend:
     ) -> None:
         if fast and not self.capabilities.fast_zero:
             raise OSError(errno.ENOTSUP, "the overlay's file system cannot zero quickly")
-        first, last = _blocks(offset, length)
+        first, last = block_span(offset, length)
         async with self._locks.hold(first, last):
             await self._copy_up_edges(offset, offset + length)
             # copied-up bytes are not visible until the bits are set: ENOTSUP here changes nothing
@@ -218,7 +218,7 @@ class CowBackend:
 
     def _segments(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Split a byte range into (start, stop, present-in-overlay) pieces."""
-        first, last = _blocks(offset, length)
+        first, last = block_span(offset, length)
         end = offset + length
         pieces: list[tuple[int, int, bool]] = []
         pos = first
@@ -269,11 +269,6 @@ class _RangeLocks:
         finally:
             self._held.remove(entry)
             entry[2].set()
-
-
-def _blocks(offset: int, length: int) -> tuple[int, int]:
-    """Blocks [first, last) touched by a byte range."""
-    return offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
 
 
 def _create_locked_overlay(prefix: str, size: int) -> tuple[str, int]:

@@ -112,12 +112,8 @@ class FileBackend:
         """InlineIO: large reads of a memory file system go out with sendfile (its pages are
         never on a device, so sending cannot block, and no copy passes through Python); other
         data if it can be had without waiting; else None."""
-        if self._inline:
-            if length >= SENDFILE_MIN:
-                return FileRange(self.fd, offset, length)
-            data = os.pread(self.fd, length, offset)  # the hot path of small reads: no call more
-            if len(data) == length:
-                return data
+        if self._inline and length >= SENDFILE_MIN:
+            return FileRange(self.fd, offset, length)
         return self._try_read_bytes(offset, length)
 
     def _try_read_bytes(self, offset: int, length: int) -> bytes | bytearray | None:

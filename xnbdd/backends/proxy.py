@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from xnbdd.backends.base import Capabilities, Extent, FileRange
-from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
+from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.file import FileBackend
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
@@ -234,7 +234,7 @@ class ProxyBackend:
         )
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+        first, stop = block_span(offset, length)
         if not self._bitmap.all_set(first, stop):
             fetched = await self._ensure_cached(first, stop, self._link, MAX_FETCH)
             if fetched is not None:  # the whole range came in one fetch: answer from it
@@ -248,20 +248,20 @@ class ProxyBackend:
     # such a write with origin data; writes to uncached blocks take the async path (busy table).
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
-        first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+        first, stop = block_span(offset, length)
         if not self._bitmap.all_set(first, stop):
             return None
         return self._cache.try_read(offset, length)
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        first, stop = offset // BLOCK_SIZE, -(-(offset + len(data)) // BLOCK_SIZE)
+        first, stop = block_span(offset, len(data))
         return self._bitmap.all_set(first, stop) and self._cache.try_write(offset, data)
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
 
     async def cache(self, offset: int, length: int) -> None:
-        first, stop = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+        first, stop = block_span(offset, length)
         await self._ensure_cached(first, stop, self._link, MAX_FETCH)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
@@ -317,8 +317,7 @@ class ProxyBackend:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Cached blocks: the cache file's allocation; uncached ones: allocated data (status 0,
         always a safe answer, since the origin's allocation is not known here)."""
-        first = offset // BLOCK_SIZE
-        stop = -(-(offset + length) // BLOCK_SIZE)
+        first, stop = block_span(offset, length)
         cached = self._bitmap.test(first)
         run_stop = next(iter(self._bitmap.runs(first, stop, not cached)), (stop, stop))[0]
         run_length = min(run_stop * BLOCK_SIZE, offset + length) - offset
