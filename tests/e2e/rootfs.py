@@ -1,8 +1,10 @@
-"""The cached Debian tree for systemd-nspawn and QEMU tests (built by build-rootfs.sh).
+"""The cached Debian trees for the systemd-nspawn, QEMU and newest-client tests (build-rootfs.sh).
 
+bookworm (Debian 12, the default) has a kernel, systemd and the NBD tools; trixie (Debian 13)
+has today's clients and peers (libnbd 1.22, qemu 10, nbdkit 1.42) and the Debian tool chain.
 The first call on a host runs debootstrap (a few minutes, serialised by a lock, keyed by the hash
-of build-rootfs.sh); later calls return the cached path at once. Callers never modify the tree:
-nspawn runs it with --volatile=overlay, the VM test copies it.
+of build-rootfs.sh and the suite); later calls return the cached path at once. Callers never
+modify a tree: nspawn runs it with --volatile=overlay, the VM test copies it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ def missing_builders() -> list[str]:
 
 
 @cache
-def rootfs() -> Path:
-    """Path of the cached tree (building it first if needed)."""
+def rootfs(suite: str = "bookworm") -> Path:
+    """Path of the cached tree of `suite` (building it first if needed)."""
     out = subprocess.run(
-        [str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True, timeout=1800
+        [str(BUILD_SCRIPT), suite], check=True, stdout=subprocess.PIPE, text=True, timeout=1800
     ).stdout
     tree = Path(out.strip().splitlines()[-1])
     if not (tree / "lib/systemd/systemd").exists():

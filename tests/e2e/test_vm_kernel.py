@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.vm.machine import REPO, BootResult, boot, build_deb, build_image, cached_tree
+from tests.e2e.rootfs import rootfs
+from tests.e2e.vm.machine import REPO, BootResult, boot, build_deb, build_image
 
 pytestmark = [pytest.mark.vm, pytest.mark.e2e]
 
@@ -60,7 +61,7 @@ def vm_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmRun]:
     work = tmp_path_factory.mktemp("vm")
     try:
         deb = build_deb(work / "deb")
-        image = build_image(cached_tree(), work, [deb], GUEST_CONFIG)
+        image = build_image(rootfs(), work, [deb], GUEST_CONFIG)
         result = boot(image, work / "share", timeout=BOOT_TIMEOUT)
         image.root.unlink()
         steps = dict(re.findall(r"^STEP (\S+) (ok|FAIL)$", result.result_log, re.MULTILINE))

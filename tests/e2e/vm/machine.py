@@ -21,18 +21,6 @@ GUEST_DIR = "opt/xnbdd-e2e"
 TEST_UNIT = "xnbd-e2e.service"
 
 
-def cached_tree() -> Path:
-    """The cached Debian tree with kernel, systemd and NBD tools (built once, a few minutes)."""
-    out = subprocess.run(
-        [str(REPO / "tests/e2e/build-rootfs.sh")],
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-        timeout=900,
-    ).stdout
-    return Path(out.strip().splitlines()[-1])
-
-
 def build_deb(outdir: Path) -> Path:
     """Build this checkout's Debian package (scripts/build-deb.sh, which also runs lintian)."""
     out = subprocess.run(
