@@ -21,7 +21,9 @@ bookworm)
     PKGS=systemd,systemd-sysv,dbus,udev,kmod,e2fsprogs,iproute2,procps,linux-image-amd64,nbd-client,nbd-server,python3,python3-systemd,python3-trio,python3-sdnotify
     ;;
 trixie)
-    PKGS=systemd,systemd-sysv,dbus,iproute2,procps,python3,python3-systemd,python3-trio,python3-sdnotify,libnbd-bin,python3-libnbd,nbdkit,qemu-utils,debhelper,dh-python,pybuild-plugin-pyproject,python3-all,python3-setuptools,dpkg-dev,lintian
+    # perl-openssl-defaults: debootstrap does not resolve the virtual perl-openssl-abi-3 that
+    # lintian needs through libnet-ssleay-perl.
+    PKGS=systemd,systemd-sysv,dbus,iproute2,procps,python3,python3-systemd,python3-trio,python3-sdnotify,libnbd-bin,python3-libnbd,nbdkit,qemu-utils,debhelper,dh-python,pybuild-plugin-pyproject,python3-all,python3-setuptools,dpkg-dev,lintian,perl-openssl-defaults
     ;;
 *)
     echo "build-rootfs.sh: unknown suite '$SUITE' (bookworm or trixie)" >&2

@@ -67,3 +67,14 @@ def systemd_tree() -> Path:
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
     return rootfs()
+
+
+@pytest.fixture(scope="session")
+def trixie_tree() -> Path:
+    """The cached Debian 13 tree with today's NBD clients and peers (tests/e2e/trixie.py)."""
+    if os.geteuid() != 0:
+        pytest.skip("systemd-nspawn needs root")
+    missing = missing_builders() + [t for t in ("systemd-nspawn",) if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
+    return rootfs("trixie")
