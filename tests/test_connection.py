@@ -138,6 +138,7 @@ def test_valid_framing_never_closes_and_every_request_is_answered(
             await client.send_all(request(Cmd.DISC, 99))
             assert await client.receive_some(1) == b""  # DISC: closed, no reply
             nursery.cancel_scope.cancel()
+        await client.aclose()
         await export.backend.close()
 
     trio.run(main)
@@ -163,6 +164,7 @@ async def test_backpressure_stops_reading_at_the_request_limit(tmp_path: Path) -
         assert cookies == set(range(10))
         await wait_until(lambda: state.budget.requests == 0 and state.budget.used == 0)
         nursery.cancel_scope.cancel()
+    await client.aclose()
     await export.backend.close()
 
 
@@ -188,4 +190,5 @@ async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> N
         assert replies == {1: 0, 2: Errno.ESHUTDOWN}  # in flight finished, new one refused
         with trio.fail_after(5):
             assert await client.receive_some(1) == b""  # then the server hangs up
+    await client.aclose()
     await export.backend.close()

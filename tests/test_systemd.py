@@ -21,6 +21,26 @@ from xnbdd.systemd import Notifier
 # Notifier
 
 
+class NewNotifier:
+    """Makes notifiers for one test and closes them when it ends."""
+
+    def __init__(self) -> None:
+        self.made: list[Notifier] = []
+
+    def __call__(self, *, unset_environment: bool = False) -> Notifier:
+        notifier = Notifier(unset_environment=unset_environment)
+        self.made.append(notifier)
+        return notifier
+
+
+@pytest.fixture
+def new_notifier() -> Iterator[NewNotifier]:
+    made = NewNotifier()
+    yield made
+    for notifier in made.made:
+        notifier.close()
+
+
 @pytest.fixture
 def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyReceiver]:
     r = NotifyReceiver()
@@ -31,8 +51,10 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyReceiver]:
     r.close()
 
 
-def test_ready_status_stopping_arrive_in_order_from_our_pid(receiver: NotifyReceiver) -> None:
-    n = Notifier()
+def test_ready_status_stopping_arrive_in_order_from_our_pid(
+    new_notifier: NewNotifier, receiver: NotifyReceiver
+) -> None:
+    n = new_notifier()
     assert n.enabled
     n.status("target /srv/disk.img, 0 clients")
     n.ready()
@@ -46,8 +68,10 @@ def test_ready_status_stopping_arrive_in_order_from_our_pid(receiver: NotifyRece
     assert {g.pid for g in got} == {os.getpid()}
 
 
-def test_status_is_sent_only_when_it_changes(receiver: NotifyReceiver) -> None:
-    n = Notifier()
+def test_status_is_sent_only_when_it_changes(
+    new_notifier: NewNotifier, receiver: NotifyReceiver
+) -> None:
+    n = new_notifier()
     for text in ["a", "a", "b", "b", "a"]:
         n.status(text)
     n.ready()  # a marker: everything before it has been sent
@@ -55,33 +79,37 @@ def test_status_is_sent_only_when_it_changes(receiver: NotifyReceiver) -> None:
     assert got == [{"STATUS": "a"}, {"STATUS": "b"}, {"STATUS": "a"}, {"READY": "1"}]
 
 
-def test_status_is_one_line(receiver: NotifyReceiver) -> None:
-    Notifier().status("two\nlines")
+def test_status_is_one_line(new_notifier: NewNotifier, receiver: NotifyReceiver) -> None:
+    new_notifier().status("two\nlines")
     assert receiver.recv(2).fields == {"STATUS": "two lines"}
 
 
-def test_reloading_carries_the_monotonic_clock(receiver: NotifyReceiver) -> None:
+def test_reloading_carries_the_monotonic_clock(
+    new_notifier: NewNotifier, receiver: NotifyReceiver
+) -> None:
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    Notifier().reloading()
+    new_notifier().reloading()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     fields = receiver.recv(2).fields
     assert fields["RELOADING"] == "1"
     assert before <= int(fields["MONOTONIC_USEC"]) <= after
 
 
-def test_watchdog_and_extend_timeout(receiver: NotifyReceiver) -> None:
-    n = Notifier()
+def test_watchdog_and_extend_timeout(new_notifier: NewNotifier, receiver: NotifyReceiver) -> None:
+    n = new_notifier()
     n.watchdog()
     n.extend_timeout(2.5)
     assert receiver.recv(2).fields == {"WATCHDOG": "1"}
     assert receiver.recv(2).fields == {"EXTEND_TIMEOUT_USEC": "2500000"}
 
 
-def test_path_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_path_notify_socket(
+    new_notifier: NewNotifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     r = NotifyReceiver(address=str(tmp_path / "notify"))
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", r.address)
-        Notifier().ready()
+        new_notifier().ready()
         assert r.recv(2).fields == {"READY": "1"}
     finally:
         r.close()
@@ -100,9 +128,9 @@ def test_systemd_notify_tool_talks_to_the_same_receiver(receiver: NotifyReceiver
             tool.wait()
 
 
-def test_silent_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_silent_without_systemd(new_notifier: NewNotifier, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    n = Notifier()
+    n = new_notifier()
     assert not n.enabled
     n.ready()
     n.status("x")
@@ -112,18 +140,22 @@ def test_silent_without_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     n.stopping()
 
 
-def test_a_vanished_receiver_does_not_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_vanished_receiver_does_not_raise(
+    new_notifier: NewNotifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
     r = NotifyReceiver()
     monkeypatch.setenv("NOTIFY_SOCKET", r.address)
-    n = Notifier()
+    n = new_notifier()
     r.close()
     n.ready()
     n.stopping()
 
 
-def test_unset_environment(receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unset_environment(
+    new_notifier: NewNotifier, receiver: NotifyReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
-    n = Notifier(unset_environment=True)
+    n = new_notifier(unset_environment=True)
     assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
     assert n.watchdog_interval() == 2.0
     n.ready()  # still works: the address was read once
@@ -142,14 +174,18 @@ def test_unset_environment(receiver: NotifyReceiver, monkeypatch: pytest.MonkeyP
     ],
 )
 def test_watchdog_interval(
-    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+    new_notifier: NewNotifier,
+    monkeypatch: pytest.MonkeyPatch,
+    usec: str | None,
+    pid: str | None,
+    expected: float | None,
 ) -> None:
     for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
-    assert Notifier().watchdog_interval() == expected
+    assert new_notifier().watchdog_interval() == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,14 +403,16 @@ def test_bad_environment_is_one_clear_error(
     assert len(out.splitlines()) == 1
 
 
-def test_a_full_queue_delays_instead_of_dropping(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_queue_delays_instead_of_dropping(
+    new_notifier: NewNotifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """systemd reads its notify socket whenever it gets to it; the kernel queues only a few
     datagrams meanwhile. The notifier must wait for room, not lose READY=1 or STOPPING=1."""
     address = f"@xnbdd-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as slow_manager:
         slow_manager.bind("\0" + address[1:])
         monkeypatch.setenv("NOTIFY_SOCKET", address)
-        n = Notifier()
+        n = new_notifier()
 
         def send_all() -> None:
             for i in range(30):

@@ -237,7 +237,8 @@ def _port_number(port: str) -> int:
 
 
 async def open_connection(
-    address: RemoteAddress, timeout: float = DEFAULT_CONNECT_TIMEOUT
+    address: RemoteAddress,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 (raises OSError, not Cancelled)
 ) -> tuple[trio.SocketStream, Connected, bytes]:
     """Connect (every resolved address is tried) and negotiate; OSError on any failure."""
     with trio.move_on_after(timeout) as scope:
@@ -456,7 +457,7 @@ async def background_nursery() -> AsyncIterator[trio.Nursery]:
 async def open_remote_link(
     address: RemoteAddress,
     *,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the origin link's per-request timeout)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     backoff_max: float = 5.0,
     expected_size: int | None = None,

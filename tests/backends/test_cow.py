@@ -269,6 +269,8 @@ async def test_stale_overlay_of_a_killed_instance_is_removed(
         for child in (live, dead):
             child.kill()
             child.wait()
+            assert child.stdout is not None
+            child.stdout.close()
     # the second child is gone now too; a leftover bitmap without its data file (a crash inside
     # close) is stale as well
     Path(f"{base}.cow7.layer1.bm").write_bytes(bytes(8))

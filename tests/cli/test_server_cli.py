@@ -129,6 +129,8 @@ def test_connected_fd_starts_in_transmission_and_exits_when_the_client_leaves(
         assert struct.unpack("!IIQ", ours.recv(16)) == (0x67446698, 0, 5)
         ours.sendall(struct.pack("!IHHQQI", 0x25609513, 0, 2, 6, 0, 0))  # DISC
     assert proc.wait(15) == 0
+    assert proc.stdout is not None
+    proc.stdout.close()
     assert image.read_bytes()[:4] == b"abcd"
 
 

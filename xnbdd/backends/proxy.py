@@ -644,7 +644,7 @@ async def open_proxy_backend(
     *,
     readonly: bool = False,
     clear_bitmap: bool = False,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the origin link's per-request timeout)
     sync_interval: float = SYNC_INTERVAL,
 ) -> AsyncIterator[ProxyBackend]:
     """Connect to the origin, prepare the cache files and serve as a ``ProxyBackend`` inside the

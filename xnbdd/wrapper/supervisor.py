@@ -53,7 +53,6 @@ log = logging.getLogger("xnbdd")
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL = 0.05
-WATCH_POLL = 0.5  # how often a server that is not our child is checked for life
 
 
 class StartError(Exception):
@@ -298,8 +297,7 @@ class Supervisor:
         if proc.process is not None:
             status = await proc.process.wait()
         else:
-            while _alive(proc.pid):
-                await trio.sleep(WATCH_POLL)
+            await _wait_exit(proc.pid)
             status = None
         proc.exited.set()
         if self._running.get(proc.entry.name) is proc:
@@ -411,6 +409,19 @@ def unit_name_for(entry: ExportEntry) -> str:
         return unit_name(entry.name)
     except UnitError as err:
         raise StartError(str(err)) from None
+
+
+async def _wait_exit(pid: int) -> None:
+    """Wait for a process that is not our child (a server adopted after the wrapper restarted):
+    its pidfd becomes readable when it exits."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def _alive(pid: int) -> bool:
