@@ -37,6 +37,8 @@ INSTALLED_DOC = re.compile(r"/usr/share/doc/xnbdd/([\w.-]+?\.md)\b")
 COMPAT_CITATION = re.compile(r"docs/compat\.md((?:(?:,|,? and)? ?§\d+(?:\.\d+)?)+)")
 SECTION = re.compile(r"§(\d+(?:\.\d+)?)")
 DECISION = re.compile(r"\bD(\d{1,2})(?:\s?[-\u2013]\s?D(\d{1,2}))?\b")
+# test_rule20_..., test_rule16_17_... (consecutive rules), test_rule24_to_26_... (a range); in
+# test_rule44_64_requests_... the 64 is not a rule, since it does not follow 44.
 RULE_TEST = re.compile(r"\bdef test_rule(\d+)((?:_(?:to_)?\d+)*)_")
 RULE_TEXT = re.compile(r"\b[Rr]ules? (\d+)(?:(?: to |[-\u2013])(\d+))?\b")
 SKIP_DIRS = {".git", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
@@ -178,9 +180,14 @@ def test_cited_protocol_rules_are_defined() -> None:
             continue
         cited: list[tuple[int, int]] = []
         for m in RULE_TEST.finditer(text):
-            numbers = [int(m.group(1)), *map(int, re.findall(r"\d+", m.group(2)))]
-            if "_to_" in m.group(2):
-                numbers = list(range(numbers[0], numbers[-1] + 1))
+            numbers = [int(m.group(1))]
+            for joint, number in re.findall(r"_(to_)?(\d+)", m.group(2)):
+                if joint:
+                    numbers += range(numbers[-1] + 1, int(number) + 1)
+                elif int(number) == numbers[-1] + 1:
+                    numbers.append(int(number))
+                else:
+                    break  # words of the test's name from here on
             cited += [(m.start(), n) for n in numbers]
         if name.startswith("tests/") or name.startswith("xnbdd/"):
             for m in RULE_TEXT.finditer(text):

@@ -1,4 +1,4 @@
-"""Block presence bitmap in xNBD's on-disk format (xnbd-compat.md §4.2).
+"""Block presence bitmap in xNBD's on-disk format (docs/compat.md §4.2).
 
 One bit per 4096-byte block; bit ``i`` is byte ``i // 8``, mask ``1 << (i % 8)`` -- the same bytes
 as x86-64 little-endian 64-bit words, LSB first. The file is ``8 * ceil(nblocks / 64)`` bytes, no
