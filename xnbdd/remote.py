@@ -187,7 +187,8 @@ class _Connection:
 
     async def _send(self, wire: bytes) -> None:
         # A half-sent request would corrupt the stream for everyone: the send is shielded from
-        # cancellation, but bounded by the timeout so a stuck origin cannot hang us (D15).
+        # cancellation, bounded by the timeout so a stuck origin cannot hang us
+        # (docs/decisions.md D15).
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.timeout) as scope:
                 try:

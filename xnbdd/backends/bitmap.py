@@ -5,8 +5,8 @@ as x86-64 little-endian 64-bit words, LSB first. The file is ``8 * ceil(nblocks 
 header. Bits at positions >= nblocks stay zero.
 
 The bits live in memory and reach the file only through ``sync`` (or ``write_back``): the proxy
-must persist a bit only after the data it covers is durable (D14), so persistence is explicit,
-never a side effect of setting a bit. Stdlib only.
+must persist a bit only after the data it covers is durable (docs/decisions.md D14), so
+persistence is explicit, never a side effect of setting a bit. Stdlib only.
 """
 
 from __future__ import annotations

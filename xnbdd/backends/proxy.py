@@ -306,7 +306,7 @@ class ProxyBackend:
             await self.flush()
 
     async def flush(self) -> None:
-        """Cache data durable first, then the bits that cover it (D14)."""
+        """Cache data durable first, then the bits that cover it (docs/decisions.md D14)."""
         async with self._sync_lock:
             self._dirty = False
             pending = self._bitmap.capture()
