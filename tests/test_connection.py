@@ -106,8 +106,8 @@ requests_strategy = st.lists(
 def test_valid_framing_never_closes_and_every_request_is_answered(
     tmp_path: Path, reqs: list[tuple[int, int, int, int]]
 ) -> None:
-    """Rule 49: whatever valid-framed requests arrive, each gets one reply, the stream stays
-    in step and the connection stays open."""
+    """docs/protocol-rules.md rule 49: whatever valid-framed requests arrive, each gets one
+    reply, the stream stays in step and the connection stays open."""
 
     async def main() -> None:
         export = make_export(tmp_path)

@@ -372,7 +372,7 @@ class Daemon:
 
     async def switch(self, force: bool) -> str:
         """Proxy -> target in place: drain, detach the origin, serve the cache image. Clients
-        keep their connections; returns once target mode serves (D26)."""
+        keep their connections; returns once target mode serves (docs/decisions.md D26)."""
         proxy = self._require_proxy("switch")
         if self._operation:
             raise RuntimeError(f"refused: {self._operation}")

@@ -5,7 +5,7 @@ extra={"XNBD_CLIENT": "127.0.0.1:4242"} or extra={"XNBD_ERRNO": "5"}. Under jour
 become journal fields; in text destinations they are rendered as "[client=127.0.0.1:4242]".
 Process-wide fields (the export name, the mode) are set once with set_context().
 
-Destinations follow the original xnbd-server (xnbd-compat.md §1.1): --logpath alone writes the
+Destinations follow the original xnbd-server (docs/compat.md §1.1): --logpath alone writes the
 file only, --syslog alone syslog only, both write both; with neither, stderr, which is the
 journal when systemd connected it there (JOURNAL_STREAM) and syslog when stderr is not usable
 (--inetd, --daemonize: the caller passes stderr_usable=False).

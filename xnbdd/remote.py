@@ -1,6 +1,6 @@
 """Async link to the proxy's origin NBD server: connect, read, survive outages.
 
-Fixes of the original's upstream handling (xnbd-compat.md D15-D19):
+Fixes of the original's upstream handling (docs/decisions.md D15-D19):
 - every request has its own cookie; many are in flight and complete in any order;
 - a request never waits longer than ``timeout`` seconds in total (across outages): then it fails
   with EIO; while the link is known to be down for longer than that, requests fail at once;
@@ -187,7 +187,8 @@ class _Connection:
 
     async def _send(self, wire: bytes) -> None:
         # A half-sent request would corrupt the stream for everyone: the send is shielded from
-        # cancellation, but bounded by the timeout so a stuck origin cannot hang us (D15).
+        # cancellation, bounded by the timeout so a stuck origin cannot hang us
+        # (docs/decisions.md D15).
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.timeout) as scope:
                 try:

@@ -1,4 +1,4 @@
-"""Point-in-time copies of an image (SIGUSR1 and the control socket; xnbd-compat.md §4.4, §5).
+"""Point-in-time copies of an image (SIGUSR1 and the control socket; docs/compat.md §4.4, §5).
 
 Only the mechanics: the daemon pauses requests, lets in-flight writes finish, calls
 ``take_snapshot`` and resumes. The copy is a reflink (FICLONE) where the file system can share

@@ -356,8 +356,8 @@ def test_orphan_leaves_servers_and_the_next_wrapper_adopts_them(tmp_path: Path) 
 
 
 def test_two_clients_of_one_proxy_export_share_one_cache(tmp_path: Path) -> None:
-    """D21: the original gave each client its own proxy (the second one died); here both
-    clients and bgctl talk to one proxy server with one cache."""
+    """docs/decisions.md D21: the original gave each client its own proxy (the second one
+    died); here both clients and bgctl talk to one proxy server with one cache."""
     nbd = import_nbd()
     from tests.serverproc import running_server
 

@@ -298,7 +298,7 @@ def test_flush_fua_trim_and_write_zeroes_are_answered(
             model[40960:45056] = bytes(4096)
         h.flush()
         assert h.pread(64 * KiB, 0) == model[: 64 * KiB]
-        # zero-length requests are answered (D9: they crashed the original cow-target)
+        # zero-length requests are answered (docs/decisions.md D9: the original cow-target crashed)
         h.set_strict_mode(0)  # libnbd refuses a zero count itself otherwise
         h.pwrite(b"", 0)
         h.trim(0, 0)

@@ -1,4 +1,4 @@
-"""The numbered server rules of nbd-protocol.md §10, checked over a raw socket against the real
+"""The numbered server rules of docs/protocol-rules.md, checked over a raw socket against the real
 daemon. Each test names its rule."""
 
 from __future__ import annotations

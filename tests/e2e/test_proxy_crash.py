@@ -1,5 +1,6 @@
 """kill -9 of the proxy daemon at random moments while cache-all runs and a client writes; after
-each restart every block must hold the origin's data or an acknowledged write (issue 5, D14).
+each restart every block must hold the origin's data or an acknowledged write (issue 5,
+docs/decisions.md D14).
 
 What may legitimately survive a crash, per block: the latest acknowledged version; an older
 version written since the last acknowledged FLUSH (unflushed writes are not durable, so the

@@ -1,4 +1,4 @@
-"""xnbd-wrapper-ctl's framing and exit-status rule (xnbd-compat.md §1.4)."""
+"""xnbd-wrapper-ctl's framing and exit-status rule (docs/compat.md §1.4)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
-"""Block presence bitmap in xNBD's on-disk format (xnbd-compat.md §4.2).
+"""Block presence bitmap in xNBD's on-disk format (docs/compat.md §4.2).
 
 One bit per 4096-byte block; bit ``i`` is byte ``i // 8``, mask ``1 << (i % 8)`` -- the same bytes
 as x86-64 little-endian 64-bit words, LSB first. The file is ``8 * ceil(nblocks / 64)`` bytes, no
 header. Bits at positions >= nblocks stay zero.
 
 The bits live in memory and reach the file only through ``sync`` (or ``write_back``): the proxy
-must persist a bit only after the data it covers is durable (D14), so persistence is explicit,
-never a side effect of setting a bit. Stdlib only.
+must persist a bit only after the data it covers is durable (docs/decisions.md D14), so
+persistence is explicit, never a side effect of setting a bit. Stdlib only.
 """
 
 from __future__ import annotations

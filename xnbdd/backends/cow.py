@@ -1,4 +1,4 @@
-"""cow-target: a read-only base image under a private, throwaway overlay (xnbd-compat.md §4.3).
+"""cow-target: a read-only base image under a private, throwaway overlay (docs/compat.md §4.3).
 
 The base is opened read-only and never written. Writes go to ``<base>.cow<N>.layer1`` (sparse,
 1:1 offsets) in 4 KiB blocks; ``<base>.cow<N>.layer1.bm`` marks the blocks the overlay holds. A

@@ -1,8 +1,9 @@
 """Target mode: a regular file or a block device, served with positional I/O.
 
-Every read and write is positional (no shared file offset, D11). I/O that cannot block runs on the
-event loop: a read first tries RWF_NOWAIT (served from the page cache or EAGAIN), and files on
-tmpfs/ramfs never wait for a device. Everything else goes to a bounded pool of worker threads.
+Every read and write is positional (no shared file offset, docs/decisions.md D11). I/O that
+cannot block runs on the event loop: a read first tries RWF_NOWAIT (served from the page cache or
+EAGAIN), and files on tmpfs/ramfs never wait for a device. Everything else goes to a bounded pool
+of worker threads.
 """
 
 from __future__ import annotations

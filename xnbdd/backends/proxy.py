@@ -1,7 +1,7 @@
 """Proxy mode: serve an origin NBD server's disk while copying it into a local cache image.
 
-The cache image holds byte *o* of the origin at byte *o* (xnbd-compat.md §4.1); the bitmap (§4.2)
-says which 4096-byte blocks of it are valid. Rules kept here (D14, D17, D22):
+The cache image holds byte *o* of the origin at byte *o*; the bitmap says which 4096-byte blocks
+of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.md D14, D17, D22):
 
 - A bit is set in memory only after its block's data is in the cache file, and persisted only
   after that data is durable: ``flush`` captures the dirty bits, fdatasyncs the cache, then
@@ -306,7 +306,7 @@ class ProxyBackend:
             await self.flush()
 
     async def flush(self) -> None:
-        """Cache data durable first, then the bits that cover it (D14)."""
+        """Cache data durable first, then the bits that cover it (docs/decisions.md D14)."""
         async with self._sync_lock:
             self._dirty = False
             pending = self._bitmap.capture()

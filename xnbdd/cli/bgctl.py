@@ -1,4 +1,4 @@
-"""xnbd-bgctl: control a running proxy through its control socket (xnbd-compat.md §1.2, §7).
+"""xnbd-bgctl: control a running proxy through its control socket (docs/compat.md §1.2, §7).
 
     xnbd-bgctl [--json] --query CONTROL_SOCKET
     xnbd-bgctl [--force] --switch CONTROL_SOCKET

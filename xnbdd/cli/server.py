@@ -264,7 +264,7 @@ def parse(argv: list[str]) -> dict[str, object]:
 
 def make_options(settings: dict[str, object]) -> ServerOptions:
     def path(key: str) -> str:
-        return os.path.abspath(str(settings[key]))  # D24: relative paths survive --daemonize
+        return os.path.abspath(str(settings[key]))  # survives --daemonize: docs/decisions.md D24
 
     return ServerOptions(
         mode=str(settings["mode"]),

@@ -1,6 +1,6 @@
 """``xnbd-wrapper-ctl``: one command to a running xnbd-wrapper over its control socket.
 
-The original's options and exit status (xnbd-compat.md §1.4): the output of the command is
+The original's options and exit status (docs/compat.md §1.4): the output of the command is
 printed, and the exit status is the wrapper's ``return code`` (outside 0..255: 1; no return code
 at all: 1). File arguments are made absolute here, since the wrapper does not share our working
 directory.

@@ -27,7 +27,7 @@ class ControlTarget(Protocol):
 
     async def switch(self, force: bool) -> str:
         """Switch proxy -> target; refuse an incomplete cache unless ``force``. Returns a
-        message; returns only once target mode is serving (D26)."""
+        message; returns only once target mode is serving (docs/decisions.md D26)."""
         ...
 
     async def reconnect(self, host: str, port: str, exportname: str | None) -> None:

@@ -15,7 +15,7 @@ event lines followed by exactly one final line::
 
 A request that cannot be understood (bad JSON, unknown ``cmd`` or version, wrong argument types)
 gets ``{"ok": false, ...}`` and the connection stays usable. The byte order of everything is
-JSON's own, so the protocol does not depend on the host (D23).
+JSON's own, so the protocol does not depend on the host (docs/decisions.md D23).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The control socket server: a unix socket only root and the daemon's own user may use (D23).
+"""The control socket server, for root and the daemon's own user only (docs/decisions.md D23).
 
 The socket is created mode 0600 and listens only after the chmod; every connection's peer
 credentials (SO_PEERCRED) are checked as well, so a looser directory does not open it up. A stale

@@ -1,6 +1,6 @@
 """Transmission phase: the request layout, request validation and reply encoding.
 
-Rules kept here (proto.md "Transmission", nbd-protocol.md §10):
+Rules kept here (proto.md "Transmission", docs/protocol-rules.md rules 25-29):
 - unknown commands and flags, out-of-range READ/TRIM/CACHE/BLOCK_STATUS -> EINVAL; WRITE and
   WRITE_ZEROES past the end -> ENOSPC; writes on a read-only export -> EPERM;
 - range checks use Python integers, so offset + length cannot wrap.

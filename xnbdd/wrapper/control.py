@@ -1,4 +1,4 @@
-"""The wrapper's control protocol: the original's text dialogue (xnbd-compat.md §8.2).
+"""The wrapper's control protocol: the original's text dialogue (docs/compat.md §8.2).
 
 The wrapper greets, then writes the prompt ``(xnbd) `` before every command. One command per line
 (at most 1023 characters), words separated by single spaces, arguments percent-decoded. After

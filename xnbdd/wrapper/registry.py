@@ -4,7 +4,7 @@ Every change goes through ``Registry``: the entry is validated (name, paths, fil
 is written (atomically) with the change, and only then does the change become visible, so a
 failed save loses nothing and disturbs nothing.
 
-The database keeps xNBD's format (xnbd-compat.md §8.3): ``{"version": 2, "images": {NAME: {...}}}``
+The database keeps xNBD's format (docs/compat.md §8.3): ``{"version": 2, "images": {NAME: {...}}}``
 with sorted keys and 4-space indentation. Exports given on the command line (``--imgfile``) or in
 the configuration folder are configuration, not state: they are not written to the database.
 """
@@ -401,7 +401,7 @@ class Registry:
 
 
 def apply_switches(entry: ExportEntry, *, cow: bool, readonly: bool) -> ExportEntry:
-    """The wrapper's global ``--cow`` / ``--readonly`` (§8.4) on top of an entry's own settings."""
+    """The wrapper's global ``--cow`` / ``--readonly`` (docs/compat.md §8.4) over an entry's."""
     return replace(
         entry,
         cow=entry.cow or (cow and entry.mode == "target"),

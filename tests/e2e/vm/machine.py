@@ -4,7 +4,7 @@ The root filesystem is an ext4 image made from the cached debootstrap tree
 (tests/e2e/build-rootfs.sh) with Debian packages installed into a copy of it; the VM boots that
 tree's own Debian kernel under software emulation (TCG), has no network device, runs one test
 script as a systemd unit and reports through a 9p shared folder. See
-/work/shared/spec/testing-with-systemd.md §6 for the measurements behind these choices.
+docs/testing.md ("Why the VM is set up as it is") for the reasons behind these choices.
 """
 
 from __future__ import annotations
