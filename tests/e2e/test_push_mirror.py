@@ -250,3 +250,54 @@ def test_qemu_mirrors_a_live_disk_into_the_target(
         f"({sum(r.length for r in requests if r.kind == CMD_WRITE_ZEROES) // MiB} MiB), "
         f"flags {flags:#x}"
     )
+
+
+def test_drive_mirror_to_an_nbd_uri_then_cancel_hands_over_a_consistent_copy(
+    trixie_tree: Path, tmp_path: Path
+) -> None:
+    """The older command with the target as a URI, and the hand-over ending of
+    docs/push-migration.md: a ready mirror cancelled after the last write leaves the
+    destination equal to the source, which stays the disk in use."""
+    nbd = pytest.importorskip("nbd", reason="python3-libnbd (the writer) is not installed")
+    source = tmp_path / "source.img"
+    with open(source, "wb") as f:
+        f.write(os.urandom(16 * MiB))
+        f.truncate(32 * MiB)
+    destination = tmp_path / "destination.img"
+    destination.write_bytes(b"\xaa" * (32 * MiB))
+    with (
+        running_server(
+            "--target", str(destination), "--exportname", "vm7", tmp_path=tmp_path
+        ) as server,
+        storage_daemon(trixie_tree, tmp_path, source) as (qmp, export),
+    ):
+        qmp.execute(
+            "drive-mirror",
+            **{"job-id": "push"},
+            device="src",
+            target=f"nbd://127.0.0.1:{server.port}/vm7",
+            format="raw",
+            mode="existing",
+            sync="full",
+        )
+        qmp.wait_event("BLOCK_JOB_READY")
+        writer = nbd.NBD()
+        writer.connect_uri(f"nbd+unix:///src?socket={export}")
+        for offset in (0, 20 * MiB, 32 * MiB - WRITE):
+            writer.pwrite(os.urandom(WRITE), offset)
+        writer.flush()
+        qmp.execute("block-job-cancel", device="push")
+        done = qmp.wait_event("BLOCK_JOB_COMPLETED")
+        assert "error" not in done["data"], done
+        assert sha256(destination) == sha256(source)  # both are on disk: qemu writes through
+        # Cancelled, not pivoted: the source is still the disk in use, the copy stays as it was.
+        copy = sha256(destination)
+        late = os.urandom(WRITE)
+        writer.pwrite(late, 4 * MiB)
+        writer.flush()
+        writer.shutdown()
+        del writer
+    with open(source, "rb") as f:
+        f.seek(4 * MiB)
+        assert f.read(WRITE) == late
+    assert sha256(destination) == copy
