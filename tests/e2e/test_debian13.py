@@ -39,7 +39,10 @@ class Build:
 
 def build(*args: str) -> Build:
     if missing := [t for t in ("dpkg-buildpackage", "lintian", "git") if not shutil.which(t)]:
-        pytest.skip(f"missing {', '.join(missing)} (scripts/bootstrap.sh deb installs them)")
+        reason = f"missing {', '.join(missing)} (scripts/bootstrap.sh deb installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
     proc = subprocess.run(
         [str(REPO / "scripts/build-deb.sh"), *args],
         capture_output=True,
@@ -61,8 +64,10 @@ def build(*args: str) -> Build:
 
 @pytest.fixture(scope="module")
 def deb12(tmp_path_factory: pytest.TempPathFactory) -> Build:
-    if os.geteuid() != 0:
-        pytest.skip("lintian's Debian 12 build runs as the tests do, as root, like the VM test")
+    """Built on the host: the project's build and test host is Debian 12."""
+    release = Path("/etc/os-release").read_text()
+    if not re.search(r'^VERSION_ID="?12"?$', release, re.M):
+        pytest.skip("the host is not Debian 12 (its build is checked on Debian 12 hosts)")
     return build(str(tmp_path_factory.mktemp("deb12")))
 
 
