@@ -127,6 +127,9 @@ def test_units_name_only_documentation_the_package_ships(
         u for unit in shipped_units() for u in documentation((REPO / "units" / unit).read_text())
     }
     assert any(u.startswith("file:/usr/share/doc/") for u in named)  # the check covers docs
+    # The man pages point at docs/ too: all of it ships, uncompressed.
+    for doc in (REPO / "docs").glob("*.md"):
+        assert f"/usr/share/doc/xnbdd/{doc.name}" in contents, doc.name
     for uri in sorted(named):
         if uri.startswith("file:"):
             assert uri.removeprefix("file:") in contents, f"{uri} is not in {built.deb.name}"
