@@ -12,10 +12,11 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 PYTHON  ?= python3
 
-# Units go where systemd looks for them: /lib/systemd/system for the distribution prefix,
+# Units go where systemd looks for them: for the distribution prefix, where this system's systemd
+# says (/usr/lib/systemd/system on Debian 13, /lib/systemd/system on Debian 12);
 # $(PREFIX)/lib/systemd/system otherwise.
 ifeq ($(PREFIX),/usr)
-UNITDIR ?= /lib/systemd/system
+UNITDIR ?= $(or $(shell pkg-config --variable=systemdsystemunitdir systemd 2>/dev/null),/usr/lib/systemd/system)
 else
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 endif
