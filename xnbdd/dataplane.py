@@ -124,7 +124,7 @@ class DataPlane:
         self._magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
         # with extended headers this flag means "a payload follows" on any command
         self._payload_flag = _PAYLOAD_LEN if extended else 0
-        self._write_flags = self._payload_flag  # the flags of a plain WRITE
+        self._write_flags = self._payload_flag  # flags a WRITE may carry and be written inline
         self._queue_ok = self._queue_none if extended else self._queue_simple
         self._has_contexts = bool(negotiated.meta_contexts)
         self._readonly = bool(tx & TxFlag.READ_ONLY)
@@ -546,7 +546,7 @@ class DataPlane:
                 if cmd == _READ and not flags & ~self._read_flags:
                     if self._read_inline(inline, cookie, offset, length, cost):
                         return
-                elif cmd == _WRITE and flags == self._write_flags and not self._readonly:
+                elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
                     if inline.try_write(offset, data):
                         self._queue_ok(cookie, offset, cost)

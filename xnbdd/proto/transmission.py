@@ -5,7 +5,8 @@ Rules kept here (proto.md "Transmission", nbd-protocol.md §10):
   WRITE_ZEROES past the end -> ENOSPC; writes on a read-only export -> EPERM;
 - range checks use Python integers, so offset + length cannot wrap;
 - extended headers (docs/data-path.md): 64-bit effect lengths for the commands without a
-  payload; a WRITE must say NBD_CMD_FLAG_PAYLOAD_LEN; a payload on any other command is EINVAL,
+  payload; a WRITE's length is its payload's, with NBD_CMD_FLAG_PAYLOAD_LEN or without it (the
+  spec wants the flag, qemu 10 does not send it); a payload on any other command is EINVAL,
   except BLOCK_STATUS's context filter when NBD_FLAG_BLOCK_STATUS_PAYLOAD was advertised; a READ
   above the maximum payload is EOVERFLOW (the client may retry smaller); every reply is an
   extended chunk that echoes the request's offset, and extents are BLOCK_STATUS_EXT.
@@ -122,13 +123,8 @@ def check_request(
         allowed &= ~_FAST_ZERO
     if not tx & _SEND_FUA:
         allowed &= ~_FUA
-    if extended:
-        if cmd == _WRITE:
-            if not req.flags & _PAYLOAD_LEN:
-                raise RequestError(Errno.EINVAL, "WRITE without NBD_CMD_FLAG_PAYLOAD_LEN")
-            allowed |= _PAYLOAD_LEN
-        elif cmd == _BLOCK_STATUS and tx & _STATUS_PAYLOAD:
-            allowed |= _PAYLOAD_LEN
+    if extended and (cmd == _WRITE or (cmd == _BLOCK_STATUS and tx & _STATUS_PAYLOAD)):
+        allowed |= _PAYLOAD_LEN
     if req.flags & ~allowed:
         raise RequestError(Errno.EINVAL, f"flags {req.flags:#x} not valid for {Cmd(cmd).name}")
     required = _REQUIRED.get(cmd)
