@@ -90,7 +90,7 @@ def test_non_fixed_newstyle_uses_export_name_and_reads_zeros() -> None:
 
 
 def test_fixed_newstyle_structured_then_go() -> None:
-    hs = ClientHandshake("exp")
+    hs = ClientHandshake("exp", extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3))
     sent = hs.data_to_send()
     assert sent[:4] == struct.pack("!I", 3)  # fixed + no zeroes, both offered
@@ -106,7 +106,7 @@ def test_fixed_newstyle_structured_then_go() -> None:
 
 
 def test_structured_refused_and_go_unsupported_falls_back_to_export_name() -> None:
-    hs = ClientHandshake("")
+    hs = ClientHandshake("", extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     hs.data_to_send()
     hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP, b"nope"))
@@ -118,7 +118,7 @@ def test_structured_refused_and_go_unsupported_falls_back_to_export_name() -> No
 
 
 def test_unknown_export_is_refused_with_the_servers_message() -> None:
-    hs = ClientHandshake("missing", structured_replies=False)
+    hs = ClientHandshake("missing", structured_replies=False, extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     assert struct.pack("!QI", IHAVEOPT, Opt.GO) in hs.data_to_send()
     with pytest.raises(OptionRefused, match="ERR_UNKNOWN: no such export"):
@@ -143,7 +143,7 @@ def test_eof_during_handshake() -> None:
 
 
 def test_go_ack_without_export_info_is_a_protocol_error() -> None:
-    hs = ClientHandshake(structured_replies=False)
+    hs = ClientHandshake(structured_replies=False, extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     with pytest.raises(ProtocolError):
         hs.receive_data(option_reply(Opt.GO, Rep.ACK))
@@ -151,7 +151,7 @@ def test_go_ack_without_export_info_is_a_protocol_error() -> None:
 
 @given(st.integers(min_value=1, max_value=40), st.booleans())
 def test_any_split_of_a_fixed_newstyle_handshake(chunk: int, structured: bool) -> None:
-    hs = ClientHandshake("x")
+    hs = ClientHandshake("x", extended_headers=False)
     server = struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1)
     server += option_reply(Opt.STRUCTURED_REPLY, Rep.ACK if structured else Rep.ERR_UNSUP)
     server += go_success(block=(1, 4096, 1 << 25)) + b"tail"
