@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.test_connection import OneExport, socket_pair, wait_until
 from xnbdd import connection as connection_module
@@ -159,11 +161,14 @@ class Client:
             return Reply(cookie, error, await self.take(length) if not error else b"")
         flags, kind, cookie, length = await self.chunk_head(magic)
         start, total = self.reads.pop(cookie, (0, 0))
-        data = bytearray(total)
+        # READ data, allocated when the first content chunk comes (a refused READ may be huge)
+        data = bytearray()
         reply = Reply(cookie, simple=False)
         while True:
             body = await self.take(length)
             reply.chunks.append(kind)
+            if kind in (OFFSET_DATA, OFFSET_HOLE) and not data:
+                data = bytearray(total)
             if kind == OFFSET_DATA:
                 (offset,) = struct.unpack_from("!Q", body)
                 assert start <= offset and offset + len(body) - 8 <= start + total
@@ -190,6 +195,7 @@ class Client:
             flags, kind, next_cookie, length = await self.chunk_head(magic)
             assert next_cookie == cookie
         reply.data = bytes(data) if not reply.error else b""
+        assert reply.error or len(reply.data) == total, "content chunks cover the READ"
         return reply
 
     async def replies(self, count: int) -> dict[int, Reply]:
@@ -1476,3 +1482,54 @@ async def test_block_status_payload_answers_only_the_contexts_asked_for(shm: Pat
             for cookie in (4, 5, 6):
                 assert got[cookie].error == Errno.EINVAL and not got[cookie].status, cookie
             await budget_returns(s.state)
+
+
+ANY_FLAGS = [0, 0x1, 0x2, 0x4, 0x8, 0x10, 0x20, 0x40, 0x21, 0x28]
+NBD_ERRNOS = {0, *(int(e) for e in Errno)}
+
+
+@st.composite
+def extended_requests(draw: st.DrawFn, size: int) -> tuple[int, int, int, int, bytes]:
+    """(command, flags, offset, length, payload) of an extended request, well framed but
+    otherwise anything: unknown commands and flags, 64-bit lengths, payloads on any command."""
+    cmd = draw(st.sampled_from([*(int(c) for c in Cmd if c is not Cmd.DISC), 77]))
+    flags = draw(st.sampled_from(ANY_FLAGS))
+    offset = draw(st.sampled_from([0, 4096, size - 1, size, 2**63]))
+    if cmd == Cmd.WRITE or flags & PAYLOAD_LEN:
+        payload = draw(st.binary(max_size=600))
+        return cmd, flags, offset, len(payload), payload
+    length = draw(st.sampled_from([0, 1, 4096, size, 2**33, 2**64 - 1]))
+    return cmd, flags, offset, length, b""
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+async def test_any_extended_requests_each_get_one_reply_and_keep_the_stream_in_step(
+    data: st.DataObject,
+) -> None:
+    size = 8 * GiB
+    requests = data.draw(st.lists(extended_requests(size), min_size=1, max_size=12))
+    directory = Path(tempfile.mkdtemp(prefix="xnbdd-test-ext-", dir=SHM_DIR))
+    try:
+        make_image(directory / "disk.img", size, seed=None)
+        async with (
+            file_export(directory / "disk.img") as export,
+            serving(export, extended=True, contexts=["base:allocation"]) as s,
+        ):
+            c = s.client
+            wire = b"".join(
+                c.request(cmd, cookie, offset, length, flags=flags) + payload
+                for cookie, (cmd, flags, offset, length, payload) in enumerate(requests, 1)
+            )
+            await c.send(wire + c.request(Cmd.READ, 1000, 0, 16))
+            got = await c.replies(len(requests) + 1)  # the decoder checks the offset echo
+            assert sorted(got) == [*range(1, len(requests) + 1), 1000]
+            assert all(reply.error in NBD_ERRNOS for reply in got.values())
+            assert got[1000].error == 0 and len(got[1000].data) == 16  # still in step
+            await budget_returns(s.state)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
