@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.test_connection import OneExport, socket_pair, wait_until
 from xnbdd import connection as connection_module
@@ -45,6 +47,8 @@ from xnbdd.dataplane import DIRECT_PAYLOAD, HOLE_CHECK_MIN, DataPlane
 from xnbdd.export import Export
 from xnbdd.proto import consts
 from xnbdd.proto.consts import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     MAX_PAYLOAD,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -54,8 +58,8 @@ from xnbdd.proto.consts import (
     Errno,
     ReplyFlag,
     ReplyType,
-    TxFlag,
 )
+from xnbdd.proto.handshake import transmission_flags
 from xnbdd.proto.messages import Negotiated
 from xnbdd.proto.transmission import DRAIN_LIMIT
 
@@ -72,8 +76,10 @@ FLOOR = Limits(max_bytes=0).max_bytes_per_connection
 U = 8 * MiB  # the READ size of the budget tests
 
 REQUEST = struct.Struct("!IHHQQI")  # the client's own encoder: spec layout, not xnbdd's
+EXT_REQUEST = struct.Struct("!IHHQQQ")  # extended headers: 64-bit length
 SIMPLE_REST = struct.Struct("!IQ")  # error, cookie (after the magic)
 CHUNK_REST = struct.Struct("!HHQI")  # flags, type, cookie, length (after the magic)
+EXT_REST = struct.Struct("!HHQQQ")  # flags, type, cookie, offset, length (after the magic)
 
 OFFSET_DATA, OFFSET_HOLE = int(ReplyType.OFFSET_DATA), int(ReplyType.OFFSET_HOLE)
 NONE_CHUNK, ERROR_CHUNK = int(ReplyType.NONE), int(ReplyType.ERROR)
@@ -90,15 +96,20 @@ class Reply:
     simple: bool = True
     chunks: list[int] = field(default_factory=list)  # structured: chunk types in order
     message: str = ""
+    status: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # context: extents
 
 
 class Client:
-    """Encodes requests and decodes simple and structured replies on the client end."""
+    """Encodes requests and decodes simple and structured replies on the client end; with
+    ``extended`` 32-byte requests and extended replies (each checked to echo its request's
+    offset)."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, *, extended: bool = False) -> None:
         self.stream = stream
+        self.extended = extended
         self.buf = bytearray()
         self.reads: dict[int, tuple[int, int]] = {}  # cookie -> (offset, length) of a READ
+        self.offsets: dict[int, int] = {}  # cookie -> request offset (extended)
 
     def request(
         self, cmd: int, cookie: int, offset: int = 0, length: int = 0, *, flags: int = 0
@@ -106,10 +117,25 @@ class Client:
         """One request header (a WRITE's payload is sent by the caller)."""
         if cmd == Cmd.READ:
             self.reads[cookie] = (offset, length)
+        if self.extended:
+            self.offsets[cookie] = offset
+            return EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         return REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
     def write(self, cookie: int, offset: int, data: bytes) -> bytes:
-        return self.request(Cmd.WRITE, cookie, offset, len(data)) + data
+        flags = int(CmdFlag.PAYLOAD_LEN) if self.extended else 0
+        return self.request(Cmd.WRITE, cookie, offset, len(data), flags=flags) + data
+
+    async def chunk_head(self, magic: int) -> tuple[int, int, int, int]:
+        """flags, type, cookie, length of a structured or extended chunk (after its magic)."""
+        if self.extended:
+            assert magic == EXTENDED_REPLY_MAGIC, f"bad extended reply magic {magic:#x}"
+            flags, kind, cookie, offset, length = EXT_REST.unpack(await self.take(EXT_REST.size))
+            assert offset == self.offsets[cookie], "an extended reply echoes the request offset"
+            return flags, kind, cookie, length
+        assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
+        flags, kind, cookie, length = CHUNK_REST.unpack(await self.take(CHUNK_REST.size))
+        return flags, kind, cookie, length
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
         with trio.fail_after(TIMEOUT):
@@ -129,18 +155,20 @@ class Client:
 
     async def reply(self) -> Reply:
         (magic,) = struct.unpack("!I", await self.take(4))
-        if magic == SIMPLE_REPLY_MAGIC:
+        if magic == SIMPLE_REPLY_MAGIC and not self.extended:
             error, cookie = SIMPLE_REST.unpack(await self.take(SIMPLE_REST.size))
             _offset, length = self.reads.pop(cookie, (0, 0))
             return Reply(cookie, error, await self.take(length) if not error else b"")
-        assert magic == STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
-        flags, kind, cookie, length = CHUNK_REST.unpack(await self.take(CHUNK_REST.size))
+        flags, kind, cookie, length = await self.chunk_head(magic)
         start, total = self.reads.pop(cookie, (0, 0))
-        data = bytearray(total)
+        # READ data, allocated when the first content chunk comes (a refused READ may be huge)
+        data = bytearray()
         reply = Reply(cookie, simple=False)
         while True:
             body = await self.take(length)
             reply.chunks.append(kind)
+            if kind in (OFFSET_DATA, OFFSET_HOLE) and not data:
+                data = bytearray(total)
             if kind == OFFSET_DATA:
                 (offset,) = struct.unpack_from("!Q", body)
                 assert start <= offset and offset + len(body) - 8 <= start + total
@@ -152,15 +180,22 @@ class Client:
             elif kind in (ERROR_CHUNK, int(ReplyType.ERROR_OFFSET)):
                 reply.error, text = struct.unpack_from("!IH", body)
                 reply.message = body[6 : 6 + text].decode()
+            elif kind == ReplyType.BLOCK_STATUS_EXT and self.extended:
+                context, count = struct.unpack_from("!II", body)
+                assert count and len(body) == 8 + 16 * count
+                reply.status[context] = list(struct.iter_unpack("!QQ", body[8:]))
+            elif kind == ReplyType.BLOCK_STATUS and not self.extended:
+                (context,) = struct.unpack_from("!I", body)
+                reply.status[context] = list(struct.iter_unpack("!II", body[4:]))
             else:
                 assert kind == NONE_CHUNK, f"unexpected chunk type {kind:#x}"
             if flags & ReplyFlag.DONE:
                 break
             (magic,) = struct.unpack("!I", await self.take(4))
-            assert magic == STRUCTURED_REPLY_MAGIC
-            flags, kind, next_cookie, length = CHUNK_REST.unpack(await self.take(CHUNK_REST.size))
+            flags, kind, next_cookie, length = await self.chunk_head(magic)
             assert next_cookie == cookie
         reply.data = bytes(data) if not reply.error else b""
+        assert reply.error or len(reply.data) == total, "content chunks cover the READ"
         return reply
 
     async def replies(self, count: int) -> dict[int, Reply]:
@@ -212,25 +247,38 @@ class Session:
         assert self.error is None, f"serve raised {self.error!r}"
 
 
-def negotiated_for(export: Export, structured: bool) -> Negotiated:
+def negotiated_for(
+    export: Export, structured: bool, extended: bool = False, contexts: Sequence[str] = ()
+) -> Negotiated:
+    """What a handshake would have agreed on; ``contexts`` get the ids 1, 2, ..."""
     info = export.info()
-    tx = info.tx_flags if structured else info.tx_flags & ~TxFlag.SEND_DF
-    return Negotiated(export=info, tx_flags=tx, structured=structured)
+    selected = dict(enumerate(contexts, 1))
+    structured = structured or extended
+    tx = transmission_flags(
+        info.tx_flags, structured=structured, extended=extended, contexts=bool(selected)
+    )
+    return Negotiated(info, tx, structured, selected, extended)
 
 
 @asynccontextmanager
 async def serving(
-    export: Export, *, structured: bool = False, state: ServerState | None = None
+    export: Export,
+    *,
+    structured: bool = False,
+    extended: bool = False,
+    contexts: Sequence[str] = (),
+    state: ServerState | None = None,
 ) -> AsyncIterator[Session]:
     """Serve ``export`` on one end of a socket pair; the session's client has the other end.
     Leaving cancels the connection (its plane is aborted if it still runs)."""
     client_end, server_end = socket_pair()
     state = state if state is not None else ServerState()
     conn = Connection(server_end, OneExport(export), state)
-    session = Session(Client(client_end), conn, state)
+    session = Session(Client(client_end, extended=extended), conn, state)
+    negotiated = negotiated_for(export, structured, extended, contexts)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run, negotiated_for(export, structured))
+            nursery.start_soon(session.run, negotiated)
             try:
                 yield session
             finally:
@@ -1268,3 +1316,220 @@ async def test_cow_export_inline_reads_of_present_and_absent_blocks(
             assert "declined" not in backend.inline_reads  # one source may send a file range
         await budget_returns(s.state)
     assert read_file(base, 0, size) == original
+
+
+# -- extended headers ------------------------------------------------------------------------------
+
+GiB = 1024 * MiB
+PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+
+
+async def test_extended_headers_with_64_bit_lengths_on_a_large_sparse_image(
+    image_dir: Path,
+) -> None:
+    """32-byte requests and extended replies for every command; WRITE_ZEROES, TRIM, CACHE and
+    BLOCK_STATUS of more than 4 GiB in one request; READ and WRITE stay bounded."""
+    path = image_dir / "disk.img"
+    size = 8 * GiB
+    make_image(path, size, seed=None)
+    small, large = os.urandom(1000), os.urandom(200 * KiB + 3)
+    async with (
+        file_export(path) as export,
+        serving(export, extended=True, contexts=["base:allocation"]) as s,
+    ):
+        c = s.client
+        await c.send(
+            c.write(1, 100, small),  # with PAYLOAD_LEN, as the spec wants
+            c.request(Cmd.WRITE, 2, 6 * GiB, 4, flags=0) + b"qemu",  # qemu 10: no flag
+            c.write(3, 3 * GiB + 5, large),  # large: received into its own buffer
+            c.request(Cmd.FLUSH, 4),
+        )
+        got = await c.replies(4)
+        for cookie in range(1, 5):  # no simple replies with extended headers
+            assert got[cookie].error == 0 and got[cookie].chunks == [NONE_CHUNK], cookie
+        await c.send(
+            c.request(Cmd.READ, 5, 100, 1000),
+            c.request(Cmd.READ, 6, 6 * GiB, 4),
+            c.request(Cmd.READ, 7, 3 * GiB + 5, len(large)),
+            c.request(Cmd.READ, 8, 5 * GiB, MiB),  # a hole
+        )
+        got = await c.replies(4)
+        assert got[5].data == small and got[6].data == b"qemu" and got[7].data == large
+        assert got[8].data == bytes(MiB) and got[8].chunks[0] in (OFFSET_HOLE, OFFSET_DATA)
+        assert got[5].chunks == [OFFSET_DATA]
+
+        # one request each for more than 4 GiB, answered without data
+        await c.send(
+            c.request(Cmd.BLOCK_STATUS, 9, 0, size),
+            c.request(Cmd.CACHE, 10, GiB, 6 * GiB),
+            c.request(Cmd.WRITE_ZEROES, 11, GiB, 5 * GiB),  # over the large write at 3 GiB
+            c.request(Cmd.TRIM, 12, 7 * GiB - 4096, GiB + 4096),
+        )
+        got = await c.replies(4)
+        extents = got[9].status[1]
+        assert sum(length for length, _flags in extents) == size  # one 8 GiB answer
+        assert got[9].chunks == [int(ReplyType.BLOCK_STATUS_EXT)]
+        for cookie in (10, 11, 12):
+            assert got[cookie].error == 0 and got[cookie].chunks == [NONE_CHUNK], cookie
+        await c.send(
+            c.request(Cmd.READ, 13, 3 * GiB + 5, len(large)),
+            c.request(Cmd.READ, 14, 6 * GiB, 4),
+            c.request(Cmd.BLOCK_STATUS, 15, 0, size, flags=int(CmdFlag.REQ_ONE)),
+            c.request(Cmd.BLOCK_STATUS, 20, 0, size),
+        )
+        got = await c.replies(4)
+        assert got[13].data == bytes(len(large)) and got[14].data == b"qemu"  # just after
+        assert got[15].status[1] == [(4096, 0)]  # the data at 100..1100, alone
+        extents = got[20].status[1]
+        assert sum(length for length, _flags in extents) == size
+        # zeroed (punched) from the first page to 6 GiB: one extent beyond 32 bits
+        assert (6 * GiB - 4096, 3) in extents, extents
+        assert read_file(path, 100, 1000) == small
+
+        # out of bounds and oversized
+        await c.send(
+            c.request(Cmd.READ, 16, 0, ACCEPTED + 1),  # too large to read: may retry smaller
+            c.request(Cmd.TRIM, 17, GiB, 8 * GiB),  # beyond the end
+            c.request(Cmd.WRITE_ZEROES, 18, 8 * GiB - 1, 2),
+            c.request(Cmd.BLOCK_STATUS, 19, 1, 2**64 - 2),
+        )
+        got = await c.replies(4)
+        assert got[16].error == Errno.EOVERFLOW and got[16].chunks == [ERROR_CHUNK]
+        assert got[17].error == Errno.EINVAL and got[18].error == Errno.ENOSPC
+        assert got[19].error == Errno.EINVAL
+        await budget_returns(s.state)
+
+
+@pytest.mark.parametrize("length", [100, DIRECT_PAYLOAD + 1, ACCEPTED + 1])
+async def test_payloads_on_commands_without_one_are_dropped_and_refused(
+    shm: Path, length: int
+) -> None:
+    """PAYLOAD_LEN on a command with no payload form: its payload (made of valid requests,
+    which would get replies if parsed) is dropped and the command refused with EINVAL."""
+    make_image(shm / "disk.img", MiB, seed=4)
+    fake = EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, 0, Cmd.READ, 999, 0, 512)
+    junk = (fake * (length // len(fake) + 1))[:length]
+    async with file_export(shm / "disk.img") as export, serving(export, extended=True) as s:
+        c = s.client
+        for cookie, cmd in enumerate([Cmd.READ, Cmd.TRIM, Cmd.CACHE, 77], 1):
+            await c.send(c.request(cmd, cookie, 0, length, flags=PAYLOAD_LEN), junk)
+            await c.send(c.request(Cmd.READ, 100 + cookie, 0, 16))
+            got = await c.replies(2)
+            assert got[cookie].error == Errno.EINVAL and got[cookie].chunks == [ERROR_CHUNK]
+            assert got[100 + cookie].error == 0 and len(got[100 + cookie].data) == 16
+        await budget_returns(s.state)
+
+
+async def test_a_payload_beyond_the_drain_limit_closes(shm: Path) -> None:
+    make_image(shm / "disk.img", MiB, seed=None)
+    async with file_export(shm / "disk.img") as export, serving(export, extended=True) as s:
+        c = s.client
+        huge = c.request(Cmd.BLOCK_STATUS, 1, 0, DRAIN_LIMIT + 1, flags=PAYLOAD_LEN)
+        await c.send(huge + bytes(1000))
+        await c.closed()
+        await s.ended()
+        await budget_returns(s.state)
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["compact", "extended"])
+async def test_the_other_header_layout_closes_the_connection(shm: Path, extended: bool) -> None:
+    """Framing is fixed by the handshake: a compact request on an extended connection (or the
+    reverse) is a bad magic."""
+    make_image(shm / "disk.img", MiB, seed=None)
+    async with file_export(shm / "disk.img") as export, serving(export, extended=extended) as s:
+        c = s.client
+        await c.send(c.request(Cmd.READ, 1, 0, 16))
+        assert (await c.reply()).data == bytes(16)
+        if extended:
+            other = REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, 2, 0, 16)
+        else:
+            other = EXT_REQUEST.pack(EXTENDED_REQUEST_MAGIC, 0, Cmd.READ, 2, 0, 16)
+        await c.send(other + bytes(64))
+        await c.closed()
+        await s.ended()
+
+
+async def test_block_status_payload_answers_only_the_contexts_asked_for(shm: Path) -> None:
+    size = 6 * GiB
+    make_image(shm / "disk.img", size, seed=None)
+
+    async def everything_odd(offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 1)]
+
+    contexts = ["base:allocation", "x-test:odd"]
+    async with file_export(shm / "disk.img") as export:
+        export.extra_contexts["x-test:odd"] = everything_odd
+        async with serving(export, extended=True, contexts=contexts) as s:
+            c = s.client
+
+            def status(cookie: int, *ids: int, length: int = size) -> bytes:
+                body = struct.pack(f"!Q{len(ids)}I", length, *ids)
+                flags = PAYLOAD_LEN
+                return c.request(Cmd.BLOCK_STATUS, cookie, 0, len(body), flags=flags) + body
+
+            await c.send(
+                status(1, 2),
+                status(2, 2, 1),
+                c.request(Cmd.BLOCK_STATUS, 3, 0, size),  # no payload: every context
+                status(4, 3),  # never selected
+                status(5, 1, 1),  # twice
+                status(6, 1, length=size + 1),  # beyond the end
+            )
+            got = await c.replies(6)
+            assert got[1].status == {2: [(size, 1)]}
+            assert got[2].status == {2: [(size, 1)], 1: [(size, 3)]}
+            assert got[3].status == {1: [(size, 3)], 2: [(size, 1)]}
+            for cookie in (4, 5, 6):
+                assert got[cookie].error == Errno.EINVAL and not got[cookie].status, cookie
+            await budget_returns(s.state)
+
+
+ANY_FLAGS = [0, 0x1, 0x2, 0x4, 0x8, 0x10, 0x20, 0x40, 0x21, 0x28]
+NBD_ERRNOS = {0, *(int(e) for e in Errno)}
+
+
+@st.composite
+def extended_requests(draw: st.DrawFn, size: int) -> tuple[int, int, int, int, bytes]:
+    """(command, flags, offset, length, payload) of an extended request, well framed but
+    otherwise anything: unknown commands and flags, 64-bit lengths, payloads on any command."""
+    cmd = draw(st.sampled_from([*(int(c) for c in Cmd if c is not Cmd.DISC), 77]))
+    flags = draw(st.sampled_from(ANY_FLAGS))
+    offset = draw(st.sampled_from([0, 4096, size - 1, size, 2**63]))
+    if cmd == Cmd.WRITE or flags & PAYLOAD_LEN:
+        payload = draw(st.binary(max_size=600))
+        return cmd, flags, offset, len(payload), payload
+    length = draw(st.sampled_from([0, 1, 4096, size, 2**33, 2**64 - 1]))
+    return cmd, flags, offset, length, b""
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+@pytest.mark.skipif(not SHM_DIR.is_dir(), reason="no /dev/shm")
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+async def test_any_extended_requests_each_get_one_reply_and_keep_the_stream_in_step(
+    data: st.DataObject,
+) -> None:
+    size = 8 * GiB
+    requests = data.draw(st.lists(extended_requests(size), min_size=1, max_size=12))
+    directory = Path(tempfile.mkdtemp(prefix="xnbdd-test-ext-", dir=SHM_DIR))
+    try:
+        make_image(directory / "disk.img", size, seed=None)
+        async with (
+            file_export(directory / "disk.img") as export,
+            serving(export, extended=True, contexts=["base:allocation"]) as s,
+        ):
+            c = s.client
+            wire = b"".join(
+                c.request(cmd, cookie, offset, length, flags=flags) + payload
+                for cookie, (cmd, flags, offset, length, payload) in enumerate(requests, 1)
+            )
+            await c.send(wire + c.request(Cmd.READ, 1000, 0, 16))
+            got = await c.replies(len(requests) + 1)  # the decoder checks the offset echo
+            assert sorted(got) == [*range(1, len(requests) + 1), 1000]
+            assert all(reply.error in NBD_ERRNOS for reply in got.values())
+            assert got[1000].error == 0 and len(got[1000].data) == 16  # still in step
+            await budget_returns(s.state)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

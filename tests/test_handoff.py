@@ -56,6 +56,19 @@ def test_negotiated_state_survives_the_trip() -> None:
     assert not simple.tx_flags & TxFlag.SEND_DF and simple.meta_contexts == {}
 
 
+def test_extended_headers_survive_the_trip() -> None:
+    from xnbdd.handoff import handoff_message
+
+    extended = Negotiated(INFO, INFO.tx_flags, True, {1: "base:allocation"}, extended=True)
+    message = json.loads(json.dumps(handoff_message(extended)))
+    rebuilt, _ = negotiated_from(INFO, message)
+    assert rebuilt.extended and rebuilt.structured
+    assert rebuilt.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD  # recomputed: contexts are selected
+    del message["extended"]  # a wrapper from before extended headers
+    older, _ = negotiated_from(INFO, message)
+    assert not older.extended and not older.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD
+
+
 async def test_handoff_and_query_in_process(tmp_path: Path) -> None:
     path = str(tmp_path / "h.sock")
     listener = bind_unix(path, mode=0o600)
@@ -160,6 +173,21 @@ def test_real_server_continues_with_structured_replies(handoff_server: tuple[str
     payload = recv_exact(client, length)
     assert payload[8:] == image.read_bytes()[4096:4112]
     client.sendall(REQUEST.pack(0x25609513, 0, 2, 0, 0, 0))  # DISC
+    client.close()
+
+
+def test_real_server_continues_with_extended_headers(handoff_server: tuple[str, Path]) -> None:
+    path, image = handoff_server
+    client, theirs = socket.socketpair()
+    extended = Negotiated(INFO, INFO.tx_flags, True, {1: "base:allocation"}, extended=True)
+    send_handoff(path, theirs, extended)
+    theirs.close()
+    client.settimeout(10)
+    client.sendall(struct.pack("!IHHQQQ", 0x21E41C71, 0, 0, 5, 200, 8))  # an extended READ
+    head = recv_exact(client, 32)
+    magic, _flags, kind, cookie, offset, length = struct.unpack("!IHHQQQ", head)
+    assert (magic, kind, cookie, offset, length) == (0x6E8A278C, 1, 5, 200, 16)
+    assert recv_exact(client, length)[8:] == image.read_bytes()[200:208]
     client.close()
 
 

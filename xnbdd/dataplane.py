@@ -15,6 +15,11 @@ completions, which is what gives budget back. A request's cost is taken before i
 read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
 nothing. Requests that have their reply sent give their cost back.
 
+With extended headers (docs/data-path.md) the thread parses 32-byte requests instead of 28-byte
+ones: the layout is chosen once per connection, so the compact loop is the same as before. A
+request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is received like
+a WRITE's and the command's validation decides what it means.
+
 On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
 socket closes as soon as the last reply is out. End of stream (or NBD_CMD_DISC) is the same: no
 more requests, the answers to those in flight, then close.
@@ -37,6 +42,8 @@ from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
 from .proto.consts import (
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     MAX_ACCEPTED_PAYLOAD,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -52,6 +59,9 @@ from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
 from .proto.transmission import (
     DRAIN_LIMIT,
+    EXTENDED_CHUNK,
+    EXTENDED_OFFSET_DATA,
+    EXTENDED_REQUEST,
     OFFSET_DATA,
     REQUEST,
     SIMPLE_REPLY,
@@ -71,9 +81,9 @@ HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one
 Part = bytes | bytearray | memoryview | FileRange
 Submit = Callable[[Request, int], None]
 
-_HEADER = REQUEST.size
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
 _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
+_NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 
 
@@ -106,6 +116,16 @@ class DataPlane:
         self._fields = fields or {}
         tx = int(negotiated.tx_flags)
         self._structured = negotiated.structured
+        self._extended = extended = negotiated.extended
+        # the request layout, fixed for the connection
+        layout = EXTENDED_REQUEST if extended else REQUEST
+        self._unpack_head = layout.unpack_from
+        self._head_size = layout.size
+        self._magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
+        # with extended headers this flag means "a payload follows" on any command
+        self._payload_flag = _PAYLOAD_LEN if extended else 0
+        self._write_flags = self._payload_flag  # flags a WRITE may carry and be written inline
+        self._queue_ok = self._queue_none if extended else self._queue_simple
         self._has_contexts = bool(negotiated.meta_contexts)
         self._readonly = bool(tx & TxFlag.READ_ONLY)
         fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
@@ -121,8 +141,8 @@ class DataPlane:
         self._head_cost = 0  # bytes it holds of the budget so far
         self._payload: bytearray | None = None  # a large WRITE payload being received
         self._payload_got = 0
-        self._payload_head: tuple[int, int, int, int] = (0, 0, 0, 0)
-        self._discard = 0  # bytes of an oversized WRITE payload still to drop
+        self._payload_head: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._discard = 0  # bytes of a refused payload still to drop
         self._spare: bytearray | None = None  # a payload buffer to reuse (dropped when idle)
         # replies: parts to send, and (stream position of a reply's end, its cost)
         self._out: deque[Part] = deque()
@@ -298,7 +318,7 @@ class DataPlane:
     def _read_payload(self) -> bool:
         payload = self._payload
         assert payload is not None
-        length = self._payload_head[3]
+        length = self._payload_head[4]
         if self._payload_got == len(payload):  # allocate as the bytes arrive
             payload.extend(bytes(min(len(payload), length - len(payload))))
         count = self._recv(memoryview(payload)[self._payload_got :])
@@ -308,9 +328,9 @@ class DataPlane:
         if self._payload_got == length:
             self._payload = None
             self._payload_charged = False
-            flags, cookie, offset, _length = self._payload_head
+            cmd, flags, cookie, offset, _length = self._payload_head
             self._head_admitted = False
-            self._handle(_WRITE, flags, cookie, offset, length, payload, length, None)
+            self._handle(cmd, flags, cookie, offset, length, payload, length, None)
         return True
 
     def _recv(self, view: memoryview) -> int | None:
@@ -345,42 +365,45 @@ class DataPlane:
     def _parse(self) -> None:
         """Take every complete request out of the receive buffer that the budget admits."""
         buf = self._rbuf
+        unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
+        payload_flag = self._payload_flag
         gate = False  # the export admitted this batch (inline answers pass its pause gate once)
         try:
             while self._payload is None and not self._discard:
                 pos = self._rstart
-                if self._rend - pos < _HEADER:
+                if self._rend - pos < head:
                     break
-                magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(buf, pos)
-                if magic != REQUEST_MAGIC:
+                magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+                if magic != magic_wanted:
                     log.warning(
                         "closing connection: bad request magic %#x", magic, extra=self._fields
                     )
                     raise ClosedConnection("framing lost")
                 if cmd == _DISC:
-                    self._rstart = pos + _HEADER
+                    self._rstart = pos + head
                     self._end = "disconnect requested"
                     break
+                carries = cmd == _WRITE or flags & payload_flag  # a payload follows the header
                 if self._stopping:
-                    if not self._refuse_while_stopping(pos, cmd, cookie, length):
+                    if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
                         break
                     continue
-                payload_cmd = cmd in (_READ, _WRITE)
+                payload_cmd = carries or cmd == _READ
                 cost = length if payload_cmd and length <= self._max_payload else 0
-                large_write = cmd == _WRITE and cost >= DIRECT_PAYLOAD
+                large_write = carries and cost >= DIRECT_PAYLOAD
                 if not self._head_admitted:
                     if not self._admit(0 if large_write else cost):
                         break
                     self._head_admitted = True
                     self._head_cost = 0 if large_write else cost
                 data: memoryview | None = None
-                if cmd == _WRITE:
+                if carries:
                     if length > self._max_payload:
-                        self._oversized_write(pos, length)
+                        self._oversized_payload(pos, length)
                         self._head_admitted = False
-                        self._queue(self._refusal(cookie, cmd, length), cost)
+                        self._queue(self._refusal(cookie, cmd, offset, length), cost)
                         continue
-                    have = self._rend - pos - _HEADER
+                    have = self._rend - pos - head
                     if large_write and not self._payload_charged:
                         if not have:
                             break  # a header alone costs nothing until its payload comes
@@ -391,13 +414,13 @@ class DataPlane:
                     if have < length:
                         if not large_write:
                             break  # small: the rest comes into the receive buffer
-                        self._start_payload(pos, flags, cookie, offset, length, have)
+                        self._start_payload(pos, cmd, flags, cookie, offset, length, have)
                         break
-                    data = memoryview(buf)[pos + _HEADER : pos + _HEADER + length]
-                    self._rstart = pos + _HEADER + length
+                    data = memoryview(buf)[pos + head : pos + head + length]
+                    self._rstart = pos + head + length
                     self._payload_charged = False
                 else:
-                    self._rstart = pos + _HEADER
+                    self._rstart = pos + head
                 self._head_admitted = False
                 if not gate:
                     gate = self._export.try_admit()
@@ -411,21 +434,23 @@ class DataPlane:
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 
-    def _refuse_while_stopping(self, pos: int, cmd: int, cookie: int, length: int) -> bool:
-        """ESHUTDOWN, at no cost in bytes: a WRITE's payload is dropped, not received, so a
-        stop never waits for budget. False: the queue depth is reached."""
+    def _refuse_while_stopping(
+        self, pos: int, cmd: int, cookie: int, offset: int, length: int, carries: int | bool
+    ) -> bool:
+        """ESHUTDOWN, at no cost in bytes: a payload is dropped, not received, so a stop never
+        waits for budget. False: the queue depth is reached."""
         if self._head_admitted:
             cost, self._head_admitted, self._head_cost = self._head_cost, False, 0
         elif self._admit(0):
             cost = 0
         else:
             return False
-        if cmd == _WRITE:
-            self._oversized_write(pos, length)
+        if carries:
+            self._oversized_payload(pos, length)
         else:
-            self._rstart = pos + _HEADER
+            self._rstart = pos + self._head_size
         self._payload_charged = False
-        self._queue_shutdown(Request(cookie, cmd, 0, 0, length), cost)
+        self._queue_shutdown(Request(cookie, cmd, 0, offset, length), cost)
         return True
 
     def _queue_shutdown(self, req: Request, cost: int) -> None:
@@ -452,38 +477,38 @@ class DataPlane:
         return True
 
     def _start_payload(
-        self, pos: int, flags: int, cookie: int, offset: int, length: int, have: int
+        self, pos: int, cmd: int, flags: int, cookie: int, offset: int, length: int, have: int
     ) -> None:
         spare, self._spare = self._spare, None
         if spare is not None and len(spare) == length:
             payload = spare  # sequential writers repeat sizes: no allocation, no page faults
         else:
             payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
-        start = pos + _HEADER
+        start = pos + self._head_size
         payload[:have] = self._rbuf[start : start + have]
         self._payload = payload
         self._payload_got = have
-        self._payload_head = (flags, cookie, offset, length)
+        self._payload_head = (cmd, flags, cookie, offset, length)
         self._rstart = self._rend = 0
 
-    def _oversized_write(self, pos: int, length: int) -> None:
-        """A refused WRITE (beyond the maximum payload, or while stopping): drop its payload to
-        stay in step, or close when it is too large even to drop (denial of service)."""
+    def _oversized_payload(self, pos: int, length: int) -> None:
+        """A refused payload (beyond the maximum, or while stopping): drop it to stay in step,
+        or close when it is too large even to drop (denial of service)."""
         if length > DRAIN_LIMIT:
             log.warning(
-                "closing connection: WRITE of %d bytes refused as denial of service",
+                "closing connection: payload of %d bytes refused as denial of service",
                 length,
                 extra=self._fields,
             )
             raise ClosedConnection("framing lost")
-        start = pos + _HEADER
+        start = pos + self._head_size
         here = min(length, self._rend - start)
         self._rstart = start + here
         self._discard = length - here
 
-    def _refusal(self, cookie: int, cmd: int, length: int) -> Buffers:
-        req = Request(cookie, cmd, 0, 0, length)
-        message = f"{Cmd(cmd).name} of {length} bytes exceeds maximum"
+    def _refusal(self, cookie: int, cmd: int, offset: int, length: int) -> Buffers:
+        req = Request(cookie, cmd, 0, offset, length)
+        message = f"payload of {length} bytes exceeds maximum"
         return error_reply(req, self._negotiated, Errno.EINVAL, message)
 
     def _handle(
@@ -521,10 +546,10 @@ class DataPlane:
                 if cmd == _READ and not flags & ~self._read_flags:
                     if self._read_inline(inline, cookie, offset, length, cost):
                         return
-                elif cmd == _WRITE and not flags and not self._readonly:
+                elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
                     if inline.try_write(offset, data):
-                        self._queue_simple(cookie, cost)
+                        self._queue_ok(cookie, offset, cost)
                         if isinstance(data, bytearray) and len(data) <= SPARE_PAYLOAD_MAX:
                             self._spare = data  # written and done with
                         return
@@ -535,13 +560,15 @@ class DataPlane:
         payload = bytes(data) if isinstance(data, memoryview) else data
         req = Request(cookie, cmd, flags, offset, length, payload)
         try:
-            check_request(
+            req = check_request(
                 req,
                 size=self._export.size,
                 tx_flags=self._negotiated.tx_flags,
                 structured=self._structured,
                 has_contexts=self._has_contexts,
                 max_payload=self._max_payload,
+                extended=self._extended,
+                context_ids=self._negotiated.meta_contexts,
             )
         except RequestError as err:
             self._queue(error_reply(req, self._negotiated, err.errno, err.message), cost)
@@ -552,12 +579,17 @@ class DataPlane:
         self, inline: InlineIO, cookie: int, offset: int, length: int, cost: int
     ) -> bool:
         if self._structured and length >= HOLE_CHECK_MIN and inline.is_hole(offset, length):
-            self._queue([offset_hole(cookie, offset, length, done=True)], cost)
+            hole = offset_hole(cookie, offset, length, done=True, extended=self._extended)
+            self._queue([hole], cost)
             return True
         data = inline.try_read(offset, length)
         if data is None:
             return False
-        if self._structured:
+        if self._extended:
+            head = EXTENDED_OFFSET_DATA.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
+            )
+        elif self._structured:
             head = OFFSET_DATA.pack(
                 STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
             )
@@ -573,9 +605,17 @@ class DataPlane:
 
     # -- sending --------------------------------------------------------------------------------
 
-    def _queue_simple(self, cookie: int, cost: int) -> None:
+    def _queue_simple(self, cookie: int, _offset: int, cost: int) -> None:
         self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-        self._queued += 16
+        self._queued += SIMPLE_REPLY.size
+        self._marks.append((self._queued, cost))
+
+    def _queue_none(self, cookie: int, offset: int, cost: int) -> None:
+        """Success without data, with extended headers (which allow no simple reply)."""
+        self._out.append(
+            EXTENDED_CHUNK.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE_TYPE, cookie, offset, 0)
+        )
+        self._queued += EXTENDED_CHUNK.size
         self._marks.append((self._queued, cost))
 
     def _queue(self, reply: Buffers, cost: int) -> None:

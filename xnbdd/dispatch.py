@@ -1,7 +1,7 @@
 """Execute one validated request on an export and build its reply.
 
 The single place where an ``OSError`` from a backend becomes an NBD error number, and where the
-choice between simple and structured replies is made.
+choice between simple, structured and extended replies is made.
 """
 
 from __future__ import annotations
@@ -54,12 +54,16 @@ def nbd_errno(err: OSError, req: Request | None = None) -> Errno:
 
 def error_reply(req: Request, negotiated: Negotiated, errno: int, message: str = "") -> Buffers:
     if negotiated.structured:
-        return [error_chunk(req.cookie, errno, message)]
+        extended = negotiated.extended
+        return [error_chunk(req.cookie, errno, message, extended=extended, offset=req.offset)]
     return [simple_reply(req.cookie, errno)]
 
 
-def ok_reply(req: Request) -> Buffers:
-    # Simple replies are allowed for every command but READ, even with structured replies.
+def ok_reply(req: Request, negotiated: Negotiated) -> Buffers:
+    # Simple replies are allowed for every command but READ with structured replies; extended
+    # headers allow no simple reply at all.
+    if negotiated.extended:
+        return [none_chunk(req.cookie, extended=True, offset=req.offset)]
     return [simple_reply(req.cookie)]
 
 
@@ -97,7 +101,9 @@ def read_reply(
     req: Request, negotiated: Negotiated, data: bytes | bytearray | memoryview | FileRange
 ) -> Buffers:
     if negotiated.structured:
-        return [offset_data_header(req.cookie, req.offset, req.length, done=True), data]
+        extended = negotiated.extended
+        head = offset_data_header(req.cookie, req.offset, req.length, done=True, extended=extended)
+        return [head, data]
     return [simple_reply(req.cookie), data]
 
 
@@ -106,7 +112,9 @@ async def _run(req: Request, backend: Backend, export: Export, negotiated: Negot
     fua = req.has(CmdFlag.FUA)
     if cmd == Cmd.READ:
         if not req.length:
-            return [none_chunk(req.cookie)] if negotiated.structured else ok_reply(req)
+            if negotiated.structured:
+                return [none_chunk(req.cookie, extended=negotiated.extended, offset=req.offset)]
+            return ok_reply(req, negotiated)
         return read_reply(req, negotiated, await backend.read(req.offset, req.length))
     if cmd == Cmd.WRITE:
         if req.length:
@@ -114,14 +122,14 @@ async def _run(req: Request, backend: Backend, export: Export, negotiated: Negot
             await backend.write(req.offset, req.data, fua)
         elif fua:
             await backend.flush()
-        return ok_reply(req)
+        return ok_reply(req, negotiated)
     if cmd == Cmd.FLUSH:
         await backend.flush()
-        return ok_reply(req)
+        return ok_reply(req, negotiated)
     if cmd == Cmd.TRIM:
         if req.length:
             await backend.trim(req.offset, req.length, fua)
-        return ok_reply(req)
+        return ok_reply(req, negotiated)
     if cmd == Cmd.WRITE_ZEROES:
         if req.length:
             await backend.zero(
@@ -131,27 +139,35 @@ async def _run(req: Request, backend: Backend, export: Export, negotiated: Negot
                 fast=req.has(CmdFlag.FAST_ZERO),
                 fua=fua,
             )
-        return ok_reply(req)
+        return ok_reply(req, negotiated)
     if cmd == Cmd.CACHE:
         if req.length:
             await backend.cache(req.offset, req.length)
-        return ok_reply(req)
+        return ok_reply(req, negotiated)
     if cmd == Cmd.BLOCK_STATUS:
         return await _block_status(req, export, negotiated)
     raise AssertionError(f"unvalidated command {cmd}")
 
 
 async def _block_status(req: Request, export: Export, negotiated: Negotiated) -> Buffers:
-    length = min(req.length, MAX_PAYLOAD)
+    # Compact extents have 32-bit lengths, so a compact answer stays below the maximum payload;
+    # extended ones may describe the whole (64-bit) range asked for in one request.
+    extended = negotiated.extended
+    length = req.length if extended else min(req.length, MAX_PAYLOAD)
     chunks: Buffers = []
     contexts = list(negotiated.meta_contexts.items())
+    if req.contexts is not None:  # a BLOCK_STATUS payload chose some of them
+        contexts = [(i, negotiated.meta_contexts[i]) for i in req.contexts]
     for index, (context_id, name) in enumerate(contexts):
         extents = await export.extents(name, req.offset, length)
         clipped = clip_extents(extents, length, one=req.has(CmdFlag.REQ_ONE))
         if not clipped:
             clipped = [(length, 0)]  # status 0 (allocated, data) is always a safe answer
         done = index == len(contexts) - 1
-        chunks.append(block_status_chunk(req.cookie, context_id, clipped, done=done))
+        chunk = block_status_chunk(
+            req.cookie, context_id, clipped, done=done, extended=extended, offset=req.offset
+        )
+        chunks.append(chunk)
     return chunks
 
 

@@ -2,16 +2,19 @@
 
 The wrapper negotiates (fixed newstyle) itself, then passes the client's socket to the export's
 long-running server process, which continues in the transmission phase with exactly what was
-negotiated: structured replies, metadata context ids, and any request bytes the client already
-pipelined behind GO. One server process thus serves every client of its export.
+negotiated: structured replies, extended headers, metadata context ids, and any request bytes
+the client already pipelined behind GO. One server process thus serves every client of its export.
 
 Protocol, on a unix stream socket of mode 0600 owned by the server (one exchange per connection):
 
 - wrapper -> server: one JSON object on one line (UTF-8, ``\\n``-terminated, at most 64 KiB),
   sent with ``sendmsg``; a hand-off carries exactly one descriptor (SCM_RIGHTS), the client::
 
-      {"version": 1, "export": "disk1", "structured": true,
+      {"version": 1, "export": "disk1", "structured": true, "extended": true,
        "meta_contexts": {"1": "base:allocation"}, "pending": "<base64>"}
+
+  ``extended`` (extended headers, which imply structured replies) is absent in messages of
+  older wrappers, which means false.
 
   A line without a descriptor, ``{"version": 1, "query": "info"}``, only asks for the export.
 - server -> wrapper: one JSON line, ``{"ok": true, "export": {...}, "pid": N}`` once the client is
@@ -38,6 +41,7 @@ from typing import Any
 import trio
 
 from .proto.consts import TxFlag
+from .proto.handshake import transmission_flags
 from .proto.messages import ExportInfo, Negotiated
 
 __all__ = [
@@ -102,24 +106,31 @@ def handoff_message(negotiated: Negotiated, pending: bytes = b"") -> dict[str, A
         "version": VERSION,
         "export": negotiated.export.name,
         "structured": negotiated.structured,
+        "extended": negotiated.extended,
         "meta_contexts": {str(k): v for k, v in negotiated.meta_contexts.items()},
         "pending": base64.b64encode(pending).decode("ascii"),
     }
 
 
 def negotiated_from(info: ExportInfo, message: dict[str, Any]) -> tuple[Negotiated, bytes]:
-    """Rebuild the negotiated state on the server side, with the server's own flags (SEND_DF only
-    with structured replies, as the handshake does), plus the client's pipelined bytes."""
-    structured = bool(message.get("structured", False))
-    flags = info.tx_flags | TxFlag.HAS_FLAGS
-    flags = flags | TxFlag.SEND_DF if structured else flags & ~TxFlag.SEND_DF
+    """Rebuild the negotiated state on the server side, with the server's own flags (computed
+    as the handshake does), plus the client's pipelined bytes."""
+    extended = bool(message.get("extended", False))
+    structured = extended or bool(message.get("structured", False))
     raw_contexts = message.get("meta_contexts") or {}
     contexts = {int(k): str(v) for k, v in raw_contexts.items()} if structured else {}
-    pending = base64.b64decode(str(message.get("pending", "")), validate=True)
-    return (
-        Negotiated(export=info, tx_flags=flags, structured=structured, meta_contexts=contexts),
-        pending,
+    flags = transmission_flags(
+        info.tx_flags, structured=structured, extended=extended, contexts=bool(contexts)
     )
+    pending = base64.b64decode(str(message.get("pending", "")), validate=True)
+    negotiated = Negotiated(
+        export=info,
+        tx_flags=flags,
+        structured=structured,
+        meta_contexts=contexts,
+        extended=extended,
+    )
+    return negotiated, pending
 
 
 def _encode(message: dict[str, Any]) -> bytes:

@@ -101,7 +101,9 @@ class _Connection:
     ) -> None:
         self.stream = stream
         self.info = info
-        self.tx = ClientTransmission(info.tx_flags, info.structured, info.max_payload)
+        self.tx = ClientTransmission(
+            info.tx_flags, info.structured, info.max_payload, extended=info.extended
+        )
         self.calls: dict[int, _Call] = {}
         self.send_lock = trio.Lock()
         self.timeout = timeout
@@ -294,6 +296,7 @@ class RemoteLink:
         self.requests = 0  # READ requests sent, for status and tests
         self.tx_flags = TxFlag(0)
         self.structured = False
+        self.extended = False  # the origin took extended headers
         self.max_payload = 32 * 1024 * 1024
         self._conn: _Connection | None = None
         self._connected = trio.Event()
@@ -313,6 +316,7 @@ class RemoteLink:
             "state": self.state.value,
             "last_error": self.last_error,
             "requests": self.requests,
+            "extended_headers": self.extended,
         }
 
     async def _negotiate(self, address: RemoteAddress) -> _Connection:
@@ -333,13 +337,17 @@ class RemoteLink:
         self.size = conn.info.size
         self.tx_flags = conn.info.tx_flags
         self.structured = conn.info.structured
+        self.extended = conn.info.extended
         self.max_payload = conn.info.max_payload
         self.state = LinkState.CONNECTED
         self._down_since = math.inf
         self._connected.set()
         self._installed.set()
         self._installed = trio.Event()
-        log.info("connected to origin %s (%d bytes)", self.description, self.size)
+        headers = "extended" if self.extended else "compact"
+        log.info(
+            "connected to origin %s (%d bytes, %s headers)", self.description, self.size, headers
+        )
 
     def _uninstall(self) -> None:
         self._conn = None

@@ -302,3 +302,26 @@ def test_kill_9_never_exposes_a_wrong_block(tmp_path: Path) -> None:
     assert "ack" in journal.read_text()
     # the kills really hit cache-all in progress, more than once
     assert cached_counts[0] > 0 and len({c for c in cached_counts if c < nblocks}) >= 2
+
+
+async def test_cached_extents_of_a_long_fragmented_range_stop_at_max_extents(
+    tmp_path: Path,
+) -> None:
+    """Extended headers ask for block status over 64-bit ranges: the ``x-xnbd:cached`` view
+    answers a prefix in at most MAX_EXTENTS runs, however fragmented the bitmap is."""
+    from xnbdd.backends.file import MAX_EXTENTS
+
+    size = 2 * (MAX_EXTENTS + 8) * B
+    image = tmp_path / "origin.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    cache, bitmap = tmp_path / "cache.img", tmp_path / "cache.bm"
+    with nbdkit(tmp_path, ["file", str(image)]) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            for block in range(0, size // B, 2):  # every other block cached (trimmed)
+                await proxy.trim(block * B, B, fua=False)
+            runs = proxy.cached_extents(0, size)
+            assert len(runs) == MAX_EXTENTS
+            assert runs[:2] == [(B, True), (B, False)]
+            assert sum(length for length, _cached in runs) == MAX_EXTENTS * B < size

@@ -23,6 +23,8 @@ from xnbdd.proto.client import (
 )
 from xnbdd.proto.consts import (
     CLISERV_MAGIC,
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     NBDMAGIC,
     OPTION_REPLY_MAGIC,
@@ -90,7 +92,7 @@ def test_non_fixed_newstyle_uses_export_name_and_reads_zeros() -> None:
 
 
 def test_fixed_newstyle_structured_then_go() -> None:
-    hs = ClientHandshake("exp")
+    hs = ClientHandshake("exp", extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3))
     sent = hs.data_to_send()
     assert sent[:4] == struct.pack("!I", 3)  # fixed + no zeroes, both offered
@@ -106,7 +108,7 @@ def test_fixed_newstyle_structured_then_go() -> None:
 
 
 def test_structured_refused_and_go_unsupported_falls_back_to_export_name() -> None:
-    hs = ClientHandshake("")
+    hs = ClientHandshake("", extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     hs.data_to_send()
     hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP, b"nope"))
@@ -118,7 +120,7 @@ def test_structured_refused_and_go_unsupported_falls_back_to_export_name() -> No
 
 
 def test_unknown_export_is_refused_with_the_servers_message() -> None:
-    hs = ClientHandshake("missing", structured_replies=False)
+    hs = ClientHandshake("missing", structured_replies=False, extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     assert struct.pack("!QI", IHAVEOPT, Opt.GO) in hs.data_to_send()
     with pytest.raises(OptionRefused, match="ERR_UNKNOWN: no such export"):
@@ -143,7 +145,7 @@ def test_eof_during_handshake() -> None:
 
 
 def test_go_ack_without_export_info_is_a_protocol_error() -> None:
-    hs = ClientHandshake(structured_replies=False)
+    hs = ClientHandshake(structured_replies=False, extended_headers=False)
     hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
     with pytest.raises(ProtocolError):
         hs.receive_data(option_reply(Opt.GO, Rep.ACK))
@@ -151,7 +153,7 @@ def test_go_ack_without_export_info_is_a_protocol_error() -> None:
 
 @given(st.integers(min_value=1, max_value=40), st.booleans())
 def test_any_split_of_a_fixed_newstyle_handshake(chunk: int, structured: bool) -> None:
-    hs = ClientHandshake("x")
+    hs = ClientHandshake("x", extended_headers=False)
     server = struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1)
     server += option_reply(Opt.STRUCTURED_REPLY, Rep.ACK if structured else Rep.ERR_UNSUP)
     server += go_success(block=(1, 4096, 1 << 25)) + b"tail"
@@ -307,3 +309,176 @@ def test_byte_at_a_time_feeding_gives_the_same_events(splits: list[int]) -> None
         pos += size
     pieces += tx.receive_data(wire[pos:]) if pos < len(wire) else []
     assert pieces == whole and len(whole) == 5
+
+
+# -- extended headers ---------------------------------------------------------------------------
+
+EXT_FLAGS = TxFlag.HAS_FLAGS | TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_CACHE
+G = 1 << 30
+
+
+def xchunk(cookie: int, offset: int, kind: int, payload: bytes, done: bool = False) -> bytes:
+    head = (EXTENDED_REPLY_MAGIC, int(done), kind, cookie, offset, len(payload))
+    return struct.pack("!IHHQQQ", *head) + payload
+
+
+def test_extended_headers_are_asked_first_and_imply_structured_replies() -> None:
+    hs = ClientHandshake("exp")
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3))
+    sent = hs.data_to_send()
+    assert sent[4:] == struct.pack("!QII", IHAVEOPT, Opt.EXTENDED_HEADERS, 0)
+    assert hs.receive_data(option_reply(Opt.EXTENDED_HEADERS, Rep.ACK)) is None
+    assert struct.pack("!QI", IHAVEOPT, Opt.GO) in hs.data_to_send()  # no STRUCTURED_REPLY
+    result = hs.receive_data(go_success())
+    assert result is not None and result.extended and result.structured
+
+
+def test_refused_extended_headers_fall_back_to_structured_replies() -> None:
+    hs = ClientHandshake("exp")
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
+    hs.data_to_send()
+    hs.receive_data(option_reply(Opt.EXTENDED_HEADERS, Rep.ERR_UNSUP))
+    assert hs.data_to_send() == struct.pack("!QII", IHAVEOPT, Opt.STRUCTURED_REPLY, 0)
+    hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+    hs.data_to_send()
+    result = hs.receive_data(go_success())
+    assert result is not None and result.structured and not result.extended
+
+
+def test_go_unsupported_after_extended_headers_is_a_protocol_error() -> None:
+    hs = ClientHandshake("exp")
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
+    hs.receive_data(option_reply(Opt.EXTENDED_HEADERS, Rep.ACK))
+    with pytest.raises(ProtocolError):  # EXPORT_NAME is forbidden now: no way on
+        hs.receive_data(option_reply(Opt.GO, Rep.ERR_UNSUP))
+
+
+@given(st.integers(min_value=1, max_value=40), st.sampled_from(["ack", "unsup", "invalid"]))
+def test_any_split_of_an_extended_handshake(chunk: int, answer: str) -> None:
+    hs = ClientHandshake("x")
+    server = struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1)
+    rep = {"ack": Rep.ACK, "unsup": Rep.ERR_UNSUP, "invalid": Rep.ERR_INVALID}[answer]
+    server += option_reply(Opt.EXTENDED_HEADERS, rep)
+    if answer != "ack":
+        server += option_reply(Opt.STRUCTURED_REPLY, Rep.ACK)
+    server += go_success(block=(1, 4096, 1 << 25)) + b"tail"
+    result, rest = feed(hs, server, chunk)
+    assert result is not None and result.extended is (answer == "ack")
+    assert result.structured and rest == b"tail"
+
+
+def test_extended_request_encoding() -> None:
+    tx = ClientTransmission(EXT_FLAGS, structured=True, extended=True)
+    assert tx.request(Cmd.WRITE_ZEROES, 7, G, 5 * G) == struct.pack(
+        "!IHHQQQ", EXTENDED_REQUEST_MAGIC, 0, Cmd.WRITE_ZEROES, 7, G, 5 * G
+    )
+    wire = tx.request(Cmd.WRITE, 8, 0, 3, payload=b"abc")
+    assert (
+        wire
+        == struct.pack("!IHHQQQ", EXTENDED_REQUEST_MAGIC, CmdFlag.PAYLOAD_LEN, Cmd.WRITE, 8, 0, 3)
+        + b"abc"
+    )
+    with pytest.raises(ClientUsageError):  # the encoder owns the flag
+        tx.request(Cmd.TRIM, 9, 0, 1, flags=CmdFlag.PAYLOAD_LEN)
+    compact = ClientTransmission(EXT_FLAGS, structured=True)
+    with pytest.raises(ClientUsageError):
+        compact.request(Cmd.TRIM, 1, 0, 5 * G)
+
+
+def test_block_status_context_ids_go_in_a_payload() -> None:
+    flags = EXT_FLAGS | TxFlag.BLOCK_STATUS_PAYLOAD
+    tx = ClientTransmission(flags, structured=True, extended=True)
+    wire = tx.request(Cmd.BLOCK_STATUS, 3, 4096, 5 * G, context_ids=[2])
+    payload = struct.pack("!QI", 5 * G, 2)
+    head = (EXTENDED_REQUEST_MAGIC, CmdFlag.PAYLOAD_LEN, Cmd.BLOCK_STATUS, 3, 4096, 12)
+    assert wire == struct.pack("!IHHQQQ", *head) + payload
+    reply = struct.pack("!IIQQ", 2, 1, 5 * G, 3)
+    events = tx.receive_data(xchunk(3, 4096, ReplyType.BLOCK_STATUS_EXT, reply, done=True))
+    assert events == [BlockStatus(3, 2, ((5 * G, 3),)), ReplyDone(3, 0)]
+    without = ClientTransmission(EXT_FLAGS, structured=True, extended=True)
+    with pytest.raises(ClientUsageError):
+        without.request(Cmd.BLOCK_STATUS, 3, 0, 1, context_ids=[1])
+
+
+def test_extended_replies_of_every_kind() -> None:
+    tx = ClientTransmission(EXT_FLAGS, structured=True, extended=True)
+    tx.request(Cmd.READ, 1, 1000, 30)
+    tx.request(Cmd.TRIM, 2, 7 * G, 5 * G)
+    tx.request(Cmd.BLOCK_STATUS, 3, 0, 8 * G)
+    wire = xchunk(1, 1000, ReplyType.OFFSET_HOLE, struct.pack("!QI", 1010, 20))
+    wire += xchunk(2, 7 * G, ReplyType.ERROR, struct.pack("!IH", 5, 3) + b"bad", done=True)
+    wire += xchunk(1, 1000, ReplyType.OFFSET_DATA, struct.pack("!Q", 1000) + b"0123456789")
+    wire += xchunk(1, 1000, ReplyType.NONE, b"", done=True)
+    status = struct.pack("!IIQQQQ", 1, 2, 5 * G, 3, 3 * G, 0)
+    wire += xchunk(3, 0, ReplyType.BLOCK_STATUS_EXT, status, done=True)
+    assert tx.receive_data(wire) == [
+        ReadHole(1, 1010, 20),
+        ReplyError(2, 5, "bad", None),
+        ReplyDone(2, 5),
+        ReadData(1, 1000, b"0123456789"),
+        ReplyDone(1, 0),
+        BlockStatus(3, 1, ((5 * G, 3), (3 * G, 0))),
+        ReplyDone(3, 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        simple_reply(1),  # no simple replies with extended headers
+        chunk(1, ReplyType.NONE, b"", done=True),  # nor structured ones
+        xchunk(1, 4096, ReplyType.NONE, b"", done=True),  # offset not the request's
+        xchunk(2, 0, ReplyType.BLOCK_STATUS, struct.pack("!III", 1, 512, 0), done=True),
+        xchunk(2, 0, ReplyType.BLOCK_STATUS_EXT, struct.pack("!IIQQ", 1, 2, 512, 0), done=True),
+        xchunk(2, 0, ReplyType.BLOCK_STATUS_EXT, struct.pack("!II", 1, 0), done=True),
+    ],
+)
+def test_broken_extended_replies_are_protocol_errors(wire: bytes) -> None:
+    tx = ClientTransmission(EXT_FLAGS, structured=True, extended=True)
+    tx.request(Cmd.READ, 1, 0, 16)
+    tx.request(Cmd.BLOCK_STATUS, 2, 0, 4096)
+    with pytest.raises(ProtocolError):
+        tx.receive_data(wire)
+
+
+def test_block_status_ext_without_extended_headers_is_a_protocol_error() -> None:
+    tx = ClientTransmission(EXT_FLAGS, structured=True)
+    tx.request(Cmd.BLOCK_STATUS, 2, 0, 4096)
+    with pytest.raises(ProtocolError):
+        tx.receive_data(chunk(2, ReplyType.BLOCK_STATUS_EXT, struct.pack("!IIQQ", 1, 1, 1, 0)))
+
+
+OPEN = {1: (Cmd.READ, 0, 16), 2: (Cmd.BLOCK_STATUS, 0, 4096), 3: (Cmd.TRIM, 0, 5 * G)}
+KINDS = [int(k) for k in ReplyType] + [3, 77, 0x8003, 0xFFFF]
+
+
+@st.composite
+def extended_chunks(draw: st.DrawFn) -> bytes:
+    """A reply chunk that is plausible enough to reach the payload decoders: a cookie in
+    flight, usually its offset and true length, any type, any flags, any payload bytes."""
+    cookie = draw(st.sampled_from([1, 2, 3, 99]))
+    offset = OPEN.get(cookie, (0, 0, 0))[1] if draw(st.booleans()) else draw(st.integers(0, 9))
+    payload = draw(st.binary(max_size=80))
+    length = len(payload) if draw(st.integers(0, 9)) else draw(st.integers(0, 2**64 - 1))
+    head = (EXTENDED_REPLY_MAGIC, draw(st.integers(0, 0xFFFF)), draw(st.sampled_from(KINDS)))
+    return struct.pack("!IHHQQQ", *head, cookie, offset, length) + payload
+
+
+@given(st.lists(extended_chunks(), max_size=6), st.lists(st.integers(1, 64), max_size=20))
+def test_arbitrary_extended_replies_never_break_the_decoder(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    """Whatever arrives, the decoder yields events or raises ProtocolError, nothing else."""
+    tx = ClientTransmission(EXT_FLAGS, structured=True, extended=True)
+    for cookie, (command, offset, length) in OPEN.items():
+        tx.request(command, cookie, offset, length)
+    wire = b"".join(chunks)
+    try:
+        pos = 0
+        for cut in cuts:
+            tx.receive_data(wire[pos : pos + cut])
+            pos += cut
+        if pos < len(wire):
+            tx.receive_data(wire[pos:])
+    except ProtocolError:
+        pass

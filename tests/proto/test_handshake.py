@@ -130,8 +130,10 @@ def test_every_option_in_every_state_gets_a_final_reply_or_ends(
         assert hs.state is HandshakeState.DONE
     else:
         assert hs.state is HandshakeState.OPTIONS
-    if opt not in set(Opt) or opt in (Opt.PEEK_EXPORT, Opt.STARTTLS, Opt.EXTENDED_HEADERS):
+    if opt not in set(Opt) or opt in (Opt.PEEK_EXPORT, Opt.STARTTLS):
         assert final == Rep.ERR_UNSUP
+    if opt == Opt.EXTENDED_HEADERS:
+        assert final == (Rep.ERR_INVALID if data else Rep.ACK)
 
 
 @given(st.integers(0, 2**32 - 1))
@@ -193,3 +195,137 @@ def test_select_contexts_matches_names_and_namespaces() -> None:
         "base:allocation",
     ]
     assert select_contexts(names, ["qemu:"]) == []
+
+
+# -- extended headers ---------------------------------------------------------------------------
+
+
+def go_flags(replies: list[tuple[int, int, bytes]]) -> TxFlag:
+    """The transmission flags of the NBD_INFO_EXPORT in a GO/INFO answer."""
+    for _opt, rep, data in replies:
+        if rep == Rep.INFO and struct.unpack_from("!H", data)[0] == Info.EXPORT:
+            return TxFlag(struct.unpack("!HQH", data)[2])
+    raise AssertionError("no NBD_INFO_EXPORT")
+
+
+def test_extended_headers_imply_structured_replies_and_refuse_a_later_structured_reply() -> None:
+    hs = new()
+    hs.receive_data(
+        struct.pack("!I", 3)
+        + option(Opt.EXTENDED_HEADERS)
+        + option(Opt.STRUCTURED_REPLY)
+        + option(Opt.SET_META_CONTEXT, meta_data(b"disk", b"base:allocation"))
+        + option(Opt.GO, info_data(b"disk"))
+    )
+    replies = parse_replies(hs.data_to_send())
+    assert replies[0] == (Opt.EXTENDED_HEADERS, Rep.ACK, b"")
+    assert replies[1][:2] == (Opt.STRUCTURED_REPLY, Rep.ERR_EXT_HEADER_REQD)
+    assert replies[2][1] == Rep.META_CONTEXT  # contexts need structured replies: implied
+    assert hs.state is HandshakeState.DONE and hs.negotiated is not None
+    assert hs.negotiated.extended and hs.negotiated.structured
+    assert hs.negotiated.meta_contexts == {1: "base:allocation"}
+    flags = go_flags(replies)
+    assert flags & TxFlag.SEND_DF and flags & TxFlag.BLOCK_STATUS_PAYLOAD
+    assert hs.negotiated.tx_flags == flags
+
+
+def test_structured_reply_first_then_extended_headers_is_allowed() -> None:
+    hs = new()
+    hs.receive_data(
+        struct.pack("!I", 1)
+        + option(Opt.STRUCTURED_REPLY)
+        + option(Opt.EXTENDED_HEADERS)
+        + option(Opt.GO, info_data(b""))
+    )
+    replies = parse_replies(hs.data_to_send())
+    assert [r[:2] for r in replies[:2]] == [
+        (Opt.STRUCTURED_REPLY, Rep.ACK),
+        (Opt.EXTENDED_HEADERS, Rep.ACK),
+    ]
+    assert hs.negotiated is not None and hs.negotiated.extended
+    # no context selected: the payload form of BLOCK_STATUS is not advertised (SHOULD NOT)
+    assert not go_flags(replies) & TxFlag.BLOCK_STATUS_PAYLOAD
+
+
+def test_block_status_payload_is_never_advertised_without_extended_headers() -> None:
+    hs = new()
+    hs.receive_data(
+        struct.pack("!I", 1)
+        + option(Opt.STRUCTURED_REPLY)
+        + option(Opt.SET_META_CONTEXT, meta_data(b"disk", b"base:"))
+        + option(Opt.INFO, info_data(b"disk"))
+        + option(Opt.GO, info_data(b"disk"))
+    )
+    replies = parse_replies(hs.data_to_send())
+    assert not go_flags(replies) & TxFlag.BLOCK_STATUS_PAYLOAD
+    assert hs.negotiated is not None and not hs.negotiated.extended
+
+
+def test_info_then_go_report_the_same_flags_with_extended_headers() -> None:
+    hs = new()
+    hs.receive_data(
+        struct.pack("!I", 1)
+        + option(Opt.EXTENDED_HEADERS)
+        + option(Opt.SET_META_CONTEXT, meta_data(b"disk", b"base:allocation"))
+    )
+    hs.data_to_send()
+    hs.receive_data(option(Opt.INFO, info_data(b"disk")))
+    info = go_flags(parse_replies(hs.data_to_send()))
+    hs.receive_data(option(Opt.GO, info_data(b"disk")))
+    assert go_flags(parse_replies(hs.data_to_send())) == info
+
+
+def test_export_name_after_extended_headers_closes() -> None:
+    hs = new()
+    hs.receive_data(struct.pack("!I", 1) + option(Opt.EXTENDED_HEADERS))
+    hs.data_to_send()
+    hs.receive_data(option(Opt.EXPORT_NAME, b"disk"))
+    assert hs.state is HandshakeState.CLOSED and hs.negotiated is None
+    assert hs.data_to_send() == b""
+
+
+@given(data=st.binary(min_size=1, max_size=64))
+def test_extended_headers_with_data_are_invalid_and_change_nothing(data: bytes) -> None:
+    hs = new()
+    hs.receive_data(
+        struct.pack("!I", 1) + option(Opt.EXTENDED_HEADERS, data) + option(Opt.GO, info_data(b""))
+    )
+    replies = parse_replies(hs.data_to_send())
+    assert replies[0][:2] == (Opt.EXTENDED_HEADERS, Rep.ERR_INVALID)
+    assert hs.negotiated is not None and not hs.negotiated.extended
+    assert not hs.negotiated.structured
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                option(Opt.EXTENDED_HEADERS),
+                option(Opt.EXTENDED_HEADERS, b"x"),
+                option(Opt.STRUCTURED_REPLY),
+                option(Opt.SET_META_CONTEXT, meta_data(b"disk", b"base:")),
+                option(Opt.LIST_META_CONTEXT, meta_data(b"disk")),
+                option(Opt.INFO, info_data(b"disk")),
+                option(0x4242, b"?"),
+            ]
+        ),
+        max_size=8,
+    ),
+    st.sampled_from([option(Opt.GO, info_data(b"disk")), option(Opt.EXPORT_NAME, b"disk")]),
+)
+def test_any_option_sequence_around_extended_headers_keeps_the_rules(
+    before: list[bytes], last: bytes
+) -> None:
+    hs = new()
+    hs.receive_data(struct.pack("!I", 3) + b"".join(before) + last)
+    extended = option(Opt.EXTENDED_HEADERS) in before
+    if last.startswith(option(Opt.EXPORT_NAME)[:12]) and extended:
+        assert hs.state is HandshakeState.CLOSED and hs.negotiated is None
+        return
+    assert hs.state is HandshakeState.DONE and hs.negotiated is not None
+    n = hs.negotiated
+    assert n.extended is extended
+    assert n.structured is (extended or option(Opt.STRUCTURED_REPLY) in before)
+    assert bool(n.tx_flags & TxFlag.SEND_DF) is n.structured
+    assert bool(n.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD) is (extended and bool(n.meta_contexts))

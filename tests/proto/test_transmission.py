@@ -3,6 +3,7 @@ data plane's: tests/test_dataplane.py.)"""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 
@@ -10,10 +11,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xnbdd.proto.consts import Cmd, CmdFlag, Errno, TxFlag
+from xnbdd.proto.consts import (
+    EXTENDED_REPLY_MAGIC,
+    MAX_PAYLOAD,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Errno,
+    TxFlag,
+)
 from xnbdd.proto.errors import RequestError
 from xnbdd.proto.messages import Request
-from xnbdd.proto.transmission import check_request
+from xnbdd.proto.transmission import (
+    block_status_chunk,
+    check_request,
+    error_chunk,
+    none_chunk,
+    offset_data_header,
+    offset_hole,
+)
 
 ALL_TX = TxFlag(sum(TxFlag))
 SIZE = 1 << 20
@@ -118,3 +134,167 @@ def test_proto_package_never_imports_trio() -> None:
         "sys.exit('trio' in sys.modules)\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- extended headers -------------------------------------------------------------------------
+
+EXT_SIZE = 1 << 40  # a large sparse export: 64-bit effect lengths are in range
+CONTEXTS = {1: "base:allocation", 2: "x-xnbd:cached"}
+
+
+def status_payload(length: int, *ids: int) -> bytes:
+    return struct.pack(f"!Q{len(ids)}I", length, *ids)
+
+
+@settings(max_examples=1000)
+@given(
+    cmd=st.integers(0, 12),
+    flags=st.integers(0, 0xFFFF),
+    offset=st.one_of(st.integers(0, EXT_SIZE + 10), st.integers(0, 2**64 - 1)),
+    length=st.one_of(st.integers(0, 4096), st.integers(0, 2**33), st.integers(0, 2**64 - 1)),
+)
+def test_extended_validation_follows_the_spec(
+    cmd: int, flags: int, offset: int, length: int
+) -> None:
+    """Without a payload (none is attached here) the length is an effect length of 64 bits;
+    READ and WRITE stay bounded by the maximum payload; PAYLOAD_LEN is valid on WRITE, and on
+    BLOCK_STATUS when BLOCK_STATUS_PAYLOAD is advertised (an empty payload is then EINVAL)."""
+    req = Request(1, cmd, flags, offset, length)
+    errno: Errno | None
+    try:
+        check_request(
+            req,
+            size=EXT_SIZE,
+            tx_flags=ALL_TX & ~TxFlag.READ_ONLY,
+            structured=True,
+            has_contexts=True,
+            extended=True,
+            context_ids=CONTEXTS,
+        )
+    except RequestError as err:
+        errno = err.errno
+    else:
+        errno = None
+    if cmd not in ALLOWED:
+        assert errno is Errno.EINVAL
+        return
+    command = Cmd(cmd)
+    allowed = int(ALLOWED[command])
+    if command in (Cmd.WRITE, Cmd.BLOCK_STATUS):
+        allowed |= int(CmdFlag.PAYLOAD_LEN)
+    if flags & ~allowed:
+        assert errno is Errno.EINVAL
+    elif command is Cmd.FLUSH:
+        assert errno is (Errno.EINVAL if offset or length else None)
+    elif command is Cmd.DISC:
+        assert errno is None
+    elif command is Cmd.READ and length > MAX_PAYLOAD:
+        assert errno is Errno.EOVERFLOW
+    elif command is Cmd.WRITE and length > MAX_PAYLOAD:
+        assert errno is Errno.EINVAL
+    elif command is Cmd.BLOCK_STATUS and flags & CmdFlag.PAYLOAD_LEN:
+        assert errno is Errno.EINVAL  # no payload came with the flag
+    elif offset + length > EXT_SIZE:
+        want = Errno.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+        assert errno is want
+    elif command is Cmd.BLOCK_STATUS and length == 0:
+        assert errno is Errno.EINVAL
+    else:
+        assert errno is None
+
+
+def check_extended(req: Request, tx: TxFlag = ALL_TX & ~TxFlag.READ_ONLY) -> Request:
+    return check_request(
+        req,
+        size=EXT_SIZE,
+        tx_flags=tx,
+        structured=True,
+        has_contexts=True,
+        extended=True,
+        context_ids=CONTEXTS,
+    )
+
+
+def test_block_status_payload_gives_the_effect_length_and_the_contexts() -> None:
+    flags = CmdFlag.PAYLOAD_LEN | CmdFlag.REQ_ONE
+    wire = status_payload(5 << 30, 2)
+    req = check_extended(Request(7, Cmd.BLOCK_STATUS, flags, 4096, len(wire), wire))
+    assert (req.length, req.contexts, req.data, req.offset) == (5 << 30, (2,), None, 4096)
+    both = status_payload(1, 2, 1)
+    req = check_extended(Request(7, Cmd.BLOCK_STATUS, CmdFlag.PAYLOAD_LEN, 0, len(both), both))
+    assert req.contexts == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        status_payload(4096),  # no context id
+        status_payload(4096, 1)[:-1],  # not 8 + 4n bytes
+        status_payload(4096, 1, 1),  # a repeat
+        status_payload(4096, 3),  # never selected
+        status_payload(EXT_SIZE + 1, 1),  # beyond the end
+        status_payload(0, 1),  # zero length
+    ],
+)
+def test_bad_block_status_payloads_are_einval(payload: bytes) -> None:
+    req = Request(1, Cmd.BLOCK_STATUS, CmdFlag.PAYLOAD_LEN, 0, len(payload), payload)
+    with pytest.raises(RequestError) as info:
+        check_extended(req)
+    assert info.value.errno is Errno.EINVAL
+
+
+def test_payload_form_needs_its_flag_and_extended_headers() -> None:
+    wire = status_payload(4096, 1)
+    req = Request(1, Cmd.BLOCK_STATUS, CmdFlag.PAYLOAD_LEN, 0, len(wire), wire)
+    with pytest.raises(RequestError):
+        check_extended(req, ALL_TX & ~TxFlag.BLOCK_STATUS_PAYLOAD & ~TxFlag.READ_ONLY)
+    with pytest.raises(RequestError):  # compact headers: the flag is unknown
+        check_request(req, size=SIZE, tx_flags=ALL_TX, structured=True, has_contexts=True)
+    write = Request(1, Cmd.WRITE, CmdFlag.PAYLOAD_LEN, 0, 1, b"x")
+    with pytest.raises(RequestError):
+        check_request(write, size=SIZE, tx_flags=ALL_TX, structured=True, has_contexts=True)
+    # with extended headers a WRITE is a WRITE with the flag (spec) and without it (qemu 10)
+    assert check_extended(write) is write
+    assert check_extended(Request(1, Cmd.WRITE, 0, 0, 1, b"x")).length == 1
+
+
+# -- reply encoding, decoded by the spec's layouts ----------------------------------------------
+
+EXT_CHUNK = struct.Struct("!IHHQQQ")
+
+
+def test_extended_reply_headers_echo_the_request_offset() -> None:
+    offset = (5 << 30) + 512
+    none = none_chunk(9, extended=True, offset=offset)
+    assert EXT_CHUNK.unpack(none) == (EXTENDED_REPLY_MAGIC, 1, 0, 9, offset, 0)
+    error = error_chunk(9, Errno.EINVAL, "no", extended=True, offset=offset)
+    assert EXT_CHUNK.unpack_from(error) == (EXTENDED_REPLY_MAGIC, 1, 0x8001, 9, offset, 8)
+    assert error[32:] == struct.pack("!IH", 22, 2) + b"no"
+    data = offset_data_header(9, offset, 4096, done=True, extended=True)
+    assert EXT_CHUNK.unpack_from(data) == (EXTENDED_REPLY_MAGIC, 1, 1, 9, offset, 4104)
+    assert data[32:] == struct.pack("!Q", offset) and len(data) == 40
+    hole = offset_hole(9, offset, 1 << 20, done=True, extended=True)
+    assert EXT_CHUNK.unpack_from(hole) == (EXTENDED_REPLY_MAGIC, 1, 2, 9, offset, 12)
+    assert hole[32:] == struct.pack("!QI", offset, 1 << 20)
+    # the compact forms are unchanged
+    assert none_chunk(9) == struct.pack("!IHHQI", STRUCTURED_REPLY_MAGIC, 1, 0, 9, 0)
+
+
+@given(
+    extents=st.lists(
+        st.tuples(st.integers(1, 2**64 - 1), st.integers(0, 3)), min_size=1, max_size=50
+    ),
+    context=st.integers(0, 2**32 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    done=st.booleans(),
+)
+def test_block_status_ext_layout(
+    extents: list[tuple[int, int]], context: int, offset: int, done: bool
+) -> None:
+    wire = block_status_chunk(9, context, extents, done=done, extended=True, offset=offset)
+    magic, flags, kind, cookie, echo, length = EXT_CHUNK.unpack_from(wire)
+    assert (magic, flags, kind, cookie, echo) == (EXTENDED_REPLY_MAGIC, int(done), 6, 9, offset)
+    assert length == len(wire) - 32 == 8 + 16 * len(extents)
+    assert struct.unpack_from("!II", wire, 32) == (context, len(extents))
+    assert list(struct.iter_unpack("!QQ", wire[40:])) == extents

@@ -34,7 +34,7 @@ import trio
 
 from xnbdd.backends.base import Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
-from xnbdd.backends.file import FileBackend
+from xnbdd.backends.file import MAX_EXTENTS, FileBackend
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
     RemoteAddress,
@@ -348,12 +348,13 @@ class ProxyBackend:
         return self._bitmap.all_set(0, self.nblocks)
 
     def cached_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """``x-xnbd:cached`` view: (byte length, cached) runs covering [offset, offset+length)."""
+        """``x-xnbd:cached`` view: (byte length, cached) runs covering [offset, offset+length),
+        or a prefix of it in ``MAX_EXTENTS`` runs (extended headers ask for 64-bit ranges)."""
         end = offset + length
         first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
         out: list[tuple[int, bool]] = []
         pos = first
-        while pos < stop:
+        while pos < stop and len(out) < MAX_EXTENTS:
             cached = self._bitmap.test(pos)
             run_stop = next(iter(self._bitmap.runs(pos, stop, not cached)), (stop, stop))[0]
             start_byte = max(pos * BLOCK_SIZE, offset)

@@ -8,11 +8,14 @@ touches a socket.
 - oldstyle (xnbd-server): size, flags and 124 zeros arrive unasked; nothing is sent.
 - newstyle without FIXED_NEWSTYLE (xnbd-wrapper): client flags 0, NBD_OPT_EXPORT_NAME only, then
   size, 16-bit flags and 124 zeros (NO_ZEROES is never asked of such a server).
-- fixed newstyle: NBD_OPT_STRUCTURED_REPLY (its refusal is fine), then NBD_OPT_GO asking for
-  NBD_INFO_BLOCK_SIZE; a server without GO (ERR_UNSUP) gets EXPORT_NAME instead.
+- fixed newstyle: NBD_OPT_EXTENDED_HEADERS (they imply structured replies); if refused,
+  NBD_OPT_STRUCTURED_REPLY (its refusal is fine too); then NBD_OPT_GO asking for
+  NBD_INFO_BLOCK_SIZE; a server without GO (ERR_UNSUP) gets EXPORT_NAME instead, unless it took
+  extended headers (then it MUST know GO, and EXPORT_NAME is forbidden).
 Options are sent one at a time: the next only after the final reply to the previous one.
 
-``ClientTransmission`` encodes requests and decodes simple and structured replies. It refuses to
+``ClientTransmission`` encodes compact or extended (32-byte) requests and decodes simple,
+structured and extended replies. It refuses to
 send what the server did not advertise (command flags, TRIM, WRITE_ZEROES, CACHE, FLUSH): an
 xnbd-server drops the connection on any of those.
 """
@@ -20,11 +23,14 @@ xnbd-server drops the connection on any of those.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from .consts import (
     CLISERV_MAGIC,
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     MAX_PAYLOAD,
     MAX_STRING,
@@ -57,6 +63,8 @@ _EXPORT_NAME_ANSWER = struct.Struct("!QH")  # size, transmission flags (then 124
 _INFO_EXPORT = struct.Struct("!HQH")  # type, size, transmission flags
 _INFO_BLOCK_SIZE = struct.Struct("!HIII")  # type, minimum, preferred, maximum
 _REQUEST = struct.Struct("!IHHQQI")  # magic, flags, type, cookie, offset, length
+_EXTENDED_REQUEST = struct.Struct("!IHHQQQ")  # the same with a 64-bit length
+_EXTENDED_CHUNK = struct.Struct("!IHHQQQ")  # magic, flags, type, cookie, offset, length
 _SIMPLE_REPLY = struct.Struct("!IIQ")  # magic, error, cookie
 _CHUNK = struct.Struct("!IHHQI")  # magic, flags, type, cookie, payload length
 _MAGIC = struct.Struct("!I")
@@ -64,6 +72,9 @@ _OFFSET = struct.Struct("!Q")
 _HOLE = struct.Struct("!QI")
 _ERROR = struct.Struct("!IH")  # error, message length
 _EXTENT = struct.Struct("!II")
+_EXTENT_EXT = struct.Struct("!QQ")
+_STATUS_EXT_HEAD = struct.Struct("!II")  # context id, descriptor count
+_U32_MAX = 0xFFFFFFFF
 
 ZERO_PADDING = 124
 _NO_FLAGS = CmdFlag(0)
@@ -107,6 +118,7 @@ class Connected:
     min_block: int = 1
     preferred_block: int = 4096
     max_payload: int = MAX_PAYLOAD  # the spec's default when the server says nothing
+    extended: bool = False  # 32-byte headers (implies structured)
 
 
 class _HS(Enum):
@@ -121,17 +133,25 @@ class _HS(Enum):
 class ClientHandshake:
     """Client side of the handshake. ``receive_data`` returns ``Connected`` once it is over."""
 
-    def __init__(self, export_name: str = "", *, structured_replies: bool = True) -> None:
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        structured_replies: bool = True,
+        extended_headers: bool = True,
+    ) -> None:
         name = export_name.encode()
         if len(name) > MAX_STRING:
             raise ClientUsageError(f"export name longer than {MAX_STRING} bytes")
         self._name = name
         self._want_structured = structured_replies
+        self._want_extended = extended_headers
         self._state = _HS.GREETING
         self._buffer = bytearray()
         self._outgoing = bytearray()
         self._option: Opt | None = None  # the option whose replies we are reading
         self._structured = False
+        self._extended = False
         self._no_zeroes = False
         self._style = HandshakeStyle.OLDSTYLE
         self._export: tuple[int, TxFlag] | None = None
@@ -221,7 +241,9 @@ class ClientHandshake:
             cflags |= ClientFlag.C_NO_ZEROES
             self._no_zeroes = True
         self._outgoing += _CLIENT_FLAGS.pack(cflags)
-        if self._want_structured:
+        if self._want_extended:
+            self._send_option(Opt.EXTENDED_HEADERS, b"")
+        elif self._want_structured:
             self._send_option(Opt.STRUCTURED_REPLY, b"")
         else:
             self._send_go()
@@ -255,6 +277,17 @@ class ClientHandshake:
             return False
         payload = raw[_OPTION_REPLY.size :]
         assert self._option is not None
+        if self._option is Opt.EXTENDED_HEADERS:
+            if rep == Rep.ACK:
+                self._extended = self._structured = True
+                self._send_go()
+            elif not rep & 0x80000000:
+                raise ProtocolError(f"unexpected reply {rep:#x} to EXTENDED_HEADERS")
+            elif self._want_structured:  # refused: compact headers, structured if we can
+                self._send_option(Opt.STRUCTURED_REPLY, b"")
+            else:
+                self._send_go()
+            return True
         if self._option is Opt.STRUCTURED_REPLY:
             if rep == Rep.ACK:
                 self._structured = True
@@ -270,6 +303,8 @@ class ClientHandshake:
             if self._export is None:
                 raise ProtocolError("GO acknowledged without NBD_INFO_EXPORT")
             self._finish(HandshakeStyle.FIXED_NEWSTYLE, *self._export)
+        elif rep == Rep.ERR_UNSUP and self._extended:
+            raise ProtocolError("server took extended headers but refuses GO")
         elif rep == Rep.ERR_UNSUP:
             # An older fixed-newstyle server without GO; structured replies were negotiated
             # through their own option and stay valid.
@@ -306,6 +341,7 @@ class ClientHandshake:
             min_block=max(minimum, 1),
             preferred_block=preferred,
             max_payload=min(maximum, MAX_PAYLOAD) if maximum else MAX_PAYLOAD,
+            extended=self._extended,
         )
         self._state = _HS.DONE
 
@@ -383,6 +419,7 @@ class ClientTransmission:
     tx_flags: TxFlag
     structured: bool = False
     max_payload: int = MAX_PAYLOAD
+    extended: bool = False  # 32-byte requests and replies; implies structured
     _outstanding: dict[int, _Outstanding] = field(default_factory=dict)
     _buffer: bytearray = field(default_factory=bytearray)
     _events: list[ReplyEvent] = field(default_factory=list)
@@ -401,8 +438,13 @@ class ClientTransmission:
         *,
         flags: CmdFlag = _NO_FLAGS,
         payload: bytes | bytearray | memoryview | None = None,
+        context_ids: Sequence[int] | None = None,
     ) -> bytes:
-        """Encode one request (with its WRITE payload) and remember it for reply decoding."""
+        """Encode one request (with its WRITE payload) and remember it for reply decoding.
+
+        ``context_ids``: a BLOCK_STATUS answered only for these contexts (extended headers and
+        NBD_FLAG_BLOCK_STATUS_PAYLOAD). NBD_CMD_FLAG_PAYLOAD_LEN is set here, never by callers.
+        """
         if self._closed:
             raise ClientUsageError("connection already disconnected")
         needed = _REQUIRED_FLAG.get(command)
@@ -410,6 +452,8 @@ class ClientTransmission:
             raise ClientUsageError(f"server did not advertise {needed.name} for {command.name}")
         if command is Cmd.BLOCK_STATUS and not self.structured:
             raise ClientUsageError("BLOCK_STATUS needs structured replies")
+        if flags & CmdFlag.PAYLOAD_LEN:
+            raise ClientUsageError("NBD_CMD_FLAG_PAYLOAD_LEN is set by the encoder")
         if flags:
             if not self.tx_flags & TxFlag.HAS_FLAGS:
                 raise ClientUsageError("server does not accept command flags")
@@ -426,13 +470,30 @@ class ClientTransmission:
             raise ClientUsageError(f"{command.name} takes no payload")
         if command in (Cmd.READ, Cmd.WRITE) and length > self.max_payload:
             raise ClientUsageError(f"{length} bytes exceed the server's maximum payload")
+        if not self.extended and length > _U32_MAX:
+            raise ClientUsageError("lengths above 32 bits need extended headers")
+        wire_length = length
+        if context_ids is not None:
+            if command is not Cmd.BLOCK_STATUS:
+                raise ClientUsageError("only BLOCK_STATUS takes context ids")
+            if not (self.extended and self.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD):
+                raise ClientUsageError("server did not advertise BLOCK_STATUS_PAYLOAD")
+            payload = _OFFSET.pack(length) + struct.pack(f"!{len(context_ids)}I", *context_ids)
+            wire_length = len(payload)
+        if self.extended and payload is not None:
+            flags |= CmdFlag.PAYLOAD_LEN
         if command is Cmd.DISC:
             self._closed = True
         elif cookie in self._outstanding:
             raise ClientUsageError(f"cookie {cookie:#x} is already in flight")
         else:
             self._outstanding[cookie] = _Outstanding(command, offset, length)
-        header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+        if self.extended:
+            header = _EXTENDED_REQUEST.pack(
+                EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, wire_length
+            )
+        else:
+            header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
         return header + bytes(payload) if payload is not None else header
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ReplyEvent]:
@@ -452,6 +513,10 @@ class ClientTransmission:
         if len(buf) < 4:
             return False
         (magic,) = _MAGIC.unpack_from(buf)
+        if self.extended:
+            if magic != EXTENDED_REPLY_MAGIC:
+                raise ProtocolError(f"reply magic {magic:#x} with extended headers")
+            return self._chunk()
         if magic == SIMPLE_REPLY_MAGIC:
             return self._simple()
         if magic == STRUCTURED_REPLY_MAGIC:
@@ -491,17 +556,23 @@ class ClientTransmission:
 
     def _chunk(self) -> bool:
         buf = self._buffer
-        if len(buf) < _CHUNK.size:
+        layout = _EXTENDED_CHUNK if self.extended else _CHUNK
+        if len(buf) < layout.size:
             return False
-        _magic, flags, kind, cookie, length = _CHUNK.unpack_from(buf)
+        if self.extended:
+            _magic, flags, kind, cookie, offset, length = _EXTENDED_CHUNK.unpack_from(buf)
+        else:
+            _magic, flags, kind, cookie, length = _CHUNK.unpack_from(buf)
         request = self._lookup(cookie)
+        if self.extended and offset != request.offset:
+            raise ProtocolError(f"reply offset {offset} for a request at {request.offset}")
         limit = self.max_payload + 64 if request.command is Cmd.READ else MAX_PAYLOAD
         if length > limit:
             raise ProtocolError(f"structured chunk of {length} bytes")
-        total = _CHUNK.size + length
+        total = layout.size + length
         if len(buf) < total:
             return False
-        payload = bytes(buf[_CHUNK.size : total])
+        payload = bytes(buf[layout.size : total])
         del buf[:total]
         self._decode_chunk(cookie, request, kind, payload)
         if flags & ReplyFlag.DONE:
@@ -535,15 +606,24 @@ class ClientTransmission:
                 raise ProtocolError("OFFSET_HOLE of length 0")
             self._check_range(request, offset, length)
             self._events.append(ReadHole(cookie, offset, length))
-        elif kind == ReplyType.BLOCK_STATUS:
+        elif kind == ReplyType.BLOCK_STATUS and not self.extended:
             if (
                 request.command is not Cmd.BLOCK_STATUS
                 or (len(payload) - 4) % 8
-                or len(payload) < 4
+                or len(payload) < 12
             ):
                 raise ProtocolError("bad BLOCK_STATUS chunk")
             (context,) = _MAGIC.unpack_from(payload)
             extents = tuple(_EXTENT.iter_unpack(payload[4:]))
+            self._events.append(BlockStatus(cookie, context, extents))
+        elif kind == ReplyType.BLOCK_STATUS_EXT and self.extended:
+            head = _STATUS_EXT_HEAD.size
+            if request.command is not Cmd.BLOCK_STATUS or len(payload) < head:
+                raise ProtocolError("bad BLOCK_STATUS_EXT chunk")
+            context, count = _STATUS_EXT_HEAD.unpack_from(payload)
+            if not count or len(payload) != head + count * _EXTENT_EXT.size:
+                raise ProtocolError("BLOCK_STATUS_EXT count does not match its length")
+            extents = tuple(_EXTENT_EXT.iter_unpack(payload[head:]))
             self._events.append(BlockStatus(cookie, context, extents))
         elif kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
             self._error_chunk(cookie, request, kind, payload)

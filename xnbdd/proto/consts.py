@@ -13,8 +13,8 @@ OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
-EXTENDED_REQUEST_MAGIC = 0x21E41C71  # experimental, recognised only
-EXTENDED_REPLY_MAGIC = 0x6E8A278C  # experimental, recognised only
+EXTENDED_REQUEST_MAGIC = 0x21E41C71  # extended headers (docs/data-path.md)
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
 
 DEFAULT_PORT = 8520  # xNBD's historical default (IANA's is 10809)
 MAX_STRING = 4096  # strings MUST be at most 4096 bytes
@@ -51,7 +51,7 @@ class TxFlag(IntFlag):
     SEND_RESIZE = 1 << 9  # experimental
     SEND_CACHE = 1 << 10
     SEND_FAST_ZERO = 1 << 11
-    BLOCK_STAT_PAYLOAD = 1 << 12  # experimental
+    BLOCK_STATUS_PAYLOAD = 1 << 12  # extended headers only
 
 
 class Opt(IntEnum):
@@ -65,7 +65,7 @@ class Opt(IntEnum):
     STRUCTURED_REPLY = 8
     LIST_META_CONTEXT = 9
     SET_META_CONTEXT = 10
-    EXTENDED_HEADERS = 11  # experimental
+    EXTENDED_HEADERS = 11
 
 
 class Rep(IntEnum):
@@ -110,7 +110,7 @@ class CmdFlag(IntFlag):
     DF = 1 << 2
     REQ_ONE = 1 << 3
     FAST_ZERO = 1 << 4
-    PAYLOAD_LEN = 1 << 5  # experimental
+    PAYLOAD_LEN = 1 << 5  # extended headers only
 
 
 class ReplyFlag(IntFlag):
@@ -122,7 +122,7 @@ class ReplyType(IntEnum):
     OFFSET_DATA = 1
     OFFSET_HOLE = 2
     BLOCK_STATUS = 5
-    BLOCK_STATUS_EXT = 6  # experimental
+    BLOCK_STATUS_EXT = 6  # extended headers only
     ERROR = 0x8001
     ERROR_OFFSET = 0x8002
 

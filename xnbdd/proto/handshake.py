@@ -7,7 +7,10 @@ Rules kept here:
 - every option except EXPORT_NAME gets at least one reply, the last one ACK or an error;
 - unknown options get ERR_UNSUP and negotiation continues;
 - EXPORT_NAME that cannot be satisfied closes the connection (no error can be sent);
-- GO's ACK is followed directly by transmission, never by padding.
+- GO's ACK is followed directly by transmission, never by padding;
+- EXTENDED_HEADERS implies structured replies; after it STRUCTURED_REPLY gets
+  ERR_EXT_HEADER_REQD and EXPORT_NAME (which the client MUST NOT send then) closes;
+  BLOCK_STATUS_PAYLOAD is advertised only with extended headers and selected contexts.
 """
 
 from __future__ import annotations
@@ -83,6 +86,20 @@ def decode_string(raw: bytes, what: str) -> str:
         raise OptionError(Rep.ERR_INVALID, f"{what} is not valid UTF-8") from None
 
 
+def transmission_flags(
+    export_flags: TxFlag, *, structured: bool, extended: bool, contexts: bool
+) -> TxFlag:
+    """The flags a connection sees: SEND_DF only with structured replies (or extended headers),
+    BLOCK_STATUS_PAYLOAD only with extended headers and metadata contexts selected."""
+    flags = export_flags | TxFlag.HAS_FLAGS
+    flags &= ~(TxFlag.SEND_DF | TxFlag.BLOCK_STATUS_PAYLOAD)
+    if structured or extended:
+        flags |= TxFlag.SEND_DF  # DF only makes sense with structured replies
+    if extended and contexts:
+        flags |= TxFlag.BLOCK_STATUS_PAYLOAD
+    return flags
+
+
 def select_contexts(available: Iterable[str], queries: list[str]) -> list[str]:
     """Contexts matching the queries: an exact name, or ``namespace:`` for a whole namespace.
     Unknown namespaces are ignored (proto.md "Metadata querying")."""
@@ -116,6 +133,7 @@ class ServerHandshake:
         self._skip_opt = 0
         self.no_zeroes = False
         self.structured = False
+        self.extended = False
         self.shutting_down = False
         self.close_reason = ""
         self.negotiated: Negotiated | None = None
@@ -220,6 +238,7 @@ class ServerHandshake:
                 Opt.INFO: self._info_or_go,
                 Opt.GO: self._info_or_go,
                 Opt.STRUCTURED_REPLY: self._structured_reply,
+                Opt.EXTENDED_HEADERS: self._extended_headers,
                 Opt.LIST_META_CONTEXT: self._meta_context,
                 Opt.SET_META_CONTEXT: self._meta_context,
             }.get(opt)  # type: ignore[call-overload]
@@ -233,6 +252,10 @@ class ServerHandshake:
     def _export_name(self, data: bytes) -> None:
         if self.shutting_down:
             self._close("server shutting down")
+            return
+        if self.extended:
+            # MUST NOT after extended headers, and EXPORT_NAME has no error reply: close.
+            self._close("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS")
             return
         try:
             name = decode_string(data, "export name")
@@ -250,20 +273,26 @@ class ServerHandshake:
             self._out += ZERO_PADDING
         self._finish(export, flags)
 
+    def _selected(self, export: ExportInfo) -> dict[int, str]:
+        set_for, contexts = self._contexts
+        # contexts selected for another export do not carry over
+        return contexts if set_for == export.name else {}
+
     def _tx_flags(self, export: ExportInfo) -> TxFlag:
-        flags = export.tx_flags | TxFlag.HAS_FLAGS
-        if self.structured:
-            flags |= TxFlag.SEND_DF  # DF only makes sense with structured replies
-        else:
-            flags &= ~TxFlag.SEND_DF
-        return flags
+        return transmission_flags(
+            export.tx_flags,
+            structured=self.structured,
+            extended=self.extended,
+            contexts=bool(self._selected(export)),
+        )
 
     def _finish(self, export: ExportInfo, flags: TxFlag) -> None:
-        set_for, contexts = self._contexts
-        if set_for != export.name:
-            contexts = {}  # contexts selected for another export do not carry over
         self.negotiated = Negotiated(
-            export=export, tx_flags=flags, structured=self.structured, meta_contexts=contexts
+            export=export,
+            tx_flags=flags,
+            structured=self.structured,
+            meta_contexts=self._selected(export),
+            extended=self.extended,
         )
         self.state = HandshakeState.DONE
 
@@ -318,7 +347,16 @@ class ServerHandshake:
     def _structured_reply(self, opt: int, data: bytes) -> None:
         if data:
             raise OptionError(Rep.ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+        if self.extended:
+            raise OptionError(Rep.ERR_EXT_HEADER_REQD, "extended headers are already in use")
         self.structured = True
+        self._out += option_reply(opt, Rep.ACK)
+
+    def _extended_headers(self, opt: int, data: bytes) -> None:
+        if data:
+            raise OptionError(Rep.ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")
+        # Implies structured replies: every rule of those holds, with the 32-byte header.
+        self.extended = self.structured = True
         self._out += option_reply(opt, Rep.ACK)
 
     def _meta_context(self, opt: int, data: bytes) -> None:

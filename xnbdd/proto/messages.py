@@ -34,17 +34,24 @@ class ExportInfo:
 
 @dataclass(frozen=True)
 class Negotiated:
-    """The outcome of a successful handshake: which export, and how to talk during transmission."""
+    """The outcome of a successful handshake: which export, and how to talk during transmission.
+
+    ``extended``: 32-byte request and reply headers (NBD_OPT_EXTENDED_HEADERS); it implies
+    ``structured`` (every rule of structured replies holds, with the extended header).
+    """
 
     export: ExportInfo
     tx_flags: TxFlag
     structured: bool = False
     meta_contexts: dict[int, str] = field(default_factory=dict)  # context id -> name
+    extended: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A transmission-phase request. ``data`` is the WRITE payload (None when it was discarded)."""
+    """A transmission-phase request. ``data`` is its payload (a WRITE's; with extended headers
+    any command may carry one); None when there was none or it was discarded. ``contexts``: the
+    metadata context ids a BLOCK_STATUS payload asked for (None: every selected context)."""
 
     cookie: int
     cmd: int  # an int, not Cmd: unknown numbers must still be answered (EINVAL)
@@ -52,6 +59,7 @@ class Request:
     offset: int
     length: int
     data: bytes | bytearray | None = None
+    contexts: tuple[int, ...] | None = None
 
     @property
     def command(self) -> Cmd | None:

@@ -167,7 +167,7 @@ class Frontend:
                         # reply instead of a connection dropped after a successful GO.
                         start = opt in (Opt.GO, Opt.EXPORT_NAME)
                         await self._learn(name, infos, failures, start=start)
-                if opt == Opt.STRUCTURED_REPLY and not self.handoff:
+                if opt in (Opt.STRUCTURED_REPLY, Opt.EXTENDED_HEADERS) and not self.handoff:
                     # --connected-fd servers speak simple replies only; say so up front.
                     await stream.send_all(
                         option_reply(opt, Rep.ERR_UNSUP, b"structured replies need the hand-off")
