@@ -188,6 +188,8 @@ class DataPlane:
             reason = self._loop()
             if self._stopping and reason == "server shutting down":
                 self._linger()
+            else:
+                self._transport.close_notify()  # TLS: the session's end, before the socket's
             return reason
         except ClosedConnection as why:
             return str(why)
