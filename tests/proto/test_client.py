@@ -309,7 +309,7 @@ def test_byte_at_a_time_feeding_gives_the_same_events(splits: list[int]) -> None
     assert pieces == whole and len(whole) == 5
 
 
-# -- STARTTLS ---------------------------------------------------------------------------------------
+# -- STARTTLS ------------------------------------------------------------------------------------
 
 FIXED_GREETING = struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3)
 
