@@ -309,20 +309,15 @@ class TLSTransport:
         view = views[0]
         got = 0
         while got < len(view):
+            # Nothing buffered at all: go to the socket without an SSLWantReadError first.
+            empty = not self._incoming.pending and not self._obj.pending()
+            if empty and not self._eof and not self._fill():
+                break
             try:
                 count = int(self._obj.read(len(view) - got, view[got:]))
-            except ssl.SSLWantReadError:
-                if self._eof:
+            except ssl.SSLWantReadError:  # a record is incomplete
+                if self._eof or not self._fill():
                     break
-                try:
-                    data = os.read(self.fd, RAW_READ)
-                except BlockingIOError:
-                    break
-                if not data:
-                    self._eof = True
-                    self._incoming.write_eof()
-                    continue
-                self._incoming.write(data)
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 self._eof = True
@@ -342,22 +337,45 @@ class TLSTransport:
             return 0
         raise BlockingIOError
 
+    def _fill(self) -> bool:
+        """Ciphertext from the socket into the session; False when the socket has none now."""
+        try:
+            data = os.read(self.fd, RAW_READ)
+        except BlockingIOError:
+            return False
+        if data:
+            self._incoming.write(data)
+        else:
+            self._eof = True
+            self._incoming.write_eof()
+        return True
+
     def writev(self, parts: list[bytes | bytearray | memoryview]) -> int:
         """Encrypt and send while the socket takes it all; a short count (or BlockingIOError
-        for none) means the socket is full, as with writev."""
+        for none) means the socket is full, as with writev. Small parts (a reply's header and
+        its data) are joined first: one TLS record for many replies, not two per reply."""
         taken = 0
-        for part in parts:
-            view = memoryview(part)
-            pos = 0
-            while pos < len(view):
-                if not self.flush():
-                    if taken:
-                        return taken
-                    raise BlockingIOError
-                step = view[pos : pos + ENCRYPT_STEP]
-                self._obj.write(step)
-                pos += len(step)
-                taken += len(step)
+        index, offset = 0, 0  # the first byte not taken yet: parts[index][offset]
+        while index < len(parts):
+            if not self.flush():
+                if taken:
+                    return taken
+                raise BlockingIOError
+            chunk: list[bytes | bytearray | memoryview] = []
+            room = ENCRYPT_STEP
+            while index < len(parts) and room:
+                part = parts[index]
+                left = len(part) - offset
+                if left <= room:
+                    chunk.append(part if not offset else memoryview(part)[offset:])
+                    room -= left
+                    index, offset = index + 1, 0
+                else:
+                    chunk.append(memoryview(part)[offset : offset + room])
+                    offset += room
+                    room = 0
+            self._obj.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+            taken += ENCRYPT_STEP - room
         with contextlib.suppress(BlockingIOError):
             self.flush()
         return taken
