@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
@@ -53,6 +53,7 @@ class ServerState:
         self.stopping = trio.Event()
         self.clients = 0
         self.tls_clients = 0  # connections whose STARTTLS succeeded
+        self.changed: Callable[[], None] = lambda: None  # the counts above changed (STATUS=)
 
 
 class Connection:
@@ -138,6 +139,7 @@ class Connection:
             return channel
         self.tls = session
         self.state.tls_clients += 1
+        self.state.changed()
         log.info("TLS started: %s", session.describe(), extra=self._fields())
         return channel
 

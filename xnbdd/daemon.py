@@ -123,6 +123,7 @@ class Daemon:
         if opts.max_buf_size:
             limits.max_bytes = opts.max_buf_size
         self.state = ServerState(limits, server_tls(opts.tls))  # TLSConfigError: one line
+        self.state.changed = self._update_status
         self.notifier = Notifier()
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
