@@ -43,6 +43,7 @@ RECEIVE_SIZE = 256 * 1024
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,11 @@ class _Connection:
 
 
 async def _close_quietly(stream: trio.abc.Stream) -> None:
+    # A TLS stream sends close_notify first, which a stuck origin may never take: bounded (a
+    # cancelled close still closes the socket).
     with suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.aclose()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await stream.aclose()
 
 
 def _tune_socket(stream: trio.SocketStream) -> None:
