@@ -76,7 +76,7 @@ def read_psk_file(path: str) -> dict[str, bytes]:
             continue
         identity, sep, key = line.strip().partition(":")
         try:
-            if not sep or not identity:
+            if not sep or not identity or not key:
                 raise ValueError
             keys[identity] = bytes.fromhex(key)
         except ValueError:
@@ -109,8 +109,8 @@ def server_context(opts: ServerTLSOptions) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # the NBD spec's floor
     if opts.psk_file:
-        if opts.certificates:
-            raise TLSConfigError("--tls-psk and --tls-certificates exclude each other")
+        if opts.certificates or opts.verify_peer:
+            raise TLSConfigError("--tls-psk excludes --tls-certificates and --tls-verify-peer")
         if not psk_supported():
             raise TLSConfigError(
                 "--tls-psk: this Python's ssl module has no pre-shared key support "

@@ -308,6 +308,13 @@ def parse(argv: list[str]) -> dict[str, object]:
 
 def check_tls(settings: dict[str, object]) -> None:
     """The combinations TLS cannot be part of (docs/tls.md)."""
+    tls_keys = ("tls_certificates", "tls_psk", "tls_verify_peer")
+    if settings["tls"] == "off" and any(settings.get(key) for key in tls_keys):
+        raise UsageError("--tls-certificates/-psk/-verify-peer need --tls on or require")
+    if settings.get("tls_psk") and (
+        settings.get("tls_certificates") or settings.get("tls_verify_peer")
+    ):
+        raise UsageError("--tls-psk excludes --tls-certificates and --tls-verify-peer")
     if settings["tls"] != "off":
         if settings.get("oldstyle"):
             raise UsageError("--tls: the oldstyle handshake has no STARTTLS")
