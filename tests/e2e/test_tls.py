@@ -467,3 +467,30 @@ def test_proxy_refuses_an_origin_it_cannot_verify(tmp_path: Path, certs: Certifi
             *local,
         )
         assert plain.returncode == 1 and "ERR_TLS_REQD" in plain.stderr
+
+
+def test_proxy_reconnects_to_a_restarted_tls_origin_over_tls(
+    tmp_path: Path, certs: Certificates
+) -> None:
+    """The origin goes away mid-migration and comes back on the same port: the link comes back
+    by itself, with STARTTLS again (nbdkit --tls=require would refuse anything else)."""
+    origin_image, data = image_with_data(tmp_path, "origin.img", seed=11)
+    options = ("--tls=require", f"--tls-certificates={certs.server}", "--tls-verify-peer")
+    port = free_port()
+    cache, bitmap, ctl = tmp_path / "p.cache", tmp_path / "p.bm", tmp_path / "p.ctl"
+    proxy_args = [*remote_tls_args(certs), "127.0.0.1", str(port), str(cache), str(bitmap)]
+    with (
+        nbdkit(tmp_path, ["file", str(origin_image)], options=options, port=port) as first,
+        running_server("--proxy", *proxy_args, str(ctl), tmp_path=tmp_path) as proxy,
+    ):
+        head = run(need("qemu-io"), "-r", "-f", "raw", proxy.uri, "-c", "read 0 4M")
+        assert head.returncode == 0, head.stderr
+        first.kill()
+        with nbdkit(tmp_path, ["file", str(origin_image)], options=options, port=port):
+            copy = tmp_path / "copy.img"
+            assert run(need("nbdcopy"), proxy.uri, str(copy)).returncode == 0
+            assert copy.read_bytes() == data
+            status = query(ctl)
+            assert status["remote_state"] == "connected"
+            assert status["remote"] == f"127.0.0.1:{port} (TLS)"
+        assert "reconnecting" in proxy.log() or "origin connection ended" in proxy.log()
