@@ -212,6 +212,8 @@ def test_status_shows_tls(certs: Certificates, tls_server: tuple[ServerProcess, 
             pass
         status = query(ctl)
         assert (status["clients"], status["tls_clients"]) == (1, 1)
+        text = run(sys.executable, "-m", "xnbdd.cli.bgctl", "--query", str(ctl)).stdout
+        assert "TLS require: 1 of 1 clients over TLS" in text
     finally:
         proc.communicate("quit\n", timeout=30)
 
