@@ -260,7 +260,7 @@ class DataPlane:
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
-        writing = self._out or self._holding()
+        writing = self._out or (self._layered and self._transport.has_output())
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events:
             poller.register(self._fd, events)  # registers or modifies
