@@ -68,9 +68,11 @@ def tls_server(tmp_path: Path, certs: Certificates) -> Iterator[tuple[ServerProc
         yield server, path
 
 
-def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=120, check=False, env=env
+        list(argv), capture_output=True, text=True, timeout=120, check=False, env=env, cwd=cwd
     )
 
 
@@ -243,6 +245,7 @@ def test_fio_verify_through_tls_with_four_connections(
         "--verify_fatal=1",
         "--group_reporting",
         env={**os.environ, "HOME": str(home)},
+        cwd=tmp_path,  # fio's verify state files
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "err= 0" in result.stdout
