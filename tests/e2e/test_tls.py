@@ -499,3 +499,19 @@ def test_proxy_reconnects_to_a_restarted_tls_origin_over_tls(
             assert status["remote_state"] == "connected"
             assert status["remote"] == f"127.0.0.1:{port} (TLS)"
         assert "reconnecting" in proxy.log() or "origin connection ended" in proxy.log()
+
+
+def test_tls_on_serves_both_kinds_of_client(tmp_path: Path, certs: Certificates) -> None:
+    path, data = image_with_data(tmp_path)
+    with running_server(
+        "--target", "--tls=on", "--tls-certificates", str(certs.server), str(path),
+        tmp_path=tmp_path,
+    ) as server:  # fmt: skip
+        plain = run(need("nbdinfo"), f"nbd://127.0.0.1:{server.port}/")
+        assert plain.returncode == 0 and "without TLS" in plain.stdout, plain.stderr
+        secure = run(need("nbdinfo"), nbds(server, certs.client))
+        assert secure.returncode == 0 and "with TLS" in secure.stdout, secure.stderr
+        copy = tmp_path / "copy.img"
+        assert run(need("nbdcopy"), nbds(server, certs.client), str(copy)).returncode == 0
+        assert copy.read_bytes() == data
+    assert server.log().count("TLS started") >= 2
