@@ -53,6 +53,7 @@ class ServerState:
         self.stopping = trio.Event()
         self.clients = 0
         self.tls_clients = 0  # connections whose STARTTLS succeeded
+        self.connections: set[Connection] = set()  # for the control socket's query
         self.changed: Callable[[], None] = lambda: None  # the counts above changed (STATUS=)
 
 
@@ -143,6 +144,10 @@ class Connection:
         log.info("TLS started: %s", session.describe(), extra=self._fields())
         return channel
 
+    def describe(self) -> dict[str, object]:
+        """What the control socket's query lists per connection."""
+        return {"client": self.peer, "tls": self.tls is not None}
+
     def _fields(self) -> dict[str, str]:
         return {"XNBD_CLIENT": self.peer} if self.peer else {}
 
@@ -150,6 +155,7 @@ class Connection:
 
     async def serve(self, negotiated: Negotiated | None = None) -> None:
         """Run the whole connection. ``negotiated`` skips the handshake (``--connected-fd``)."""
+        self.state.connections.add(self)
         try:
             if negotiated is None:
                 async with trio.open_nursery() as nursery:
@@ -166,6 +172,7 @@ class Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer
         finally:
+            self.state.connections.discard(self)
             if self.tls is not None:
                 self.state.tls_clients -= 1
             await trio.aclose_forcefully(self.stream)

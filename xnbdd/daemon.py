@@ -353,6 +353,7 @@ class Daemon:
             "clients": self.state.clients,
             "tls": self.state.tls.policy.value,
             "tls_clients": self.state.tls_clients,
+            "connections": [c.describe() for c in self.state.connections],
             "operation": self._operation,
             "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,

@@ -195,7 +195,7 @@ def test_status_shows_tls(certs: Certificates, tls_server: tuple[ServerProcess, 
     server, path = tls_server
     ctl = path.parent / "ctl.sock"
     status = query(ctl)
-    assert (status["tls"], status["tls_clients"]) == ("require", 0)
+    assert (status["tls"], status["tls_clients"], status["connections"]) == ("require", 0, [])
     # nbdinfo holds its connection while a slow command runs: nbdsh would need libnbd's
     # Python binding, so a TLS client is kept open with qemu-io's interactive mode instead.
     creds = f"tls-creds-x509,id=tls0,dir={certs.client},endpoint=client"
@@ -214,6 +214,8 @@ def test_status_shows_tls(certs: Certificates, tls_server: tuple[ServerProcess, 
             pass
         status = query(ctl)
         assert (status["clients"], status["tls_clients"]) == (1, 1)
+        [connection] = status["connections"]
+        assert connection["tls"] is True and connection["client"].startswith("127.0.0.1:")
         text = run(sys.executable, "-m", "xnbdd.cli.bgctl", "--query", str(ctl)).stdout
         assert "TLS require: 1 of 1 clients over TLS" in text
     finally:
