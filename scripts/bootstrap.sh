@@ -21,7 +21,7 @@ apt_run=(python3 python3-venv python3-dev libsystemd-dev pkg-config gcc)
 apt_deb=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
          python3-trio python3-systemd python3-sdnotify fakeroot lintian)
 apt_test=("${apt_run[@]}" "${apt_deb[@]}"
-          libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-server nbd-client
+          libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-server nbd-client openssl
           systemd systemd-container debootstrap debian-archive-keyring fuse3 iperf3
           xfsprogs btrfs-progs e2fsprogs util-linux iproute2 procps kmod psmisc
           qemu-system-x86)

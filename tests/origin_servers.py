@@ -130,9 +130,11 @@ def nbdkit(
     log: bool = False,
     filters: tuple[str, ...] = (),
     port: int | None = None,
+    options: tuple[str, ...] = (),
 ) -> Iterator[Origin]:
-    """``nbdkit -f`` with PLUGIN ARGS (e.g. ["memory", "64M"] or ["file", path])."""
-    argv = [need("nbdkit"), "-f", "--exit-with-parent"]
+    """``nbdkit -f`` with PLUGIN ARGS (e.g. ["memory", "64M"] or ["file", path]); ``options``
+    go before them (e.g. ``--tls=require``)."""
+    argv = [need("nbdkit"), "-f", "--exit-with-parent", *options]
     if oldstyle:
         argv.append("-o")
     logfile = None

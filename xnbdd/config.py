@@ -123,6 +123,13 @@ def _path(text: str) -> str:
     return text
 
 
+def _tls_mode(text: str) -> str:
+    word = text.lower()
+    if word not in ("off", "on", "require"):
+        raise ValueError("not one of off, on, require")
+    return word
+
+
 def _addresses(text: str) -> list[str]:
     addresses = [a for a in text.replace(",", " ").split() if a]
     if not addresses:
@@ -156,6 +163,14 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "remote-timeout": ("remote_timeout", _seconds),
     "handshake-timeout": ("handshake_timeout", _seconds),
     "handoff-socket": ("handoff_socket", _path),  # written by xnbd-wrapper --systemd-units
+    "tls": ("tls", _tls_mode),
+    "tls-certificates": ("tls_certificates", _path),
+    "tls-verify-peer": ("tls_verify_peer", _boolean),
+    "tls-psk": ("tls_psk", _path),
+    "remote-tls": ("remote_tls", _boolean),
+    "remote-tls-ca": ("remote_tls_ca", _path),
+    "remote-tls-cert": ("remote_tls_cert", _path),
+    "remote-tls-key": ("remote_tls_key", _path),
 }
 
 

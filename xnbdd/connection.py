@@ -10,7 +10,8 @@ out; whatever still runs after the grace period is cut.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import trio
@@ -22,6 +23,7 @@ from .export import Export
 from .proto.consts import Errno
 from .proto.handshake import HandshakeState, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
+from .tls import PlainTransport, ServerTLS, TLSChannel, TLSSession, TLSTransport, Transport
 
 log = logging.getLogger("xnbdd")
 
@@ -44,11 +46,15 @@ class ServerState:
     """What every connection of the daemon shares: limits, the byte budget, the shutdown signal
     and the client count."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, tls: ServerTLS | None = None) -> None:
         self.limits = limits or Limits()
         self.budget = ByteBudget(self.limits)
+        self.tls = tls or ServerTLS()
         self.stopping = trio.Event()
         self.clients = 0
+        self.tls_clients = 0  # connections whose STARTTLS succeeded
+        self.connections: set[Connection] = set()  # for the control socket's query
+        self.changed: Callable[[], None] = lambda: None  # the counts above changed (STATUS=)
 
 
 class Connection:
@@ -67,6 +73,7 @@ class Connection:
         self.peer = peer
         self.oldstyle = oldstyle
         self.pending = b""  # bytes the client sent behind its handshake
+        self.tls: TLSSession | None = None  # set once STARTTLS succeeded
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -78,26 +85,68 @@ class Connection:
         return [export.info() for export in self.catalog.exports()]
 
     async def handshake(self) -> Negotiated | None:
-        """Negotiate; None when the client left, aborted, broke a MUST or timed out."""
-        hs = ServerHandshake(self._lookup, self._list, oldstyle=self.oldstyle)
+        """Negotiate; None when the client left, aborted, broke a MUST, failed its TLS
+        handshake or timed out."""
+        tls = self.state.tls
+        hs = ServerHandshake(self._lookup, self._list, oldstyle=self.oldstyle, tls=tls.policy)
+        channel: trio.SocketStream | TLSChannel = self.stream
         with trio.move_on_after(self.state.limits.handshake_timeout):
-            while True:
-                out = hs.data_to_send()
-                if out:
-                    await self.stream.send_all(out)
-                if hs.state is HandshakeState.DONE:
-                    self.pending += hs.leftover()
-                    return hs.negotiated
-                if hs.state is HandshakeState.CLOSED:
-                    log.debug("handshake ended: %s", hs.close_reason, extra=self._fields())
-                    return None
-                data = await self.stream.receive_some(4096)
-                if not data:
-                    return None
-                hs.shutting_down = self.state.stopping.is_set()
-                hs.receive_data(data)
+            try:
+                return await self._negotiate(hs, channel)
+            except ssl.SSLError as err:  # broken TLS records after the TLS handshake
+                log.warning("TLS failed: %s", err.reason or err, extra=self._fields())
+                return None
         log.info("handshake timed out", extra=self._fields())
         return None
+
+    async def _negotiate(
+        self, hs: ServerHandshake, channel: trio.SocketStream | TLSChannel
+    ) -> Negotiated | None:
+        tls = self.state.tls
+        while True:
+            out = hs.data_to_send()
+            if out:
+                await channel.send_all(out)
+            if hs.state is HandshakeState.DONE:
+                self.pending += hs.leftover()
+                return hs.negotiated
+            if hs.state is HandshakeState.CLOSED:
+                log.debug("handshake ended: %s", hs.close_reason, extra=self._fields())
+                return None
+            if hs.state is HandshakeState.STARTTLS:
+                assert tls.context is not None  # the policy is not OFF
+                channel = await self._start_tls(tls.context, hs.leftover())
+                if self.tls is None:
+                    return None
+                hs.tls_started()
+                continue
+            data = await channel.receive_some(4096)
+            if not data:
+                return None
+            hs.shutting_down = self.state.stopping.is_set()
+            hs.receive_data(data)
+
+    async def _start_tls(self, context: ssl.SSLContext, early: bytes) -> TLSChannel:
+        """The TLS handshake after STARTTLS's ACK; ``self.tls`` stays None when it failed."""
+        session = TLSSession(context)
+        if early:
+            session.feed(early)  # a client that did not wait for the ACK
+        channel = TLSChannel(self.stream, session)
+        try:
+            await channel.handshake()
+        except ssl.SSLError as err:
+            # Too late to go on in the clear (the ACK is out): the session ends (MUST).
+            log.warning("TLS handshake failed: %s", err.reason or err, extra=self._fields())
+            return channel
+        self.tls = session
+        self.state.tls_clients += 1
+        self.state.changed()
+        log.info("TLS started: %s", session.describe(), extra=self._fields())
+        return channel
+
+    def describe(self) -> dict[str, object]:
+        """What the control socket's query lists per connection."""
+        return {"client": self.peer, "tls": self.tls is not None}
 
     def _fields(self) -> dict[str, str]:
         return {"XNBD_CLIENT": self.peer} if self.peer else {}
@@ -106,6 +155,7 @@ class Connection:
 
     async def serve(self, negotiated: Negotiated | None = None) -> None:
         """Run the whole connection. ``negotiated`` skips the handshake (``--connected-fd``)."""
+        self.state.connections.add(self)
         try:
             if negotiated is None:
                 async with trio.open_nursery() as nursery:
@@ -122,6 +172,9 @@ class Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer
         finally:
+            self.state.connections.discard(self)
+            if self.tls is not None:
+                self.state.tls_clients -= 1
             await trio.aclose_forcefully(self.stream)
 
     async def _cut_handshake_on_shutdown(self, scope: trio.CancelScope) -> None:
@@ -139,8 +192,12 @@ class Connection:
                     tasks.start_soon, self._handle, plane, req, cost, export, negotiated
                 )
 
+            fd = self.stream.socket.fileno()
+            transport: Transport = (
+                PlainTransport(fd) if self.tls is None else TLSTransport(fd, self.tls)
+            )
             plane = DataPlane(
-                self.stream.socket.fileno(),
+                transport,
                 export,
                 negotiated,
                 self.state.limits,

@@ -31,11 +31,13 @@ from .export import Export
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
+from .proto.handshake import TLSPolicy
 from .proto.messages import Negotiated
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .signals import sigterm_came_early
 from .snapshot import take_snapshot
 from .systemd import Notifier
+from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 
 log = logging.getLogger("xnbdd")
 
@@ -67,6 +69,8 @@ class ServerOptions:
     target_exportname: str | None = None
     clear_bitmap: bool = False
     remote_timeout: float = DEFAULT_TIMEOUT
+    remote_tls: ClientTLSOptions | None = None  # the origin link speaks TLS
+    tls: ServerTLSOptions = field(default_factory=ServerTLSOptions)
     # SIGHUP re-reads this file; keys given on the command line keep their values
     config: str | None = None
     command_line_keys: frozenset[str] = frozenset()
@@ -118,7 +122,8 @@ class Daemon:
             limits.max_requests = opts.max_queue_size
         if opts.max_buf_size:
             limits.max_bytes = opts.max_buf_size
-        self.state = ServerState(limits)
+        self.state = ServerState(limits, server_tls(opts.tls))  # TLSConfigError: one line
+        self.state.changed = self._update_status
         self.notifier = Notifier()
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
@@ -166,7 +171,9 @@ class Daemon:
         opts = self.opts
         if opts.mode != "proxy":
             return await trio.to_thread.run_sync(open_backend, opts)
-        remote = RemoteAddress(opts.remote_host, opts.remote_port, opts.target_exportname)
+        remote = RemoteAddress(
+            opts.remote_host, opts.remote_port, opts.target_exportname, tls=opts.remote_tls
+        )
         self.proxy = await stack.enter_async_context(
             open_proxy_backend(
                 remote,
@@ -284,6 +291,8 @@ class Daemon:
         clients = self.state.clients
         noun = "client" if clients == 1 else "clients"
         text = f"{self.mode} {self.opts.image}: {clients} {noun}"
+        if self.state.tls.policy is not TLSPolicy.OFF:
+            text += f" ({self.state.tls_clients} over TLS, TLS {self.state.tls.policy.value})"
         if self.proxy is not None:
             status = self.proxy.status()
             percent = 100.0 * status.cached_blocks / max(status.total_blocks, 1)
@@ -342,6 +351,9 @@ class Daemon:
             "image": self.opts.image,
             "size": self.export.size if self.export is not None else 0,
             "clients": self.state.clients,
+            "tls": self.state.tls.policy.value,
+            "tls_clients": self.state.tls_clients,
+            "connections": [c.describe() for c in self.state.connections],
             "operation": self._operation,
             "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,
@@ -366,7 +378,8 @@ class Daemon:
 
     async def reconnect(self, host: str, port: str, exportname: str | None) -> None:
         proxy = self._require_proxy("reconnect")
-        await proxy.reconnect(RemoteAddress(host, port, exportname))
+        # The new origin is reached as the old one was: with TLS when --remote-tls is set.
+        await proxy.reconnect(RemoteAddress(host, port, exportname, tls=self.opts.remote_tls))
         log.info("reconnected to %s", proxy.status().remote)
         self._update_status()
 
@@ -448,6 +461,7 @@ class Daemon:
 
     def _apply_config(self, values: dict[str, object]) -> None:
         limits = self.state.limits
+        tls_keys = self._tls_keys()
         for key, value in values.items():
             if key in self.opts.command_line_keys:
                 continue  # the command line wins, as at start
@@ -459,12 +473,32 @@ class Daemon:
                 limits.max_bytes = value or Limits.max_bytes
             elif key == "handshake_timeout" and isinstance(value, float):
                 limits.handshake_timeout = value
+            elif key in tls_keys:
+                if tls_keys[key] != value:
+                    self._restart_needed(key)
             elif getattr(self.opts, key, value) != value:
-                log.warning(
-                    "reload: %s changed in %s; it takes effect at the next restart",
-                    key.replace("_", "-"),
-                    self.opts.config,
-                )
+                self._restart_needed(key)
+
+    def _tls_keys(self) -> dict[str, object]:
+        """The TLS settings in the configuration's terms (they change only at a restart)."""
+        tls, remote = self.opts.tls, self.opts.remote_tls
+        return {
+            "tls": tls.mode.value,
+            "tls_certificates": tls.certificates or None,
+            "tls_verify_peer": tls.verify_peer,
+            "tls_psk": tls.psk_file or None,
+            "remote_tls": remote is not None,
+            "remote_tls_ca": (remote.ca or None) if remote else None,
+            "remote_tls_cert": (remote.cert or None) if remote else None,
+            "remote_tls_key": (remote.key or None) if remote else None,
+        }
+
+    def _restart_needed(self, key: str) -> None:
+        log.warning(
+            "reload: %s changed in %s; it takes effect at the next restart",
+            key.replace("_", "-"),
+            self.opts.config,
+        )
 
     # -- signals and watchdog -------------------------------------------------------------------
 

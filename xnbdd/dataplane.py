@@ -20,6 +20,10 @@ ones: the layout is chosen once per connection, so the compact loop is the same 
 request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is received like
 a WRITE's and the command's validation decides what it means.
 
+The bytes move through a ``tls.Transport``: the socket itself (readv, writev, sendfile), or the
+connection's TLS session encrypting in this thread (docs/tls.md); only a TLS transport can hold
+bytes back (``has_output``), and only it is asked.
+
 On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
 socket closes as soon as the last reply is out. End of stream (or NBD_CMD_DISC) is the same: no
 more requests, the answers to those in flight, then close.
@@ -68,6 +72,7 @@ from .proto.transmission import (
     check_request,
     offset_hole,
 )
+from .tls import Transport
 
 log = logging.getLogger("xnbdd")
 
@@ -97,7 +102,7 @@ class DataPlane:
 
     def __init__(
         self,
-        fd: int,
+        transport: Transport,
         export: Export,
         negotiated: Negotiated,
         limits: Limits,
@@ -107,7 +112,12 @@ class DataPlane:
         pending: bytes = b"",
         fields: dict[str, str] | None = None,
     ) -> None:
-        self._fd = fd
+        self._transport = transport
+        self._fd = transport.fd
+        self._readv = transport.readv
+        self._writev = transport.writev
+        self._sendfile = transport.sendfile
+        self._layered = not transport.zero_copy  # may hold bytes back: ask ``has_output``
         self._export = export
         self._negotiated = negotiated
         self._limits = limits
@@ -198,6 +208,8 @@ class DataPlane:
             reason = self._loop()
             if self._stopping and reason == "server shutting down":
                 self._linger()
+            else:
+                self._transport.close_notify()  # TLS: the session's end, before the socket's
             return reason
         except ClosedConnection as why:
             return str(why)
@@ -226,7 +238,9 @@ class DataPlane:
                 self._parse()
             if self._out:
                 self._send()
-            if self._end and not self.in_flight and not self._out:
+            elif self._layered and self._transport.has_output():
+                self._flush_transport()
+            if self._end and not self.in_flight and not self._out and not self._holding():
                 return self._end
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
@@ -244,6 +258,7 @@ class DataPlane:
         request it sent meanwhile does not turn our close into a reset that could destroy
         replies it has not read yet. The grace period (``abort``) bounds the wait."""
         try:
+            self._transport.close_notify()
             with socket.socket(fileno=os.dup(self._fd)) as sock:  # shuts the socket, not the fd
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -265,7 +280,8 @@ class DataPlane:
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
-        events = (_POLLIN if want_read else 0) | (_POLLOUT if self._out else 0)
+        writing = self._out or (self._layered and self._transport.has_output())
+        events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events:
             poller.register(self._fd, events)  # registers or modifies
         else:
@@ -337,7 +353,7 @@ class DataPlane:
         """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
         reading) ends the requests, and once stopping an empty socket does too."""
         try:
-            count = os.readv(self._fd, [view])
+            count = self._readv([view])
         except BlockingIOError:
             self._drained = True
             return None
@@ -627,15 +643,26 @@ class DataPlane:
                 self._ranges += isinstance(part, FileRange)
         self._marks.append((self._queued, cost))
 
+    def _holding(self) -> bool:
+        """The transport holds bytes the socket has not taken yet (TLS only)."""
+        return self._layered and self._transport.has_output()
+
+    def _flush_transport(self) -> None:
+        try:
+            self._transport.flush()
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            raise ClosedConnection("client gone while sending") from None
+
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""
         out = self._out
-        fd = self._fd
+        writev = self._writev
         try:
             while out:
                 head = out[0]
                 if isinstance(head, FileRange):
-                    sent = os.sendfile(fd, head.fd, head.offset, head.length)
+                    sent = self._sendfile(head.fd, head.offset, head.length)
                     if not sent:  # the image shrank under us; the header is already out
                         raise OSError(errno.EIO, "image ended during a reply")
                     if sent < head.length:
@@ -647,7 +674,7 @@ class DataPlane:
                     continue
                 if not self._ranges and len(out) <= MAX_IOV:
                     # the common case: everything queued goes in one writev
-                    sent = os.writev(fd, out)  # type: ignore[arg-type]  # no FileRange in it
+                    sent = writev(out)  # type: ignore[arg-type]  # no FileRange in it
                     self._sent += sent
                     if self._sent == self._queued:
                         out.clear()
@@ -659,7 +686,7 @@ class DataPlane:
                     if isinstance(part, FileRange) or len(views) == MAX_IOV:
                         break
                     views.append(part)
-                sent = os.writev(fd, views)
+                sent = writev(views)
                 self._sent += sent
                 if not self._advance(sent, len(views)):
                     break  # the socket took part of the batch: it is full

@@ -35,6 +35,7 @@ from .proto.client import (
 )
 from .proto.consts import Cmd, TxFlag
 from .proto.errors import NBDError
+from .tls import ClientTLSOptions, client_context
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,19 @@ RECEIVE_SIZE = 256 * 1024
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
 class RemoteAddress:
     """Where the origin is. A ``host`` starting with ``/`` is a unix socket path (port unused).
-    ``export_name`` None: oldstyle servers need none, newstyle ones get the default export ""."""
+    ``export_name`` None: oldstyle servers need none, newstyle ones get the default export "".
+    ``tls``: negotiate STARTTLS and verify the origin's certificate (its name for TCP too)."""
 
     host: str
     port: str = "8520"
     export_name: str | None = None
+    tls: ClientTLSOptions | None = None
 
     @property
     def is_unix(self) -> bool:
@@ -59,6 +63,8 @@ class RemoteAddress:
 
     def describe(self) -> str:
         where = f"unix:{self.host}" if self.is_unix else f"{self.host}:{self.port}"
+        if self.tls is not None:
+            where += " (TLS)"
         return where if self.export_name is None else f"{where} export {self.export_name!r}"
 
 
@@ -217,8 +223,11 @@ class _Connection:
 
 
 async def _close_quietly(stream: trio.abc.Stream) -> None:
+    # A TLS stream sends close_notify first, which a stuck origin may never take: bounded (a
+    # cancelled close still closes the socket).
     with suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.aclose()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await stream.aclose()
 
 
 def _tune_socket(stream: trio.SocketStream) -> None:
@@ -239,19 +248,35 @@ def _port_number(port: str) -> int:
         return socket.getservbyname(port, "tcp")
 
 
+async def _start_tls(
+    raw: trio.SocketStream, address: RemoteAddress, tls: ClientTLSOptions
+) -> trio.SSLStream[trio.SocketStream]:
+    hostname = None if address.is_unix else address.host
+    context = client_context(ClientTLSOptions(tls.ca, tls.cert, tls.key, server_hostname=hostname))
+    stream = trio.SSLStream(raw, context, server_hostname=hostname)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        # the certificate did not verify, or the origin is not speaking TLS
+        cause = exc.__cause__ or exc
+        raise OSError(errno.EPROTO, f"{address.describe()}: TLS handshake failed: {cause}") from exc
+    return stream
+
+
 async def open_connection(
     address: RemoteAddress,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,  # noqa: ASYNC109 (raises OSError, not Cancelled)
-) -> tuple[trio.SocketStream, Connected, bytes]:
+) -> tuple[trio.abc.Stream, Connected, bytes]:
     """Connect (every resolved address is tried) and negotiate; OSError on any failure."""
     with trio.move_on_after(timeout) as scope:
+        stream: trio.abc.Stream
         if address.is_unix:
-            stream = await trio.open_unix_socket(address.host)
+            stream = raw = await trio.open_unix_socket(address.host)
         else:
-            stream = await trio.open_tcp_stream(address.host, _port_number(address.port))
+            stream = raw = await trio.open_tcp_stream(address.host, _port_number(address.port))
         try:
-            _tune_socket(stream)
-            handshake = ClientHandshake(address.export_name or "")
+            _tune_socket(raw)
+            handshake = ClientHandshake(address.export_name or "", starttls=bool(address.tls))
             result = None
             while result is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
@@ -259,6 +284,11 @@ async def open_connection(
                 outgoing = handshake.data_to_send()
                 if outgoing:
                     await stream.send_all(outgoing)
+                if handshake.wants_tls:
+                    assert address.tls is not None
+                    stream = await _start_tls(raw, address, address.tls)
+                    handshake.tls_started()
+                    await stream.send_all(handshake.data_to_send())
             return stream, result, handshake.leftover()
         except BaseException as exc:
             with trio.CancelScope(shield=True):

@@ -256,3 +256,40 @@ def test_ipv4_clients_of_a_dual_stack_socket_are_logged_as_ipv4(
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-certificates", "/etc/xnbd/tls"], "need --tls on or require"),
+        (["--tls-verify-peer"], "need --tls on or require"),
+        (["--tls=on", "--tls-psk", "/k", "--tls-verify-peer"], "--tls-psk excludes"),
+        (["--tls=on", "--oldstyle"], "oldstyle handshake has no STARTTLS"),
+        (["--tls=require", "--connected-fd", "3"], "negotiated already"),
+        (["--remote-tls-ca", "/ca.pem"], "need --remote-tls"),
+        (["--remote-tls"], "--remote-tls is for --proxy mode"),
+        (["--tls=maybe"], "invalid choice"),
+    ],
+)
+def test_tls_combinations_are_usage_errors(args: list[str], message: str) -> None:
+    from xnbdd.cli.common import UsageError
+    from xnbdd.cli.server import parse
+
+    with pytest.raises(UsageError, match=message.replace("-", "\\-")):
+        parse(["--target", *args, "/img"])
+
+
+def test_tls_settings_reach_the_options(tmp_path: Path) -> None:
+    from xnbdd.cli.server import make_options, parse
+    from xnbdd.proto.handshake import TLSPolicy
+
+    conf = tmp_path / "x.conf"
+    conf.write_text("tls = require\ntls-certificates = /etc/xnbd/tls\ntls-verify-peer = yes\n")
+    opts = make_options(parse(["--target", "--config", str(conf), "/img"]))
+    assert opts.tls.mode is TLSPolicy.REQUIRE and opts.tls.verify_peer
+    assert opts.tls.certificates == "/etc/xnbd/tls"
+    proxy = make_options(
+        parse(["--proxy", "--remote-tls", "--remote-tls-ca", "ca.pem", "h", "1", "c", "b", "s"])
+    )
+    assert proxy.remote_tls is not None and proxy.remote_tls.ca == os.path.abspath("ca.pem")
+    assert proxy.tls.mode is TLSPolicy.OFF

@@ -406,3 +406,12 @@ def test_systemd_units_needs_systemd_and_the_handoff(tmp_path: Path) -> None:
         done.stderr.strip()
         == "xnbd-wrapper: --systemd-units: systemd is not running on this machine"
     )
+
+
+def test_tls_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """The front end hands the client's socket to an export server after the handshake; a TLS
+    session cannot go with it (docs/wrapper.md), so TLS is refused before anything starts."""
+    for mode in ("on", "require"):
+        done = start_wrapper(tmp_path, f"--tls={mode}")
+        assert done.returncode == 2
+        assert "--tls: not offered" in done.stderr and len(done.stderr.splitlines()) == 1

@@ -482,3 +482,60 @@ def test_arbitrary_extended_replies_never_break_the_decoder(
             tx.receive_data(wire[pos:])
     except ProtocolError:
         pass
+
+
+# -- STARTTLS ------------------------------------------------------------------------------------
+
+FIXED_GREETING = struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3)
+
+
+def test_starttls_comes_first_and_negotiation_continues_inside_tls() -> None:
+    hs = ClientHandshake("disk", starttls=True, extended_headers=False)
+    assert hs.receive_data(FIXED_GREETING) is None
+    assert hs.data_to_send() == struct.pack("!I", 3) + struct.pack(
+        "!QII", IHAVEOPT, Opt.STARTTLS, 0
+    )
+    assert hs.receive_data(option_reply(Opt.STARTTLS, Rep.ACK)) is None
+    assert hs.wants_tls and hs.data_to_send() == b""
+    with pytest.raises(ClientUsageError):
+        hs.receive_data(b"x")
+    hs.tls_started()
+    assert hs.data_to_send() == struct.pack("!QII", IHAVEOPT, Opt.STRUCTURED_REPLY, 0)
+    assert hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ACK)) is None
+    result = hs.receive_data(go_success())
+    assert result is not None and result.size == SIZE and result.structured
+
+
+def test_extended_headers_are_asked_inside_tls_not_before() -> None:
+    hs = ClientHandshake("disk", starttls=True)
+    hs.receive_data(FIXED_GREETING)
+    assert hs.data_to_send()[4:] == struct.pack("!QII", IHAVEOPT, Opt.STARTTLS, 0)
+    hs.receive_data(option_reply(Opt.STARTTLS, Rep.ACK))
+    hs.tls_started()
+    assert hs.data_to_send() == struct.pack("!QII", IHAVEOPT, Opt.EXTENDED_HEADERS, 0)
+    hs.receive_data(option_reply(Opt.EXTENDED_HEADERS, Rep.ACK))
+    result = hs.receive_data(go_success())
+    assert result is not None and result.extended and result.structured
+
+
+def test_a_refused_starttls_is_an_error_not_a_fallback_to_the_clear() -> None:
+    hs = ClientHandshake("disk", starttls=True)
+    hs.receive_data(FIXED_GREETING)
+    hs.data_to_send()
+    with pytest.raises(OptionRefused, match="STARTTLS: ERR_UNSUP"):
+        hs.receive_data(option_reply(Opt.STARTTLS, Rep.ERR_UNSUP))
+
+
+def test_tls_is_impossible_with_oldstyle_and_non_fixed_servers() -> None:
+    with pytest.raises(ProtocolError, match="oldstyle"):
+        ClientHandshake(starttls=True).receive_data(oldstyle_greeting())
+    with pytest.raises(ProtocolError, match="fixed newstyle"):
+        ClientHandshake(starttls=True).receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 0))
+
+
+def test_clear_bytes_behind_the_starttls_ack_are_refused() -> None:
+    hs = ClientHandshake(starttls=True)
+    hs.receive_data(FIXED_GREETING)
+    hs.receive_data(option_reply(Opt.STARTTLS, Rep.ACK) + b"junk")
+    with pytest.raises(ProtocolError, match="in the clear"):
+        hs.tls_started()

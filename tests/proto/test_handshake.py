@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,7 @@ from xnbdd.proto.consts import (
     Rep,
     TxFlag,
 )
-from xnbdd.proto.handshake import HandshakeState, ServerHandshake, select_contexts
+from xnbdd.proto.handshake import HandshakeState, ServerHandshake, TLSPolicy, select_contexts
 from xnbdd.proto.messages import ExportInfo
 
 EXPORT = ExportInfo(
@@ -329,3 +330,138 @@ def test_any_option_sequence_around_extended_headers_keeps_the_rules(
     assert n.structured is (extended or option(Opt.STRUCTURED_REPLY) in before)
     assert bool(n.tx_flags & TxFlag.SEND_DF) is n.structured
     assert bool(n.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD) is (extended and bool(n.meta_contexts))
+
+
+# -- STARTTLS (proto.md "TLS support") ------------------------------------------------------------
+
+FIXED = struct.pack("!I", 1)
+
+
+def tls_handshake(policy: TLSPolicy) -> ServerHandshake:
+    hs = ServerHandshake(lookup, lambda: [EXPORT], tls=policy)
+    hs.data_to_send()
+    hs.receive_data(FIXED)
+    return hs
+
+
+def upgrade(hs: ServerHandshake) -> None:
+    hs.receive_data(option(Opt.STARTTLS))
+    assert parse_replies(hs.data_to_send()) == [(Opt.STARTTLS, Rep.ACK, b"")]
+    assert hs.state is HandshakeState.STARTTLS
+    hs.tls_started()
+    state: HandshakeState = hs.state  # mypy: tls_started changes it
+    assert state is HandshakeState.OPTIONS and hs.tls_active
+
+
+def test_without_tls_starttls_is_unsupported_never_tls_reqd() -> None:
+    hs = tls_handshake(TLSPolicy.OFF)
+    hs.receive_data(option(Opt.STARTTLS))
+    assert parse_replies(hs.data_to_send()) == [
+        (Opt.STARTTLS, Rep.ERR_UNSUP, b"option 5 not supported")
+    ]
+    assert hs.state is HandshakeState.OPTIONS
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [Opt.LIST, Opt.INFO, Opt.GO, Opt.STRUCTURED_REPLY, Opt.LIST_META_CONTEXT, 42, 0x7FFF],
+)
+def test_require_refuses_everything_before_tls_and_tells_nothing(opt: int) -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    data = info_data(b"disk", Info.NAME) if opt in (Opt.INFO, Opt.GO) else b""
+    hs.receive_data(option(opt, data))
+    out = hs.data_to_send()
+    [(reply_opt, rep, _message)] = parse_replies(out)
+    assert (reply_opt, rep) == (opt, Rep.ERR_TLS_REQD)
+    assert struct.pack("!Q", EXPORT.size) not in out and b"disk" not in out
+    assert hs.state is HandshakeState.OPTIONS and hs.negotiated is None
+
+
+def test_require_refuses_an_oversized_option_with_tls_reqd() -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    hs.receive_data(option(Opt.INFO, bytes(70_000)))
+    assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.ERR_TLS_REQD]
+
+
+def test_require_closes_on_export_name_before_tls() -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    hs.receive_data(option(Opt.EXPORT_NAME, b"disk"))
+    assert hs.state is HandshakeState.CLOSED
+    assert hs.data_to_send() == b""  # no size, no flags
+    assert hs.negotiated is None
+
+
+def test_require_still_answers_abort() -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    hs.receive_data(option(Opt.ABORT))
+    assert parse_replies(hs.data_to_send()) == [(Opt.ABORT, Rep.ACK, b"")]
+    assert hs.state is HandshakeState.CLOSED
+
+
+@pytest.mark.parametrize("policy", [TLSPolicy.ON, TLSPolicy.REQUIRE])
+def test_after_tls_the_export_is_served_and_tls_reqd_is_never_sent(policy: TLSPolicy) -> None:
+    hs = tls_handshake(policy)
+    upgrade(hs)
+    hs.receive_data(option(Opt.LIST))
+    assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.SERVER, Rep.ACK]
+    hs.receive_data(option(Opt.GO, info_data(b"disk")))
+    replies = parse_replies(hs.data_to_send())
+    assert replies[-1][1] == Rep.ACK and hs.state is HandshakeState.DONE
+
+
+@pytest.mark.parametrize("policy", [TLSPolicy.ON, TLSPolicy.REQUIRE])
+def test_a_second_starttls_is_invalid(policy: TLSPolicy) -> None:
+    hs = tls_handshake(policy)
+    upgrade(hs)
+    hs.receive_data(option(Opt.STARTTLS))
+    assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.ERR_INVALID]
+    assert hs.state is HandshakeState.OPTIONS
+
+
+def test_starttls_with_data_is_invalid() -> None:
+    hs = tls_handshake(TLSPolicy.ON)
+    hs.receive_data(option(Opt.STARTTLS, b"x"))
+    assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.ERR_INVALID]
+    assert hs.state is HandshakeState.OPTIONS and not hs.tls_active
+
+
+def test_on_serves_in_the_clear_too() -> None:
+    hs = tls_handshake(TLSPolicy.ON)
+    hs.receive_data(option(Opt.GO, info_data(b"disk")))
+    assert parse_replies(hs.data_to_send())[-1][1] == Rep.ACK
+    assert hs.state is HandshakeState.DONE and not hs.tls_active
+
+
+def test_starttls_discards_what_was_negotiated_in_the_clear() -> None:
+    hs = tls_handshake(TLSPolicy.ON)
+    hs.receive_data(
+        option(Opt.STRUCTURED_REPLY) + option(Opt.SET_META_CONTEXT, meta_data(b"disk", b"base:"))
+    )
+    hs.data_to_send()
+    assert hs.structured
+    upgrade(hs)
+    hs.receive_data(option(Opt.GO, info_data(b"disk")))
+    hs.data_to_send()
+    assert hs.negotiated is not None
+    assert not hs.negotiated.structured and hs.negotiated.meta_contexts == {}
+
+
+def test_bytes_behind_starttls_wait_for_the_driver_to_hand_them_to_tls() -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    hs.receive_data(option(Opt.STARTTLS) + b"\x16\x03\x01hello")
+    assert hs.state is HandshakeState.STARTTLS
+    with pytest.raises(RuntimeError):
+        hs.receive_data(b"more")
+    assert hs.leftover() == b"\x16\x03\x01hello"
+
+
+def test_shutdown_refuses_starttls() -> None:
+    hs = tls_handshake(TLSPolicy.REQUIRE)
+    hs.shutting_down = True
+    hs.receive_data(option(Opt.STARTTLS))
+    assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.ERR_SHUTDOWN]
+
+
+def test_oldstyle_cannot_have_tls() -> None:
+    with pytest.raises(ValueError, match="oldstyle"):
+        ServerHandshake(lookup, lambda: [EXPORT], oldstyle=True, tls=TLSPolicy.ON)

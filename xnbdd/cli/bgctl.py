@@ -74,6 +74,12 @@ def format_query(status: dict[str, Any]) -> str:
         f"pending request count: {que} / {que_max} "
         f"({100 * que / que_max if que_max else 0.0:.1f}%)",
     ]
+    tls = status.get("tls", "off")
+    if tls != "off":  # a line of our own, after the original's
+        usage.append(
+            f"TLS {tls}: {status.get('tls_clients', 0)} of {status.get('clients', 0)} "
+            "clients over TLS"
+        )
     mode = status.get("mode", "proxy")
     if mode != "proxy" and "cache_path" not in status:
         head = f"{mode} mode: {status.get('image', '?')}, disksize {status.get('size', 0)}"

@@ -18,8 +18,10 @@ from ..config import ConfigError, load_config, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
+from ..proto.handshake import TLSPolicy
 from ..signals import catch_sigterm_outside_the_receiver, ignore_sigterm_after_the_run
 from ..systemd import SystemdEnvError, inherited_sockets
+from ..tls import ClientTLSOptions, ServerTLSOptions
 from .common import (
     CONTROL_FD_NAME,
     OneLineParser,
@@ -56,6 +58,9 @@ DEFAULTS: dict[str, object] = {
     "remote_timeout": 30.0,
     "description": "",
     "verbose": False,
+    "tls": "off",
+    "tls_verify_peer": False,
+    "remote_tls": False,
 }
 
 
@@ -165,6 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="speak the 2008 oldstyle handshake (for old xNBD tools)",
     )
 
+    tls = p.add_argument_group("TLS (docs/tls.md)")
+    tls.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        help="NBD_OPT_STARTTLS: off (default), on (clients may upgrade), require (nothing "
+        "but STARTTLS before TLS)",
+    )
+    tls.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="ca-cert.pem, server-cert.pem, server-key.pem (default with --tls: systemd's "
+        "$CREDENTIALS_DIRECTORY)",
+    )
+    tls.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="clients must present a certificate signed by ca-cert.pem",
+    )
+    tls.add_argument(
+        "--tls-psk",
+        metavar="FILE",
+        help="pre-shared keys (psktool format) instead of certificates; needs Python 3.13+",
+    )
+
     exp = p.add_argument_group("the export")
     exp.add_argument("-r", "--readonly", action="store_true", help="export read-only")
     exp.add_argument(
@@ -206,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail a request with EIO when the remote has not answered it after "
         "SECONDS, reconnecting meanwhile (default 30)",
     )
+    prx.add_argument(
+        "--remote-tls",
+        action="store_true",
+        help="speak TLS (STARTTLS) to the remote server, verifying its certificate",
+    )
+    prx.add_argument(
+        "--remote-tls-ca",
+        metavar="FILE",
+        help="CA certificate that signed the remote's (default: the system's CAs)",
+    )
+    prx.add_argument(
+        "--remote-tls-cert", metavar="FILE", help="client certificate to show the remote"
+    )
+    prx.add_argument("--remote-tls-key", metavar="FILE", help="its private key")
 
     run = p.add_argument_group("running")
     run.add_argument(
@@ -259,7 +302,62 @@ def parse(argv: list[str]) -> dict[str, object]:
         raise UsageError("--inetd and --connected-fd exclude each other")
     if settings.get("inetd") and settings.get("daemonize"):
         raise UsageError("--inetd and --daemonize exclude each other")
+    check_tls(settings)
     return settings
+
+
+def check_tls(settings: dict[str, object]) -> None:
+    """The combinations TLS cannot be part of (docs/tls.md)."""
+    tls_keys = ("tls_certificates", "tls_psk", "tls_verify_peer")
+    if settings["tls"] == "off" and any(settings.get(key) for key in tls_keys):
+        raise UsageError("--tls-certificates/-psk/-verify-peer need --tls on or require")
+    if settings.get("tls_psk") and (
+        settings.get("tls_certificates") or settings.get("tls_verify_peer")
+    ):
+        raise UsageError("--tls-psk excludes --tls-certificates and --tls-verify-peer")
+    if settings["tls"] != "off":
+        if settings.get("oldstyle"):
+            raise UsageError("--tls: the oldstyle handshake has no STARTTLS")
+        if settings.get("connected_fd") is not None:
+            raise UsageError("--tls: a --connected-fd client has negotiated already, in the clear")
+        if settings.get("handoff_socket"):
+            raise UsageError(
+                "--tls: clients handed over by xnbd-wrapper negotiated in the clear "
+                "(xnbd-wrapper does not offer TLS; see docs/wrapper.md)"
+            )
+    remote_keys = ("remote_tls_ca", "remote_tls_cert", "remote_tls_key")
+    if not settings["remote_tls"] and any(settings.get(key) for key in remote_keys):
+        raise UsageError("--remote-tls-ca/-cert/-key need --remote-tls")
+    if settings["remote_tls"] and settings["mode"] != "proxy":
+        raise UsageError("--remote-tls is for --proxy mode")
+
+
+def tls_options(settings: dict[str, object]) -> ServerTLSOptions:
+    policy = TLSPolicy(str(settings["tls"]))
+    certificates = str(settings.get("tls_certificates") or "")
+    psk = str(settings.get("tls_psk") or "")
+    if policy is not TLSPolicy.OFF and not certificates and not psk:
+        # LoadCredential= puts the files there for a sandboxed unit (units/, docs/tls.md).
+        certificates = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    return ServerTLSOptions(
+        mode=policy,
+        certificates=os.path.abspath(certificates) if certificates else "",
+        verify_peer=bool(settings["tls_verify_peer"]),
+        psk_file=os.path.abspath(psk) if psk else "",
+    )
+
+
+def remote_tls_options(settings: dict[str, object]) -> ClientTLSOptions | None:
+    if not settings["remote_tls"]:
+        return None
+
+    def path(key: str) -> str:
+        value = settings.get(key)
+        return os.path.abspath(str(value)) if value else ""
+
+    return ClientTLSOptions(
+        ca=path("remote_tls_ca"), cert=path("remote_tls_cert"), key=path("remote_tls_key")
+    )
 
 
 def make_options(settings: dict[str, object]) -> ServerOptions:
@@ -284,6 +382,8 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         target_exportname=settings.get("target_exportname"),  # type: ignore[arg-type]
         clear_bitmap=bool(settings["clear_bitmap"]),
         remote_timeout=float(settings["remote_timeout"]),  # type: ignore[arg-type]
+        tls=tls_options(settings),
+        remote_tls=remote_tls_options(settings),
         config=settings.get("config"),  # type: ignore[arg-type]
         command_line_keys=settings["command_line_keys"],  # type: ignore[arg-type]
     )

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"control socket for xnbd-wrapper-ctl (default {DEFAULT_CONTROL})",
     )
     net.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        default="off",
+        help="not offered: clients are handed to export servers after the handshake and a TLS "
+        "session cannot go with the socket (docs/wrapper.md); use xnbd-server --tls",
+    )
+    net.add_argument(
         "--handshake-timeout",
         type=float,
         default=30.0,
@@ -229,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
         print(f"{PROG}: {err} (see --help)", file=sys.stderr)
+        return 2
+    if ns.tls != "off":
+        print(
+            f"{PROG}: --tls: not offered, the TLS session could not follow the client to its "
+            "export server (docs/wrapper.md); serve TLS exports with xnbd-server --tls",
+            file=sys.stderr,
+        )
         return 2
     if ns.systemd_units and ns.no_handoff:
         print(f"{PROG}: --systemd-units needs the hand-off (see --help)", file=sys.stderr)

@@ -13,6 +13,10 @@ touches a socket.
   NBD_INFO_BLOCK_SIZE; a server without GO (ERR_UNSUP) gets EXPORT_NAME instead, unless it took
   extended headers (then it MUST know GO, and EXPORT_NAME is forbidden).
 Options are sent one at a time: the next only after the final reply to the previous one.
+With ``starttls`` the first option is NBD_OPT_STARTTLS; its ACK sets ``wants_tls``: the caller
+runs the TLS handshake and calls ``tls_started``, and negotiation goes on inside TLS. A refusal,
+or a server that cannot do STARTTLS (oldstyle, non-fixed newstyle), is an error: the caller asked
+for TLS and never falls back to the clear.
 
 ``ClientTransmission`` encodes compact or extended (32-byte) requests and decodes simple,
 structured and extended replies. It refuses to
@@ -139,6 +143,7 @@ class ClientHandshake:
         *,
         structured_replies: bool = True,
         extended_headers: bool = True,
+        starttls: bool = False,
     ) -> None:
         name = export_name.encode()
         if len(name) > MAX_STRING:
@@ -146,6 +151,8 @@ class ClientHandshake:
         self._name = name
         self._want_structured = structured_replies
         self._want_extended = extended_headers
+        self._starttls = starttls
+        self.wants_tls = False  # STARTTLS acknowledged: upgrade, then ``tls_started``
         self._state = _HS.GREETING
         self._buffer = bytearray()
         self._outgoing = bytearray()
@@ -167,17 +174,28 @@ class ClientHandshake:
         """Bytes received after the handshake ended (they belong to transmission)."""
         return bytes(self._buffer)
 
-    def receive_data(self, data: bytes) -> Connected | None:
+    def receive_data(self, data: bytes | bytearray) -> Connected | None:
         """Feed received bytes; returns ``Connected`` when the handshake is complete.
         EOF (``b""``) before that is a ``ProtocolError``."""
         if self._state is _HS.DONE:
             raise ClientUsageError("handshake already complete")
+        if self.wants_tls:
+            raise ClientUsageError("STARTTLS was acknowledged: upgrade to TLS first")
         if not data:
             raise ProtocolError("server closed the connection during the handshake")
         self._buffer += data
-        while self.result is None and self._step():
+        while self.result is None and not self.wants_tls and self._step():
             pass
         return self.result
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: negotiate the export inside it."""
+        if not self.wants_tls:
+            raise ClientUsageError("tls_started without an acknowledged STARTTLS")
+        if self._buffer:
+            raise ProtocolError("server sent data in the clear after acknowledging STARTTLS")
+        self.wants_tls = False
+        self._first_option()
 
     def _take(self, n: int) -> bytes | None:
         if len(self._buffer) < n:
@@ -203,6 +221,8 @@ class ClientHandshake:
                 raise ProtocolError(f"unknown greeting {kind:#x}")
             return True
         if self._state is _HS.OLDSTYLE:
+            if self._starttls:
+                raise ProtocolError("an oldstyle server cannot do TLS")
             rest = self._take(_OLDSTYLE_REST.size)
             if rest is None:
                 return False
@@ -231,6 +251,8 @@ class ClientHandshake:
     def _start_newstyle(self, hflags: HandshakeFlag) -> None:
         if not hflags & HandshakeFlag.FIXED_NEWSTYLE:
             # xnbd-wrapper: a non-fixed server knows only EXPORT_NAME and always sends the zeros.
+            if self._starttls:
+                raise ProtocolError("a server without fixed newstyle cannot do TLS")
             self._style = HandshakeStyle.NEWSTYLE
             self._outgoing += _CLIENT_FLAGS.pack(0)
             self._send_export_name()
@@ -241,6 +263,12 @@ class ClientHandshake:
             cflags |= ClientFlag.C_NO_ZEROES
             self._no_zeroes = True
         self._outgoing += _CLIENT_FLAGS.pack(cflags)
+        if self._starttls:
+            self._send_option(Opt.STARTTLS, b"")
+        else:
+            self._first_option()
+
+    def _first_option(self) -> None:
         if self._want_extended:
             self._send_option(Opt.EXTENDED_HEADERS, b"")
         elif self._want_structured:
@@ -277,6 +305,11 @@ class ClientHandshake:
             return False
         payload = raw[_OPTION_REPLY.size :]
         assert self._option is not None
+        if self._option is Opt.STARTTLS:
+            if rep == Rep.ACK:
+                self.wants_tls = True
+                return True
+            raise OptionRefused(Opt.STARTTLS, rep, payload.decode(errors="replace"))
         if self._option is Opt.EXTENDED_HEADERS:
             if rep == Rep.ACK:
                 self._extended = self._structured = True

@@ -11,6 +11,12 @@ Rules kept here:
 - EXTENDED_HEADERS implies structured replies; after it STRUCTURED_REPLY gets
   ERR_EXT_HEADER_REQD and EXPORT_NAME (which the client MUST NOT send then) closes;
   BLOCK_STATUS_PAYLOAD is advertised only with extended headers and selected contexts.
+- TLS (proto.md "TLS support"): with ``TLSPolicy.OFF`` STARTTLS is unsupported (ERR_UNSUP,
+  never ERR_TLS_REQD); otherwise STARTTLS is ACKed and the driver upgrades the connection before
+  feeding more bytes (state STARTTLS, then ``tls_started``), which discards what was negotiated
+  in the clear; a second STARTTLS gets ERR_INVALID. Under ``REQUIRE`` every option but STARTTLS
+  and ABORT gets ERR_TLS_REQD until then, and EXPORT_NAME closes: nothing about the exports is
+  told in the clear.
 """
 
 from __future__ import annotations
@@ -54,9 +60,19 @@ MAX_OPTION_DATA = 64 * 1024
 ZERO_PADDING = bytes(124)
 
 
+class TLSPolicy(Enum):
+    """``off``: NOTLS; ``on``: the client may upgrade, every export works either way;
+    ``require``: FORCEDTLS."""
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
+
+
 class HandshakeState(Enum):
     CLIENT_FLAGS = auto()  # waiting for the client's 32-bit flags
     OPTIONS = auto()  # option haggling
+    STARTTLS = auto()  # STARTTLS acknowledged: send it, upgrade, then call ``tls_started``
     DONE = auto()  # transmission starts; see ``negotiated``
     CLOSED = auto()  # the connection must be closed (abort or MUST violation)
 
@@ -123,7 +139,10 @@ class ServerHandshake:
         *,
         oldstyle: bool = False,
         allow_list: bool = True,
+        tls: TLSPolicy = TLSPolicy.OFF,
     ) -> None:
+        if oldstyle and tls is not TLSPolicy.OFF:
+            raise ValueError("the oldstyle handshake has no STARTTLS")
         self._lookup = lookup
         self._lister = lister
         self._allow_list = allow_list
@@ -135,6 +154,8 @@ class ServerHandshake:
         self.structured = False
         self.extended = False
         self.shutting_down = False
+        self.tls_policy = tls
+        self.tls_active = False
         self.close_reason = ""
         self.negotiated: Negotiated | None = None
         # SET_META_CONTEXT result: (export name it was set for, {id: name})
@@ -154,6 +175,8 @@ class ServerHandshake:
 
     def receive_data(self, data: bytes | bytearray) -> None:
         """Feed bytes from the client and advance as far as they allow."""
+        if self.state is HandshakeState.STARTTLS:
+            raise RuntimeError("the connection must be upgraded to TLS first")
         if self.state in (HandshakeState.DONE, HandshakeState.CLOSED):
             # Bytes after GO/EXPORT_NAME belong to transmission; the caller takes them back
             # with ``leftover``. After CLOSED nothing is read any more.
@@ -173,6 +196,21 @@ class ServerHandshake:
         self._in.clear()
         return rest
 
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: negotiation starts over inside TLS. Bytes
+        the client sent behind STARTTLS in the clear (``leftover``) belong to TLS, not here."""
+        if self.state is not HandshakeState.STARTTLS:
+            raise RuntimeError("tls_started without an acknowledged STARTTLS")
+        self.tls_active = True
+        self.structured = False
+        self.extended = False
+        self._contexts = ("", {})
+        self.state = HandshakeState.OPTIONS
+
+    @property
+    def _tls_missing(self) -> bool:
+        return self.tls_policy is TLSPolicy.REQUIRE and not self.tls_active
+
     # -- the machine ----------------------------------------------------------------------------
 
     def _close(self, reason: str) -> None:
@@ -187,7 +225,8 @@ class ServerHandshake:
                 self._skip -= dropped
                 if self._skip:
                     return
-                self._out += option_reply(self._skip_opt, Rep.ERR_TOO_BIG)
+                rep = Rep.ERR_TLS_REQD if self._tls_missing else Rep.ERR_TOO_BIG
+                self._out += option_reply(self._skip_opt, rep)
                 continue
             if self.state is HandshakeState.CLIENT_FLAGS:
                 if len(self._in) < CLIENT_FLAGS.size:
@@ -223,6 +262,10 @@ class ServerHandshake:
 
     def _option(self, opt: int, data: bytes) -> None:
         if opt == Opt.EXPORT_NAME:
+            if self._tls_missing:
+                # MUST: it cannot be refused with an error, and nothing may go out in the clear.
+                self._close("NBD_OPT_EXPORT_NAME without TLS, which this server requires")
+                return
             self._export_name(data)
             return
         if opt == Opt.ABORT:
@@ -233,6 +276,11 @@ class ServerHandshake:
         try:
             if self.shutting_down:
                 raise OptionError(Rep.ERR_SHUTDOWN, "server shutting down")
+            if opt == Opt.STARTTLS and self.tls_policy is not TLSPolicy.OFF:
+                self._starttls(data)
+                return
+            if self._tls_missing:
+                raise OptionError(Rep.ERR_TLS_REQD, "this server requires TLS (NBD_OPT_STARTTLS)")
             handler = {
                 Opt.LIST: self._list,
                 Opt.INFO: self._info_or_go,
@@ -248,6 +296,14 @@ class ServerHandshake:
         except OptionError as err:
             message = err.message.encode("utf-8")[:MAX_STRING]
             self._out += option_reply(opt, err.rep, message)
+
+    def _starttls(self, data: bytes) -> None:
+        if self.tls_active:
+            raise OptionError(Rep.ERR_INVALID, "TLS is already running")
+        if data:
+            raise OptionError(Rep.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        self._out += option_reply(Opt.STARTTLS, Rep.ACK)
+        self.state = HandshakeState.STARTTLS
 
     def _export_name(self, data: bytes) -> None:
         if self.shutting_down:
