@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.trixie import run_in_tree
 from tests.origin_servers import nbdkit, need, random_image
 from tests.rawnbd import IHAVEOPT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, RawClient
 from tests.serverproc import (
@@ -517,3 +518,24 @@ def test_tls_on_serves_both_kinds_of_client(tmp_path: Path, certs: Certificates)
         assert run(need("nbdcopy"), nbds(server, certs.client), str(copy)).returncode == 0
         assert copy.read_bytes() == data
     assert server.log().count("TLS started") >= 2
+
+
+@pytest.mark.nspawn
+def test_extended_headers_inside_tls_with_libnbd_1_22(
+    trixie_tree: Path, tmp_path: Path, certs: Certificates, tls_server: tuple[ServerProcess, Path]
+) -> None:
+    """Debian 13's nbdcopy negotiates extended headers after STARTTLS; the data goes both ways
+    through the TLS transport with 32-byte requests and replies."""
+    server, path = tls_server
+    source = tmp_path / "source.img"
+    data = random_image(source, SIZE, seed=11)
+    uri = nbds(server, certs.client)
+    pushed = run_in_tree(
+        trixie_tree, ["nbdcopy", "--verbose", str(source), uri], binds=[source, certs.client]
+    )
+    log = pushed.stdout + pushed.stderr
+    assert "negotiated extended headers" in log and "TLS" in log, log[-3000:]
+    back = tmp_path / "back.img"
+    run_in_tree(trixie_tree, ["nbdcopy", uri, str(back)], binds=[certs.client], writable=[tmp_path])
+    assert path.read_bytes() == data
+    assert back.read_bytes() == data

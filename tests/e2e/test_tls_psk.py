@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.e2e.rootfs import rootfs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nspawn]
 
@@ -34,16 +31,9 @@ kill -TERM $server; wait $server; echo "SERVER-EXIT=$?"
 """
 
 
-@pytest.fixture(scope="module")
-def trixie() -> Path:
-    if os.geteuid() != 0 or shutil.which("systemd-nspawn") is None:
-        pytest.skip("systemd-nspawn needs root")
-    # A tree already built elsewhere (the same build-rootfs.sh output) may be named instead.
-    given = os.environ.get("XNBDD_TEST_TRIXIE_ROOTFS")
-    return Path(given) if given else rootfs("trixie")
-
-
-def test_psk_clients_with_the_key_get_in_and_others_do_not(trixie: Path, tmp_path: Path) -> None:
+def test_psk_clients_with_the_key_get_in_and_others_do_not(
+    trixie_tree: Path, tmp_path: Path
+) -> None:
     key = secrets.token_hex(32)
     (tmp_path / "server.psk").write_text(f"alice:{key}\ncarol:{secrets.token_hex(32)}\n")
     (tmp_path / "alice.psk").write_text(f"alice:{key}\n")
@@ -57,7 +47,7 @@ def test_psk_clients_with_the_key_get_in_and_others_do_not(trixie: Path, tmp_pat
     repo = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [
-            "systemd-nspawn", "-q", "-D", str(trixie), "--register=no", "--keep-unit",
+            "systemd-nspawn", "-q", "-D", str(trixie_tree), "--register=no", "--keep-unit",
             "--volatile=overlay", "--private-network", f"--bind-ro={repo}:/opt/xnbdd",
             f"--bind={tmp_path}:/psk", "sh", "/psk/run.sh",
         ],
