@@ -23,6 +23,7 @@ from tests.e2e.trixie import nspawn_command, run_in_tree
 from tests.libnbd import import_nbd
 from tests.origin_servers import free_port, need, wait_listening
 from tests.serverproc import running_server, stop_process
+from tests.wrapper.wrapperproc import running_wrapper
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nspawn]
 
@@ -315,3 +316,20 @@ def test_proxy_uses_extended_headers_when_its_origin_offers_them(
         with running_server(*files.args("127.0.0.1", str(port)), tmp_path=tmp_path) as proxy:
             assert read_through_proxy(proxy.uri, size) == source.read_bytes()
     assert f"({size} bytes, {headers} headers)" in proxy.log(), proxy.log()
+
+
+def test_wrapper_hands_extended_headers_to_the_export_server(
+    trixie_tree: Path, tmp_path: Path
+) -> None:
+    """Through xnbd-wrapper the front end negotiates extended headers and the export's server,
+    which gets the connection by hand-off, goes on with 32-byte requests and replies."""
+    disk = sparse_image(tmp_path / "disk.img", 16 * MiB)
+    source = tmp_path / "source.img"
+    source.write_bytes(random.Random(17).randbytes(16 * MiB))
+    with running_wrapper(tmp_path, "--imgfile", str(disk)) as w:
+        pushed = run_in_tree(
+            trixie_tree, ["nbdcopy", "--verbose", str(source), w.uri(str(disk))], binds=[source]
+        )
+        assert len(w.export_servers()) == 1
+    assert "negotiated extended headers" in pushed.stdout + pushed.stderr
+    assert disk.read_bytes() == source.read_bytes()
