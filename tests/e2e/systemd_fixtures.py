@@ -7,6 +7,7 @@ fixtures wrapping them live in tests/e2e/conftest.py.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import queue
@@ -217,6 +218,38 @@ def missing_tools(*names: str) -> list[str]:
     return [n for n in names if shutil.which(n) is None]
 
 
+def private_cgroups(name: str) -> list[Path]:
+    """Fresh cgroups for one container, below ours in each hierarchy systemd uses.
+
+    With --keep-unit, nspawn puts the container in its caller's cgroup and its systemd creates
+    its units there: two containers booted at once by processes that share a cgroup (two test
+    runs on one machine) would then manage the same unit cgroups and signal each other's
+    processes. A cgroup of its own per container keeps them apart."""
+    made = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _id, controllers, path = line.split(":", 2)
+        if controllers == "name=systemd":
+            root = Path("/sys/fs/cgroup/systemd")
+        elif controllers == "" and Path("/sys/fs/cgroup/unified/cgroup.procs").exists():
+            root = Path("/sys/fs/cgroup/unified")  # the hybrid layout's v2 tree
+        elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            root = Path("/sys/fs/cgroup")  # the unified layout
+        else:
+            continue
+        cgroup = root / path.lstrip("/") / name
+        cgroup.mkdir()
+        made.append(cgroup)
+    return made
+
+
+def release_cgroups(cgroups: list[Path]) -> None:
+    """Remove what private_cgroups made (and what the container left below it), once empty."""
+    for cgroup in cgroups:
+        for below, _dirs, _files in sorted(os.walk(cgroup), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(below)
+
+
 class Container:
     """systemd 252 as PID 1 in systemd-nspawn on the cached tree, with a private network.
 
@@ -246,9 +279,19 @@ class Container:
         for host, guest in binds.items():
             flag = "--bind" if host in writable else "--bind-ro"
             args.append(f"{flag}={host}:{guest}")
+        self.cgroups = private_cgroups(f"xnbdd-test-{uuid.uuid4().hex[:8]}")
+
+        def join_cgroups() -> None:  # in the child, before nspawn runs
+            for cgroup in self.cgroups:
+                (cgroup / "cgroup.procs").write_text("0")
+
         with open(self.console, "wb") as console:
             self.proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                preexec_fn=join_cgroups,
             )
         try:
             self.leader = self._find_leader()
@@ -357,8 +400,10 @@ class Container:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+        release_cgroups(self.cgroups)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        release_cgroups(self.cgroups)
