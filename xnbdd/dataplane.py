@@ -23,7 +23,6 @@ more requests, the answers to those in flight, then close.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -514,7 +513,7 @@ class DataPlane:
         if (
             inline is not None
             and length
-            and offset + length <= self._export.size
+            and offset + length <= self._negotiated.export.size
             and length <= self._max_payload
         ):
             try:
@@ -537,7 +536,7 @@ class DataPlane:
         try:
             check_request(
                 req,
-                size=self._export.size,
+                size=self._negotiated.export.size,  # what this client was told
                 tx_flags=self._negotiated.tx_flags,
                 structured=self._structured,
                 has_contexts=self._has_contexts,
@@ -597,7 +596,11 @@ class DataPlane:
                 if isinstance(head, FileRange):
                     sent = os.sendfile(fd, head.fd, head.offset, head.length)
                     if not sent:  # the image shrank under us; the header is already out
-                        raise OSError(errno.EIO, "image ended during a reply")
+                        log.warning(
+                            "closing connection: the image ended during a READ reply",
+                            extra=self._fields,
+                        )
+                        raise ClosedConnection("image ended during a reply")
                     if sent < head.length:
                         out[0] = FileRange(head.fd, head.offset + sent, head.length - sent)
                     else:
