@@ -60,8 +60,10 @@ class Connection:
         *,
         peer: str = "",
         oldstyle: bool = False,
+        refusal: str = "",
     ) -> None:
         self.stream = stream
+        self.refusal = refusal  # refuse every option with this (a limit is reached)
         self.catalog = catalog
         self.state = state
         self.peer = peer
@@ -80,6 +82,7 @@ class Connection:
     async def handshake(self) -> Negotiated | None:
         """Negotiate; None when the client left, aborted, broke a MUST or timed out."""
         hs = ServerHandshake(self._lookup, self._list, oldstyle=self.oldstyle)
+        hs.refusal = self.refusal
         with trio.move_on_after(self.state.limits.handshake_timeout):
             while True:
                 out = hs.data_to_send()

@@ -40,6 +40,7 @@ from .systemd import Notifier
 log = logging.getLogger("xnbdd")
 
 ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
+REFUSING_MAX = 64  # clients past --max-clients being told so at once; more are just closed
 STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
 SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
 CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
@@ -58,6 +59,7 @@ class ServerOptions:
     max_queue_size: int = 0
     max_buf_size: int = 0
     handshake_timeout: float = 30.0
+    max_clients: int = 0  # 0: no limit
     cow_dir: str | None = None
     # proxy
     remote_host: str = ""
@@ -111,6 +113,7 @@ def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
 
 class Daemon:
     def __init__(self, opts: ServerOptions, sources: ClientSources) -> None:
+        self.refusing = 0  # connections past --max-clients being refused
         self.opts = opts
         self.sources = sources
         limits = Limits(handshake_timeout=opts.handshake_timeout)
@@ -255,6 +258,10 @@ class Daemon:
     ) -> None:
         peer = peer_name(stream)
         fields = {"XNBD_CLIENT": peer}
+        limit = self.opts.max_clients
+        if limit and self.state.clients >= limit:
+            await self._refuse(stream, catalog, peer, limit)
+            return
         self.state.clients += 1
         self._update_status()
         log.info("client connected", extra=fields)
@@ -271,6 +278,31 @@ class Daemon:
             self.state.clients -= 1
             self._update_status()
             log.info("client disconnected", extra=fields)
+
+    async def _refuse(
+        self, stream: trio.SocketStream, catalog: SingleExportCatalog, peer: str, limit: int
+    ) -> None:
+        """A client past ``--max-clients``: every option it sends gets NBD_REP_ERR_POLICY with
+        the reason (EXPORT_NAME and oldstyle clients, which cannot be told, are closed)."""
+        noun = "client" if limit == 1 else "clients"
+        reason = f"server busy: already {limit} {noun} connected (its --max-clients limit)"
+        log.warning(
+            "client refused: already %d %s (--max-clients)",
+            limit,
+            noun,
+            extra={"XNBD_CLIENT": peer},
+        )
+        if self.opts.oldstyle or self.refusing >= REFUSING_MAX:
+            await trio.aclose_forcefully(stream)
+            return
+        self.refusing += 1  # bounded: refusals cannot hold more than this many sockets
+        try:
+            connection = Connection(stream, catalog, self.state, peer=peer, refusal=reason)
+            await connection.serve(None)
+        except Exception:
+            log.exception("refusing a connection failed", extra={"XNBD_CLIENT": peer})
+        finally:
+            self.refusing -= 1
 
     def stop(self) -> None:
         if self.state.stopping.is_set():
@@ -459,6 +491,8 @@ class Daemon:
                 limits.max_bytes = value or Limits.max_bytes
             elif key == "handshake_timeout" and isinstance(value, float):
                 limits.handshake_timeout = value
+            elif key == "max_clients" and isinstance(value, int):
+                self.opts.max_clients = value  # connected clients stay; new ones see it
             elif getattr(self.opts, key, value) != value:
                 log.warning(
                     "reload: %s changed in %s; it takes effect at the next restart",

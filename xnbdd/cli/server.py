@@ -52,6 +52,7 @@ DEFAULTS: dict[str, object] = {
     "clear_bitmap": False,
     "max_queue_size": 0,
     "max_buf_size": 0,
+    "max_clients": 0,
     "handshake_timeout": 30.0,
     "remote_timeout": 30.0,
     "description": "",
@@ -192,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "connection (suffixes K, M, G; 0: default 256M)",
     )
 
+    exp.add_argument(
+        "--max-clients",
+        type=number,
+        metavar="N",
+        help="refuse clients past N connections at once, with a message during the handshake "
+        "(0: no limit, the default)",
+    )
+
     prx = p.add_argument_group("proxy mode")
     prx.add_argument(
         "--target-exportname", metavar="NAME", help="export name to ask the remote server for"
@@ -274,6 +283,7 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         description=str(settings["description"]),
         oldstyle=bool(settings["oldstyle"]),
         max_queue_size=int(settings["max_queue_size"]),  # type: ignore[call-overload]
+        max_clients=int(settings["max_clients"]),  # type: ignore[call-overload]
         max_buf_size=int(settings["max_buf_size"]),  # type: ignore[call-overload]
         handshake_timeout=float(settings["handshake_timeout"]),  # type: ignore[arg-type]
         cow_dir=os.path.abspath(str(settings["cow_dir"])) if settings.get("cow_dir") else None,

@@ -117,6 +117,7 @@ class ServerHandshake:
         self.no_zeroes = False
         self.structured = False
         self.shutting_down = False
+        self.refusal = ""  # non-empty: every option is refused with ERR_POLICY and this text
         self.close_reason = ""
         self.negotiated: Negotiated | None = None
         # SET_META_CONTEXT result: (export name it was set for, {id: name})
@@ -215,6 +216,8 @@ class ServerHandshake:
         try:
             if self.shutting_down:
                 raise OptionError(Rep.ERR_SHUTDOWN, "server shutting down")
+            if self.refusal:
+                raise OptionError(Rep.ERR_POLICY, self.refusal)
             handler = {
                 Opt.LIST: self._list,
                 Opt.INFO: self._info_or_go,
@@ -231,8 +234,8 @@ class ServerHandshake:
             self._out += option_reply(opt, err.rep, message)
 
     def _export_name(self, data: bytes) -> None:
-        if self.shutting_down:
-            self._close("server shutting down")
+        if self.shutting_down or self.refusal:  # this option cannot carry an error: close
+            self._close(self.refusal or "server shutting down")
             return
         try:
             name = decode_string(data, "export name")
