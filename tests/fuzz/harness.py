@@ -53,7 +53,7 @@ def _image(path: Path, seed: int) -> Path:
     return path
 
 
-def _unchanged(path: Path) -> Callable[[], str]:
+def unchanged(path: Path) -> Callable[[], str]:
     expected = _sha(path)
     return lambda: "" if _sha(path) == expected else f"{path.name} changed"
 
@@ -76,7 +76,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
                     Endpoint(ro.port, Target("", SIZE, False), readonly.read_bytes()),
                 ],
                 lambda: [rw.proc.pid, ro.proc.pid],
-                [_same_size(writable), _unchanged(readonly)],
+                [_same_size(writable), unchanged(readonly)],
                 lambda: rw.log() + ro.log(),
             )
     elif mode == "cow":
@@ -87,7 +87,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
             yield Rig(
                 [Endpoint(cow.port, Target("", SIZE, True))],
                 lambda: [cow.proc.pid],
-                [_unchanged(base)],
+                [unchanged(base)],
                 cow.log,
             )
     elif mode == "proxy":
@@ -99,7 +99,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
                 yield Rig(
                     [Endpoint(proxy.port, Target("", SIZE, True))],
                     lambda: [proxy.proc.pid, origin.proc.pid],
-                    [_unchanged(origin_image)],
+                    [unchanged(origin_image)],
                     lambda: proxy.log() + origin.log(),
                 )
     elif mode == "wrapper":
@@ -108,7 +108,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
             yield Rig(
                 [Endpoint(wrapper.port, Target(str(base), SIZE, True))],
                 lambda: [wrapper.proc.pid, *(pid for pid, _cmd in wrapper.export_servers())],
-                [_unchanged(base)],
+                [unchanged(base)],
                 wrapper.log,
             )
     else:

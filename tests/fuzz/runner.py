@@ -26,6 +26,7 @@ from tests.fuzz.harness import Endpoint, Rig, rig, rss_kib
 
 HANG = 20.0  # seconds without progress: the server hangs
 RSS_BOUND_KIB = 768 * 1024  # the default byte budget is 256 MiB; far above that is a leak
+HANDSHAKE_SHARE = 0.8  # of the connections: a session carries about 20 requests
 WRITING = {rawnbd.CMD_WRITE, rawnbd.CMD_TRIM, rawnbd.CMD_WRITE_ZEROES}
 
 
@@ -314,7 +315,7 @@ def fuzz(
             while stats.inputs < inputs and not (seconds and time.monotonic() - began > seconds):
                 endpoint = rng.choice(r.endpoints)
                 try:
-                    if rng.random() < 0.5:
+                    if rng.random() < HANDSHAKE_SHARE:
                         run_handshake(rng, endpoint)
                         stats.handshakes += 1
                         stats.inputs += 1

@@ -203,8 +203,8 @@ def request_bytes(rng: random.Random, target: Target, cookie: int) -> tuple[byte
 def session(rng: random.Random, target: Target, first_cookie: int) -> Session:
     structured = rng.random() < 0.5
     s = Session(valid_handshake(rng, target, structured=structured), structured)
-    flood = rng.random() < 0.03
-    count = rng.randrange(300, 1200) if flood else rng.randrange(1, 40)
+    flood = rng.random() < 0.02
+    count = rng.randrange(300, 1200) if flood else rng.randrange(1, 24)
     cookie = first_cookie
     for _ in range(count):
         if flood:  # past the queue and byte budgets: READs of up to 1 MiB, pipelined
