@@ -121,3 +121,25 @@ def test_cow_overlay_on_a_full_file_system(tmp_path: Path) -> None:
             handle.shutdown()
         assert base.read_bytes() == data
         assert os.listdir(mnt) == []  # the overlay is removed at exit
+
+
+def test_proxy_stops_cleanly_while_the_cache_file_system_is_full(tmp_path: Path) -> None:
+    """SIGTERM with bits that cannot be persisted: the cache stays consistent (a bit is only on
+    disk after its data), so the stop is clean -- exit 0, with the reason in the log."""
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with (
+        small_tmpfs(tmp_path / "mnt", "2m") as mnt,
+        nbdkit(tmp_path, ["file", str(image)]) as origin,
+    ):
+        ctl = tmp_path / "proxy.ctl"
+        bitmap = mnt / "c.bm"
+        args = ["--proxy", origin.host, origin.port, str(mnt / "c.img"), str(bitmap), str(ctl)]
+        with running_server(*args, tmp_path=tmp_path) as proxy:
+            handle = connect(proxy.uri)
+            assert handle.pread(CHUNK, 0) == data[:CHUNK]  # bits only in memory so far
+            fill(mnt)
+            handle.shutdown()
+        assert "not persisted" in proxy.log(), proxy.log()
+        # what is on disk is consistent: no bit without its data (here: no bit at all)
+        assert not any(bitmap.read_bytes())

@@ -352,12 +352,30 @@ class ProxyBackend:
         self._detached = True
         if self._cache_all_scope is not None:
             self._cache_all_scope.cancel()
+        failed: OSError | None = None
         try:
             await self.flush()
+        except OSError as exc:  # e.g. a full file system: the bitmap cannot take the bits
+            failed = exc
         finally:
-            self._bitmap.close()
+            try:
+                self._bitmap.close()  # tries the bits once more
+            except OSError as exc:
+                failed = exc
+            else:
+                failed = None
             await self._link.aclose()
             await self._cache.close()
+        if failed is not None:
+            # Still consistent on disk (a bit is written only after its data is durable): the
+            # blocks whose bits are missing are fetched again, writes to them since the last
+            # FLUSH are lost, as after a crash. Not a reason to fail the stop.
+            log.error(
+                "cache bitmap %s: bits not persisted at stop (%s); those blocks will be "
+                "fetched from the origin again, writes to them since the last FLUSH are lost",
+                self.bitmap_path,
+                failed.strerror or failed,
+            )
 
     # -- proxy specifics -----------------------------------------------------------------------
 
