@@ -13,6 +13,7 @@ import pytest
 
 from tests import rawnbd
 from tests.e2e.mounts import small_tmpfs
+from tests.e2e.test_proxy_e2e import query
 from tests.origin_servers import need, random_image
 from tests.serverproc import running_server
 
@@ -46,7 +47,9 @@ def read_status(
 def check_shrunk(directory: Path, tmp_path: Path) -> None:
     image = directory / "disk.img"
     original = random_image(image, SIZE)
-    with running_server("--target", str(image), tmp_path=tmp_path) as server:
+    ctl = tmp_path / "target.ctl"
+    args = ("--target", "--control-socket", str(ctl), str(image))
+    with running_server(*args, tmp_path=tmp_path) as server:
         simple = rawnbd.RawClient(server.port)
         simple.go()
         structured = rawnbd.RawClient(server.port)
@@ -82,6 +85,7 @@ def check_shrunk(directory: Path, tmp_path: Path) -> None:
             [need("nbdinfo"), "--size", server.uri], capture_output=True, text=True, check=True
         ).stdout
         assert int(size) == NEW_SIZE
+        assert query(ctl)["size"] == NEW_SIZE  # the control socket's STATUS
         assert f"changed size from {SIZE} to {NEW_SIZE} bytes" in server.log()
 
 
