@@ -260,7 +260,7 @@ class Daemon:
         fields = {"XNBD_CLIENT": peer}
         limit = self.opts.max_clients
         if limit and self.state.clients >= limit:
-            await self._refuse(stream, catalog, peer, limit)
+            await self._refuse(stream, catalog, peer, limit, negotiated is not None)
             return
         self.state.clients += 1
         self._update_status()
@@ -280,10 +280,16 @@ class Daemon:
             log.info("client disconnected", extra=fields)
 
     async def _refuse(
-        self, stream: trio.SocketStream, catalog: SingleExportCatalog, peer: str, limit: int
+        self,
+        stream: trio.SocketStream,
+        catalog: SingleExportCatalog,
+        peer: str,
+        limit: int,
+        negotiated: bool,
     ) -> None:
         """A client past ``--max-clients``: every option it sends gets NBD_REP_ERR_POLICY with
-        the reason (EXPORT_NAME and oldstyle clients, which cannot be told, are closed)."""
+        the reason. Clients that cannot be told are closed: EXPORT_NAME, oldstyle, and those
+        negotiated elsewhere (xnbd-wrapper's hand-off)."""
         noun = "client" if limit == 1 else "clients"
         reason = f"server busy: already {limit} {noun} connected (its --max-clients limit)"
         log.warning(
@@ -292,7 +298,7 @@ class Daemon:
             noun,
             extra={"XNBD_CLIENT": peer},
         )
-        if self.opts.oldstyle or self.refusing >= REFUSING_MAX:
+        if negotiated or self.opts.oldstyle or self.refusing >= REFUSING_MAX:
             await trio.aclose_forcefully(stream)
             return
         self.refusing += 1  # bounded: refusals cannot hold more than this many sockets

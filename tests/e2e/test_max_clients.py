@@ -4,6 +4,7 @@ slot is free again once a client leaves. The configuration file key works the sa
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -59,3 +60,18 @@ def test_a_client_past_the_limit_is_refused_until_a_slot_frees(
         assert ok.returncode == 0, ok.stderr
         assert int(ok.stdout) == image.stat().st_size
         first.close()
+
+
+def test_an_oldstyle_client_past_the_limit_is_closed_with_a_journal_line(
+    tmp_path: Path, image: Path
+) -> None:
+    args = ("--target", "--oldstyle", "--max-clients", "1", str(image))
+    with (
+        running_server(*args, tmp_path=tmp_path) as server,
+        socket.create_connection(("127.0.0.1", server.port), 10) as first,
+    ):
+        assert first.recv(8) == b"NBDMAGIC"  # served
+        with socket.create_connection(("127.0.0.1", server.port), 10) as second:
+            second.settimeout(10)
+            assert second.recv(8) == b""  # closed without a greeting: nothing to tell it
+        assert "client refused: already 1 client" in server.log()
