@@ -152,6 +152,8 @@ class DataPlane:
 
     def complete(self, reply: Buffers, cost: int) -> None:
         """A request handed to the event loop is answered."""
+        if self._finished:
+            return  # the connection ended: nobody will send it (its budget is back already)
         self._completions.append((reply, cost))
         if self._sleeping:
             self._wake()
@@ -185,7 +187,11 @@ class DataPlane:
                 self._finished = True
                 os.close(self._wake_fd)
             self._budget.forget(id(self))
-            # replies never sent give their budget back here; late completions are dropped
+            # replies never sent give their budget back here, and their bytes go with it (the
+            # plane object may outlive the thread for a while); late completions are dropped
+            self._out.clear()
+            self._completions.clear()
+            self._payload = self._spare = None
             self._budget.give_back(self._held, self.in_flight)
             self._held = self.in_flight = 0
 
