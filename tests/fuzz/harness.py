@@ -24,6 +24,7 @@ from tests.serverproc import running_server
 from tests.wrapper.wrapperproc import running_wrapper
 
 SIZE = 8 << 20
+BUDGET = ("-B", "64M")  # a small byte budget makes the RSS bound tight
 MODES = ("target", "cow", "proxy", "wrapper")
 
 
@@ -67,8 +68,8 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
     if mode == "target":
         writable, readonly = _image(work / "rw.img", 1), _image(work / "ro.img", 2)
         with (
-            running_server("--target", str(writable), tmp_path=work) as rw,
-            running_server("--target", "--readonly", str(readonly), tmp_path=work) as ro,
+            running_server("--target", *BUDGET, str(writable), tmp_path=work) as rw,
+            running_server("--target", "--readonly", *BUDGET, str(readonly), tmp_path=work) as ro,
         ):
             yield Rig(
                 [
@@ -82,7 +83,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
     elif mode == "cow":
         base = _image(work / "base.img", 3)
         (work / "cow").mkdir(exist_ok=True)
-        cow_args = ("--cow-target", "--cow-dir", str(work / "cow"), str(base))
+        cow_args = ("--cow-target", *BUDGET, "--cow-dir", str(work / "cow"), str(base))
         with running_server(*cow_args, tmp_path=work) as cow:
             yield Rig(
                 [Endpoint(cow.port, Target("", SIZE, True))],
@@ -94,7 +95,7 @@ def rig(mode: str, work: Path) -> Iterator[Rig]:
         origin_image = _image(work / "origin.img", 4)
         files = [str(work / n) for n in ("proxy.cache", "proxy.bm", "proxy.ctl")]
         with running_server("--target", str(origin_image), tmp_path=work) as origin:
-            proxy_args = ("--proxy", "127.0.0.1", str(origin.port), *files)
+            proxy_args = (*BUDGET, "--proxy", "127.0.0.1", str(origin.port), *files)
             with running_server(*proxy_args, tmp_path=work) as proxy:
                 yield Rig(
                     [Endpoint(proxy.port, Target("", SIZE, True))],
