@@ -256,12 +256,15 @@ def probe(rng: random.Random, endpoint: Endpoint) -> None:
         offset = rng.randrange(endpoint.target.size // 4096) * 4096
         if endpoint.content is None:
             data = rng.randbytes(4096)
-            client.request(rawnbd.CMD_WRITE, offset, 4096, cookie=1, data=data)
-            client.request(rawnbd.CMD_FLUSH, cookie=2)
-            for cookie in (1, 2):
+            # one at a time: a FLUSH covers only writes already answered, and replies to
+            # pipelined requests may come in any order
+            for cmd, cookie, payload in ((rawnbd.CMD_WRITE, 1, data), (rawnbd.CMD_FLUSH, 2, b"")):
+                client.request(
+                    cmd, offset if payload else 0, len(payload), cookie=cookie, data=payload
+                )
                 error, got, _ = client.simple_reply()
                 if error or got != cookie:
-                    raise Finding(f"probe: request {cookie} failed with {error}")
+                    raise Finding(f"probe: request {cookie} got error {error}, cookie {got}")
         else:
             data = endpoint.content[offset : offset + 4096]
         client.request(rawnbd.CMD_READ, offset, 4096, cookie=3)
