@@ -14,6 +14,7 @@ import sys
 import trio
 
 from .. import __version__, logs
+from ..allocator import limit_arenas
 from ..config import ConfigError, load_config, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
@@ -342,6 +343,7 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_arenas()  # before any thread: connection threads must not each get an arena
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
     except (UsageError, ConfigError) as err:
