@@ -134,6 +134,30 @@ async def test_automatic_reconnect_after_origin_restart(tmp_path: Path) -> None:
                 nursery.cancel_scope.cancel()
 
 
+async def test_a_read_does_not_wait_for_the_backoff_timer(tmp_path: Path) -> None:
+    """Issue 15: after a long outage the backoff is long; a read that needs the origin asks for
+    an attempt right then, so an origin back at the same address serves it at once."""
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as first:
+        port = int(first.port)
+        async with open_remote_link(
+            RemoteAddress(first.host, first.port), timeout=0.3, backoff_max=60.0
+        ) as link:
+            await link.read(0, 1)
+            first.kill()
+            with trio.fail_after(10):
+                while link.state is not LinkState.FAILED:
+                    await trio.sleep(0.05)
+            with pytest.raises(OSError):  # its own attempt failed: EIO, not a wait
+                await link.read(0, 4096)
+            await trio.sleep(2)  # the backoff has grown past what any test would wait
+            with nbdkit(tmp_path, ["file", str(image)], port=port):
+                with trio.fail_after(0.3 + 1.0):
+                    assert bytes(await link.read(4096, 4096)) == data[4096:8192]
+                assert link.status()["state"] == LinkState.CONNECTED.value
+
+
 async def test_reconnect_refuses_another_size(tmp_path: Path) -> None:
     with nbdkit(tmp_path, ["memory", "1M"]) as first, nbdkit(tmp_path, ["memory", "2M"]) as other:
         async with open_remote_link(RemoteAddress(first.host, first.port)) as link:

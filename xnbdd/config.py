@@ -150,6 +150,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "oldstyle": ("oldstyle", _boolean),
     "max-queue-size": ("max_queue_size", _count),
     "max-buf-size": ("max_buf_size", parse_size),
+    "max-clients": ("max_clients", _count),
     "cow-dir": ("cow_dir", _path),
     "logpath": ("logpath", _path),
     "syslog": ("syslog", _boolean),

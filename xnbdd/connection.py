@@ -66,8 +66,10 @@ class Connection:
         *,
         peer: str = "",
         oldstyle: bool = False,
+        refusal: str = "",
     ) -> None:
         self.stream = stream
+        self.refusal = refusal  # refuse every option with this (a limit is reached)
         self.catalog = catalog
         self.state = state
         self.peer = peer
@@ -89,6 +91,7 @@ class Connection:
         handshake or timed out."""
         tls = self.state.tls
         hs = ServerHandshake(self._lookup, self._list, oldstyle=self.oldstyle, tls=tls.policy)
+        hs.refusal = self.refusal
         channel: trio.SocketStream | TLSChannel = self.stream
         with trio.move_on_after(self.state.limits.handshake_timeout):
             try:

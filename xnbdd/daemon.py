@@ -42,6 +42,7 @@ from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 log = logging.getLogger("xnbdd")
 
 ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
+REFUSING_MAX = 64  # clients past --max-clients being told so at once; more are just closed
 STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
 SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
 CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
@@ -60,6 +61,7 @@ class ServerOptions:
     max_queue_size: int = 0
     max_buf_size: int = 0
     handshake_timeout: float = 30.0
+    max_clients: int = 0  # 0: no limit
     cow_dir: str | None = None
     # proxy
     remote_host: str = ""
@@ -115,6 +117,7 @@ def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
 
 class Daemon:
     def __init__(self, opts: ServerOptions, sources: ClientSources) -> None:
+        self.refusing = 0  # connections past --max-clients being refused
         self.opts = opts
         self.sources = sources
         limits = Limits(handshake_timeout=opts.handshake_timeout)
@@ -262,6 +265,10 @@ class Daemon:
     ) -> None:
         peer = peer_name(stream)
         fields = {"XNBD_CLIENT": peer}
+        limit = self.opts.max_clients
+        if limit and self.state.clients >= limit:
+            await self._refuse(stream, catalog, peer, limit, negotiated is not None)
+            return
         self.state.clients += 1
         self._update_status()
         log.info("client connected", extra=fields)
@@ -278,6 +285,37 @@ class Daemon:
             self.state.clients -= 1
             self._update_status()
             log.info("client disconnected", extra=fields)
+
+    async def _refuse(
+        self,
+        stream: trio.SocketStream,
+        catalog: SingleExportCatalog,
+        peer: str,
+        limit: int,
+        negotiated: bool,
+    ) -> None:
+        """A client past ``--max-clients``: every option it sends gets NBD_REP_ERR_POLICY with
+        the reason. Clients that cannot be told are closed: EXPORT_NAME, oldstyle, and those
+        negotiated elsewhere (xnbd-wrapper's hand-off)."""
+        noun = "client" if limit == 1 else "clients"
+        reason = f"server busy: already {limit} {noun} connected (its --max-clients limit)"
+        log.warning(
+            "client refused: already %d %s (--max-clients)",
+            limit,
+            noun,
+            extra={"XNBD_CLIENT": peer},
+        )
+        if negotiated or self.opts.oldstyle or self.refusing >= REFUSING_MAX:
+            await trio.aclose_forcefully(stream)
+            return
+        self.refusing += 1  # bounded: refusals cannot hold more than this many sockets
+        try:
+            connection = Connection(stream, catalog, self.state, peer=peer, refusal=reason)
+            await connection.serve(None)
+        except Exception:
+            log.exception("refusing a connection failed", extra={"XNBD_CLIENT": peer})
+        finally:
+            self.refusing -= 1
 
     def stop(self) -> None:
         if self.state.stopping.is_set():
@@ -476,6 +514,8 @@ class Daemon:
             elif key in tls_keys:
                 if tls_keys[key] != value:
                     self._restart_needed(key)
+            elif key == "max_clients" and isinstance(value, int):
+                self.opts.max_clients = value  # connected clients stay; new ones see it
             elif getattr(self.opts, key, value) != value:
                 self._restart_needed(key)
 

@@ -32,7 +32,6 @@ more requests, the answers to those in flight, then close.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import select
@@ -183,6 +182,8 @@ class DataPlane:
 
     def complete(self, reply: Buffers, cost: int) -> None:
         """A request handed to the event loop is answered."""
+        if self._finished:
+            return  # the connection ended: nobody will send it (its budget is back already)
         self._completions.append((reply, cost))
         if self._sleeping:
             self._wake()
@@ -218,7 +219,11 @@ class DataPlane:
                 self._finished = True
                 os.close(self._wake_fd)
             self._budget.forget(id(self))
-            # replies never sent give their budget back here; late completions are dropped
+            # replies never sent give their budget back here, and their bytes go with it (the
+            # plane object may outlive the thread for a while); late completions are dropped
+            self._out.clear()
+            self._completions.clear()
+            self._payload = self._spare = None
             self._budget.give_back(self._held, self.in_flight)
             self._held = self.in_flight = 0
 
@@ -555,7 +560,7 @@ class DataPlane:
         if (
             inline is not None
             and length
-            and offset + length <= self._export.size
+            and offset + length <= self._negotiated.export.size
             and length <= self._max_payload
         ):
             try:
@@ -578,7 +583,7 @@ class DataPlane:
         try:
             req = check_request(
                 req,
-                size=self._export.size,
+                size=self._negotiated.export.size,  # what this client was told
                 tx_flags=self._negotiated.tx_flags,
                 structured=self._structured,
                 has_contexts=self._has_contexts,
@@ -664,7 +669,11 @@ class DataPlane:
                 if isinstance(head, FileRange):
                     sent = self._sendfile(head.fd, head.offset, head.length)
                     if not sent:  # the image shrank under us; the header is already out
-                        raise OSError(errno.EIO, "image ended during a reply")
+                        log.warning(
+                            "closing connection: the image ended during a READ reply",
+                            extra=self._fields,
+                        )
+                        raise ClosedConnection("image ended during a reply")
                     if sent < head.length:
                         out[0] = FileRange(head.fd, head.offset + sent, head.length - sent)
                     else:

@@ -7,6 +7,10 @@ Fixes of the original's upstream handling (docs/decisions.md D15-D19):
 - an error reply fails only the request it answers; a lost connection is re-established in the
   background with exponential backoff, and the requests it carried are sent again (reads are
   idempotent);
+- a request that finds the link down does not wait for the backoff timer: it asks for an attempt
+  right then, so an origin that came back at the same address serves the very next read; while
+  the link has been down longer than ``timeout`` a request fails as soon as that one attempt
+  has failed (docs/faults.md);
 - ``reconnect`` switches to another origin after checking that it exports the same size.
 
 The wire protocol lives in ``xnbdd.proto.client``; this module only moves its bytes.
@@ -72,7 +76,7 @@ class LinkState(Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"  # down, retrying; requests still wait
-    FAILED = "failed"  # down for longer than the timeout; requests fail at once, retries go on
+    FAILED = "failed"  # down for longer than the timeout; a request fails when its attempt does
     CLOSED = "closed"
 
 
@@ -329,12 +333,15 @@ class RemoteLink:
         self.extended = False  # the origin took extended headers
         self.max_payload = 32 * 1024 * 1024
         self._conn: _Connection | None = None
-        self._connected = trio.Event()
         self._replacement: _Connection | None = None
         self._installed = trio.Event()  # set (and renewed) whenever a connection goes live
         self._scope: trio.CancelScope | None = None
         self._down_since = math.inf
         self._closing = False
+        self._kick = trio.Event()  # a request wants a connection attempt now
+        self._attempts_started = 0
+        self._attempts_done = 0
+        self._news = trio.Event()  # set (and renewed) when an attempt ends or the state changes
 
     @property
     def description(self) -> str:
@@ -369,19 +376,31 @@ class RemoteLink:
         self.structured = conn.info.structured
         self.extended = conn.info.extended
         self.max_payload = conn.info.max_payload
+        was_down = self._down_since
         self.state = LinkState.CONNECTED
         self._down_since = math.inf
-        self._connected.set()
         self._installed.set()
         self._installed = trio.Event()
-        headers = "extended" if self.extended else "compact"
-        log.info(
-            "connected to origin %s (%d bytes, %s headers)", self.description, self.size, headers
-        )
+        self._tell()
+        if was_down < math.inf:
+            down_for = trio.current_time() - was_down
+            log.warning("origin %s is back after %.1f s", self.description, down_for)
+        else:
+            headers = "extended" if self.extended else "compact"
+            log.info(
+                "connected to origin %s (%d bytes, %s headers)",
+                self.description,
+                self.size,
+                headers,
+            )
+
+    def _tell(self) -> None:
+        """Wake every request waiting in ``_wait_connection``."""
+        self._news.set()
+        self._news = trio.Event()
 
     def _uninstall(self) -> None:
         self._conn = None
-        self._connected = trio.Event()
         if self.state is LinkState.CONNECTED:
             self.state = LinkState.RECONNECTING
             self._down_since = trio.current_time()
@@ -403,19 +422,41 @@ class RemoteLink:
         finally:
             self.state = LinkState.CLOSED
             self._uninstall()
-            self._connected.set()  # wake waiters: they see CLOSED and fail
+            self._tell()  # wake waiters: they see CLOSED and fail
 
     async def _connect_with_backoff(self) -> _Connection:
+        """Attempts with exponential backoff between them; a request's kick cuts the wait."""
+        log.warning("origin %s is down; reconnecting", self.description)
         delay = self.backoff_initial
+        first = True
         while True:
+            self._kick = trio.Event()
+            self._attempts_started += 1
             try:
                 return await self._negotiate(self.address)
             except OSError as exc:
                 self.last_error = str(exc)
-                log.warning("reconnecting to %s failed: %s", self.description, exc)
-            if trio.current_time() - self._down_since > self.timeout:
+                (log.warning if first else log.debug)(
+                    "reconnecting to %s failed: %s", self.description, exc
+                )
+                first = False
+            finally:
+                self._attempts_done = self._attempts_started
+                self._tell()
+            if (
+                self.state is not LinkState.FAILED
+                and trio.current_time() - self._down_since > self.timeout
+            ):
                 self.state = LinkState.FAILED
-            await trio.sleep(delay)
+                log.error(
+                    "origin %s unavailable for more than %g s: uncached reads fail until it "
+                    "is back (%s)",
+                    self.description,
+                    self.timeout,
+                    self.last_error,
+                )
+            with trio.move_on_after(delay):
+                await self._kick.wait()
             delay = min(delay * 2, self.backoff_max)
 
     async def reconnect(self, address: RemoteAddress) -> None:
@@ -433,15 +474,23 @@ class RemoteLink:
         await installed.wait()
 
     async def _wait_connection(self) -> _Connection:
+        """The live connection; when there is none, an attempt is asked for at once. While the
+        link is FAILED, EIO as soon as an attempt that began after this call has failed."""
+        wanted = 0
         while True:
             if self.state is LinkState.CLOSED:
                 raise _eio("origin link closed")
-            if self.state is LinkState.FAILED:
-                raise _eio(f"origin {self.description} unavailable: {self.last_error}")
             conn = self._conn
             if conn is not None and not conn.dead:
                 return conn
-            await self._connected.wait()
+            if self.state is LinkState.FAILED and wanted and self._attempts_done >= wanted:
+                raise _eio(f"origin {self.description} unavailable: {self.last_error}")
+            if not wanted:
+                # the attempt under way may have begun before the origin came back; one kick
+                # per request (not per pass), so a waiting request never spins attempts
+                wanted = self._attempts_started + 1
+                self._kick.set()
+            await self._news.wait()
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or

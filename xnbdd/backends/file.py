@@ -4,11 +4,17 @@ Every read and write is positional (no shared file offset, docs/decisions.md D11
 cannot block runs on the event loop: a read first tries RWF_NOWAIT (served from the page cache or
 EAGAIN), and files on tmpfs/ramfs never wait for a device. Everything else goes to a bounded pool
 of worker threads.
+
+An image may be truncated underneath a live server (docs/faults.md). One rule then: what is not
+there any more is EIO, never zeros made up on the spot; a write past the current end is ENOSPC
+(it would grow the file beyond what clients were told); ``size`` is always the file's current
+size, so a new client is told the truth and the change is logged once.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -20,6 +26,8 @@ from xnbdd.backends import linux
 from xnbdd.backends.base import Capabilities, Extent, FileRange
 
 T = TypeVar("T")
+
+log = logging.getLogger("xnbdd")
 
 THREADS = 16  # worker threads per open image
 MAX_EXTENTS = 4096  # block_status answers a prefix beyond this many extents
@@ -85,7 +93,21 @@ class FileBackend:
 
     @property
     def size(self) -> int:
-        return self._size
+        """The current size: an image truncated or grown underneath is noticed (and logged)."""
+        try:
+            current = linux.file_size(self.fd)
+        except OSError:
+            return self._size  # closed: the last size known
+        if current != self._size:
+            log.warning("image %s changed size from %d to %d bytes", self.path, self._size, current)
+            self._size = current
+        return current
+
+    def _check_room(self, offset: int, length: int) -> None:
+        """ENOSPC for a write past the current end of a regular file: it would grow the image
+        beyond the size clients were told (block devices cannot grow)."""
+        if not self.is_block_device and offset + length > self.size:
+            raise OSError(errno.ENOSPC, f"the image now ends at {self._size} bytes")
 
     @property
     def capabilities(self) -> Capabilities:
@@ -102,20 +124,25 @@ class FileBackend:
         )
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
-        data = self._try_read_bytes(offset, length)
-        if data is not None:
-            return data
-        buf = bytearray(length)  # not in memory: wait for the device in a worker thread
-        await self._thread(linux.read_all, self.fd, memoryview(buf), offset)
+        try:
+            data = self._try_read_bytes(offset, length)
+            if data is not None:
+                return data
+            buf = bytearray(length)  # not in memory: wait for the device in a worker thread
+            await self._thread(linux.read_all, self.fd, memoryview(buf), offset)
+        except OSError as err:
+            if err.errno == errno.EIO:
+                _ = self.size  # an end of file met: notice (and log) the new size
+            raise
         return buf
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
         """InlineIO: large reads of a memory file system go out with sendfile (its pages are
         never on a device, so sending cannot block, and no copy passes through Python); other
         data if it can be had without waiting; else None."""
-        if self._inline and length >= SENDFILE_MIN:
+        if self._inline and length >= SENDFILE_MIN and offset + length <= self.size:
             return FileRange(self.fd, offset, length)
-        return self._try_read_bytes(offset, length)
+        return self._try_read_bytes(offset, length)  # past the end: EIO from the short read
 
     def _try_read_bytes(self, offset: int, length: int) -> bytes | bytearray | None:
         """The data, if it can be had without waiting (memory file system, or page cache via
@@ -152,11 +179,18 @@ class FileBackend:
         range without data reads as zeros. Asked on the event loop, so only where the lseek
         cannot wait for a device: memory file systems (elsewhere the extent lookup may read
         metadata from disk; block_status does that in a thread)."""
-        return self._inline and linux.is_hole(self.fd, offset, length)
+        return (
+            self._inline
+            and linux.is_hole(self.fd, offset, length)
+            and (
+                offset + length <= self.size  # past the end is not a hole: it is not there
+            )
+        )
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Write without waiting if possible (not FUA); False means nothing was promised and
         ``write`` must be used (rewriting bytes already written is harmless)."""
+        self._check_room(offset, memoryview(data).nbytes)
         if self._inline:
             linux.write_all(self.fd, data, offset)
             return True
@@ -180,6 +214,7 @@ class FileBackend:
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         view = memoryview(data).cast("B")
+        self._check_room(offset, len(view))
         if fua:  # RWF_DSYNC: this write is durable when pwritev returns
             await self._thread(linux.write_all, self.fd, view, offset, os.RWF_DSYNC)
             return
@@ -203,6 +238,7 @@ class FileBackend:
     async def zero(
         self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool
     ) -> None:
+        self._check_room(offset, length)
         await self._thread(self.zero_sync, offset, length, may_trim, fast)
         if fua:
             await self.flush()
@@ -213,6 +249,10 @@ class FileBackend:
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if self.is_block_device:
             return [Extent(length)]
+        size = self.size
+        if offset >= size:  # truncated underneath: no allocation to report, and no zeros
+            raise OSError(errno.EIO, f"the image now ends at {size} bytes")
+        length = min(length, size - offset)  # a prefix is an allowed answer
         return await self._thread(linux.extents, self.fd, offset, length, MAX_EXTENTS)
 
     async def close(self) -> None:

@@ -15,6 +15,9 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
   allows), so a trimmed block is never fetched again.
 - The exported size is the origin's. It is recorded in a sidecar file next to the bitmap and a
   cache/bitmap pair of another size is refused unless cleared.
+- A read never fails because caching failed (a full or failing cache file system): the data
+  fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
+  and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
   number of requests in flight, so client fetches never queue behind the bulk copy.
 """
@@ -29,6 +32,7 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -211,6 +215,7 @@ class ProxyBackend:
         self._cache_all_scope: trio.CancelScope | None = None
         self._detached = False
         self.fetched_blocks = 0
+        self._store_error: OSError | None = None  # caching failing since (logged once)
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -236,11 +241,26 @@ class ProxyBackend:
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         first, stop = block_span(offset, length)
         if not self._bitmap.all_set(first, stop):
-            fetched = await self._ensure_cached(first, stop, self._link, MAX_FETCH)
+            fetched = await self._ensure_cached(first, stop, self._link, MAX_FETCH, store=False)
             if fetched is not None:  # the whole range came in one fetch: answer from it
                 start = offset - first * BLOCK_SIZE
                 return memoryview(fetched)[start : start + length]
+            if not self._bitmap.all_set(first, stop):  # not stored: cached parts + origin
+                return await self._read_around_cache(offset, length)
         return await self._cache.read(offset, length)
+
+    async def _read_around_cache(self, offset: int, length: int) -> bytearray:
+        """The range from the cache where it is cached and from the origin elsewhere (the
+        cache could not take it)."""
+        out = bytearray(length)
+        end = offset + length
+        for run_offset, run_length, cached in self._runs(offset, length):
+            start, stop = run_offset - offset, min(run_offset + run_length, end) - offset
+            if cached:
+                out[start:stop] = await self._cache.read(run_offset, stop - start)
+            else:
+                out[start:stop] = await self._link.read(run_offset, stop - start)
+        return out
 
     # -- InlineIO: blocks already cached are read and rewritten by a connection's thread
     # without waiting. A bit is set only after its data is in the cache file and is never
@@ -262,7 +282,7 @@ class ProxyBackend:
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
-        await self._ensure_cached(first, stop, self._link, MAX_FETCH)
+        await self._ensure_cached(first, stop, self._link, MAX_FETCH, store=True)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self._check_writable()
@@ -332,12 +352,30 @@ class ProxyBackend:
         self._detached = True
         if self._cache_all_scope is not None:
             self._cache_all_scope.cancel()
+        failed: OSError | None = None
         try:
             await self.flush()
+        except OSError as exc:  # e.g. a full file system: the bitmap cannot take the bits
+            failed = exc
         finally:
-            self._bitmap.close()
+            try:
+                self._bitmap.close()  # tries the bits once more
+            except OSError as exc:
+                failed = exc
+            else:
+                failed = None
             await self._link.aclose()
             await self._cache.close()
+        if failed is not None:
+            # Still consistent on disk (a bit is written only after its data is durable): the
+            # blocks whose bits are missing are fetched again, writes to them since the last
+            # FLUSH are lost, as after a crash. Not a reason to fail the stop.
+            log.error(
+                "cache bitmap %s: bits not persisted at stop (%s); those blocks will be "
+                "fetched from the origin again, writes to them since the last FLUSH are lost",
+                self.bitmap_path,
+                failed.strerror or failed,
+            )
 
     # -- proxy specifics -----------------------------------------------------------------------
 
@@ -350,15 +388,23 @@ class ProxyBackend:
     def cached_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """``x-xnbd:cached`` view: (byte length, cached) runs covering [offset, offset+length),
         or a prefix of it in ``MAX_EXTENTS`` runs (extended headers ask for 64-bit ranges)."""
+        runs = self._runs(offset, length, limit=MAX_EXTENTS)
+        return [(run_length, cached) for _o, run_length, cached in runs]
+
+    def _runs(
+        self, offset: int, length: int, limit: int | None = None
+    ) -> list[tuple[int, int, bool]]:
+        """(byte offset, byte length, cached) runs covering [offset, offset+length), or the
+        first ``limit`` of them."""
         end = offset + length
         first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
-        out: list[tuple[int, bool]] = []
+        out: list[tuple[int, int, bool]] = []
         pos = first
-        while pos < stop and len(out) < MAX_EXTENTS:
+        while pos < stop and (limit is None or len(out) < limit):
             cached = self._bitmap.test(pos)
             run_stop = next(iter(self._bitmap.runs(pos, stop, not cached)), (stop, stop))[0]
             start_byte = max(pos * BLOCK_SIZE, offset)
-            out.append((min(run_stop * BLOCK_SIZE, end) - start_byte, cached))
+            out.append((start_byte, min(run_stop * BLOCK_SIZE, end) - start_byte, cached))
             pos = run_stop
         return out
 
@@ -447,7 +493,7 @@ class ProxyBackend:
             nonlocal in_flight, room, last_report
             try:
                 link = state.link or self._link
-                await self._ensure_cached(first, stop, link, per_request * BLOCK_SIZE)
+                await self._ensure_cached(first, stop, link, per_request * BLOCK_SIZE, store=True)
             finally:
                 in_flight -= 1
                 room.set()
@@ -547,24 +593,46 @@ class ProxyBackend:
         finally:
             self._unlock(first, stop, busy)
 
-    async def _fetch_into_cache(self, link: RemoteLink, first: int, stop: int) -> bytearray:
+    async def _fetch_into_cache(
+        self, link: RemoteLink, first: int, stop: int, *, store: bool = True
+    ) -> bytearray:
         """Fetch blocks the caller holds busy, store them, then (only then) mark them cached;
-        returns what was fetched."""
+        returns what was fetched. Without ``store``, a failure to store is logged and the
+        blocks stay uncached (a read is served all the same)."""
         offset = first * BLOCK_SIZE
         length = min(stop * BLOCK_SIZE, self._size) - offset
         data = await link.read(offset, length)
-        await self._cache.write(offset, data, fua=False)
+        try:
+            await self._cache.write(offset, data, fua=False)
+        except OSError as exc:
+            if self._store_error is None:
+                log.error(
+                    "cache %s: fetched blocks not cached (%s); reads are served from the "
+                    "origin until caching works again",
+                    self.cache_path,
+                    exc.strerror or exc,
+                )
+            self._store_error = exc
+            if store:
+                raise
+            return data
+        if self._store_error is not None:
+            self._store_error = None
+            log.warning("cache %s: caching works again", self.cache_path)
         self._mark_cached(first, stop)
         self.fetched_blocks += stop - first
         return data
 
     async def _ensure_cached(
-        self, first: int, stop: int, link: RemoteLink, max_request: int
+        self, first: int, stop: int, link: RemoteLink, max_request: int, *, store: bool
     ) -> bytearray | None:
         """Make [first, stop) cached: fetch the missing blocks nobody else is fetching (adjacent
         ones together, at most ``max_request`` bytes per request) and wait for the others.
-        Returns the data when all of [first, stop) came in one fetch of ours, else None."""
+        Returns the data when all of [first, stop) came in one fetch of ours, else None.
+        ``store`` False: blocks the cache could not take are left uncached (no error) and the
+        call returns after one round, so a full cache never makes it fetch in a loop."""
         per_request = max(1, max_request // BLOCK_SIZE)
+        fetched_once = False
         while True:
             mine: list[tuple[int, int]] = []
             others: dict[_Busy, None] = {}  # ordered set
@@ -581,18 +649,21 @@ class ProxyBackend:
                         start = block + 1
                         others[holder] = None
                 take(start, run_stop)
-            if not mine and not others:
+            if (not mine and not others) or (mine and fetched_once and not store):
                 return None
+            fetched_once = bool(mine)
             claims = [(a, b, self._claim(a, b)) for a, b in mine]
             if len(claims) == 1:
-                data = await self._fetch_claimed(link, *claims[0])
+                data = await self._fetch_claimed(link, *claims[0], store=store)
                 if not others and mine[0] == (first, stop):
                     return data
             elif claims:
                 try:
                     async with trio.open_nursery() as nursery:
                         for claim in claims:
-                            nursery.start_soon(self._fetch_claimed, link, *claim)
+                            nursery.start_soon(
+                                partial(self._fetch_claimed, store=store), link, *claim
+                            )
                 except* OSError as group:
                     raise group.exceptions[0] from None
             for holder in others:
@@ -607,10 +678,10 @@ class ProxyBackend:
         return busy
 
     async def _fetch_claimed(
-        self, link: RemoteLink, first: int, stop: int, busy: _Busy
+        self, link: RemoteLink, first: int, stop: int, busy: _Busy, *, store: bool
     ) -> bytearray:
         try:
-            return await self._fetch_into_cache(link, first, stop)
+            return await self._fetch_into_cache(link, first, stop, store=store)
         except OSError as exc:
             busy.error = exc
             raise

@@ -14,6 +14,7 @@ import sys
 import trio
 
 from .. import __version__, logs
+from ..allocator import limit_arenas
 from ..config import ConfigError, load_config, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..listeners import bind_tcp, bind_unix
@@ -54,6 +55,7 @@ DEFAULTS: dict[str, object] = {
     "clear_bitmap": False,
     "max_queue_size": 0,
     "max_buf_size": 0,
+    "max_clients": 0,
     "handshake_timeout": 30.0,
     "remote_timeout": 30.0,
     "description": "",
@@ -221,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
         "connection (suffixes K, M, G; 0: default 256M)",
     )
 
+    exp.add_argument(
+        "--max-clients",
+        type=number,
+        metavar="N",
+        help="refuse clients past N connections at once, with a message during the handshake "
+        "(0: no limit, the default)",
+    )
+
     prx = p.add_argument_group("proxy mode")
     prx.add_argument(
         "--target-exportname", metavar="NAME", help="export name to ask the remote server for"
@@ -372,6 +382,7 @@ def make_options(settings: dict[str, object]) -> ServerOptions:
         description=str(settings["description"]),
         oldstyle=bool(settings["oldstyle"]),
         max_queue_size=int(settings["max_queue_size"]),  # type: ignore[call-overload]
+        max_clients=int(settings["max_clients"]),  # type: ignore[call-overload]
         max_buf_size=int(settings["max_buf_size"]),  # type: ignore[call-overload]
         handshake_timeout=float(settings["handshake_timeout"]),  # type: ignore[arg-type]
         cow_dir=os.path.abspath(str(settings["cow_dir"])) if settings.get("cow_dir") else None,
@@ -432,6 +443,7 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_arenas()  # before any thread: connection threads must not each get an arena
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
     except (UsageError, ConfigError) as err:

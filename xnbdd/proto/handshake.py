@@ -156,6 +156,7 @@ class ServerHandshake:
         self.shutting_down = False
         self.tls_policy = tls
         self.tls_active = False
+        self.refusal = ""  # non-empty: every option is refused with ERR_POLICY and this text
         self.close_reason = ""
         self.negotiated: Negotiated | None = None
         # SET_META_CONTEXT result: (export name it was set for, {id: name})
@@ -276,6 +277,8 @@ class ServerHandshake:
         try:
             if self.shutting_down:
                 raise OptionError(Rep.ERR_SHUTDOWN, "server shutting down")
+            if self.refusal:
+                raise OptionError(Rep.ERR_POLICY, self.refusal)
             if opt == Opt.STARTTLS and self.tls_policy is not TLSPolicy.OFF:
                 self._starttls(data)
                 return
@@ -306,8 +309,8 @@ class ServerHandshake:
         self.state = HandshakeState.STARTTLS
 
     def _export_name(self, data: bytes) -> None:
-        if self.shutting_down:
-            self._close("server shutting down")
+        if self.shutting_down or self.refusal:  # this option cannot carry an error: close
+            self._close(self.refusal or "server shutting down")
             return
         if self.extended:
             # MUST NOT after extended headers, and EXPORT_NAME has no error reply: close.
