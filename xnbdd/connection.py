@@ -4,7 +4,9 @@ The handshake is short and waits on the client, so it runs as a trio task. Trans
 hot path: it runs in a data-plane thread that owns the socket (``dataplane.DataPlane``), and the
 event loop executes only the requests that must wait, as tasks in this connection's nursery. On
 server shutdown the plane answers new requests with ESHUTDOWN and closes once the last reply is
-out; whatever still runs after the grace period is cut.
+out; whatever still runs after the grace period is cut. Under systemd with a file-descriptor store
+the stop is a handover instead (fdstore.py): the plane stops at a request boundary with every
+reply out, and the socket goes to the store, open, for the next process.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Protocol
 import trio
 
 from .budget import ByteBudget, Limits
-from .dataplane import DataPlane
+from .dataplane import HANDED_OVER, DataPlane
 from .dispatch import error_reply, execute
 from .export import Export
+from .fdstore import ClientKeeper
+from .handoff import handoff_message
 from .proto.consts import Errno
 from .proto.handshake import HandshakeState, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
@@ -48,6 +52,7 @@ class ServerState:
         self.limits = limits or Limits()
         self.budget = ByteBudget(self.limits)
         self.stopping = trio.Event()
+        self.handover = False  # set before ``stopping``: clients go to the fd store
         self.clients = 0
 
 
@@ -60,6 +65,7 @@ class Connection:
         *,
         peer: str = "",
         oldstyle: bool = False,
+        keeper: ClientKeeper | None = None,
     ) -> None:
         self.stream = stream
         self.catalog = catalog
@@ -67,6 +73,7 @@ class Connection:
         self.peer = peer
         self.oldstyle = oldstyle
         self.pending = b""  # bytes the client sent behind its handshake
+        self.keeper = keeper  # its place in systemd's fd store, if there is one
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -122,11 +129,15 @@ class Connection:
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer
         finally:
+            # Handed over, systemd holds the socket: closing our descriptor leaves it open.
             await trio.aclose_forcefully(self.stream)
+            if self.keeper is not None:
+                self.keeper.ended()
 
     async def _cut_handshake_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.state.stopping.wait()
-        await trio.sleep(self.state.limits.shutdown_grace)
+        if not self.state.handover:  # a restart does not wait for them: they retry
+            await trio.sleep(self.state.limits.shutdown_grace)
         scope.cancel()
 
     async def _transmission(self, export: Export, negotiated: Negotiated) -> None:
@@ -154,14 +165,26 @@ class Connection:
                 reason = await trio.to_thread.run_sync(plane.run, limiter=PLANE_THREADS)
             finally:
                 tasks.cancel_scope.cancel()  # the watcher, and tasks of a plane that was cut
+            if reason == HANDED_OVER:
+                self._hand_over(negotiated)
             log.debug("transmission ended: %s", reason, extra=fields)
+
+    def _hand_over(self, negotiated: Negotiated) -> None:
+        keeper = self.keeper
+        message = handoff_message(negotiated)
+        message["tx_flags"] = int(negotiated.tx_flags)  # to see what a restart changed
+        if keeper is not None and keeper.hand_over(self.stream.socket.fileno(), message):
+            log.info("client handed over to the service manager", extra=self._fields())
 
     async def _watch_shutdown(self, plane: DataPlane) -> None:
         """Tell the plane when the server stops; cut it after the grace period (or at once if
         this task is cancelled while the plane still runs)."""
         try:
             await self.state.stopping.wait()
-            plane.request_stop()
+            if self.state.handover and self.keeper is not None:
+                plane.request_handover()
+            else:
+                plane.request_stop()
             await trio.sleep(self.state.limits.shutdown_grace)
         finally:
             plane.abort()

@@ -28,6 +28,7 @@ from .connection import Connection, ServerState
 from .control.handlers import ProgressSink
 from .control.server import serve_control
 from .export import Export
+from .fdstore import ClientKeeper, FdStore, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
@@ -81,6 +82,7 @@ class ClientSources:
     negotiated_fd: socket.socket | None = None  # one client, handshake already done
     handoff: socket.socket | None = None  # unix listener: clients negotiated by xnbd-wrapper
     control: socket.socket | None = None  # the control socket, when systemd passed it
+    stored: list[StoredClient] = field(default_factory=list)  # handed over by the last process
 
 
 class SingleExportCatalog:
@@ -120,6 +122,7 @@ class Daemon:
             limits.max_bytes = opts.max_buf_size
         self.state = ServerState(limits)
         self.notifier = Notifier()
+        self.fdstore = FdStore.from_environment(sources.stored)
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
@@ -190,6 +193,9 @@ class Daemon:
     async def _serve(self, catalog: SingleExportCatalog) -> None:
         src = self.sources
         async with trio.open_nursery() as connections:
+            # Clients handed over by the previous process go on before anything else is read.
+            for stored in src.stored:
+                self._adopt(stored, catalog, connections)
             if src.negotiated_fd is not None:
                 export = catalog.export
                 info = export.info()
@@ -219,6 +225,37 @@ class Daemon:
             for listener in listeners:
                 await listener.aclose()
             # Connections finish on their own once ``state.stopping`` is set (grace period).
+        self.fdstore.commit()
+
+    def _adopt(
+        self, stored: StoredClient, catalog: SingleExportCatalog, nursery: trio.Nursery
+    ) -> None:
+        """Serve a client the previous process handed over, with what it negotiated then; one
+        that negotiated what this process no longer offers (a read-only or mode change) is
+        closed, and reconnects to negotiate again."""
+        keeper = self.fdstore.keeper(stored.name)
+        info = catalog.export.info()
+        try:
+            negotiated, pending = negotiated_from(info, stored.message)
+            before = int(stored.message.get("tx_flags", int(negotiated.tx_flags)))
+        except (TypeError, ValueError) as err:
+            log.warning("stored client %s: unusable state (%s); closed", stored.name, err)
+            before, negotiated, pending = -1, None, b""
+        if negotiated is not None and before != int(negotiated.tx_flags):
+            log.warning(
+                "stored client %s: the export's flags changed across the restart (%#x -> %#x: "
+                "read-only or mode); closed, it reconnects and negotiates again",
+                stored.name,
+                before,
+                int(negotiated.tx_flags),
+            )
+            negotiated = None
+        if negotiated is None:
+            stored.sock.close()
+            keeper.ended()
+            return
+        stream = to_trio_stream(stored.sock)
+        nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)
 
     def _ready(self, what: str) -> None:
         self.notifier.ready()
@@ -235,7 +272,7 @@ class Daemon:
                 log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
-            nursery.start_soon(self._client, stream, catalog, None)
+            nursery.start_soon(self._client, stream, catalog, None, b"", self.fdstore.keeper())
 
     async def _handoff_loop(
         self, sock: socket.socket, catalog: SingleExportCatalog, nursery: trio.Nursery
@@ -244,7 +281,9 @@ class Daemon:
         export = catalog.export
         async for client, message in receive_handoffs(sock, lambda: export_to_json(export.info())):
             negotiated, pending = negotiated_from(export.info(), message)
-            nursery.start_soon(self._client, to_trio_stream(client), catalog, negotiated, pending)
+            stream = to_trio_stream(client)
+            keeper = self.fdstore.keeper()
+            nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)
 
     async def _client(
         self,
@@ -252,6 +291,7 @@ class Daemon:
         catalog: SingleExportCatalog,
         negotiated: Negotiated | None,
         pending: bytes = b"",
+        keeper: ClientKeeper | None = None,
     ) -> None:
         peer = peer_name(stream)
         fields = {"XNBD_CLIENT": peer}
@@ -260,7 +300,7 @@ class Daemon:
         log.info("client connected", extra=fields)
         try:
             connection = Connection(
-                stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle
+                stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle, keeper=keeper
             )
             connection.pending = pending  # requests pipelined behind GO
             await connection.serve(negotiated)
@@ -275,7 +315,13 @@ class Daemon:
     def stop(self) -> None:
         if self.state.stopping.is_set():
             return
-        log.info("stopping: finishing requests in flight")
+        # Every stop under a store is a handover: systemd keeps the sockets across a restart and
+        # closes them when the service really stops (docs/handover.md).
+        self.state.handover = self.fdstore.enabled
+        if self.state.handover:
+            log.info("stopping: answering requests in flight, handing clients over")
+        else:
+            log.info("stopping: finishing requests in flight")
         self.notifier.stopping()
         self.state.stopping.set()
         self._stop_accepting.cancel()

@@ -15,7 +15,14 @@ import stat
 import time
 from dataclasses import dataclass
 
-__all__ = ["InheritedSocket", "Notifier", "SystemdEnvError", "inherited_sockets"]
+__all__ = [
+    "InheritedSocket",
+    "Notifier",
+    "SystemdEnvError",
+    "adopt_sockets",
+    "inherited_fds",
+    "inherited_sockets",
+]
 
 log = logging.getLogger("xnbdd")
 
@@ -38,7 +45,17 @@ class InheritedSocket:
 
 
 def inherited_sockets() -> list[InheritedSocket]:
-    """The sockets passed by socket activation, in fd order; [] when there are none.
+    """The sockets passed by socket activation, in fd order; [] when there are none."""
+    return adopt_sockets(inherited_fds())
+
+
+def adopt_sockets(fds: list[tuple[int, str]]) -> list[InheritedSocket]:
+    """Check that every inherited (fd, name) is a stream socket and take it over."""
+    return [_adopt(fd, name) for fd, name in fds]
+
+
+def inherited_fds() -> list[tuple[int, str]]:
+    """The descriptors passed in LISTEN_FDS with their names, in fd order; [] when none.
 
     The LISTEN_* variables are removed from the environment first, even when they turn out to be
     invalid, so that no child process mistakes our descriptors for its own.
@@ -66,7 +83,7 @@ def inherited_sockets() -> list[InheritedSocket]:
         raise SystemdEnvError(
             f"LISTEN_FDNAMES={names_text!r} has {len(names)} names for LISTEN_FDS={count}"
         )
-    return [_adopt(fd, name) for fd, name in enumerate(names, SD_LISTEN_FDS_START)]
+    return list(enumerate(names, SD_LISTEN_FDS_START))
 
 
 def _adopt(fd: int, name: str) -> InheritedSocket:

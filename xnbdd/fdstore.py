@@ -1,0 +1,204 @@
+"""Clients kept across a restart in systemd's file-descriptor store (docs/handover.md).
+
+Under systemd with a store (``$FDSTORE`` > 0: systemd 254 and later set it from
+FileDescriptorStoreMax=, our units set it themselves for older versions), a stop hands the clients
+over instead of closing them: each connection answers what it has read, stops at a request
+boundary, and its socket goes to the store (``FDSTORE=1``) named ``xnbd-client-<pid>-<n>``. What
+each client negotiated is written as one JSON object (name -> hand-off message, handoff.py's
+format) into a memfd stored as ``xnbd-handover``. The next process finds both among its LISTEN_FDS
+and serves those clients on in the transmission phase; whatever they sent meanwhile waits in the
+socket. systemd releases the store when the service really stops (not when it restarts), so a
+plain stop still ends every client: they see end of stream.
+
+A stored socket stays in the store while its client is served, so a crash restart keeps it too;
+it leaves the store (``FDSTOREREMOVE=1``) when its client ends, and the state memfd with the last
+of them, so the store never outlives the clients. Outside systemd all of this is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from systemd import daemon as sd_daemon
+
+__all__ = ["CLIENT_PREFIX", "STATE_NAME", "ClientKeeper", "FdStore", "StoredClient", "take_stored"]
+
+log = logging.getLogger("xnbdd")
+
+CLIENT_PREFIX = "xnbd-client-"
+STATE_NAME = "xnbd-handover"
+STATE_VERSION = 1
+
+
+def store_available() -> bool:
+    """A service manager is listening and keeps descriptors for us."""
+    try:
+        size = int(os.environ.get("FDSTORE", "0"))
+    except ValueError:
+        return False
+    return size > 0 and bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+def _notify(message: str, fds: list[int] | None = None) -> bool:
+    """sd_pid_notify_with_fds(3) through python-systemd; False (and a warning) when it failed."""
+    try:
+        return bool(sd_daemon.notify(message, fds=fds or []))
+    except OSError as err:
+        log.warning("service manager refused %s: %s", message.split("\n", 1)[0], err)
+        return False
+
+
+def _remove(name: str) -> None:
+    _notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+
+@dataclass
+class StoredClient:
+    """A client socket the previous process handed over, with what it negotiated."""
+
+    sock: socket.socket
+    name: str
+    message: dict[str, Any]
+
+
+def take_stored(fds: list[tuple[int, str]]) -> tuple[list[StoredClient], list[tuple[int, str]]]:
+    """Split the inherited descriptors: the clients handed over by the previous process (each
+    with its hand-off message), and the rest (listening sockets and the like). A stored client
+    without a state is closed and removed from the store."""
+    states: dict[str, dict[str, Any]] = {}
+    rest: list[tuple[int, str]] = []
+    client_fds: list[tuple[int, str]] = []
+    for fd, name in fds:
+        if name == STATE_NAME:
+            states.update(_read_state(fd))
+        elif name.startswith(CLIENT_PREFIX):
+            client_fds.append((fd, name))
+        else:
+            rest.append((fd, name))
+    clients: list[StoredClient] = []
+    for fd, name in client_fds:
+        os.set_inheritable(fd, False)
+        message = states.get(name)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            message = None
+        else:
+            if message is None or sock.type != socket.SOCK_STREAM:
+                sock.close()
+                message = None
+        if message is None:
+            log.warning("stored client %s: no state was handed over; closed", name)
+            _remove(name)
+            continue
+        clients.append(StoredClient(sock, name, message))
+    if not clients and STATE_NAME in (name for _fd, name in fds):
+        _remove(STATE_NAME)
+    return clients, rest
+
+
+def _read_state(fd: int) -> dict[str, dict[str, Any]]:
+    try:
+        chunks = []
+        offset = 0
+        while chunk := os.pread(fd, 1 << 20, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        data = json.loads(b"".join(chunks))
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"version {data.get('version')!r}")
+        clients = data["clients"]
+        return {str(k): v for k, v in clients.items() if isinstance(v, dict)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("handover state unreadable, its clients are closed: %s", err)
+        return {}
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class FdStore:
+    """The daemon's view of its store: which client sockets are in it, and their states."""
+
+    enabled: bool
+    stored: set[str] = field(default_factory=set)  # client names systemd holds now
+    states: dict[str, dict[str, Any]] = field(default_factory=dict)  # handed over at this stop
+    _count: int = 0
+
+    @classmethod
+    def from_environment(cls, adopted: list[StoredClient]) -> FdStore:
+        return cls(enabled=store_available(), stored={c.name for c in adopted})
+
+    def keeper(self, name: str | None = None) -> ClientKeeper:
+        return ClientKeeper(self, name)
+
+    def new_name(self) -> str:
+        self._count += 1
+        return f"{CLIENT_PREFIX}{os.getpid()}-{self._count}"
+
+    def commit(self) -> None:
+        """After the last connection: the states of the clients just handed over replace the
+        old ones (none handed over: the old state leaves the store with nothing in its place)."""
+        if not self.enabled:
+            return
+        if not self.states:
+            if self.stored:
+                log.warning("%d stored clients have no state", len(self.stored))
+            _remove(STATE_NAME)
+            return
+        payload = json.dumps({"version": STATE_VERSION, "clients": self.states}).encode()
+        fd = os.memfd_create(STATE_NAME, os.MFD_CLOEXEC)
+        try:
+            os.write(fd, payload)
+            _remove(STATE_NAME)
+            # FDPOLL=0: a memfd has nothing to poll (only sockets and pipes report a hang-up).
+            if _notify(f"FDSTORE=1\nFDNAME={STATE_NAME}\nFDPOLL=0", [fd]):
+                log.info("handed %d clients over to the service manager", len(self.states))
+        finally:
+            os.close(fd)
+
+    def _ended(self, name: str) -> None:
+        self.stored.discard(name)
+        _remove(name)
+        if not self.stored and not self.states:
+            _remove(STATE_NAME)  # the last adopted client is gone: nothing left to restore
+
+
+class ClientKeeper:
+    """One connection's place in the store: handed over at a stop, removed when it ends."""
+
+    def __init__(self, store: FdStore, name: str | None) -> None:
+        self._store = store
+        self.name = name
+        self.handed_over = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._store.enabled
+
+    def hand_over(self, fd: int, message: dict[str, Any]) -> bool:
+        """Put the client socket ``fd`` into the store (the caller then closes its copy); False
+        when the manager did not take it, and the client is to be closed."""
+        store = self._store
+        if not store.enabled:
+            return False
+        name = self.name or store.new_name()
+        if name not in store.stored:
+            if not _notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
+                return False
+            store.stored.add(name)
+        self.name = name
+        store.states[name] = message
+        self.handed_over = True
+        return True
+
+    def ended(self) -> None:
+        """The connection is over and not handed over: take it out of the store."""
+        if self.name is not None and not self.handed_over and self.name in self._store.stored:
+            self._store._ended(self.name)
