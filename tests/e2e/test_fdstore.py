@@ -1,0 +1,241 @@
+"""Restarts that keep the clients: systemd 252's file-descriptor store (docs/handover.md).
+
+Real systemd as PID 1 in systemd-nspawn on the cached Debian 12 tree, the shipped xnbd@.service
+(FileDescriptorStoreMax=, Environment=FDSTORE=), the daemon from this work tree with Debian's
+python3, trio and python3-systemd. The client is the host's python3-libnbd (verify_client.py) in
+the container's network namespace, writing checksummed blocks and reading them back while
+`systemctl restart` replaces the server under it.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.nspawn,
+    pytest.mark.skipif(bool(missing_tools("nbdinfo")), reason="nbdinfo (libnbd-bin) missing"),
+]
+
+PORT = 10811
+UNIT = "xnbd@disk.service"
+URI = f"nbd://127.0.0.1:{PORT}/disk"
+IMAGE_SIZE = 32 << 20
+RESTARTS = 20
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd is built for it
+CLIENT = Path(__file__).with_name("verify_client.py")
+WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
+CONFIGS = {"disk.conf": f"mode = target\nimage = /var/lib/xnbd/disk.img\nlport = {PORT}\n"}
+
+
+def _has_libnbd() -> bool:
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def box(systemd_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    if not _has_libnbd():
+        pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
+    work = tmp_path_factory.mktemp("nspawn-fdstore")
+    data = work / "data"
+    data.mkdir()
+    with open(data / "disk.img", "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    etc = work / "etc-xnbd"
+    etc.mkdir()
+    for name, text in CONFIGS.items():
+        (etc / name).write_text(text)
+    wrapper = work / "xnbd-server"
+    wrapper.write_text(WRAPPER)
+    wrapper.chmod(0o755)
+    binds = {
+        str(REPO): "/opt/xnbdd",
+        str(wrapper): "/usr/local/bin/xnbd-server",
+        str(etc): "/etc/xnbd",
+        str(data): "/var/lib/xnbd",
+    }
+    for unit in sorted((REPO / "units").iterdir()):
+        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
+    container = Container(systemd_tree, work, binds, writable=(str(data),))
+    # systemd refuses a sixth start within 10 s (StartLimitBurst=); this loop restarts faster
+    # than anyone would, so it lifts the limit for the test only.
+    dropin = f"/run/systemd/system/{UNIT}.d"
+    container.run(
+        "sh", "-c",
+        f"mkdir -p {dropin} && printf '[Unit]\\nStartLimitIntervalSec=0\\n' > {dropin}/limit.conf"
+        " && systemctl daemon-reload",
+    )  # fmt: skip
+    yield container
+    container.poweroff()
+
+
+class Client:
+    """verify_client.py in the container's network namespace; its lines arrive in a queue."""
+
+    def __init__(self, box: Container) -> None:
+        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), URI)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.rounds = 0
+        self.result: dict[str, Any] | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self._next(60) == "connected", self.stderr()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put("")  # end of output
+
+    def _next(self, timeout: float) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"client silent for {timeout} s") from None
+        if line.startswith("{"):
+            self.result = json.loads(line)
+        elif line.startswith("progress "):
+            self.rounds = int(line.split()[1])
+        return line
+
+    def progress(self, more: int = 1, timeout: float = 90) -> None:
+        """Wait until the client has finished ``more`` progress steps from now."""
+        target = self.rounds + more
+        deadline = time.monotonic() + timeout
+        while self.rounds < target:
+            line = self._next(max(deadline - time.monotonic(), 0.1))
+            if not line or self.result is not None:
+                raise AssertionError(f"client ended: {self.result} {self.stderr()}")
+
+    def finish(self, timeout: float = 60) -> dict[str, Any]:
+        """The client's summary (ask it to quit first, or have the server end it)."""
+        deadline = time.monotonic() + timeout
+        while self.result is None:
+            line = self._next(max(deadline - time.monotonic(), 0.1))
+            if not line and self.result is None:
+                raise AssertionError(f"client died without a summary: {self.stderr()}")
+        self.proc.wait(timeout)
+        return self.result
+
+    def quit(self) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        return self.finish()
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def stored(box: Container) -> int:
+    return int(box.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"])
+
+
+def daemon_messages(box: Container) -> list[str]:
+    return [
+        str(e["MESSAGE"])
+        for e in box.journal("-u", UNIT)
+        if e.get("SYSLOG_IDENTIFIER") == "xnbd-server"
+    ]
+
+
+def test_restarts_keep_a_busy_client(box: Container) -> None:
+    """RESTARTS restarts under a client with requests in flight: every request is answered,
+    every block reads back as written, and nothing is left in the store once it disconnects."""
+    box.run("systemctl", "start", UNIT)
+    client = Client(box)
+    try:
+        client.progress()
+        pids = {box.show(UNIT, "MainPID")["MainPID"]}
+        restarts: list[tuple[float, float]] = []
+        for _ in range(RESTARTS):
+            began = time.monotonic()
+            box.run("systemctl", "restart", UNIT, timeout=120)  # returns once READY=1 came
+            restarts.append((began, time.monotonic()))
+            pids.add(box.show(UNIT, "MainPID")["MainPID"])
+            assert stored(box) == 2  # the client's socket and the state memfd
+            client.progress()  # served by the new process before the next restart
+        assert len(pids) == RESTARTS + 1
+        result = client.quit()
+    finally:
+        client.kill()
+    assert result["error"] == "" and result["verify_errors"] == 0, result
+    # A clean disconnect takes the socket, and then the state, out of the store.
+    wait(lambda: stored(box) == 0, "an empty fd store")
+    state = box.show(UNIT, "ActiveState", "NRestarts", "Result")
+    assert state == {"ActiveState": "active", "NRestarts": "0", "Result": "success"}, state
+    messages = daemon_messages(box)
+    assert sum(m == "handed 1 clients over to the service manager" for m in messages) == RESTARTS
+    # For the record (pytest -s shows it): the slowest round of each restart, i.e. how long a
+    # request waited for the next process.
+    worst = sorted(
+        max(
+            (s for start, s in result["latencies"] if start < end and start + s > began),
+            default=0.0,
+        )
+        for began, end in restarts
+    )
+    normal = sorted(s for _, s in result["latencies"])
+    print(
+        f"\n{result['rounds']} rounds of 4 writes + 5 reads of 64 KiB, {RESTARTS} restarts; "
+        f"round median {normal[len(normal) // 2] * 1000:.1f} ms; slowest round per restart: "
+        f"median {worst[RESTARTS // 2] * 1000:.0f} ms, max {worst[-1] * 1000:.0f} ms; "
+        f"`systemctl restart` median {sorted(e - b for b, e in restarts)[RESTARTS // 2]:.2f} s"
+    )
+    box.run("systemctl", "stop", UNIT)
+
+
+def test_stop_still_ends_the_client(box: Container) -> None:
+    """A real stop is a stop: the handed-over socket is closed by systemd with the store; the
+    client sees the connection end at once (no hang), and the store is gone with the service.
+    This client keeps sending, so its socket holds unread requests when systemd closes it, and
+    the kernel resets the connection (ECONNRESET); an idle client sees end of stream."""
+    box.run("systemctl", "start", UNIT)
+    client = Client(box)
+    try:
+        client.progress()
+        box.run("systemctl", "restart", UNIT, timeout=120)
+        client.progress()
+        assert client.proc.poll() is None
+        stop_at = time.monotonic()
+        box.run("systemctl", "stop", UNIT, timeout=120)
+        result = client.finish(timeout=60)
+    finally:
+        client.kill()
+    assert result["verify_errors"] == 0, result
+    assert result["error"], result  # the server went away under it
+    assert result["ended_at"] >= stop_at - 1
+    assert "ECONNRESET" in result["error"] or "disconnected" in result["error"], result
+    assert box.show(UNIT, "ActiveState", "Result", "NFileDescriptorStore") == {
+        "ActiveState": "inactive",
+        "Result": "success",
+        "NFileDescriptorStore": "0",
+    }
+    assert box.run("ss", "-Htn", "state", "established", f"sport = :{PORT}").stdout.strip() == ""
+    assert daemon_messages(box)[-1] == "stopped"
