@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.test_connection import OneExport, socket_pair, wait_until
 from tests.test_dataplane import Client, negotiated_for
@@ -114,6 +115,7 @@ async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_pat
         )  # in the plane's buffer now
         state.handover = True
         state.stopping.set()
+        await trio.testing.wait_all_tasks_blocked()  # the connection told its plane
         await client.send(write[2000:] + next_read)  # one segment: the plane could read both
         reply = await client.reply()
         assert reply.cookie == 1 and reply.error == 0
