@@ -98,7 +98,7 @@ async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_pat
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
     export = Export("disk", FileBackend.open(str(image), readonly=False))
-    store = FdStore.from_environment([])
+    store = FdStore.from_environment()
     assert store.enabled
     state = ServerState()
     client_end, server_end = socket_pair()
@@ -127,7 +127,8 @@ async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_pat
     assert set(held) == {f"{CLIENT_PREFIX}{os.getpid()}-1", STATE_NAME}
     name = next(n for n in held if n.startswith(CLIENT_PREFIX))
     # What systemd passes to the next process: the client, then the state, by name.
-    stored, rest = take_stored([(held[name], name), (held[STATE_NAME], STATE_NAME), (99, "x")])
+    handover, rest = take_stored([(held[name], name), (held[STATE_NAME], STATE_NAME), (99, "x")])
+    stored = handover.clients
     assert rest == [(99, "x")]
     assert [s.name for s in stored] == [name]
     assert unread(stored[0].sock.fileno()) == len(next_read)  # nothing of the next request was read
@@ -150,8 +151,9 @@ async def test_adopted_client_is_served_and_leaves_the_store(
     state_fd = os.memfd_create("state")
     message = {"version": 1, "export": "disk", "structured": False, "meta_contexts": {}}
     os.write(state_fd, json.dumps({"version": 1, "clients": {name: message}}).encode())
-    stored, _rest = take_stored([(theirs.detach(), name), (state_fd, STATE_NAME)])
-    store = FdStore.from_environment(stored)
+    handover, _rest = take_stored([(theirs.detach(), name), (state_fd, STATE_NAME)])
+    store = FdStore.from_environment(handover)
+    stored = handover.clients
     negotiated, pending = negotiated_from(export.info(), stored[0].message)
     client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
     server = trio.SocketStream(trio.socket.from_stdlib_socket(stored[0].sock))
@@ -172,8 +174,8 @@ async def test_adopted_client_is_served_and_leaves_the_store(
 def test_a_stored_client_without_state_is_closed_and_removed(manager: Manager) -> None:
     ours, theirs = socket.socketpair()
     name = f"{CLIENT_PREFIX}1-2"
-    stored, rest = take_stored([(theirs.detach(), name)])
-    assert stored == [] and rest == []
+    handover, rest = take_stored([(theirs.detach(), name)])
+    assert handover.clients == [] and rest == []
     assert ours.recv(1) == b""  # closed: the client sees end of stream
     ours.close()
     removed = [f["FDNAME"] for f, _fds in manager.take() if f.get("FDSTOREREMOVE") == "1"]
@@ -183,7 +185,7 @@ def test_a_stored_client_without_state_is_closed_and_removed(manager: Manager) -
 def test_no_store_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.setenv("FDSTORE", "16")
-    assert not FdStore.from_environment([]).enabled
+    assert not FdStore.from_environment().enabled
     monkeypatch.setenv("NOTIFY_SOCKET", "@x")
     monkeypatch.setenv("FDSTORE", "0")
-    assert not FdStore.from_environment([]).enabled
+    assert not FdStore.from_environment().enabled

@@ -28,7 +28,7 @@ from .connection import Connection, ServerState
 from .control.handlers import ProgressSink
 from .control.server import serve_control
 from .export import Export
-from .fdstore import ClientKeeper, FdStore, StoredClient
+from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
@@ -82,7 +82,7 @@ class ClientSources:
     negotiated_fd: socket.socket | None = None  # one client, handshake already done
     handoff: socket.socket | None = None  # unix listener: clients negotiated by xnbd-wrapper
     control: socket.socket | None = None  # the control socket, when systemd passed it
-    stored: list[StoredClient] = field(default_factory=list)  # handed over by the last process
+    handover: Handover = field(default_factory=Handover)  # what the last process left us
 
 
 class SingleExportCatalog:
@@ -102,7 +102,24 @@ class SingleExportCatalog:
         return [self.export]
 
 
-def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
+OVERLAY_KEY = "overlay"  # the cow overlay's name among the files kept in the fd store
+
+
+def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileBackend | CowBackend:
+    """The image (and a cow overlay: the one kept for ``handover``'s clients if there is one;
+    clients whose overlay was not kept are closed, their writes would be lost)."""
+    kept = handover.take_file(OVERLAY_KEY) if handover is not None else None
+    if opts.mode == "cow_target" and not opts.readonly and kept is not None:
+        try:
+            return CowBackend.adopt(opts.image, kept.fd, str(kept.info.get("path", "")))
+        except (OSError, ValueError) as err:
+            os.close(kept.fd)
+            assert handover is not None
+            handover.drop_clients(f"the overlay they wrote to was not kept ({err})")
+    elif kept is not None:
+        os.close(kept.fd)
+    if handover is not None and handover.clients and opts.mode == "cow_target" and kept is None:
+        handover.drop_clients("the overlay they wrote to was not kept")
     if opts.mode == "target" or (opts.mode == "cow_target" and opts.readonly):
         # A read-only cow-target never writes, so it needs no overlay.
         return FileBackend.open(opts.image, readonly=opts.readonly)
@@ -122,7 +139,7 @@ class Daemon:
             limits.max_bytes = opts.max_buf_size
         self.state = ServerState(limits)
         self.notifier = Notifier()
-        self.fdstore = FdStore.from_environment(sources.stored)
+        self.fdstore = FdStore.from_environment(sources.handover)
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
@@ -168,7 +185,7 @@ class Daemon:
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
         if opts.mode != "proxy":
-            return await trio.to_thread.run_sync(open_backend, opts)
+            return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(opts.remote_host, opts.remote_port, opts.target_exportname)
         self.proxy = await stack.enter_async_context(
             open_proxy_backend(
@@ -194,7 +211,7 @@ class Daemon:
         src = self.sources
         async with trio.open_nursery() as connections:
             # Clients handed over by the previous process go on before anything else is read.
-            for stored in src.stored:
+            for stored in src.handover.clients:
                 self._adopt(stored, catalog, connections)
             if src.negotiated_fd is not None:
                 export = catalog.export
@@ -225,6 +242,11 @@ class Daemon:
             for listener in listeners:
                 await listener.aclose()
             # Connections finish on their own once ``state.stopping`` is set (grace period).
+        backend = catalog.export.backend
+        if self.fdstore.states and isinstance(backend, CowBackend):
+            # The clients' writes live in the overlay: it goes with them, locked, unremoved.
+            kept = {"path": backend.overlay_path}
+            backend.keep_overlay = self.fdstore.keep_file(OVERLAY_KEY, backend.overlay.fd, kept)
         self.fdstore.commit()
 
     def _adopt(

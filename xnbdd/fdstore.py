@@ -26,11 +26,21 @@ from typing import Any
 
 from systemd import daemon as sd_daemon
 
-__all__ = ["CLIENT_PREFIX", "STATE_NAME", "ClientKeeper", "FdStore", "StoredClient", "take_stored"]
+__all__ = [
+    "CLIENT_PREFIX",
+    "STATE_NAME",
+    "ClientKeeper",
+    "FdStore",
+    "Handover",
+    "KeptFile",
+    "StoredClient",
+    "take_stored",
+]
 
 log = logging.getLogger("xnbdd")
 
 CLIENT_PREFIX = "xnbd-client-"
+FILE_PREFIX = "xnbd-file-"  # a file the clients' data lives in (a cow overlay), kept with them
 STATE_NAME = "xnbd-handover"
 STATE_VERSION = 1
 
@@ -66,20 +76,65 @@ class StoredClient:
     message: dict[str, Any]
 
 
-def take_stored(fds: list[tuple[int, str]]) -> tuple[list[StoredClient], list[tuple[int, str]]]:
+@dataclass
+class KeptFile:
+    """A file kept open in the store for the clients (its descriptor holds its locks)."""
+
+    fd: int
+    info: dict[str, Any]
+
+
+@dataclass
+class Handover:
+    """What the previous process left in the store."""
+
+    clients: list[StoredClient] = field(default_factory=list)
+    files: dict[str, KeptFile] = field(default_factory=dict)
+
+    def take_file(self, key: str) -> KeptFile | None:
+        """The kept file ``key``, now the caller's to use or close."""
+        return self.files.pop(key, None)
+
+    def drop_clients(self, why: str) -> None:
+        """Close every stored client (their data could not be kept); they reconnect."""
+        for client in self.clients:
+            log.warning("stored client %s: %s; closed", client.name, why)
+            client.sock.close()
+            _remove(client.name)
+        self.clients = []
+
+    def close_files(self) -> None:
+        for key, kept in self.files.items():
+            os.close(kept.fd)
+            _remove(FILE_PREFIX + key)
+        self.files = {}
+
+
+def take_stored(fds: list[tuple[int, str]]) -> tuple[Handover, list[tuple[int, str]]]:
     """Split the inherited descriptors: the clients handed over by the previous process (each
-    with its hand-off message), and the rest (listening sockets and the like). A stored client
-    without a state is closed and removed from the store."""
+    with its hand-off message) and the files kept for them, and the rest (listening sockets and
+    the like). A stored client without a state is closed and removed from the store."""
     states: dict[str, dict[str, Any]] = {}
+    file_infos: dict[str, dict[str, Any]] = {}
     rest: list[tuple[int, str]] = []
     client_fds: list[tuple[int, str]] = []
+    file_fds: list[tuple[int, str]] = []
     for fd, name in fds:
         if name == STATE_NAME:
-            states.update(_read_state(fd))
+            clients_state, files_state = _read_state(fd)
+            states.update(clients_state)
+            file_infos.update(files_state)
         elif name.startswith(CLIENT_PREFIX):
             client_fds.append((fd, name))
+        elif name.startswith(FILE_PREFIX):
+            file_fds.append((fd, name))
         else:
             rest.append((fd, name))
+    files: dict[str, KeptFile] = {}
+    for fd, name in file_fds:
+        os.set_inheritable(fd, False)
+        key = name[len(FILE_PREFIX) :]
+        files[key] = KeptFile(fd, file_infos.get(key, {}))
     clients: list[StoredClient] = []
     for fd, name in client_fds:
         os.set_inheritable(fd, False)
@@ -98,12 +153,15 @@ def take_stored(fds: list[tuple[int, str]]) -> tuple[list[StoredClient], list[tu
             _remove(name)
             continue
         clients.append(StoredClient(sock, name, message))
-    if not clients and STATE_NAME in (name for _fd, name in fds):
-        _remove(STATE_NAME)
-    return clients, rest
+    handover = Handover(clients, files)
+    if not clients:
+        handover.close_files()
+        if STATE_NAME in (name for _fd, name in fds):
+            _remove(STATE_NAME)
+    return handover, rest
 
 
-def _read_state(fd: int) -> dict[str, dict[str, Any]]:
+def _read_state(fd: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     try:
         chunks = []
         offset = 0
@@ -113,11 +171,12 @@ def _read_state(fd: int) -> dict[str, dict[str, Any]]:
         data = json.loads(b"".join(chunks))
         if data.get("version") != STATE_VERSION:
             raise ValueError(f"version {data.get('version')!r}")
-        clients = data["clients"]
-        return {str(k): v for k, v in clients.items() if isinstance(v, dict)}
+        clients = {str(k): v for k, v in data["clients"].items() if isinstance(v, dict)}
+        files = {str(k): v for k, v in data.get("files", {}).items() if isinstance(v, dict)}
+        return clients, files
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning("handover state unreadable, its clients are closed: %s", err)
-        return {}
+        return {}, {}
     finally:
         os.close(fd)
 
@@ -129,11 +188,31 @@ class FdStore:
     enabled: bool
     stored: set[str] = field(default_factory=set)  # client names systemd holds now
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # handed over at this stop
+    kept: set[str] = field(default_factory=set)  # keys of files systemd holds now
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # kept at this stop
     _count: int = 0
 
     @classmethod
-    def from_environment(cls, adopted: list[StoredClient]) -> FdStore:
-        return cls(enabled=store_available(), stored={c.name for c in adopted})
+    def from_environment(cls, adopted: Handover | None = None) -> FdStore:
+        adopted = adopted or Handover()
+        return cls(
+            enabled=store_available(),
+            stored={c.name for c in adopted.clients},
+            kept=set(adopted.files),
+        )
+
+    def keep_file(self, key: str, fd: int, info: dict[str, Any]) -> bool:
+        """Keep the open file ``fd`` for the clients handed over at this stop (the caller then
+        closes its copy); False when the manager did not take it."""
+        if not self.enabled:
+            return False
+        if key not in self.kept:
+            # FDPOLL=0: a regular file has nothing to poll.
+            if not _notify(f"FDSTORE=1\nFDNAME={FILE_PREFIX}{key}\nFDPOLL=0", [fd]):
+                return False
+            self.kept.add(key)
+        self.files[key] = info
+        return True
 
     def keeper(self, name: str | None = None) -> ClientKeeper:
         return ClientKeeper(self, name)
@@ -150,9 +229,10 @@ class FdStore:
         if not self.states:
             if self.stored:
                 log.warning("%d stored clients have no state", len(self.stored))
-            _remove(STATE_NAME)
+            self._forget_all()
             return
-        payload = json.dumps({"version": STATE_VERSION, "clients": self.states}).encode()
+        state = {"version": STATE_VERSION, "clients": self.states, "files": self.files}
+        payload = json.dumps(state).encode()
         fd = os.memfd_create(STATE_NAME, os.MFD_CLOEXEC)
         try:
             os.write(fd, payload)
@@ -167,7 +247,13 @@ class FdStore:
         self.stored.discard(name)
         _remove(name)
         if not self.stored and not self.states:
-            _remove(STATE_NAME)  # the last adopted client is gone: nothing left to restore
+            self._forget_all()  # the last adopted client is gone: nothing left to restore
+
+    def _forget_all(self) -> None:
+        for key in self.kept:
+            _remove(FILE_PREFIX + key)
+        self.kept.clear()
+        _remove(STATE_NAME)
 
 
 class ClientKeeper:

@@ -36,7 +36,11 @@ RESTARTS = 20
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd is built for it
 CLIENT = Path(__file__).with_name("verify_client.py")
 WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
-CONFIGS = {"disk.conf": f"mode = target\nimage = /var/lib/xnbd/disk.img\nlport = {PORT}\n"}
+COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
+CONFIGS = {
+    "disk.conf": f"mode = target\nimage = /var/lib/xnbd/disk.img\nlport = {PORT}\n",
+    "cow.conf": f"mode = cow_target\nimage = /var/lib/xnbd/cow.img\nlport = {COW_PORT}\n",
+}
 
 
 def _has_libnbd() -> bool:
@@ -45,14 +49,22 @@ def _has_libnbd() -> bool:
 
 
 @pytest.fixture(scope="module")
-def box(systemd_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The container's /var/lib/xnbd: the images (and the cow overlays beside them)."""
+    path = tmp_path_factory.mktemp("fdstore-data")
+    for name in ("disk.img", "cow.img"):
+        with open(path / name, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def box(
+    systemd_tree: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Container]:
     if not _has_libnbd():
         pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     work = tmp_path_factory.mktemp("nspawn-fdstore")
-    data = work / "data"
-    data.mkdir()
-    with open(data / "disk.img", "wb") as f:
-        f.truncate(IMAGE_SIZE)
     etc = work / "etc-xnbd"
     etc.mkdir()
     for name, text in CONFIGS.items():
@@ -71,7 +83,7 @@ def box(systemd_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     container = Container(systemd_tree, work, binds, writable=(str(data),))
     # systemd refuses a sixth start within 10 s (StartLimitBurst=); this loop restarts faster
     # than anyone would, so it lifts the limit for the test only.
-    dropin = f"/run/systemd/system/{UNIT}.d"
+    dropin = "/run/systemd/system/xnbd@.service.d"
     container.run(
         "sh", "-c",
         f"mkdir -p {dropin} && printf '[Unit]\\nStartLimitIntervalSec=0\\n' > {dropin}/limit.conf"
@@ -84,8 +96,8 @@ def box(systemd_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 class Client:
     """verify_client.py in the container's network namespace; its lines arrive in a queue."""
 
-    def __init__(self, box: Container) -> None:
-        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), URI)
+    def __init__(self, box: Container, uri: str = URI) -> None:
+        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), uri)
         self.lines: queue.Queue[str] = queue.Queue()
         self.rounds = 0
         self.result: dict[str, Any] | None = None
@@ -153,14 +165,14 @@ def wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def stored(box: Container) -> int:
-    return int(box.show(UNIT, "NFileDescriptorStore")["NFileDescriptorStore"])
+def stored(box: Container, unit: str = UNIT) -> int:
+    return int(box.show(unit, "NFileDescriptorStore")["NFileDescriptorStore"])
 
 
-def daemon_messages(box: Container) -> list[str]:
+def daemon_messages(box: Container, unit: str = UNIT) -> list[str]:
     return [
         str(e["MESSAGE"])
-        for e in box.journal("-u", UNIT)
+        for e in box.journal("-u", unit)
         if e.get("SYSLOG_IDENTIFIER") == "xnbd-server"
     ]
 
@@ -239,3 +251,29 @@ def test_stop_still_ends_the_client(box: Container) -> None:
     }
     assert box.run("ss", "-Htn", "state", "established", f"sport = :{PORT}").stdout.strip() == ""
     assert daemon_messages(box)[-1] == "stopped"
+
+
+def test_cow_target_keeps_its_overlay_across_restarts(box: Container, data: Path) -> None:
+    """The clients' writes live in the overlay: it is handed over with them (same file, still
+    locked), the base never changes, and the overlay goes once the service stops without them."""
+    box.run("systemctl", "start", COW_UNIT)
+    client = Client(box, f"nbd://127.0.0.1:{COW_PORT}/cow")
+    try:
+        client.progress()
+        overlays = sorted(p.name for p in data.glob("cow.img.cow*"))
+        assert len(overlays) == 2, overlays  # the overlay and its bitmap
+        for _ in range(5):
+            box.run("systemctl", "restart", COW_UNIT, timeout=120)
+            assert stored(box, COW_UNIT) == 3  # the client, the overlay, the state
+            client.progress()
+            assert sorted(p.name for p in data.glob("cow.img.cow*")) == overlays
+        result = client.quit()
+    finally:
+        client.kill()
+    assert result["error"] == "" and result["verify_errors"] == 0, result
+    wait(lambda: stored(box, COW_UNIT) == 0, "an empty fd store")
+    with open(data / "cow.img", "rb") as f:
+        assert not any(f.read())  # every write went to the overlay
+    box.run("systemctl", "stop", COW_UNIT)
+    assert list(data.glob("cow.img.cow*")) == []
+    assert sum("kept across the restart" in m for m in daemon_messages(box, COW_UNIT)) == 5

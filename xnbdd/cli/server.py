@@ -311,11 +311,11 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
             raise OSError(f"--connected-fd {fd}: not a connected socket") from None
         return ClientSources(negotiated_fd=sock)
     # Clients handed over by the previous process first (fdstore.py), then the sockets.
-    stored, fds = take_stored(inherited_fds())
+    handover, fds = take_stored(inherited_fds())
     handoff = settings.get("handoff_socket")
     if isinstance(handoff, str):
         handoff_sock = bind_unix(os.path.abspath(handoff), mode=0o600)
-        return ClientSources(handoff=handoff_sock, stored=stored)
+        return ClientSources(handoff=handoff_sock, handover=handover)
     inherited = adopt_sockets(fds)
     # A socket named "control" (FileDescriptorName=control) is xnbd-bgctl's, not a client's.
     control = next((s.sock for s in inherited if s.name == CONTROL_FD_NAME), None)
@@ -325,15 +325,15 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         if connected:
             if len(inherited) > 1:
                 raise SystemdEnvError("a connected socket must be the only one passed")
-            return ClientSources(connection=connected[0].sock, control=control, stored=stored)
+            return ClientSources(connection=connected[0].sock, control=control, handover=handover)
         listening = [s.sock for s in inherited]
-        return ClientSources(listeners=listening, control=control, stored=stored)
+        return ClientSources(listeners=listening, control=control, handover=handover)
     laddr = settings["laddr"]
     listeners = bind_tcp(list(laddr) if isinstance(laddr, list) else [], int(settings["lport"]))  # type: ignore[call-overload]
     unix = settings.get("unix")
     if isinstance(unix, str):
         listeners.append(bind_unix(os.path.abspath(unix)))
-    return ClientSources(listeners=listeners, control=control, stored=stored)
+    return ClientSources(listeners=listeners, control=control, handover=handover)
 
 
 def main(argv: list[str] | None = None) -> int:
