@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import subprocess
 import threading
 import time
@@ -37,10 +38,24 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd is built for it
 CLIENT = Path(__file__).with_name("verify_client.py")
 WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
 COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
+ORIGIN_PORT, PROXY_PORT, PROXY_UNIT = 10813, 10814, "xnbd@proxy.service"
+PROXY_CONTROL = "/run/xnbd/proxy/control.sock"
+PROXY_SIZE = 256 << 20
 CONFIGS = {
     "disk.conf": f"mode = target\nimage = /var/lib/xnbd/disk.img\nlport = {PORT}\n",
     "cow.conf": f"mode = cow_target\nimage = /var/lib/xnbd/cow.img\nlport = {COW_PORT}\n",
+    "origin.conf": f"mode = target\nimage = /var/lib/xnbd/origin.img\nlport = {ORIGIN_PORT}\n",
+    "proxy.conf": (
+        f"mode = proxy\nlport = {PROXY_PORT}\n"
+        f"remote-host = 127.0.0.1\nremote-port = {ORIGIN_PORT}\n"
+        "cache-image = /var/lib/xnbd/proxy.cache\ncache-bitmap = /var/lib/xnbd/proxy.bitmap\n"
+        f"control-socket = {PROXY_CONTROL}\n"
+    ),
 }
+BGCTL = (
+    "#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -c "
+    "'import sys; from xnbdd.cli.bgctl import main; sys.exit(main())' \"$@\"\n"
+)
 
 
 def _has_libnbd() -> bool:
@@ -55,6 +70,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("disk.img", "cow.img"):
         with open(path / name, "wb") as f:
             f.truncate(IMAGE_SIZE)
+    # Large enough that --cache-all, one block per request, is still running after 3 restarts.
+    with open(path / "origin.img", "wb") as f:
+        f.write(random.Random(11).randbytes(IMAGE_SIZE))
+        f.truncate(PROXY_SIZE)
     return path
 
 
@@ -72,9 +91,13 @@ def box(
     wrapper = work / "xnbd-server"
     wrapper.write_text(WRAPPER)
     wrapper.chmod(0o755)
+    bgctl = work / "xnbd-bgctl"
+    bgctl.write_text(BGCTL)
+    bgctl.chmod(0o755)
     binds = {
         str(REPO): "/opt/xnbdd",
         str(wrapper): "/usr/local/bin/xnbd-server",
+        str(bgctl): "/usr/local/bin/xnbd-bgctl",
         str(etc): "/etc/xnbd",
         str(data): "/var/lib/xnbd",
     }
@@ -96,8 +119,8 @@ def box(
 class Client:
     """verify_client.py in the container's network namespace; its lines arrive in a queue."""
 
-    def __init__(self, box: Container, uri: str = URI) -> None:
-        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), uri)
+    def __init__(self, box: Container, uri: str = URI, *args: str) -> None:
+        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), uri, *args)
         self.lines: queue.Queue[str] = queue.Queue()
         self.rounds = 0
         self.result: dict[str, Any] | None = None
@@ -277,3 +300,49 @@ def test_cow_target_keeps_its_overlay_across_restarts(box: Container, data: Path
     box.run("systemctl", "stop", COW_UNIT)
     assert list(data.glob("cow.img.cow*")) == []
     assert sum("kept across the restart" in m for m in daemon_messages(box, COW_UNIT)) == 5
+
+
+def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, data: Path) -> None:
+    """A proxy restarted during `xnbd-bgctl --cache-all`: its client is handed over, the new
+    process reopens cache and bitmap and the origin link, and the cache-all reconnects to the
+    control socket and finishes with what was not cached yet."""
+    box.run("systemctl", "start", "xnbd@origin.service")  # READY=1: it accepts
+    box.run("systemctl", "start", PROXY_UNIT)
+    # The client writes only into the first 16 MiB; the rest must end up equal to the origin.
+    mine = 16 << 20
+    client = Client(box, f"nbd://127.0.0.1:{PROXY_PORT}/", str(mine // (64 * 1024)))
+    cache_all = subprocess.Popen(
+        ["nsenter", "-t", str(box.leader), "-a", "xnbd-bgctl", "--blocks-per-request", "1",
+         "--cache-all", PROXY_CONTROL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        client.progress()
+
+        def cached() -> int:
+            out = box.run("xnbd-bgctl", "--json", "--query", PROXY_CONTROL).stdout
+            return int(json.loads(out)["cached_blocks"])
+
+        total = PROXY_SIZE // 4096
+        for _ in range(3):
+            before = cached()
+            wait(lambda: cached() > before, "cache-all to make progress")  # noqa: B023
+            if cache_all.poll() is not None or cached() == total:
+                raise AssertionError(f"cache-all finished early: {cache_all.communicate()}")
+            box.run("systemctl", "restart", PROXY_UNIT, timeout=120)
+            client.progress()
+        _out, err = cache_all.communicate(timeout=600)
+        assert cache_all.returncode == 0, err
+        assert err.count("the server restarted; cache-all goes on") == 3, err
+        assert cached() == total
+        result = client.quit()
+    finally:
+        client.kill()
+        if cache_all.poll() is None:
+            cache_all.kill()
+            cache_all.wait()
+    assert result["error"] == "" and result["verify_errors"] == 0, result
+    wait(lambda: stored(box, PROXY_UNIT) == 0, "an empty fd store")
+    box.run("systemctl", "stop", PROXY_UNIT, "xnbd@origin.service")
+    origin = (data / "origin.img").read_bytes()
+    assert (data / "proxy.cache").read_bytes()[mine:] == origin[mine:]

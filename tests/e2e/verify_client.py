@@ -1,7 +1,8 @@
 """A python3-libnbd client that writes checksummed blocks and reads them back, in a loop.
 
 Run by tests/e2e/test_fdstore.py with the system's python3 (Debian's python3-libnbd) inside a
-container's network namespace: ``python3 verify_client.py URI``. Every round writes DEPTH blocks
+container's network namespace: ``python3 verify_client.py URI [BLOCKS]`` (BLOCKS: use only
+the first BLOCKS blocks of 64 KiB; all of them by default). Every round writes DEPTH blocks
 at once (aio, so requests are in flight whenever the server stops), reads them back at once, and
 reads one block written earlier; each block carries its number, a round counter and a SHA-256 of
 the rest, so a lost, stale or torn write is seen. It prints ``progress N`` every PROGRESS rounds,
@@ -51,6 +52,8 @@ def main() -> int:
     h = nbd.NBD()
     h.connect_uri(sys.argv[1])
     blocks = h.get_size() // BLOCK
+    if len(sys.argv) > 2:
+        blocks = min(blocks, int(sys.argv[2]))
     written: dict[int, int] = {}  # block -> round of its last write
     latencies: list[tuple[float, float]] = []  # (start, seconds) of each round
     verify_errors = 0

@@ -127,6 +127,39 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _cache_all(
+    client: ControlClient, args: argparse.Namespace, bar: ProgressBar | None
+) -> dict[str, Any]:
+    """Cache every block. A restart of the server (its clients are handed over, docs/handover.md)
+    ends the control connection: then connect again as soon as the next process listens and go
+    on -- cache-all fetches only blocks not cached yet. A server that does not come back within
+    RESUME_WAIT seconds is an error."""
+    while True:
+        client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
+        try:
+            return client.call(
+                "cache-all",
+                on_event=(lambda e: bar.update(int(e["cached"]), int(e["total"])))
+                if bar is not None
+                else None,
+                blocks_per_request=args.blocks_per_request or 31,
+                progress=bar is not None,
+            )
+        except (OSError, ControlError) as exc:
+            lost = exc
+        client.close()
+        deadline = time.monotonic() + RESUME_WAIT
+        while True:
+            try:
+                client.reopen()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise lost from None
+                time.sleep(RESUME_POLL)
+        print("xnbd-bgctl: the server restarted; cache-all goes on", file=sys.stderr)
+
+
 def _warn(message: str) -> None:
     print(f"xnbd-bgctl: warning: {message}", file=sys.stderr)
 
@@ -168,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
 
+RESUME_WAIT = 60.0  # seconds a restarting server has to listen on its control socket again
+RESUME_POLL = 0.2
+
+
 def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "query":
         status = client.call("query")
@@ -186,16 +223,8 @@ def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "cache-all":
         show = args.progress and sys.stderr.isatty()
         bar = ProgressBar(sys.stderr)
-        client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
         try:
-            result = client.call(
-                "cache-all",
-                on_event=(lambda e: bar.update(int(e["cached"]), int(e["total"])))
-                if show
-                else None,
-                blocks_per_request=args.blocks_per_request or 31,
-                progress=show,
-            )
+            result = _cache_all(client, args, bar if show else None)
         finally:
             bar.finish()
         if args.json:
