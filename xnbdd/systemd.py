@@ -1,9 +1,15 @@
 """systemd service protocol: inherited sockets (LISTEN_*), sd_notify (NOTIFY_SOCKET, WATCHDOG_*).
 
-This is the only module that reads those environment variables. Everything here is a silent
-no-op outside systemd, so the daemon calls it unconditionally. Both halves are a few lines of
-stdlib, as in gunicorn: reading the address once lets the notifier keep working after the
-variables are removed from the environment (so that child processes never inherit them).
+This is the only module that reads those environment variables (fdstore.py aside, which sends
+descriptors with python-systemd's ``notify(..., fds=...)``). Everything here is a silent no-op
+outside systemd, so the daemon calls it unconditionally. Both halves are a few lines of stdlib
+rather than python-systemd's ``notify`` and ``listen_fds_with_names``, for three reasons:
+reading the address once lets the notifier keep working after the variables are removed from
+the environment (so that child processes never inherit them), which ``sd_notify`` (it reads
+$NOTIFY_SOCKET on every call) cannot; a full notify queue delays a message by at most
+NOTIFY_SEND_TIMEOUT, where libsystemd 252's send blocks the event loop for as long as the
+manager does not read; and a malformed LISTEN_* gets a one-line error naming the variable, where
+libsystemd answers EINVAL or silently nothing.
 """
 
 from __future__ import annotations
