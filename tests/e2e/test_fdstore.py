@@ -10,17 +10,15 @@ the container's network namespace, writing checksummed blocks and reading them b
 from __future__ import annotations
 
 import json
-import queue
 import random
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.e2e.handover_client import Client, has_libnbd
 from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
 
 pytestmark = [
@@ -34,8 +32,6 @@ UNIT = "xnbd@disk.service"
 URI = f"nbd://127.0.0.1:{PORT}/disk"
 IMAGE_SIZE = 32 << 20
 RESTARTS = 20
-SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3-libnbd is built for it
-CLIENT = Path(__file__).with_name("verify_client.py")
 WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
 COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
 ORIGIN_PORT, PROXY_PORT, PROXY_UNIT = 10813, 10814, "xnbd@proxy.service"
@@ -58,11 +54,6 @@ BGCTL = (
 )
 
 
-def _has_libnbd() -> bool:
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, check=False)
-    return probe.returncode == 0
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The container's /var/lib/xnbd: the images (and the cow overlays beside them)."""
@@ -81,7 +72,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def box(
     systemd_tree: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
-    if not _has_libnbd():
+    if not has_libnbd():
         pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     work = tmp_path_factory.mktemp("nspawn-fdstore")
     etc = work / "etc-xnbd"
@@ -116,70 +107,6 @@ def box(
     container.poweroff()
 
 
-class Client:
-    """verify_client.py in the container's network namespace; its lines arrive in a queue."""
-
-    def __init__(self, box: Container, uri: str = URI, *args: str) -> None:
-        self.proc = box.popen_in_net(SYSTEM_PYTHON, str(CLIENT), uri, *args)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.rounds = 0
-        self.result: dict[str, Any] | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self._next(60) == "connected", self.stderr()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-        self.lines.put("")  # end of output
-
-    def _next(self, timeout: float) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"client silent for {timeout} s") from None
-        if line.startswith("{"):
-            self.result = json.loads(line)
-        elif line.startswith("progress "):
-            self.rounds = int(line.split()[1])
-        return line
-
-    def progress(self, more: int = 1, timeout: float = 90) -> None:
-        """Wait until the client has finished ``more`` progress steps from now."""
-        target = self.rounds + more
-        deadline = time.monotonic() + timeout
-        while self.rounds < target:
-            line = self._next(max(deadline - time.monotonic(), 0.1))
-            if not line or self.result is not None:
-                raise AssertionError(f"client ended: {self.result} {self.stderr()}")
-
-    def finish(self, timeout: float = 60) -> dict[str, Any]:
-        """The client's summary (ask it to quit first, or have the server end it)."""
-        deadline = time.monotonic() + timeout
-        while self.result is None:
-            line = self._next(max(deadline - time.monotonic(), 0.1))
-            if not line and self.result is None:
-                raise AssertionError(f"client died without a summary: {self.stderr()}")
-        self.proc.wait(timeout)
-        return self.result
-
-    def quit(self) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        return self.finish()
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def wait(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -204,7 +131,7 @@ def test_restarts_keep_a_busy_client(box: Container) -> None:
     """RESTARTS restarts under a client with requests in flight: every request is answered,
     every block reads back as written, and nothing is left in the store once it disconnects."""
     box.run("systemctl", "start", UNIT)
-    client = Client(box)
+    client = Client(box, URI)
     try:
         client.progress()
         pids = {box.show(UNIT, "MainPID")["MainPID"]}
@@ -252,7 +179,7 @@ def test_stop_still_ends_the_client(box: Container) -> None:
     This client keeps sending, so its socket holds unread requests when systemd closes it, and
     the kernel resets the connection (ECONNRESET); an idle client sees end of stream."""
     box.run("systemctl", "start", UNIT)
-    client = Client(box)
+    client = Client(box, URI)
     try:
         client.progress()
         box.run("systemctl", "restart", UNIT, timeout=120)
