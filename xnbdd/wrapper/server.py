@@ -86,6 +86,11 @@ class Wrapper:
                         "orphan: leaving %d export server(s) running",
                         len(self.supervisor.running()),
                     )
+                elif self.supervisor.settings.systemd_units and self.notifier.enabled:
+                    # systemd stops or restarts the export units with this one (PartOf=); a stop
+                    # from here would turn a restart into a stop and end their clients, which
+                    # a restart hands over instead (docs/handover.md).
+                    log.info("leaving the export units to systemd")
                 else:
                     with trio.CancelScope(shield=True):
                         await self.supervisor.stop_all()
