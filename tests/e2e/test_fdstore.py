@@ -69,16 +69,21 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The container's /etc/xnbd (bound read-only there, changed from here)."""
+    path = tmp_path_factory.mktemp("fdstore-etc")
+    for name, text in CONFIGS.items():
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
 def box(
-    systemd_tree: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
+    systemd_tree: Path, data: Path, etc: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
     if not has_libnbd():
         pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     work = tmp_path_factory.mktemp("nspawn-fdstore")
-    etc = work / "etc-xnbd"
-    etc.mkdir()
-    for name, text in CONFIGS.items():
-        (etc / name).write_text(text)
     wrapper = work / "xnbd-server"
     wrapper.write_text(WRAPPER)
     wrapper.chmod(0o755)
@@ -273,3 +278,26 @@ def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, dat
     box.run("systemctl", "stop", PROXY_UNIT, "xnbd@origin.service")
     origin = (data / "origin.img").read_bytes()
     assert (data / "proxy.cache").read_bytes()[mine:] == origin[mine:]
+
+
+def test_a_restart_into_read_only_closes_the_writers(box: Container, etc: Path) -> None:
+    """The configuration turned read-only before the restart: the new process does not serve a
+    client that negotiated a writable export (its writes would fail from one request to the
+    next); it closes it, says why, and the client reconnects to negotiate again."""
+    box.run("systemctl", "start", UNIT)
+    client = Client(box, URI)
+    try:
+        client.progress()
+        (etc / "disk.conf").write_text(CONFIGS["disk.conf"] + "readonly = yes\n")
+        box.run("systemctl", "restart", UNIT, timeout=120)
+        result = client.finish(timeout=60)
+    finally:
+        client.kill()
+        (etc / "disk.conf").write_text(CONFIGS["disk.conf"])
+    assert result["verify_errors"] == 0 and result["error"], result
+    said = daemon_messages(box)
+    assert any("the export's flags changed across the restart" in m for m in said), said[-10:]
+    wait(lambda: stored(box) == 0, "an empty fd store")
+    info = box.in_net("nbdinfo", "--json", URI).stdout  # a new client negotiates read-only
+    assert '"is_read_only": true' in info
+    box.run("systemctl", "stop", UNIT)
