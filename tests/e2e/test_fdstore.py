@@ -1,8 +1,8 @@
-"""Restarts that keep the clients: systemd 252's file-descriptor store (docs/handover.md).
+"""Restarts that keep the clients: systemd's file-descriptor store (docs/handover.md).
 
-Real systemd as PID 1 in systemd-nspawn on the cached Debian 12 tree, the shipped xnbd@.service
-(FileDescriptorStoreMax=, Environment=FDSTORE=), the daemon from this work tree with Debian's
-python3, trio and python3-systemd. The client is the host's python3-libnbd (verify_client.py) in
+Real systemd as PID 1 in systemd-nspawn on the cached Debian 12 tree (systemd 252), then on the
+Debian 13 tree (257), the shipped xnbd@.service (FileDescriptorStoreMax=, Environment=FDSTORE=),
+the daemon from this work tree with Debian's python3, trio and python3-systemd. The client is the host's python3-libnbd (verify_client.py) in
 the container's network namespace, writing checksummed blocks and reading them back while
 `systemctl restart` replaces the server under it.
 """
@@ -77,10 +77,15 @@ def etc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["systemd_tree", "trixie_tree"], ids=["252", "257"])
 def box(
-    systemd_tree: Path, data: Path, etc: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    data: Path,
+    etc: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Container]:
+    """Debian 12's systemd 252, then Debian 13's 257 (which sets $FDSTORE itself)."""
+    systemd_tree: Path = request.getfixturevalue(request.param)
     if not has_libnbd():
         pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     work = tmp_path_factory.mktemp("nspawn-fdstore")
