@@ -2,9 +2,9 @@
 
 Real systemd as PID 1 in systemd-nspawn on the cached Debian 12 tree (systemd 252), then on the
 Debian 13 tree (257), the shipped xnbd@.service (FileDescriptorStoreMax=, Environment=FDSTORE=),
-the daemon from this work tree with Debian's python3, trio and python3-systemd. The client is the host's python3-libnbd (verify_client.py) in
-the container's network namespace, writing checksummed blocks and reading them back while
-`systemctl restart` replaces the server under it.
+the daemon from this work tree with Debian's python3, trio and python3-systemd. The client is
+the host's python3-libnbd (verify_client.py) in the container's network namespace, writing
+checksummed blocks and reading them back while `systemctl restart` replaces the server under it.
 """
 
 from __future__ import annotations
