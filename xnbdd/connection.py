@@ -131,8 +131,6 @@ class Connection:
         finally:
             # Handed over, systemd holds the socket: closing our descriptor leaves it open.
             await trio.aclose_forcefully(self.stream)
-            if self.keeper is not None:
-                self.keeper.ended()
 
     async def _cut_handshake_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.state.stopping.wait()

@@ -139,7 +139,7 @@ class Daemon:
             limits.max_bytes = opts.max_buf_size
         self.state = ServerState(limits)
         self.notifier = Notifier()
-        self.fdstore = FdStore.from_environment(sources.handover)
+        self.fdstore = FdStore.from_environment()
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
@@ -274,7 +274,6 @@ class Daemon:
             negotiated = None
         if negotiated is None:
             stored.sock.close()
-            keeper.ended()
             return
         stream = to_trio_stream(stored.sock)
         nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)

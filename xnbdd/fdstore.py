@@ -10,9 +10,9 @@ and serves those clients on in the transmission phase; whatever they sent meanwh
 socket. systemd releases the store when the service really stops (not when it restarts), so a
 plain stop still ends every client: they see end of stream.
 
-A stored socket stays in the store while its client is served, so a crash restart keeps it too;
-it leaves the store (``FDSTOREREMOVE=1``) when its client ends, and the state memfd with the last
-of them, so the store never outlives the clients. Outside systemd all of this is a no-op.
+The next process takes everything out of the store (``FDSTOREREMOVE=1``) as it adopts it, so the
+store holds descriptors only between two processes and never outlives a client; a crash closes
+the clients as before. Outside systemd all of this is a no-op.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,13 +101,11 @@ class Handover:
         for client in self.clients:
             log.warning("stored client %s: %s; closed", client.name, why)
             client.sock.close()
-            _remove(client.name)
         self.clients = []
 
     def close_files(self) -> None:
-        for key, kept in self.files.items():
+        for kept in self.files.values():
             os.close(kept.fd)
-            _remove(FILE_PREFIX + key)
         self.files = {}
 
 
@@ -150,14 +149,17 @@ def take_stored(fds: list[tuple[int, str]]) -> tuple[Handover, list[tuple[int, s
                 message = None
         if message is None:
             log.warning("stored client %s: no state was handed over; closed", name)
-            _remove(name)
             continue
         clients.append(StoredClient(sock, name, message))
     handover = Handover(clients, files)
     if not clients:
         handover.close_files()
-        if STATE_NAME in (name for _fd, name in fds):
-            _remove(STATE_NAME)
+    # The store is emptied at once: these are this process's descriptors now. Should it crash,
+    # they must close (the clients see an error and reconnect), not go to the next process
+    # with requests this one read and never answered.
+    for _fd, name in fds:
+        if name == STATE_NAME or name.startswith((CLIENT_PREFIX, FILE_PREFIX)):
+            _remove(name)
     return handover, rest
 
 
@@ -183,34 +185,27 @@ def _read_state(fd: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str,
 
 @dataclass
 class FdStore:
-    """The daemon's view of its store: which client sockets are in it, and their states."""
+    """What this process puts into the store when it stops: client sockets, their states, and
+    the files their data lives in."""
 
     enabled: bool
-    stored: set[str] = field(default_factory=set)  # client names systemd holds now
     states: dict[str, dict[str, Any]] = field(default_factory=dict)  # handed over at this stop
-    kept: set[str] = field(default_factory=set)  # keys of files systemd holds now
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # kept at this stop
+    _prefix: str = field(default_factory=lambda: f"{CLIENT_PREFIX}{secrets.token_hex(4)}-")
     _count: int = 0
 
     @classmethod
-    def from_environment(cls, adopted: Handover | None = None) -> FdStore:
-        adopted = adopted or Handover()
-        return cls(
-            enabled=store_available(),
-            stored={c.name for c in adopted.clients},
-            kept=set(adopted.files),
-        )
+    def from_environment(cls) -> FdStore:
+        return cls(enabled=store_available())
 
     def keep_file(self, key: str, fd: int, info: dict[str, Any]) -> bool:
         """Keep the open file ``fd`` for the clients handed over at this stop (the caller then
         closes its copy); False when the manager did not take it."""
         if not self.enabled:
             return False
-        if key not in self.kept:
-            # FDPOLL=0: a regular file has nothing to poll.
-            if not _notify(f"FDSTORE=1\nFDNAME={FILE_PREFIX}{key}\nFDPOLL=0", [fd]):
-                return False
-            self.kept.add(key)
+        # FDPOLL=0: a regular file has nothing to poll.
+        if not _notify(f"FDSTORE=1\nFDNAME={FILE_PREFIX}{key}\nFDPOLL=0", [fd]):
+            return False
         self.files[key] = info
         return True
 
@@ -219,54 +214,30 @@ class FdStore:
 
     def new_name(self) -> str:
         self._count += 1
-        return f"{CLIENT_PREFIX}{os.getpid()}-{self._count}"
+        return f"{self._prefix}{self._count}"
 
     def commit(self) -> None:
-        """After the last connection: the states of the clients just handed over replace the
-        old ones (none handed over: the old state leaves the store with nothing in its place)."""
-        if not self.enabled:
-            return
-        if not self.states:
-            if self.stored:
-                log.warning("%d stored clients have no state", len(self.stored))
-            self._forget_all()
+        """After the last connection: the states of the clients just handed over."""
+        if not self.enabled or not self.states:
             return
         state = {"version": STATE_VERSION, "clients": self.states, "files": self.files}
         payload = json.dumps(state).encode()
         fd = os.memfd_create(STATE_NAME, os.MFD_CLOEXEC)
         try:
             os.write(fd, payload)
-            _remove(STATE_NAME)
             # FDPOLL=0: a memfd has nothing to poll (only sockets and pipes report a hang-up).
             if _notify(f"FDSTORE=1\nFDNAME={STATE_NAME}\nFDPOLL=0", [fd]):
                 log.info("handed %d clients over to the service manager", len(self.states))
         finally:
             os.close(fd)
 
-    def _ended(self, name: str) -> None:
-        self.stored.discard(name)
-        _remove(name)
-        if not self.stored and not self.states:
-            self._forget_all()  # the last adopted client is gone: nothing left to restore
-
-    def _forget_all(self) -> None:
-        for key in self.kept:
-            _remove(FILE_PREFIX + key)
-        self.kept.clear()
-        _remove(STATE_NAME)
-
 
 class ClientKeeper:
-    """One connection's place in the store: handed over at a stop, removed when it ends."""
+    """One connection's way into the store at a stop."""
 
     def __init__(self, store: FdStore, name: str | None) -> None:
         self._store = store
-        self.name = name
-        self.handed_over = False
-
-    @property
-    def enabled(self) -> bool:
-        return self._store.enabled
+        self.name = name  # the name it had in the store, for a client adopted from there
 
     def hand_over(self, fd: int, message: dict[str, Any]) -> bool:
         """Put the client socket ``fd`` into the store (the caller then closes its copy); False
@@ -275,16 +246,8 @@ class ClientKeeper:
         if not store.enabled:
             return False
         name = self.name or store.new_name()
-        if name not in store.stored:
-            if not _notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
-                return False
-            store.stored.add(name)
+        if not _notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
+            return False
         self.name = name
         store.states[name] = message
-        self.handed_over = True
         return True
-
-    def ended(self) -> None:
-        """The connection is over and not handed over: take it out of the store."""
-        if self.name is not None and not self.handed_over and self.name in self._store.stored:
-            self._store._ended(self.name)
