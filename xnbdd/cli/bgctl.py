@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_argument(
         "--shutdown", action="store_const", dest="cmd", const="switch", help=argparse.SUPPRESS
     )  # deprecated alias of --switch
-    commands.add_argument("-c", "--cache-all", action="store_const", dest="cmd", const="cache-all")
+    commands.add_argument(
+        "-c",
+        "--cache-all",
+        action="store_const",
+        dest="cmd",
+        const="cache-all",
+        help="fetch every block not cached yet; goes on after a restart of the server",
+    )
     commands.add_argument(
         "-C",
         "--cache-all2",
