@@ -25,7 +25,7 @@ from .backends.proxy import ProxyBackend, open_proxy_backend
 from .budget import Limits
 from .config import ConfigError, load_config
 from .connection import Connection, ServerState
-from .control.handlers import ProgressSink
+from .control.handlers import ProgressSink, Restarting
 from .control.server import serve_control
 from .export import Export
 from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
@@ -146,6 +146,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.mode = opts.mode  # becomes "target" after a proxy switches
         self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
+        self._cache_alls: set[trio.CancelScope] = set()  # cut by a handover (docs/handover.md)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -346,6 +347,9 @@ class Daemon:
         self.notifier.stopping()
         self.state.stopping.set()
         self._stop_accepting.cancel()
+        if self.state.handover:
+            for scope in self._cache_alls:  # its client is told to come back (control socket)
+                scope.cancel()
 
     def _update_status(self) -> None:
         clients = self.state.clients
@@ -426,8 +430,18 @@ class Daemon:
 
     async def cache_all(self, blocks_per_request: int, progress: ProgressSink) -> None:
         proxy = self._require_proxy("cache-all")
+        restarting = "the server is restarting; cache-all goes on in the next process"
+        if self.state.handover:  # asked again of this process while it hands over
+            raise Restarting(restarting)
         log.info("cache-all started, %d blocks per request", blocks_per_request)
-        await proxy.cache_all(blocks_per_request, progress)
+        with trio.CancelScope() as scope:
+            self._cache_alls.add(scope)
+            try:
+                await proxy.cache_all(blocks_per_request, progress)
+            finally:
+                self._cache_alls.discard(scope)
+        if scope.cancelled_caught:
+            raise Restarting(restarting)
         log.info("cache-all complete: every block is cached")
         self._update_status()
 

@@ -269,7 +269,7 @@ def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, dat
             client.progress()
         _out, err = cache_all.communicate(timeout=600)
         assert cache_all.returncode == 0, err
-        assert err.count("the server restarted; cache-all goes on") == 3, err
+        assert err.count("the server restarted; cache-all goes on") >= 3, err
         assert cached() == total
         result = client.quit()
     finally:

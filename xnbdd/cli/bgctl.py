@@ -137,33 +137,45 @@ def _clock(seconds: float) -> str:
 def _cache_all(
     client: ControlClient, args: argparse.Namespace, bar: ProgressBar | None
 ) -> dict[str, Any]:
-    """Cache every block. A restart of the server (its clients are handed over, docs/handover.md)
-    ends the control connection: then connect again as soon as the next process listens and go
-    on -- cache-all fetches only blocks not cached yet. A server that does not come back within
-    RESUME_WAIT seconds is an error."""
+    """Cache every block. When the server restarts with its clients handed over
+    (docs/handover.md) it says so ("restarting") before the control connection ends: then
+    connect again as soon as the next process listens and go on -- cache-all fetches only blocks
+    not cached yet. A server that ends otherwise (a stop, a crash) is an error, as before; so is
+    one that does not come back within RESUME_WAIT seconds."""
+    restarting = False
+
+    def on_event(message: dict[str, Any]) -> None:
+        nonlocal restarting
+        if message.get("event") == "restarting":
+            restarting = True
+        elif bar is not None and message.get("event") == "progress":
+            bar.update(int(message["cached"]), int(message["total"]))
+
     while True:
         client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
         try:
             return client.call(
                 "cache-all",
-                on_event=(lambda e: bar.update(int(e["cached"]), int(e["total"])))
-                if bar is not None
-                else None,
+                on_event=on_event,
                 blocks_per_request=args.blocks_per_request or 31,
                 progress=bar is not None,
             )
-        except (OSError, ControlError) as exc:
-            lost = exc
+        except (OSError, ControlError, CommandFailed):
+            if not restarting:
+                raise
+        restarting = False
         client.close()
         deadline = time.monotonic() + RESUME_WAIT
         while True:
+            time.sleep(RESUME_POLL)  # the stopping process may still answer, with "restarting"
             try:
                 client.reopen()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise lost from None
-                time.sleep(RESUME_POLL)
+                    raise ControlError(
+                        f"the server did not come back within {RESUME_WAIT:.0f} s"
+                    ) from None
         print("xnbd-bgctl: the server restarted; cache-all goes on", file=sys.stderr)
 
 
