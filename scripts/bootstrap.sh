@@ -19,7 +19,7 @@ venv=${VENV:-$repo/.venv}
 # Building systemd-python from source (PyPI has no wheels) needs these, so every profile has them.
 apt_run=(python3 python3-venv python3-dev libsystemd-dev pkg-config gcc)
 apt_deb=(build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
-         python3-trio python3-systemd python3-sdnotify fakeroot lintian)
+         python3-trio python3-systemd fakeroot lintian)
 apt_test=("${apt_run[@]}" "${apt_deb[@]}"
           libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-server nbd-client openssl
           systemd systemd-container debootstrap debian-archive-keyring fuse3 iperf3

@@ -4,7 +4,9 @@ The handshake is short and waits on the client, so it runs as a trio task. Trans
 hot path: it runs in a data-plane thread that owns the socket (``dataplane.DataPlane``), and the
 event loop executes only the requests that must wait, as tasks in this connection's nursery. On
 server shutdown the plane answers new requests with ESHUTDOWN and closes once the last reply is
-out; whatever still runs after the grace period is cut.
+out; whatever still runs after the grace period is cut. Under systemd with a file-descriptor store
+the stop is a handover instead (fdstore.py): the plane stops at a request boundary with every
+reply out, and the socket goes to the store, open, for the next process.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from typing import Protocol
 import trio
 
 from .budget import ByteBudget, Limits
-from .dataplane import DataPlane
+from .dataplane import HANDED_OVER, DataPlane
 from .dispatch import error_reply, execute
 from .export import Export
+from .fdstore import ClientKeeper
+from .handoff import handoff_message
 from .proto.consts import Errno
 from .proto.handshake import HandshakeState, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
@@ -51,6 +55,7 @@ class ServerState:
         self.budget = ByteBudget(self.limits)
         self.tls = tls or ServerTLS()
         self.stopping = trio.Event()
+        self.handover = False  # set before ``stopping``: clients go to the fd store
         self.clients = 0
         self.tls_clients = 0  # connections whose STARTTLS succeeded
         self.connections: set[Connection] = set()  # for the control socket's query
@@ -67,6 +72,7 @@ class Connection:
         peer: str = "",
         oldstyle: bool = False,
         refusal: str = "",
+        keeper: ClientKeeper | None = None,
     ) -> None:
         self.stream = stream
         self.refusal = refusal  # refuse every option with this (a limit is reached)
@@ -76,6 +82,7 @@ class Connection:
         self.oldstyle = oldstyle
         self.pending = b""  # bytes the client sent behind its handshake
         self.tls: TLSSession | None = None  # set once STARTTLS succeeded
+        self.keeper = keeper  # its place in systemd's fd store, if there is one
 
     # -- handshake ------------------------------------------------------------------------------
 
@@ -178,11 +185,13 @@ class Connection:
             self.state.connections.discard(self)
             if self.tls is not None:
                 self.state.tls_clients -= 1
+            # Handed over, systemd holds the socket: closing our descriptor leaves it open.
             await trio.aclose_forcefully(self.stream)
 
     async def _cut_handshake_on_shutdown(self, scope: trio.CancelScope) -> None:
         await self.state.stopping.wait()
-        await trio.sleep(self.state.limits.shutdown_grace)
+        if not self.state.handover:  # a restart does not wait for them: they retry
+            await trio.sleep(self.state.limits.shutdown_grace)
         scope.cancel()
 
     async def _transmission(self, export: Export, negotiated: Negotiated) -> None:
@@ -214,14 +223,28 @@ class Connection:
                 reason = await trio.to_thread.run_sync(plane.run, limiter=PLANE_THREADS)
             finally:
                 tasks.cancel_scope.cancel()  # the watcher, and tasks of a plane that was cut
+            if reason == HANDED_OVER:
+                self._hand_over(negotiated)
             log.debug("transmission ended: %s", reason, extra=fields)
+
+    def _hand_over(self, negotiated: Negotiated) -> None:
+        keeper = self.keeper
+        message = handoff_message(negotiated)
+        message["tx_flags"] = int(negotiated.tx_flags)  # to see what a restart changed
+        if keeper is not None and keeper.hand_over(self.stream.socket.fileno(), message):
+            log.info("client handed over to the service manager", extra=self._fields())
 
     async def _watch_shutdown(self, plane: DataPlane) -> None:
         """Tell the plane when the server stops; cut it after the grace period (or at once if
         this task is cancelled while the plane still runs)."""
         try:
             await self.state.stopping.wait()
-            plane.request_stop()
+            # A TLS session lives in this process and cannot follow its socket: such a client
+            # gets ESHUTDOWN and reconnects, as at a stop (docs/handover.md).
+            if self.state.handover and self.keeper is not None and self.tls is None:
+                plane.request_handover()
+            else:
+                plane.request_stop()
             await trio.sleep(self.state.limits.shutdown_grace)
         finally:
             plane.abort()

@@ -25,9 +25,10 @@ from .backends.proxy import ProxyBackend, open_proxy_backend
 from .budget import Limits
 from .config import ConfigError, load_config
 from .connection import Connection, ServerState
-from .control.handlers import ProgressSink
+from .control.handlers import ProgressSink, Restarting
 from .control.server import serve_control
 from .export import Export
+from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
 from .proto.consts import TxFlag
@@ -87,6 +88,7 @@ class ClientSources:
     negotiated_fd: socket.socket | None = None  # one client, handshake already done
     handoff: socket.socket | None = None  # unix listener: clients negotiated by xnbd-wrapper
     control: socket.socket | None = None  # the control socket, when systemd passed it
+    handover: Handover = field(default_factory=Handover)  # what the last process left us
 
 
 class SingleExportCatalog:
@@ -106,7 +108,24 @@ class SingleExportCatalog:
         return [self.export]
 
 
-def open_backend(opts: ServerOptions) -> FileBackend | CowBackend:
+OVERLAY_KEY = "overlay"  # the cow overlay's name among the files kept in the fd store
+
+
+def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileBackend | CowBackend:
+    """The image (and a cow overlay: the one kept for ``handover``'s clients if there is one;
+    clients whose overlay was not kept are closed, their writes would be lost)."""
+    kept = handover.take_file(OVERLAY_KEY) if handover is not None else None
+    if opts.mode == "cow_target" and not opts.readonly and kept is not None:
+        try:
+            return CowBackend.adopt(opts.image, kept.fd, str(kept.info.get("path", "")))
+        except (OSError, ValueError) as err:
+            os.close(kept.fd)
+            assert handover is not None
+            handover.drop_clients(f"the overlay they wrote to was not kept ({err})")
+    elif kept is not None:
+        os.close(kept.fd)
+    if handover is not None and handover.clients and opts.mode == "cow_target" and kept is None:
+        handover.drop_clients("the overlay they wrote to was not kept")
     if opts.mode == "target" or (opts.mode == "cow_target" and opts.readonly):
         # A read-only cow-target never writes, so it needs no overlay.
         return FileBackend.open(opts.image, readonly=opts.readonly)
@@ -128,12 +147,14 @@ class Daemon:
         self.state = ServerState(limits, server_tls(opts.tls))  # TLSConfigError: one line
         self.state.changed = self._update_status
         self.notifier = Notifier()
+        self.fdstore = FdStore.from_environment()
         self.export: Export | None = None
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
         self._nursery: trio.Nursery | None = None
         self.mode = opts.mode  # becomes "target" after a proxy switches
         self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
+        self._cache_alls: set[trio.CancelScope] = set()  # cut by a handover (docs/handover.md)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -173,7 +194,7 @@ class Daemon:
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
         if opts.mode != "proxy":
-            return await trio.to_thread.run_sync(open_backend, opts)
+            return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(
             opts.remote_host, opts.remote_port, opts.target_exportname, tls=opts.remote_tls
         )
@@ -200,6 +221,9 @@ class Daemon:
     async def _serve(self, catalog: SingleExportCatalog) -> None:
         src = self.sources
         async with trio.open_nursery() as connections:
+            # Clients handed over by the previous process go on before anything else is read.
+            for stored in src.handover.clients:
+                self._adopt(stored, catalog, connections)
             if src.negotiated_fd is not None:
                 export = catalog.export
                 info = export.info()
@@ -229,6 +253,41 @@ class Daemon:
             for listener in listeners:
                 await listener.aclose()
             # Connections finish on their own once ``state.stopping`` is set (grace period).
+        backend = catalog.export.backend
+        if self.fdstore.states and isinstance(backend, CowBackend):
+            # The clients' writes live in the overlay: it goes with them, locked, unremoved.
+            kept = {"path": backend.overlay_path}
+            backend.keep_overlay = self.fdstore.keep_file(OVERLAY_KEY, backend.overlay.fd, kept)
+        self.fdstore.commit()
+
+    def _adopt(
+        self, stored: StoredClient, catalog: SingleExportCatalog, nursery: trio.Nursery
+    ) -> None:
+        """Serve a client the previous process handed over, with what it negotiated then; one
+        that negotiated what this process no longer offers (a read-only or mode change) is
+        closed, and reconnects to negotiate again."""
+        keeper = self.fdstore.keeper(stored.name)
+        info = catalog.export.info()
+        try:
+            negotiated, pending = negotiated_from(info, stored.message)
+            before = int(stored.message.get("tx_flags", int(negotiated.tx_flags)))
+        except (TypeError, ValueError) as err:
+            log.warning("stored client %s: unusable state (%s); closed", stored.name, err)
+            before, negotiated, pending = -1, None, b""
+        if negotiated is not None and before != int(negotiated.tx_flags):
+            log.warning(
+                "stored client %s: the export's flags changed across the restart (%#x -> %#x: "
+                "read-only or mode); closed, it reconnects and negotiates again",
+                stored.name,
+                before,
+                int(negotiated.tx_flags),
+            )
+            negotiated = None
+        if negotiated is None:
+            stored.sock.close()
+            return
+        stream = to_trio_stream(stored.sock)
+        nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)
 
     def _ready(self, what: str) -> None:
         self.notifier.ready()
@@ -245,7 +304,7 @@ class Daemon:
                 log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
-            nursery.start_soon(self._client, stream, catalog, None)
+            nursery.start_soon(self._client, stream, catalog, None, b"", self.fdstore.keeper())
 
     async def _handoff_loop(
         self, sock: socket.socket, catalog: SingleExportCatalog, nursery: trio.Nursery
@@ -254,7 +313,9 @@ class Daemon:
         export = catalog.export
         async for client, message in receive_handoffs(sock, lambda: export_to_json(export.info())):
             negotiated, pending = negotiated_from(export.info(), message)
-            nursery.start_soon(self._client, to_trio_stream(client), catalog, negotiated, pending)
+            stream = to_trio_stream(client)
+            keeper = self.fdstore.keeper()
+            nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)
 
     async def _client(
         self,
@@ -262,6 +323,7 @@ class Daemon:
         catalog: SingleExportCatalog,
         negotiated: Negotiated | None,
         pending: bytes = b"",
+        keeper: ClientKeeper | None = None,
     ) -> None:
         peer = peer_name(stream)
         fields = {"XNBD_CLIENT": peer}
@@ -274,7 +336,7 @@ class Daemon:
         log.info("client connected", extra=fields)
         try:
             connection = Connection(
-                stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle
+                stream, catalog, self.state, peer=peer, oldstyle=self.opts.oldstyle, keeper=keeper
             )
             connection.pending = pending  # requests pipelined behind GO
             await connection.serve(negotiated)
@@ -320,10 +382,19 @@ class Daemon:
     def stop(self) -> None:
         if self.state.stopping.is_set():
             return
-        log.info("stopping: finishing requests in flight")
+        # Every stop under a store is a handover: systemd keeps the sockets across a restart and
+        # closes them when the service really stops (docs/handover.md).
+        self.state.handover = self.fdstore.enabled
+        if self.state.handover:
+            log.info("stopping: answering requests in flight, handing clients over")
+        else:
+            log.info("stopping: finishing requests in flight")
         self.notifier.stopping()
         self.state.stopping.set()
         self._stop_accepting.cancel()
+        if self.state.handover:
+            for scope in self._cache_alls:  # its client is told to come back (control socket)
+                scope.cancel()
 
     def _update_status(self) -> None:
         clients = self.state.clients
@@ -409,8 +480,18 @@ class Daemon:
 
     async def cache_all(self, blocks_per_request: int, progress: ProgressSink) -> None:
         proxy = self._require_proxy("cache-all")
+        restarting = "the server is restarting; cache-all goes on in the next process"
+        if self.state.handover:  # asked again of this process while it hands over
+            raise Restarting(restarting)
         log.info("cache-all started, %d blocks per request", blocks_per_request)
-        await proxy.cache_all(blocks_per_request, progress)
+        with trio.CancelScope() as scope:
+            self._cache_alls.add(scope)
+            try:
+                await proxy.cache_all(blocks_per_request, progress)
+            finally:
+                self._cache_alls.discard(scope)
+        if scope.cancelled_caught:
+            raise Restarting(restarting)
         log.info("cache-all complete: every block is cached")
         self._update_status()
 

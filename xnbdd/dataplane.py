@@ -25,7 +25,10 @@ connection's TLS session encrypting in this thread (docs/tls.md); only a TLS tra
 bytes back (``has_output``), and only it is asked.
 
 On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
-socket closes as soon as the last reply is out. End of stream (or NBD_CMD_DISC) is the same: no
+socket closes as soon as the last reply is out. A handover (a stop under systemd with a file
+descriptor store, fdstore.py) instead reads no further than the end of the request in the buffer,
+answers every request read, and returns ``HANDED_OVER`` with the socket open: whatever the client
+sends next is read by the next process. End of stream (or NBD_CMD_DISC) is the same: no
 more requests, the answers to those in flight, then close.
 """
 
@@ -89,6 +92,7 @@ _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
 _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+HANDED_OVER = "handed over at a request boundary"
 
 
 class ClosedConnection(Exception):
@@ -167,6 +171,7 @@ class DataPlane:
         self._wake_lock = threading.Lock()
         self._sleeping = False
         self._stopping = False
+        self._handover = False
         self._aborted = False
         self._finished = False
         self._end = ""  # why no more requests are read ("" while reading)
@@ -190,6 +195,11 @@ class DataPlane:
 
     def request_stop(self) -> None:
         self._stopping = True
+        self._wake()
+
+    def request_handover(self) -> None:
+        """Stop at the next request boundary once every request read is answered."""
+        self._handover = True
         self._wake()
 
     def abort(self) -> None:
@@ -250,6 +260,10 @@ class DataPlane:
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
+            if self._handover and not self._end and not self._to_boundary():
+                want_read = False  # the request at hand is whole: read nothing more
+                if self._at_boundary() and not self.in_flight and not self._out:
+                    return HANDED_OVER
             if want_read and not self._drained and self._read():
                 continue
             if want_read and self._drained and self._stopping and not self.in_flight:
@@ -312,6 +326,29 @@ class DataPlane:
 
     # -- reading --------------------------------------------------------------------------------
 
+    def _at_boundary(self) -> bool:
+        """Every byte read belongs to a request taken out of the buffer."""
+        return self._payload is None and not self._discard and self._rstart == self._rend
+
+    def _to_boundary(self) -> int:
+        """Bytes still to read before the request at the head of the buffer is whole (0: it is,
+        or the buffer is empty). A handover reads exactly these, never into the next request."""
+        if self._payload is not None:
+            return self._payload_head[3] - self._payload_got
+        if self._discard:
+            return self._discard
+        have, head = self._rend - self._rstart, self._head_size
+        if not have:
+            return 0
+        if have < head:
+            return head - have
+        _magic, flags, cmd, _cookie, _offset, length = self._unpack_head(self._rbuf, self._rstart)
+        carries = cmd == _WRITE or flags & self._payload_flag
+        if carries and length <= self._max_payload:
+            need: int = head + length - have
+            return max(0, need)
+        return 0
+
     def _read(self) -> bool:
         """Read what the socket holds; False when it holds nothing now (or it ended)."""
         if self._payload is not None:
@@ -323,7 +360,10 @@ class DataPlane:
             live = self._rend - self._rstart
             buf[:live] = buf[self._rstart : self._rend]
             self._rstart, self._rend = 0, live
-        count = self._recv(memoryview(buf)[self._rend :])
+        view = memoryview(buf)[self._rend :]
+        if self._handover:
+            view = view[: self._to_boundary()]
+        count = self._recv(view)
         if count is None:
             return False
         if self._discard:

@@ -1,9 +1,15 @@
 """systemd service protocol: inherited sockets (LISTEN_*), sd_notify (NOTIFY_SOCKET, WATCHDOG_*).
 
-This is the only module that reads those environment variables. Everything here is a silent
-no-op outside systemd, so the daemon calls it unconditionally. Both halves are a few lines of
-stdlib, as in gunicorn: reading the address once lets the notifier keep working after the
-variables are removed from the environment (so that child processes never inherit them).
+This is the only module that reads those environment variables (fdstore.py aside, which sends
+descriptors with python-systemd's ``notify(..., fds=...)``). Everything here is a silent no-op
+outside systemd, so the daemon calls it unconditionally. Both halves are a few lines of stdlib
+rather than python-systemd's ``notify`` and ``listen_fds_with_names``, for three reasons:
+reading the address once lets the notifier keep working after the variables are removed from
+the environment (so that child processes never inherit them), which ``sd_notify`` (it reads
+$NOTIFY_SOCKET on every call) cannot; a full notify queue delays a message by at most
+NOTIFY_SEND_TIMEOUT, where libsystemd 252's send blocks the event loop for as long as the
+manager does not read; and a malformed LISTEN_* gets a one-line error naming the variable, where
+libsystemd answers EINVAL or silently nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ import stat
 import time
 from dataclasses import dataclass
 
-__all__ = ["InheritedSocket", "Notifier", "SystemdEnvError", "inherited_sockets"]
+__all__ = [
+    "InheritedSocket",
+    "Notifier",
+    "SystemdEnvError",
+    "adopt_sockets",
+    "inherited_fds",
+    "inherited_sockets",
+]
 
 log = logging.getLogger("xnbdd")
 
@@ -38,7 +51,17 @@ class InheritedSocket:
 
 
 def inherited_sockets() -> list[InheritedSocket]:
-    """The sockets passed by socket activation, in fd order; [] when there are none.
+    """The sockets passed by socket activation, in fd order; [] when there are none."""
+    return adopt_sockets(inherited_fds())
+
+
+def adopt_sockets(fds: list[tuple[int, str]]) -> list[InheritedSocket]:
+    """Check that every inherited (fd, name) is a stream socket and take it over."""
+    return [_adopt(fd, name) for fd, name in fds]
+
+
+def inherited_fds() -> list[tuple[int, str]]:
+    """The descriptors passed in LISTEN_FDS with their names, in fd order; [] when none.
 
     The LISTEN_* variables are removed from the environment first, even when they turn out to be
     invalid, so that no child process mistakes our descriptors for its own.
@@ -66,7 +89,7 @@ def inherited_sockets() -> list[InheritedSocket]:
         raise SystemdEnvError(
             f"LISTEN_FDNAMES={names_text!r} has {len(names)} names for LISTEN_FDS={count}"
         )
-    return [_adopt(fd, name) for fd, name in enumerate(names, SD_LISTEN_FDS_START)]
+    return list(enumerate(names, SD_LISTEN_FDS_START))
 
 
 def _adopt(fd: int, name: str) -> InheritedSocket:

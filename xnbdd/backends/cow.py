@@ -50,6 +50,7 @@ class CowBackend:
         self._size = base.size
         self._locks = _RangeLocks()
         self._closed = False
+        self.keep_overlay = False  # a handover: close without removing (docs/handover.md)
 
     @classmethod
     def open(cls, base_path: str, *, cow_dir: str | None = None) -> CowBackend:
@@ -76,6 +77,28 @@ class CowBackend:
             os.close(base.fd)
             raise
         log.info("copy-on-write overlay %s over %s", overlay_path, base_path)
+        return cls(base, overlay, bitmap, overlay_path)
+
+    @classmethod
+    def adopt(cls, base_path: str, overlay_fd: int, overlay_path: str) -> CowBackend:
+        """Go on with the overlay a previous process kept open for its clients (``overlay_fd``
+        holds the overlay's lock). ValueError: it is not the file at ``overlay_path`` any more,
+        or does not belong to this base; the caller then closes ``overlay_fd``."""
+        base = FileBackend.open(base_path, readonly=True)
+        try:
+            held, there = os.fstat(overlay_fd), os.stat(overlay_path)
+            if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+                raise ValueError(f"{overlay_path} is not the overlay that was kept")
+            if held.st_size != base.size:
+                raise ValueError(f"{overlay_path} is not an overlay of {base_path}")
+            bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size))
+        except BaseException:
+            os.close(base.fd)
+            raise
+        overlay = FileBackend(overlay_fd, overlay_path, readonly=False)
+        log.info(
+            "copy-on-write overlay %s over %s kept across the restart", overlay_path, base_path
+        )
         return cls(base, overlay, bitmap, overlay_path)
 
     # -- Backend protocol ----------------------------------------------------------------------
@@ -189,6 +212,14 @@ class CowBackend:
         if self._closed:
             return
         self._closed = True
+        if self.keep_overlay:  # its clients went to the fd store, and its descriptor with them
+            try:
+                self.bitmap.close()  # written back for the next process
+            finally:
+                os.close(self.overlay.fd)
+                await self.base.close()
+            log.info("kept copy-on-write overlay %s for the clients", self.overlay_path)
+            return
         _unlink_quietly(self.bitmap_path)  # bitmap first: a .bm without .layer1 is always stale
         _unlink_quietly(self.overlay_path)
         try:

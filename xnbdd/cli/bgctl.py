@@ -38,7 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_argument(
         "--shutdown", action="store_const", dest="cmd", const="switch", help=argparse.SUPPRESS
     )  # deprecated alias of --switch
-    commands.add_argument("-c", "--cache-all", action="store_const", dest="cmd", const="cache-all")
+    commands.add_argument(
+        "-c",
+        "--cache-all",
+        action="store_const",
+        dest="cmd",
+        const="cache-all",
+        help="fetch every block not cached yet; goes on after a restart of the server",
+    )
     commands.add_argument(
         "-C",
         "--cache-all2",
@@ -133,6 +140,51 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _cache_all(
+    client: ControlClient, args: argparse.Namespace, bar: ProgressBar | None
+) -> dict[str, Any]:
+    """Cache every block. When the server restarts with its clients handed over
+    (docs/handover.md) it says so ("restarting") before the control connection ends: then
+    connect again as soon as the next process listens and go on -- cache-all fetches only blocks
+    not cached yet. A server that ends otherwise (a stop, a crash) is an error, as before; so is
+    one that does not come back within RESUME_WAIT seconds."""
+    restarting = False
+
+    def on_event(message: dict[str, Any]) -> None:
+        nonlocal restarting
+        if message.get("event") == "restarting":
+            restarting = True
+        elif bar is not None and message.get("event") == "progress":
+            bar.update(int(message["cached"]), int(message["total"]))
+
+    while True:
+        client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
+        try:
+            return client.call(
+                "cache-all",
+                on_event=on_event,
+                blocks_per_request=args.blocks_per_request or 31,
+                progress=bar is not None,
+            )
+        except (OSError, ControlError, CommandFailed):
+            if not restarting:
+                raise
+        restarting = False
+        client.close()
+        deadline = time.monotonic() + RESUME_WAIT
+        while True:
+            time.sleep(RESUME_POLL)  # the stopping process may still answer, with "restarting"
+            try:
+                client.reopen()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ControlError(
+                        f"the server did not come back within {RESUME_WAIT:.0f} s"
+                    ) from None
+        print("xnbd-bgctl: the server restarted; cache-all goes on", file=sys.stderr)
+
+
 def _warn(message: str) -> None:
     print(f"xnbd-bgctl: warning: {message}", file=sys.stderr)
 
@@ -174,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
 
+RESUME_WAIT = 60.0  # seconds a restarting server has to listen on its control socket again
+RESUME_POLL = 0.2
+
+
 def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "query":
         status = client.call("query")
@@ -192,16 +248,8 @@ def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
     if cmd == "cache-all":
         show = args.progress and sys.stderr.isatty()
         bar = ProgressBar(sys.stderr)
-        client.set_timeout(None)  # the daemon reports progress; the origin link has timeouts
         try:
-            result = client.call(
-                "cache-all",
-                on_event=(lambda e: bar.update(int(e["cached"]), int(e["total"])))
-                if show
-                else None,
-                blocks_per_request=args.blocks_per_request or 31,
-                progress=show,
-            )
+            result = _cache_all(client, args, bar if show else None)
         finally:
             bar.finish()
         if args.json:

@@ -17,11 +17,12 @@ from .. import __version__, logs
 from ..allocator import limit_arenas
 from ..config import ConfigError, load_config, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
+from ..fdstore import take_stored
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..proto.handshake import TLSPolicy
 from ..signals import catch_sigterm_outside_the_receiver, ignore_sigterm_after_the_run
-from ..systemd import SystemdEnvError, inherited_sockets
+from ..systemd import SystemdEnvError, adopt_sockets, inherited_fds
 from ..tls import ClientTLSOptions, ServerTLSOptions
 from .common import (
     CONTROL_FD_NAME,
@@ -413,9 +414,6 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         os.dup2(devnull, 1)
         os.close(devnull)
         return ClientSources(connection=sock)
-    handoff = settings.get("handoff_socket")
-    if isinstance(handoff, str):
-        return ClientSources(handoff=bind_unix(os.path.abspath(handoff), mode=0o600))
     fd = settings.get("connected_fd")
     if isinstance(fd, int):
         try:
@@ -423,7 +421,13 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         except OSError:
             raise OSError(f"--connected-fd {fd}: not a connected socket") from None
         return ClientSources(negotiated_fd=sock)
-    inherited = inherited_sockets()
+    # Clients handed over by the previous process first (fdstore.py), then the sockets.
+    handover, fds = take_stored(inherited_fds())
+    handoff = settings.get("handoff_socket")
+    if isinstance(handoff, str):
+        handoff_sock = bind_unix(os.path.abspath(handoff), mode=0o600)
+        return ClientSources(handoff=handoff_sock, handover=handover)
+    inherited = adopt_sockets(fds)
     # A socket named "control" (FileDescriptorName=control) is xnbd-bgctl's, not a client's.
     control = next((s.sock for s in inherited if s.name == CONTROL_FD_NAME), None)
     inherited = [s for s in inherited if s.name != CONTROL_FD_NAME]
@@ -432,14 +436,15 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         if connected:
             if len(inherited) > 1:
                 raise SystemdEnvError("a connected socket must be the only one passed")
-            return ClientSources(connection=connected[0].sock, control=control)
-        return ClientSources(listeners=[s.sock for s in inherited], control=control)
+            return ClientSources(connection=connected[0].sock, control=control, handover=handover)
+        listening = [s.sock for s in inherited]
+        return ClientSources(listeners=listening, control=control, handover=handover)
     laddr = settings["laddr"]
     listeners = bind_tcp(list(laddr) if isinstance(laddr, list) else [], int(settings["lport"]))  # type: ignore[call-overload]
     unix = settings.get("unix")
     if isinstance(unix, str):
         listeners.append(bind_unix(os.path.abspath(unix)))
-    return ClientSources(listeners=listeners, control=control)
+    return ClientSources(listeners=listeners, control=control, handover=handover)
 
 
 def main(argv: list[str] | None = None) -> int:

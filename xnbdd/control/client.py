@@ -16,15 +16,28 @@ class CommandFailed(Exception):
 class ControlClient:
     def __init__(self, path: str, timeout: float | None = 30.0) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except BaseException:
-            self._sock.close()
-            raise
+        self._timeout = timeout
+        self._sock = self._connect()
         self._lines = LineBuffer()
         self._ready: list[bytes] = []
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def reopen(self) -> None:
+        """Connect again (after the daemon restarted); OSError while nobody listens."""
+        sock = self._connect()
+        self._sock.close()
+        self._sock = sock
+        self._lines = LineBuffer()
+        self._ready = []
 
     def __enter__(self) -> ControlClient:
         return self

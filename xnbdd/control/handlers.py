@@ -22,7 +22,8 @@ class ControlTarget(Protocol):
         ...
 
     async def cache_all(self, blocks_per_request: int, progress: ProgressSink) -> None:
-        """Fetch every uncached block (proxy mode); returns when the cache is complete."""
+        """Fetch every uncached block (proxy mode); returns when the cache is complete, raises
+        Restarting when a restart cut it."""
         ...
 
     async def switch(self, force: bool) -> str:
@@ -40,6 +41,13 @@ class ControlTarget(Protocol):
 
 
 Emit = Callable[[bytes], Awaitable[None]]
+
+
+class Restarting(RuntimeError):
+    """A long command was cut because the server is restarting with its clients handed over
+    (docs/handover.md): the client may connect again and repeat it."""
+
+
 PROGRESS_INTERVAL = 0.2  # seconds between progress events
 
 
@@ -87,5 +95,8 @@ async def _cache_all(target: ControlTarget, blocks: int, progress: bool, emit: E
         nursery.start_soon(reporter)
         try:
             await target.cache_all(blocks, record)
+        except Restarting:
+            await emit(event("restarting"))  # then the error answer: connect again, repeat
+            raise
         finally:
             done.set()

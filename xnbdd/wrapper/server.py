@@ -56,6 +56,7 @@ class Wrapper:
         self.notifier = Notifier(unset_environment=True)  # children must not speak for us
         self._stop_scope = trio.CancelScope()
         self._orphan = False
+        self._signalled = False  # stopped by SIGTERM/SIGINT rather than the shutdown command
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -86,6 +87,15 @@ class Wrapper:
                         "orphan: leaving %d export server(s) running",
                         len(self.supervisor.running()),
                     )
+                elif (
+                    self._signalled
+                    and self.supervisor.settings.systemd_units
+                    and self.notifier.enabled
+                ):
+                    # systemd stops or restarts the export units with this one (PartOf=); a stop
+                    # from here would turn a restart into a stop and end their clients, which
+                    # a restart hands over instead (docs/handover.md).
+                    log.info("leaving the export units to systemd")
                 else:
                     with trio.CancelScope(shield=True):
                         await self.supervisor.stop_all()
@@ -119,12 +129,14 @@ class Wrapper:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             if sigterm_came_early():
+                self._signalled = True
                 self.shutdown(orphan=False)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     logs.reopen()
                     log.info("SIGHUP: log file reopened")
                 else:
+                    self._signalled = True
                     self.shutdown(orphan=False)
 
     def _update_status(self) -> None:

@@ -1,0 +1,192 @@
+"""Handing clients to systemd's file-descriptor store and taking them back (``xnbdd/fdstore.py``).
+
+A real notify socket stands in for systemd: it keeps the descriptors that come with FDSTORE=1 (as
+systemd does), so the test can look into the handed-over socket and give it to the next
+"process" the way systemd passes it back (fd + name). The data plane runs for real on a unix
+socket pair (``Connection.serve``), the messages go out through python-systemd's notify.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import os
+import socket
+import struct
+import termios
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.test_connection import OneExport, socket_pair, wait_until
+from tests.test_dataplane import Client, negotiated_for
+from xnbdd.backends.file import FileBackend
+from xnbdd.connection import Connection, ServerState
+from xnbdd.export import Export
+from xnbdd.fdstore import CLIENT_PREFIX, STATE_NAME, FdStore, take_stored
+from xnbdd.handoff import negotiated_from
+from xnbdd.proto.consts import Cmd
+
+TIMEOUT = 10.0
+
+
+class Manager:
+    """The service manager's notify socket: every datagram, and the descriptors it carried."""
+
+    def __init__(self) -> None:
+        self.address = f"@xnbdd-fdstore-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.address[1:])
+        self.sock.setblocking(False)
+        self.messages: list[tuple[dict[str, str], list[int]]] = []
+
+    def take(self) -> list[tuple[dict[str, str], list[int]]]:
+        """Read what has arrived (the notify calls are synchronous, so it is all there)."""
+        while True:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 16))
+            except BlockingIOError:
+                return self.messages
+            fds = array.array("i")
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((fields, list(fds)))
+
+    def stored(self) -> dict[str, int]:
+        """The store as systemd would hold it after these messages: name -> descriptor."""
+        store: dict[str, int] = {}
+        for fields, fds in self.take():
+            name = fields.get("FDNAME", "")
+            if fields.get("FDSTOREREMOVE") == "1" and name in store:
+                os.close(store.pop(name))
+            elif fields.get("FDSTORE") == "1":
+                assert len(fds) == 1, fields
+                store[name] = fds[0]
+        return store
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Manager]:
+    m = Manager()
+    monkeypatch.setenv("NOTIFY_SOCKET", m.address)
+    monkeypatch.setenv("FDSTORE", "16")
+    yield m
+    m.close()
+
+
+def unread(fd: int) -> int:
+    """Bytes waiting in the socket's receive queue."""
+    raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    count: int = struct.unpack("i", raw)[0]
+    return count
+
+
+async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_path: Path) -> None:
+    """Half a WRITE is in the plane's buffer when the stop comes: the plane reads exactly the
+    rest, answers it, and hands the socket over with the next request still unread in it. The
+    next process takes it back (fd + name + state) and answers that request."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    export = Export("disk", FileBackend.open(str(image), readonly=False))
+    store = FdStore.from_environment()
+    assert store.enabled
+    state = ServerState()
+    client_end, server_end = socket_pair()
+    client = Client(client_end)
+    conn = Connection(server_end, OneExport(export), state, keeper=store.keeper())
+    payload = os.urandom(4096)
+    write = client.write(1, 8192, payload)
+    next_read = client.request(Cmd.READ, 2, 8192, 4096)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, negotiated_for(export, True))
+        await client.send(write[:2000])
+        await wait_until(
+            lambda: unread(server_end.socket.fileno()) == 0
+        )  # in the plane's buffer now
+        state.handover = True
+        state.stopping.set()
+        await trio.testing.wait_all_tasks_blocked()  # the connection told its plane
+        await client.send(write[2000:] + next_read)  # one segment: the plane could read both
+        reply = await client.reply()
+        assert reply.cookie == 1 and reply.error == 0
+    store.commit()  # as the daemon does after its last connection
+    await client_end.aclose()
+    assert image.read_bytes()[8192 : 8192 + 4096] == payload
+
+    held = manager.stored()
+    name = next(n for n in held if n.startswith(CLIENT_PREFIX))
+    assert set(held) == {name, STATE_NAME}
+    # What systemd passes to the next process: the client, then the state, by name.
+    handover, rest = take_stored([(held[name], name), (held[STATE_NAME], STATE_NAME), (99, "x")])
+    stored = handover.clients
+    assert rest == [(99, "x")]
+    assert [s.name for s in stored] == [name]
+    assert unread(stored[0].sock.fileno()) == len(next_read)  # nothing of the next request was read
+    negotiated, pending = negotiated_from(export.info(), stored[0].message)
+    assert negotiated.structured and pending == b""
+    assert stored[0].message["tx_flags"] == int(negotiated.tx_flags)
+    await export.backend.close()
+
+
+async def test_adopted_client_is_served_and_leaves_the_store(
+    manager: Manager, tmp_path: Path
+) -> None:
+    """A stored client is served on; the store is emptied as it is adopted (a crash of this
+    process must close it, not pass it on with requests nobody will answer)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(1 << 20))
+    export = Export("disk", FileBackend.open(str(image), readonly=False))
+    ours, theirs = socket.socketpair()
+    name = f"{CLIENT_PREFIX}1-1"
+    state_fd = os.memfd_create("state")
+    message = {"version": 1, "export": "disk", "structured": False, "meta_contexts": {}}
+    os.write(state_fd, json.dumps({"version": 1, "clients": {name: message}}).encode())
+    handover, _rest = take_stored([(theirs.detach(), name), (state_fd, STATE_NAME)])
+    removed = [f["FDNAME"] for f, _fds in manager.take() if f.get("FDSTOREREMOVE") == "1"]
+    assert sorted(removed) == sorted([name, STATE_NAME])
+    store = FdStore.from_environment()
+    stored = handover.clients
+    negotiated, pending = negotiated_from(export.info(), stored[0].message)
+    client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    server = trio.SocketStream(trio.socket.from_stdlib_socket(stored[0].sock))
+    conn = Connection(server, OneExport(export), ServerState(), keeper=store.keeper(name))
+    conn.pending = pending
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, negotiated)
+        await client.send(client.request(Cmd.READ, 7, 4096, 512))
+        reply = await client.reply()
+        assert reply.cookie == 7 and reply.data == image.read_bytes()[4096 : 4096 + 512]
+        await client.send(client.request(Cmd.DISC, 8))
+    await client.stream.aclose()
+    assert len(manager.take()) == 2  # nothing more was sent: a disconnect is not a handover
+    await export.backend.close()
+
+
+def test_a_stored_client_without_state_is_closed_and_removed(manager: Manager) -> None:
+    ours, theirs = socket.socketpair()
+    name = f"{CLIENT_PREFIX}1-2"
+    handover, rest = take_stored([(theirs.detach(), name)])
+    assert handover.clients == [] and rest == []
+    assert ours.recv(1) == b""  # closed: the client sees end of stream
+    ours.close()
+    removed = [f["FDNAME"] for f, _fds in manager.take() if f.get("FDSTOREREMOVE") == "1"]
+    assert removed == [name]
+
+
+def test_no_store_outside_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("FDSTORE", "16")
+    assert not FdStore.from_environment().enabled
+    monkeypatch.setenv("NOTIFY_SOCKET", "@x")
+    monkeypatch.setenv("FDSTORE", "0")
+    assert not FdStore.from_environment().enabled
