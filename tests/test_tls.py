@@ -21,13 +21,16 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+from tests.conftest import Manager
 from tests.test_connection import OneExport, socket_pair
 from tests.tlscerts import Certificates, make_certificates
 from xnbdd.backends.file import FileBackend
 from xnbdd.connection import Connection, ServerState
 from xnbdd.export import Export
-from xnbdd.proto.consts import IHAVEOPT, NBDMAGIC, Opt, Rep
+from xnbdd.fdstore import CLIENT_PREFIX, ClientKeeper, FdStore
+from xnbdd.proto.consts import IHAVEOPT, NBDMAGIC, Errno, Opt, Rep
 from xnbdd.proto.handshake import TLSPolicy
 from xnbdd.tls import (
     ClientTLSOptions,
@@ -103,14 +106,14 @@ def go_data(name: bytes = b"") -> bytes:
 
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, state: ServerState
+    tmp_path: Path, state: ServerState, keeper: ClientKeeper | None = None
 ) -> AsyncIterator[tuple[Wire, Connection, Path]]:
     path = tmp_path / "disk.img"
     with open(path, "wb") as f:
         f.truncate(SIZE)
     export = Export("disk", FileBackend.open(str(path), readonly=False))
     client, server = socket_pair()
-    conn = Connection(server, OneExport(export), state)
+    conn = Connection(server, OneExport(export), state, keeper=keeper)
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.serve)
@@ -353,3 +356,24 @@ def test_psk_without_ssl_support_fails_with_the_reason(tmp_path: Path) -> None:
 
 def test_server_tls_object_off_has_no_context() -> None:
     assert server_tls(ServerTLSOptions()) == ServerTLS()
+
+
+async def test_a_restart_closes_a_tls_client_instead_of_handing_it_over(
+    tmp_path: Path, certs: Certificates, manager: Manager
+) -> None:
+    """The TLS session lives in this process: a restart that hands plain clients to systemd's
+    fd store answers a TLS client's new requests with ESHUTDOWN (it reconnects) and stores
+    nothing of it, which would leave the next process reading ciphertext."""
+    state = server_state(certs, TLSPolicy.REQUIRE)
+    store = FdStore.from_environment()
+    assert store.enabled
+    async with serving(tmp_path, state, store.keeper()) as (wire, _conn, _path):
+        await start_tls(wire, client_ctx(certs.client, certs))
+        assert (await wire.option(Opt.GO, go_data()))[-1][0] == Rep.ACK
+        state.handover = True
+        state.stopping.set()
+        await trio.testing.wait_all_tasks_blocked()  # the connection has seen the stop
+        await wire.stream.send_all(REQUEST.pack(0x25609513, 0, 0, 7, 0, 4096))
+        assert struct.unpack("!IIQ", await wire.recv(16)) == (0x67446698, Errno.ESHUTDOWN, 7)
+    store.commit()
+    assert not [name for name in manager.stored() if name.startswith(CLIENT_PREFIX)]
