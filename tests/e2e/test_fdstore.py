@@ -317,7 +317,7 @@ def test_a_crash_after_a_handover_closes_the_client(box: Container) -> None:
         client.progress()
         box.run("systemctl", "restart", UNIT, timeout=120)
         client.progress()
-        box.run("systemctl", "kill", "-s", "KILL", UNIT)
+        box.run("kill", "-9", box.show(UNIT, "MainPID")["MainPID"])
         result = client.finish(timeout=60)
     finally:
         client.kill()
