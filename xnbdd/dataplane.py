@@ -334,7 +334,7 @@ class DataPlane:
         """Bytes still to read before the request at the head of the buffer is whole (0: it is,
         or the buffer is empty). A handover reads exactly these, never into the next request."""
         if self._payload is not None:
-            return self._payload_head[3] - self._payload_got
+            return self._payload_head[4] - self._payload_got
         if self._discard:
             return self._discard
         have, head = self._rend - self._rstart, self._head_size
