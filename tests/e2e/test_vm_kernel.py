@@ -89,6 +89,7 @@ def test_kernel_client_ext4_roundtrip(vm_run: VmRun) -> None:
         "attach",
         "mkfs",
         "write",
+        "restart_mounted",
         "detach",
         "reattach",
         "fsck",
