@@ -1,5 +1,6 @@
-"""The proxy's cache files: the image, its bitmap and the sidecar beside the bitmap (docs/compat.md
-§4.5) that records the origin size the pair was made for, so a cache of another origin is refused.
+"""The proxy's cache files: the image, its bitmap and the sidecar beside the bitmap
+(docs/compat.md §4.5) that records the origin size the pair was made for, so a cache of another
+origin is refused.
 
 The sidecar is small JSON, replaced atomically. Blocking functions: call them in a worker thread.
 """
