@@ -90,6 +90,7 @@ def test_kernel_client_ext4_roundtrip(vm_run: VmRun) -> None:
         "mkfs",
         "write",
         "restart_mounted",
+        "upgrade_mounted",
         "detach",
         "reattach",
         "fsck",
