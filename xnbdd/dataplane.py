@@ -63,16 +63,14 @@ from .proto.consts import (
 )
 from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
-from .proto.transmission import (
-    DRAIN_LIMIT,
+from .proto.transmission import DRAIN_LIMIT, check_request, offset_hole
+from .proto.wire import (
     EXTENDED_CHUNK,
     EXTENDED_OFFSET_DATA,
     EXTENDED_REQUEST,
     OFFSET_DATA,
     REQUEST,
     SIMPLE_REPLY,
-    check_request,
-    offset_hole,
 )
 from .tls import Transport
 

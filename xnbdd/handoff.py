@@ -41,8 +41,7 @@ from typing import Any
 import trio
 
 from .proto.consts import TxFlag
-from .proto.handshake import transmission_flags
-from .proto.messages import ExportInfo, Negotiated
+from .proto.messages import ExportInfo, Negotiated, transmission_flags
 
 __all__ = [
     "HandoffError",
