@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import trio
 from tests.control.proxy_target import ProxyTarget, control_over_proxy
 from tests.origin_servers import nbdkit, random_image
 from xnbdd.cli.bgctl import format_query
+from xnbdd.control.protocol import error, event, ok
 
 SIZE = 8 << 20
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -151,3 +154,42 @@ async def test_usage_errors_are_one_line(args: list[str]) -> None:
 async def test_unreachable_socket(tmp_path: Path) -> None:
     result = await bgctl("--query", str(tmp_path / "nothing"))
     assert result.returncode == 2 and b"cannot connect" in result.stderr
+
+
+def test_cache_all_waits_out_the_stopping_server_after_a_restart(tmp_path: Path) -> None:
+    """A restart cuts cache-all with the "restarting" event. The stopping process's control
+    socket may still take bgctl's next connection and then close it unanswered (it is going
+    away): that is "not back yet", not an error; the next process answers and bgctl succeeds."""
+    path = str(tmp_path / "ctl.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    requests: list[dict[str, object]] = []
+
+    def play() -> None:
+        with listener:
+            for scene in ("restart", "stopping", "next"):
+                conn, _ = listener.accept()
+                with conn:
+                    if scene == "stopping":
+                        continue  # taken, never answered
+                    requests.append(json.loads(conn.makefile("rb").readline()))
+                    if scene == "restart":
+                        conn.sendall(event("restarting") + error("the server is restarting"))
+                    else:
+                        conn.sendall(ok({"cached_blocks": 8, "total_blocks": 8}))
+
+    server = threading.Thread(target=play)
+    server.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "xnbdd.cli.bgctl", "--cache-all", path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.join(timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [r["cmd"] for r in requests] == ["cache-all", "cache-all"]
+    assert "the server restarted; cache-all goes on" in done.stderr

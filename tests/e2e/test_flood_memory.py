@@ -83,4 +83,7 @@ def test_connection_threads_share_two_malloc_arenas(tmp_path: Path) -> None:
         heaps = arena_heaps(server.proc.pid)
         for client in clients:
             client.close()
-    assert heaps <= 1, f"{heaps} thread arenas"
+    # One thread arena (the other is the main one) may span two heaps, and an unrelated
+    # anonymous mapping can land on a 64 MiB boundary by chance; without the limit the 24
+    # threads made 15 heaps.
+    assert heaps <= 4, f"{heaps} thread arena heaps"

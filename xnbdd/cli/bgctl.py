@@ -149,6 +149,10 @@ def _cache_all(
     not cached yet. A server that ends otherwise (a stop, a crash) is an error, as before; so is
     one that does not come back within RESUME_WAIT seconds."""
     restarting = False
+    # After a restart was announced, a connection that ends without an answer is the stopping
+    # process going away (its control socket took the connection but will not serve it): the
+    # next process is not there yet, so try again until RESUME_WAIT runs out.
+    resume_deadline = 0.0
 
     def on_event(message: dict[str, Any]) -> None:
         nonlocal restarting
@@ -166,19 +170,23 @@ def _cache_all(
                 blocks_per_request=args.blocks_per_request or 31,
                 progress=bar is not None,
             )
-        except (OSError, ControlError, CommandFailed):
-            if not restarting:
+        except (OSError, ControlError, CommandFailed) as err:
+            not_back_yet = not isinstance(err, CommandFailed) and (
+                time.monotonic() < resume_deadline
+            )
+            if not restarting and not not_back_yet:
                 raise
+        if restarting:
+            resume_deadline = time.monotonic() + RESUME_WAIT
         restarting = False
         client.close()
-        deadline = time.monotonic() + RESUME_WAIT
         while True:
             time.sleep(RESUME_POLL)  # the stopping process may still answer, with "restarting"
             try:
                 client.reopen()
                 break
             except OSError:
-                if time.monotonic() > deadline:
+                if time.monotonic() > resume_deadline:
                     raise ControlError(
                         f"the server did not come back within {RESUME_WAIT:.0f} s"
                     ) from None
