@@ -186,9 +186,9 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
         tmp_path, "mode = target\nimage = /srv/xnbd/a.img\nlport = 10809\nreadonly = yes\n"
     )
     settings = parse(["--config", conf, "--lport", "10810"])
-    assert settings["mode"] == "target" and settings["image"] == "/srv/xnbd/a.img"
-    assert settings["readonly"] is True
-    assert settings["lport"] == 10810
+    assert settings.mode == "target" and settings.image == "/srv/xnbd/a.img"
+    assert settings.readonly is True
+    assert settings.lport == 10810
 
     proxy = write(
         tmp_path,
@@ -196,7 +196,7 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
         "cache-bitmap = /srv/xnbd/c.bitmap\ncontrol-socket = /run/xnbd/p/control.sock\n",
     )
     settings = parse(["--config", proxy])
-    assert settings["image"] == "/srv/xnbd/c.img" and settings["remote_port"] == 8520
+    assert settings.image == "/srv/xnbd/c.img" and settings.remote_port == 8520
 
 
 def test_timeouts_are_positive_seconds(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .backends.proxy import ProxyBackend, open_proxy_backend
 from .budget import Limits
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, Mode, load
 from .connection import Connection, ServerState
 from .control.handlers import ProgressSink, Restarting
 from .control.server import serve_control
@@ -53,7 +53,7 @@ CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the l
 class ServerOptions:
     """Everything the daemon needs, already validated by the command line."""
 
-    mode: str  # "target" | "cow_target" | "proxy"
+    mode: Mode
     image: str
     readonly: bool = False
     exportname: str | None = None
@@ -115,7 +115,7 @@ def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileB
     """The image (and a cow overlay: the one kept for ``handover``'s clients if there is one;
     clients whose overlay was not kept are closed, their writes would be lost)."""
     kept = handover.take_file(OVERLAY_KEY) if handover is not None else None
-    if opts.mode == "cow_target" and not opts.readonly and kept is not None:
+    if opts.mode is Mode.COW_TARGET and not opts.readonly and kept is not None:
         try:
             return CowBackend.adopt(opts.image, kept.fd, str(kept.info.get("path", "")))
         except (OSError, ValueError) as err:
@@ -124,12 +124,12 @@ def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileB
             handover.drop_clients(f"the overlay they wrote to was not kept ({err})")
     elif kept is not None:
         os.close(kept.fd)
-    if handover is not None and handover.clients and opts.mode == "cow_target" and kept is None:
+    if handover is not None and handover.clients and opts.mode is Mode.COW_TARGET and kept is None:
         handover.drop_clients("the overlay they wrote to was not kept")
-    if opts.mode == "target" or (opts.mode == "cow_target" and opts.readonly):
+    if opts.mode is Mode.TARGET or (opts.mode is Mode.COW_TARGET and opts.readonly):
         # A read-only cow-target never writes, so it needs no overlay.
         return FileBackend.open(opts.image, readonly=opts.readonly)
-    if opts.mode == "cow_target":
+    if opts.mode is Mode.COW_TARGET:
         return CowBackend.open(opts.image, cow_dir=opts.cow_dir)
     raise ValueError(f"{opts.mode} is not a file-backed mode")  # proxy: Daemon._open_backend
 
@@ -152,7 +152,7 @@ class Daemon:
         self._stop_accepting = trio.CancelScope()
         self._operation = ""  # a snapshot or switch in progress, shown in STATUS
         self._nursery: trio.Nursery | None = None
-        self.mode = opts.mode  # becomes "target" after a proxy switches
+        self.mode = opts.mode  # becomes TARGET after a proxy switches
         self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
         self._cache_alls: set[trio.CancelScope] = set()  # cut by a handover (docs/handover.md)
 
@@ -193,7 +193,7 @@ class Daemon:
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
-        if opts.mode != "proxy":
+        if opts.mode is not Mode.PROXY:
             return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(
             opts.remote_host, opts.remote_port, opts.target_exportname, tls=opts.remote_tls
@@ -522,7 +522,7 @@ class Daemon:
         finally:
             self._operation = ""
         self.proxy = None
-        self.mode = "target"
+        self.mode = Mode.TARGET
         logs.set_context(XNBD_MODE=self.mode)
         if missing:
             message = (
@@ -570,18 +570,18 @@ class Daemon:
         logs.reopen()
         if self.opts.config:
             try:
-                values = load_config(self.opts.config)
+                config = load(self.opts.config)
             except ConfigError as err:
                 log.error("reload failed, settings unchanged: %s", err)
             else:
-                self._apply_config(values)
+                self._apply_config(config)
         log.info("reloaded")
         self.notifier.ready()
 
-    def _apply_config(self, values: dict[str, object]) -> None:
+    def _apply_config(self, config: Config) -> None:
         limits = self.state.limits
         tls_keys = self._tls_keys()
-        for key, value in values.items():
+        for key, value in config.values().items():  # what the file sets, not the defaults
             if key in self.opts.command_line_keys:
                 continue  # the command line wins, as at start
             if key == "description" and self.export is not None:

@@ -1,5 +1,6 @@
-"""Listening sockets: bound here synchronously (so start-up errors surface before the event loop
-and before ``--daemonize`` detaches), or inherited from systemd, then handed to trio."""
+"""Sockets: listening ones bound here synchronously (so start-up errors surface before the event
+loop and before ``--daemonize`` detaches) or inherited from systemd, then handed to trio; who is
+at the other end of a connection (its name, its credentials); how a stream says its peer left."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import contextlib
 import os
 import socket
 import stat
+import struct
 
 import trio
 
 BACKLOG = socket.SOMAXCONN
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# A stream whose peer went away (or that we closed) raises one of these.
+STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+# ... and one on a socket can fail with an OSError besides.
+STREAM_ERRORS = (OSError, *STREAM_GONE)
 
 
 def bind_tcp(addresses: list[str], port: int) -> list[socket.socket]:
@@ -99,6 +107,18 @@ def peer_name(stream: trio.abc.Stream) -> str:
     if stream.socket.family == socket.AF_INET:
         return f"{addr[0]}:{addr[1]}"
     return "unix"
+
+
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The user id of the process at the other end of a unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    _pid, uid, _gid = PEERCRED.unpack(raw)
+    return int(uid)
+
+
+def peer_allowed(sock: socket.socket | trio.socket.SocketType) -> bool:
+    """Local control and hand-off sockets serve root and this process's own user only."""
+    return peer_uid(sock) in (0, os.geteuid())
 
 
 def to_trio_listener(sock: socket.socket) -> trio.SocketListener:
