@@ -30,7 +30,7 @@ from .control.server import serve_control
 from .export import Export
 from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
-from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
+from .listeners import PatientListener, describe, peer_name, to_trio_stream
 from .proto.consts import TxFlag
 from .proto.handshake import TLSPolicy
 from .proto.messages import Negotiated
@@ -42,7 +42,6 @@ from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 
 log = logging.getLogger("xnbdd")
 
-ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
 REFUSING_MAX = 64  # clients past --max-clients being told so at once; more are just closed
 STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
 SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
@@ -237,11 +236,19 @@ class Daemon:
                 self._ready("serving one connection")
                 await self._client(stream, catalog, None)
                 return
-            listeners = [to_trio_listener(sock) for sock in src.listeners]
+            listeners = [PatientListener(sock) for sock in src.listeners]
+
+            async def new_client(stream: trio.SocketStream) -> None:
+                await self._client(stream, catalog, None, b"", self.fdstore.keeper())
+
             with self._stop_accepting:
                 async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, catalog, connections)
+                    if listeners:
+                        acceptors.start_soon(
+                            partial(trio.serve_listeners, handler_nursery=connections),
+                            new_client,
+                            listeners,
+                        )
                     if src.handoff is not None:
                         acceptors.start_soon(self._handoff_loop, src.handoff, catalog, connections)
                     where = ", ".join(
@@ -293,18 +300,6 @@ class Daemon:
         self.notifier.ready()
         self._update_status()
         log.info("ready: %s %s, %s", self.mode, self.opts.image, what)
-
-    async def _accept_loop(
-        self, listener: trio.SocketListener, catalog: SingleExportCatalog, nursery: trio.Nursery
-    ) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as err:
-                log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
-                await trio.sleep(ACCEPT_ERROR_PAUSE)
-                continue
-            nursery.start_soon(self._client, stream, catalog, None, b"", self.fdstore.keeper())
 
     async def _handoff_loop(
         self, sock: socket.socket, catalog: SingleExportCatalog, nursery: trio.Nursery

@@ -5,6 +5,7 @@ at the other end of a connection (its name, its credentials); how a stream says 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import stat
@@ -12,7 +13,10 @@ import struct
 
 import trio
 
+log = logging.getLogger("xnbdd")
+
 BACKLOG = socket.SOMAXCONN
+ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
 PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # A stream whose peer went away (or that we closed) raises one of these.
@@ -123,6 +127,26 @@ def peer_allowed(sock: socket.socket | trio.socket.SocketType) -> bool:
 
 def to_trio_listener(sock: socket.socket) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+class PatientListener(trio.abc.Listener[trio.SocketStream]):
+    """A listening socket for ``trio.serve_listeners`` whose accept outlasts every error: it is
+    logged and accepting pauses (out of fds and the like), where serve_listeners would stop the
+    server for any error but the four it retries."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._listener = to_trio_listener(sock)
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                return await self._listener.accept()
+            except OSError as err:
+                log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
 
 
 def to_trio_stream(sock: socket.socket) -> trio.SocketStream:
