@@ -253,7 +253,9 @@ class Config:
     logpath: str | None = None
     syslog: bool = False
     remote_host: str | None = None
-    remote_port: int | None = None
+    # a port number from the file; REMOTE_PORT from the command line stays text (a unix origin
+    # ignores it, remote.py)
+    remote_port: int | str | None = None
     cache_image: str | None = None
     cache_bitmap: str | None = None
     control_socket: str | None = None

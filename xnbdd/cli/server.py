@@ -296,11 +296,6 @@ def parse(argv: list[str]) -> Settings:
             want = " ".join(n.upper() for n in names)
             raise UsageError(f"{mode.flag} takes {want} ({len(args)} argument(s) given)")
         ns.update(zip(names, args, strict=True))
-        if mode is Mode.PROXY:
-            try:
-                ns["remote_port"] = port(ns["remote_port"])
-            except argparse.ArgumentTypeError as err:
-                raise UsageError(f"REMOTE_PORT: {err}") from None
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)}
     values.update(
         ns,
