@@ -342,8 +342,7 @@ def check_tls(settings: Settings) -> None:
 
 
 def absolute(path: str | None) -> str:
-    """An absolute path ("" for none): the daemon chdirs to / when it detaches (docs/decisions.md
-    D24)."""
+    """An absolute path ("" for none): it survives --daemonize (docs/decisions.md D24)."""
     return os.path.abspath(path) if path else ""
 
 
