@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xnbdd.config import KEYS, ConfigError, load_config, parse_size
+from xnbdd.config import KEYS, Config, ConfigError, Mode, load, load_config, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "etc" / "xnbd" / "example.conf"
 
@@ -218,3 +219,21 @@ def test_sizes_take_binary_suffixes() -> None:
     for bad in ("M", "-1", "8Q", "lots"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_load_types_the_values_and_keeps_what_the_file_set(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "mode = cow-target\nladdr = ::1, 127.0.0.1\nlport = 10810\n"))
+    assert config.mode is Mode.COW_TARGET and config.lport == 10810
+    assert config.laddr == ("::1", "127.0.0.1")
+    assert config.given == {"mode", "laddr", "lport"}
+    assert config.values() == {"mode": "cow_target", "laddr": ("::1", "127.0.0.1"), "lport": 10810}
+    assert config.readonly is False and config.handshake_timeout == 30.0  # defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lport = 1  # type: ignore[misc]
+
+
+def test_every_key_is_a_typed_field() -> None:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert {dest for dest, _ in KEYS.values()} <= fields
+    # Every example value lands in its field (a key without one would fail in load()).
+    assert load(str(EXAMPLE)).given <= fields
