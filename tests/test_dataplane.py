@@ -59,8 +59,7 @@ from xnbdd.proto.consts import (
     ReplyFlag,
     ReplyType,
 )
-from xnbdd.proto.handshake import transmission_flags
-from xnbdd.proto.messages import Negotiated
+from xnbdd.proto.messages import Negotiated, transmission_flags
 from xnbdd.proto.transmission import DRAIN_LIMIT
 
 KiB = 1024

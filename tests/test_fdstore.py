@@ -40,12 +40,23 @@ def unread(fd: int) -> int:
     return count
 
 
-async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_path: Path) -> None:
-    """Half a WRITE is in the plane's buffer when the stop comes: the plane reads exactly the
+@pytest.mark.parametrize(
+    ("offset", "size", "sent"),
+    [
+        (8192, 4096, 2000),  # a small WRITE: half of it in the receive buffer
+        # a large one, partly in its payload buffer, at an offset equal to the payload bytes
+        # read so far (the two must not be confused)
+        (65 * 4096, 1 << 20, 28 + 65 * 4096),
+    ],
+)
+async def test_a_stop_hands_over_at_a_request_boundary(
+    manager: Manager, tmp_path: Path, offset: int, size: int, sent: int
+) -> None:
+    """Part of a WRITE is in the plane's buffer when the stop comes: the plane reads exactly the
     rest, answers it, and hands the socket over with the next request still unread in it. The
     next process takes it back (fd + name + state) and answers that request."""
     image = tmp_path / "disk.img"
-    image.write_bytes(bytes(1 << 20))
+    image.write_bytes(bytes(2 << 20))
     export = Export("disk", FileBackend.open(str(image), readonly=False))
     store = FdStore.from_environment()
     assert store.enabled
@@ -53,24 +64,24 @@ async def test_a_stop_hands_over_at_a_request_boundary(manager: Manager, tmp_pat
     client_end, server_end = socket_pair()
     client = Client(client_end)
     conn = Connection(server_end, OneExport(export), state, keeper=store.keeper())
-    payload = os.urandom(4096)
-    write = client.write(1, 8192, payload)
-    next_read = client.request(Cmd.READ, 2, 8192, 4096)
+    payload = os.urandom(size)
+    write = client.write(1, offset, payload)
+    next_read = client.request(Cmd.READ, 2, offset, 4096)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.serve, negotiated_for(export, True))
-        await client.send(write[:2000])
+        await client.send(write[:sent])
         await wait_until(
             lambda: unread(server_end.socket.fileno()) == 0
         )  # in the plane's buffer now
         state.handover = True
         state.stopping.set()
         await trio.testing.wait_all_tasks_blocked()  # the connection told its plane
-        await client.send(write[2000:] + next_read)  # one segment: the plane could read both
+        await client.send(write[sent:] + next_read)  # one segment: the plane could read both
         reply = await client.reply()
         assert reply.cookie == 1 and reply.error == 0
     store.commit()  # as the daemon does after its last connection
     await client_end.aclose()
-    assert image.read_bytes()[8192 : 8192 + 4096] == payload
+    assert image.read_bytes()[offset : offset + size] == payload
 
     held = manager.stored()
     name = next(n for n in held if n.startswith(CLIENT_PREFIX))

@@ -308,6 +308,9 @@ def test_connected_socket_from_accept_mode() -> None:
                 greeting += chunk
             assert greeting == b"hello from the child"
             local = client.getsockname()
+            # The child closes the connection only by exiting, after its report is printed:
+            # terminating the launcher before that could lose the report.
+            assert client.recv(64) == b""
     finally:
         launcher.terminate()
         out, _ = launcher.communicate(timeout=10)

@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from tests.conftest import Manager
-from tests.test_connection import OneExport, socket_pair
+from tests.test_connection import OneExport, socket_pair, wait_until
 from tests.tlscerts import Certificates, make_certificates
 from xnbdd.backends.file import FileBackend
 from xnbdd.connection import Connection, ServerState
@@ -362,18 +362,30 @@ async def test_a_restart_closes_a_tls_client_instead_of_handing_it_over(
     tmp_path: Path, certs: Certificates, manager: Manager
 ) -> None:
     """The TLS session lives in this process: a restart that hands plain clients to systemd's
-    fd store answers a TLS client's new requests with ESHUTDOWN (it reconnects) and stores
-    nothing of it, which would leave the next process reading ciphertext."""
+    fd store treats a TLS client as at a stop (the request in flight is answered, a new one gets
+    ESHUTDOWN, the client reconnects) and stores nothing of it, which would leave the next
+    process reading ciphertext."""
     state = server_state(certs, TLSPolicy.REQUIRE)
     store = FdStore.from_environment()
     assert store.enabled
-    async with serving(tmp_path, state, store.keeper()) as (wire, _conn, _path):
+    async with serving(tmp_path, state, store.keeper()) as (wire, conn, _path):
         await start_tls(wire, client_ctx(certs.client, certs))
         assert (await wire.option(Opt.GO, go_data()))[-1][0] == Rep.ACK
-        state.handover = True
-        state.stopping.set()
-        await trio.testing.wait_all_tasks_blocked()  # the connection has seen the stop
-        await wire.stream.send_all(REQUEST.pack(0x25609513, 0, 0, 7, 0, 4096))
-        assert struct.unpack("!IIQ", await wire.recv(16)) == (0x67446698, Errno.ESHUTDOWN, 7)
+        export = conn.catalog.lookup("disk")
+        assert export is not None
+        async with export.paused():  # request 7 stays in flight while the stop comes
+            await wire.stream.send_all(REQUEST.pack(0x25609513, 0, 0, 7, 0, 4096))
+            await wait_until(lambda: state.budget.requests == 1)
+            state.handover = True
+            state.stopping.set()
+            await trio.testing.wait_all_tasks_blocked()  # the connection has seen the stop
+            await wire.stream.send_all(REQUEST.pack(0x25609513, 0, 0, 8, 0, 4096))
+            assert struct.unpack("!IIQ", await wire.recv(16)) == (
+                0x67446698,
+                Errno.ESHUTDOWN,
+                8,
+            )
+        assert struct.unpack("!IIQ", await wire.recv(16)) == (0x67446698, 0, 7)
+        assert await wire.recv(4096) == bytes(4096)
     store.commit()
     assert not [name for name in manager.stored() if name.startswith(CLIENT_PREFIX)]

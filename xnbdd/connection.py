@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import trio
@@ -24,8 +24,9 @@ from .dispatch import error_reply, execute
 from .export import Export
 from .fdstore import ClientKeeper
 from .handoff import handoff_message
+from .negotiation import negotiate
 from .proto.consts import Errno
-from .proto.handshake import HandshakeState, ServerHandshake
+from .proto.handshake import ExportRequested, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
 from .tls import PlainTransport, ServerTLS, TLSChannel, TLSSession, TLSTransport, Transport
 
@@ -84,60 +85,47 @@ class Connection:
         self.tls: TLSSession | None = None  # set once STARTTLS succeeded
         self.keeper = keeper  # its place in systemd's fd store, if there is one
 
-    # -- handshake ------------------------------------------------------------------------------
+    # -- handshake (the HandshakeHost of negotiation.py) ----------------------------------------
 
-    def _lookup(self, name: str) -> ExportInfo | None:
-        export = self.catalog.lookup(name)
+    async def find_export(self, event: ExportRequested) -> ExportInfo | None:
+        export = self.catalog.lookup(event.name)
         return export.info() if export is not None else None
 
-    def _list(self) -> list[ExportInfo]:
+    def list_exports(self) -> Iterable[ExportInfo]:
         return [export.info() for export in self.catalog.exports()]
+
+    def shutting_down(self) -> bool:
+        return self.state.stopping.is_set()
 
     async def handshake(self) -> Negotiated | None:
         """Negotiate; None when the client left, aborted, broke a MUST, failed its TLS
         handshake or timed out."""
-        tls = self.state.tls
-        hs = ServerHandshake(self._lookup, self._list, oldstyle=self.oldstyle, tls=tls.policy)
-        hs.refusal = self.refusal
-        channel: trio.SocketStream | TLSChannel = self.stream
+        oldstyle = None
+        if self.oldstyle:
+            default = self.catalog.lookup("")
+            if default is None:
+                raise ValueError("oldstyle needs a default export")
+            oldstyle = default.info()
+        hs = ServerHandshake(oldstyle=oldstyle, tls=self.state.tls.policy, refusal=self.refusal)
         with trio.move_on_after(self.state.limits.handshake_timeout):
             try:
-                return await self._negotiate(hs, channel)
+                result = await negotiate(hs, self.stream, self, self._fields())
             except ssl.SSLError as err:  # broken TLS records after the TLS handshake
                 log.warning("TLS failed: %s", err.reason or err, extra=self._fields())
                 return None
+            if result is None:
+                return None
+            negotiated, pending = result
+            self.pending += pending
+            return negotiated
         log.info("handshake timed out", extra=self._fields())
         return None
 
-    async def _negotiate(
-        self, hs: ServerHandshake, channel: trio.SocketStream | TLSChannel
-    ) -> Negotiated | None:
-        tls = self.state.tls
-        while True:
-            out = hs.data_to_send()
-            if out:
-                await channel.send_all(out)
-            if hs.state is HandshakeState.DONE:
-                self.pending += hs.leftover()
-                return hs.negotiated
-            if hs.state is HandshakeState.CLOSED:
-                log.debug("handshake ended: %s", hs.close_reason, extra=self._fields())
-                return None
-            if hs.state is HandshakeState.STARTTLS:
-                assert tls.context is not None  # the policy is not OFF
-                channel = await self._start_tls(tls.context, hs.leftover())
-                if self.tls is None:
-                    return None
-                hs.tls_started()
-                continue
-            data = await channel.receive_some(4096)
-            if not data:
-                return None
-            hs.shutting_down = self.state.stopping.is_set()
-            hs.receive_data(data)
-
-    async def _start_tls(self, context: ssl.SSLContext, early: bytes) -> TLSChannel:
-        """The TLS handshake after STARTTLS's ACK; ``self.tls`` stays None when it failed."""
+    async def start_tls(self, early: bytes) -> TLSChannel | None:
+        """The TLS handshake after STARTTLS's ACK; None (and ``self.tls`` None) when it
+        failed."""
+        context = self.state.tls.context
+        assert context is not None  # the policy is not OFF
         session = TLSSession(context)
         if early:
             session.feed(early)  # a client that did not wait for the ACK
@@ -147,7 +135,7 @@ class Connection:
         except ssl.SSLError as err:
             # Too late to go on in the clear (the ACK is out): the session ends (MUST).
             log.warning("TLS handshake failed: %s", err.reason or err, extra=self._fields())
-            return channel
+            return None
         self.tls = session
         self.state.tls_clients += 1
         self.state.changed()

@@ -29,8 +29,7 @@ from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
 from .listeners import PatientListener, describe, peer_name, to_trio_stream
 from .operations import Operations
-from .proto.consts import TxFlag
-from .proto.messages import Negotiated
+from .proto.messages import Negotiated, transmission_flags
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .signals import sigterm_came_early
 from .systemd import Notifier
@@ -217,7 +216,7 @@ class Daemon:
             if src.negotiated_fd is not None:
                 export = catalog.export
                 info = export.info()
-                negotiated = Negotiated(export=info, tx_flags=info.tx_flags & ~TxFlag.SEND_DF)
+                negotiated = Negotiated(export=info, tx_flags=transmission_flags(info.tx_flags))
                 stream = to_trio_stream(src.negotiated_fd)
                 self._ready("serving one negotiated connection")
                 await self._client(stream, catalog, negotiated)

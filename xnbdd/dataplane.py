@@ -63,16 +63,14 @@ from .proto.consts import (
 )
 from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
-from .proto.transmission import (
-    DRAIN_LIMIT,
+from .proto.transmission import DRAIN_LIMIT, check_request, offset_hole
+from .proto.wire import (
     EXTENDED_CHUNK,
     EXTENDED_OFFSET_DATA,
     EXTENDED_REQUEST,
     OFFSET_DATA,
     REQUEST,
     SIMPLE_REPLY,
-    check_request,
-    offset_hole,
 )
 from .tls import Transport
 
@@ -334,7 +332,7 @@ class DataPlane:
         """Bytes still to read before the request at the head of the buffer is whole (0: it is,
         or the buffer is empty). A handover reads exactly these, never into the next request."""
         if self._payload is not None:
-            return self._payload_head[3] - self._payload_got
+            return self._payload_head[4] - self._payload_got
         if self._discard:
             return self._discard
         have, head = self._rend - self._rstart, self._head_size

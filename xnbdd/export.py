@@ -59,7 +59,8 @@ class Export:
         return self.backend.size
 
     def tx_flags(self) -> TxFlag:
-        """Advertise exactly what the backend can do (SEND_DF is added per connection)."""
+        """Advertise exactly what the backend can do; SEND_DF depends on the connection
+        (proto.messages.transmission_flags)."""
         caps = self.backend.capabilities
         flags = TxFlag.HAS_FLAGS
         readonly = caps.readonly or self.force_readonly
@@ -79,7 +80,7 @@ class Export:
             flags |= TxFlag.CAN_MULTI_CONN
         if caps.cache:
             flags |= TxFlag.SEND_CACHE
-        return flags | TxFlag.SEND_DF
+        return flags
 
     def meta_contexts(self) -> tuple[str, ...]:
         names = [BASE_ALLOCATION] if self.backend.capabilities.block_status else []

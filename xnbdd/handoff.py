@@ -41,8 +41,7 @@ import trio
 from . import jsonline
 from .listeners import peer_allowed
 from .proto.consts import TxFlag
-from .proto.handshake import transmission_flags
-from .proto.messages import ExportInfo, Negotiated
+from .proto.messages import ExportInfo, Negotiated, transmission_flags
 
 __all__ = [
     "HandoffError",

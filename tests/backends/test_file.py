@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from xnbdd.backends.base import Extent
-from xnbdd.backends.file import MAX_EXTENTS, FileBackend
+from xnbdd.backends.base import MAX_EXTENTS, Extent
+from xnbdd.backends.file import FileBackend
 from xnbdd.backends.linux import is_memory_fs
 
 from .loopdev import loop_device, mounted_fs, require_loop

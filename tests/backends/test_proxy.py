@@ -17,7 +17,8 @@ import trio
 
 from tests.origin_servers import nbdkit, qemu_nbd, random_image
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
-from xnbdd.backends.proxy import CacheMismatchError, open_proxy_backend, sidecar_path
+from xnbdd.backends.proxy import open_proxy_backend
+from xnbdd.backends.sidecar import CacheMismatchError, sidecar_path
 from xnbdd.remote import RemoteAddress, SizeMismatchError
 
 SIZE = 4 << 20
@@ -309,7 +310,7 @@ async def test_cached_extents_of_a_long_fragmented_range_stop_at_max_extents(
 ) -> None:
     """Extended headers ask for block status over 64-bit ranges: the ``x-xnbd:cached`` view
     answers a prefix in at most MAX_EXTENTS runs, however fragmented the bitmap is."""
-    from xnbdd.backends.file import MAX_EXTENTS
+    from xnbdd.backends.base import MAX_EXTENTS
 
     size = 2 * (MAX_EXTENTS + 8) * B
     image = tmp_path / "origin.img"

@@ -218,6 +218,36 @@ def missing_tools(*names: str) -> list[str]:
     return [n for n in names if shutil.which(n) is None]
 
 
+# The programs as the package installs them, run from this checkout (bound at /opt/xnbdd).
+PROGRAMS = {
+    "xnbd-server": "xnbdd.cli.server",
+    "xnbd-bgctl": "xnbdd.cli.bgctl",
+    "xnbd-wrapper": "xnbdd.cli.wrapper",
+    "xnbd-wrapper-ctl": "xnbdd.cli.wrapper_ctl",
+}
+PROGRAM_SCRIPT = (
+    "#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -c "
+    "'import sys; from {module} import main; sys.exit(main())' \"$@\"\n"
+)
+
+
+def checkout_binds(work: Path, data: Path, etc: Path | None = None) -> dict[str, str]:
+    """Binds (host path -> container path) that install this checkout in a container as the
+    package would: the programs in /usr/local/bin, the units in /etc/systemd/system, `data` as
+    /var/lib/xnbd and `etc` (if given) as /etc/xnbd. The scripts are written into `work`."""
+    binds = {str(REPO): "/opt/xnbdd", str(data): "/var/lib/xnbd"}
+    if etc is not None:
+        binds[str(etc)] = "/etc/xnbd"
+    for program, module in PROGRAMS.items():
+        script = work / program
+        script.write_text(PROGRAM_SCRIPT.format(module=module))
+        script.chmod(0o755)
+        binds[str(script)] = f"/usr/local/bin/{program}"
+    for unit in sorted((REPO / "units").iterdir()):
+        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
+    return binds
+
+
 def private_cgroups(name: str) -> list[Path]:
     """Fresh cgroups for one container, below ours in each hierarchy systemd uses.
 

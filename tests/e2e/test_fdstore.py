@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.handover_client import Client, has_libnbd
-from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
+from tests.e2e.systemd_fixtures import Container, checkout_binds, missing_tools
 
 pytestmark = [
     pytest.mark.e2e,
@@ -32,7 +32,6 @@ UNIT = "xnbd@disk.service"
 URI = f"nbd://127.0.0.1:{PORT}/disk"
 IMAGE_SIZE = 32 << 20
 RESTARTS = 20
-WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
 COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
 ORIGIN_PORT, PROXY_PORT, PROXY_UNIT = 10813, 10814, "xnbd@proxy.service"
 PROXY_CONTROL = "/run/xnbd/proxy/control.sock"
@@ -48,10 +47,6 @@ CONFIGS = {
         f"control-socket = {PROXY_CONTROL}\n"
     ),
 }
-BGCTL = (
-    "#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -c "
-    "'import sys; from xnbdd.cli.bgctl import main; sys.exit(main())' \"$@\"\n"
-)
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +84,7 @@ def box(
     if not has_libnbd():
         pytest.skip("python3-libnbd is not installed for /usr/bin/python3")
     work = tmp_path_factory.mktemp("nspawn-fdstore")
-    wrapper = work / "xnbd-server"
-    wrapper.write_text(WRAPPER)
-    wrapper.chmod(0o755)
-    bgctl = work / "xnbd-bgctl"
-    bgctl.write_text(BGCTL)
-    bgctl.chmod(0o755)
-    binds = {
-        str(REPO): "/opt/xnbdd",
-        str(wrapper): "/usr/local/bin/xnbd-server",
-        str(bgctl): "/usr/local/bin/xnbd-bgctl",
-        str(etc): "/etc/xnbd",
-        str(data): "/var/lib/xnbd",
-    }
-    for unit in sorted((REPO / "units").iterdir()):
-        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
+    binds = checkout_binds(work, data, etc)
     container = Container(systemd_tree, work, binds, writable=(str(data),))
     # systemd refuses a sixth start within 10 s (StartLimitBurst=); this loop restarts faster
     # than anyone would, so it lifts the limit for the test only.
@@ -317,7 +298,7 @@ def test_a_crash_after_a_handover_closes_the_client(box: Container) -> None:
         client.progress()
         box.run("systemctl", "restart", UNIT, timeout=120)
         client.progress()
-        box.run("systemctl", "kill", "-s", "KILL", UNIT)
+        box.run("kill", "-9", box.show(UNIT, "MainPID")["MainPID"])
         result = client.finish(timeout=60)
     finally:
         client.kill()

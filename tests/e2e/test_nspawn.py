@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
+from tests.e2e.systemd_fixtures import Container, checkout_binds, missing_tools
 
 pytestmark = [
     pytest.mark.e2e,
@@ -41,7 +41,6 @@ CONFIGS = {
     "xnbd-conn.conf": "mode = target\nimage = /var/lib/xnbd/conn.img\n",
     "bad.conf": "mode = target\nimage = /var/lib/xnbd/disk.img\nlport = abc\n",
 }
-WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +62,7 @@ def box(
     etc.mkdir()
     for name, text in CONFIGS.items():
         (etc / name).write_text(text)
-    wrapper = work / "xnbd-server"
-    wrapper.write_text(WRAPPER)
-    wrapper.chmod(0o755)
-    binds = {
-        str(REPO): "/opt/xnbdd",
-        str(wrapper): "/usr/local/bin/xnbd-server",
-        str(etc): "/etc/xnbd",
-        str(data): "/var/lib/xnbd",
-    }
-    for unit in sorted((REPO / "units").iterdir()):
-        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
+    binds = checkout_binds(work, data, etc)
     container = Container(systemd_tree, work, binds, writable=(str(data),))
     yield container
     container.poweroff()

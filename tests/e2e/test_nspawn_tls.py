@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
+from tests.e2e.systemd_fixtures import REPO, Container, checkout_binds, missing_tools
 from tests.tlscerts import Certificates, make_certificates
 
 pytestmark = [
@@ -24,7 +24,6 @@ pytestmark = [
 
 PORT = 10812
 IMAGE_SIZE = 8 << 20
-WRAPPER = '#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -m xnbdd "$@"\n'
 CONFIG = f"mode = target\nimage = /var/lib/xnbd/tls.img\nlport = {PORT}\ntls = require\n"
 
 
@@ -47,20 +46,9 @@ def box(
     for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
         shutil.copy(certs.server / name, etc / "tls" / name)
     os.chmod(etc / "tls" / "server-key.pem", 0o600)
-    wrapper = work / "xnbd-server"
-    wrapper.write_text(WRAPPER)
-    wrapper.chmod(0o755)
-    binds = {
-        str(REPO): "/opt/xnbdd",
-        str(wrapper): "/usr/local/bin/xnbd-server",
-        str(etc): "/etc/xnbd",
-        str(data): "/var/lib/xnbd",
-        str(REPO / "etc/xnbd/tls-credentials.conf.example"): (
-            "/etc/systemd/system/xnbd@tls.service.d/tls.conf"
-        ),
-    }
-    for unit in sorted((REPO / "units").iterdir()):
-        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
+    binds = checkout_binds(work, data, etc)
+    dropin = "/etc/systemd/system/xnbd@tls.service.d/tls.conf"
+    binds[str(REPO / "etc/xnbd/tls-credentials.conf.example")] = dropin
     container = Container(systemd_tree, work, binds, writable=(str(data),))
     yield container, data
     container.poweroff()

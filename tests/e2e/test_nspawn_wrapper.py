@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.handover_client import Client, has_libnbd
-from tests.e2e.systemd_fixtures import REPO, Container, missing_tools
+from tests.e2e.systemd_fixtures import REPO, Container, checkout_binds, missing_tools
 
 pytestmark = [
     pytest.mark.e2e,
@@ -47,17 +47,6 @@ ODD_NAME, ODD_IMAGE, ODD_UNIT = (
 )
 DROPIN_DIR = f"/etc/systemd/system/{SERVICE}.d"
 
-PROGRAMS = {
-    "xnbd-server": "xnbdd.cli.server",
-    "xnbd-bgctl": "xnbdd.cli.bgctl",
-    "xnbd-wrapper": "xnbdd.cli.wrapper",
-    "xnbd-wrapper-ctl": "xnbdd.cli.wrapper_ctl",
-}
-SCRIPT = (
-    "#!/bin/sh\nPYTHONPATH=/opt/xnbdd exec /usr/bin/python3 -c "
-    "'import sys; from {module} import main; sys.exit(main())' \"$@\"\n"
-)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -74,16 +63,7 @@ def box(
     systemd_tree: Path, data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Container]:
     work = tmp_path_factory.mktemp("nspawn-wrapper")
-    binds = {str(REPO): "/opt/xnbdd", str(data): "/var/lib/xnbd"}
-    for program, module in PROGRAMS.items():
-        script = work / program
-        script.write_text(SCRIPT.format(module=module))
-        script.chmod(0o755)
-        binds[str(script)] = f"/usr/local/bin/{program}"
-    for unit in sorted((REPO / "units").glob("xnbd-wrapper.*")):
-        binds[str(unit)] = f"/etc/systemd/system/{unit.name}"
-    export_unit = REPO / "units" / "xnbd-export@.service"
-    binds[str(export_unit)] = f"/etc/systemd/system/{export_unit.name}"
+    binds = checkout_binds(work, data)
     dropins = work / "dropins"
     dropins.mkdir()
     binds[str(dropins)] = DROPIN_DIR

@@ -89,6 +89,8 @@ def test_kernel_client_ext4_roundtrip(vm_run: VmRun) -> None:
         "attach",
         "mkfs",
         "write",
+        "restart_mounted",
+        "upgrade_mounted",
         "detach",
         "reattach",
         "fsck",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -17,13 +18,23 @@ from xnbdd.proto.consts import (
     Rep,
     TxFlag,
 )
-from xnbdd.proto.handshake import HandshakeState, ServerHandshake, TLSPolicy, select_contexts
+from xnbdd.proto.handshake import (
+    MAX_OPTION_DATA,
+    ExportRequested,
+    HandshakeState,
+    ListRequested,
+    ServerHandshake,
+    TLSPolicy,
+    select_contexts,
+)
 from xnbdd.proto.messages import ExportInfo
+
+from .answering import AnsweringHandshake
 
 EXPORT = ExportInfo(
     name="disk",
     size=1 << 20,
-    tx_flags=TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_DF,
+    tx_flags=TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH,  # infos come without SEND_DF
     description="a disk",
     meta_contexts=("base:allocation", "x-xnbd:cached"),
 )
@@ -34,7 +45,7 @@ def lookup(name: str) -> ExportInfo | None:
 
 
 def new() -> ServerHandshake:
-    hs = ServerHandshake(lookup, lambda: [EXPORT])
+    hs = AnsweringHandshake(lookup, lambda: [EXPORT])
     assert hs.data_to_send() == struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 3)
     return hs
 
@@ -168,7 +179,7 @@ def test_contexts_set_for_another_export_do_not_carry_over() -> None:
     def two(name: str) -> ExportInfo | None:
         return {"disk": EXPORT, "other": other}.get(name)
 
-    hs = ServerHandshake(two, lambda: [EXPORT, other])
+    hs = AnsweringHandshake(two, lambda: [EXPORT, other])
     hs.receive_data(
         struct.pack("!I", 1)
         + option(Opt.STRUCTURED_REPLY)
@@ -179,7 +190,7 @@ def test_contexts_set_for_another_export_do_not_carry_over() -> None:
 
 
 def test_oldstyle_greeting_is_152_bytes_and_goes_straight_to_transmission() -> None:
-    hs = ServerHandshake(lookup, lambda: [EXPORT], oldstyle=True)
+    hs = ServerHandshake(oldstyle=EXPORT)
     greeting = hs.data_to_send()
     assert len(greeting) == 152
     magic, cliserv, size, flags = struct.unpack_from("!QQQI", greeting)
@@ -338,7 +349,7 @@ FIXED = struct.pack("!I", 1)
 
 
 def tls_handshake(policy: TLSPolicy) -> ServerHandshake:
-    hs = ServerHandshake(lookup, lambda: [EXPORT], tls=policy)
+    hs = AnsweringHandshake(lookup, lambda: [EXPORT], tls=policy)
     hs.data_to_send()
     hs.receive_data(FIXED)
     return hs
@@ -457,11 +468,137 @@ def test_bytes_behind_starttls_wait_for_the_driver_to_hand_them_to_tls() -> None
 
 def test_shutdown_refuses_starttls() -> None:
     hs = tls_handshake(TLSPolicy.REQUIRE)
-    hs.shutting_down = True
+    hs.begin_shutdown()
     hs.receive_data(option(Opt.STARTTLS))
     assert [rep for _o, rep, _d in parse_replies(hs.data_to_send())] == [Rep.ERR_SHUTDOWN]
 
 
 def test_oldstyle_cannot_have_tls() -> None:
     with pytest.raises(ValueError, match="oldstyle"):
-        ServerHandshake(lookup, lambda: [EXPORT], oldstyle=True, tls=TLSPolicy.ON)
+        ServerHandshake(oldstyle=EXPORT, tls=TLSPolicy.ON)
+
+
+# -- the events: the machine asks, the driver answers whenever it can ----------------------------
+
+EVENT_STREAM = (
+    struct.pack("!I", 3)
+    + option(Opt.STRUCTURED_REPLY)
+    + option(Opt.GO, info_data(b"disk"))
+    + option(Opt.EXPORT_NAME, b"other")
+    + b"\x25\x60\x95\x13rest"
+)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(EVENT_STREAM)), max_size=8))
+def test_any_chunking_asks_the_same_questions(cuts: list[int]) -> None:
+    hs = ServerHandshake()
+    asked = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(EVENT_STREAM)]:
+        hs.receive_data(EVENT_STREAM[start:cut])
+        start = cut
+        while isinstance(hs.event, ExportRequested):
+            asked.append(hs.event)
+            if hs.event.option == Opt.GO:
+                hs.refuse(Rep.ERR_UNKNOWN, "not started")  # the wrapper's failed start
+            else:
+                hs.provide_export(EXPORT)
+    assert asked == [ExportRequested("disk", Opt.GO), ExportRequested("other", Opt.EXPORT_NAME)]
+    replies = parse_replies(hs.data_to_send()[18:-10])  # no zeroes: a 10-byte answer
+    assert [(opt, rep) for opt, rep, _ in replies] == [
+        (Opt.STRUCTURED_REPLY, Rep.ACK),
+        (Opt.GO, Rep.ERR_UNKNOWN),
+    ]
+    # after EXPORT_NAME the rest is the first request, handed over as pending bytes
+    assert hs.state is HandshakeState.DONE and hs.leftover() == EVENT_STREAM[-8:]
+
+
+def test_bytes_sent_while_waiting_wait_for_the_answer() -> None:
+    hs = ServerHandshake()
+    hs.data_to_send()
+    hs.receive_data(struct.pack("!I", 1) + option(Opt.INFO, info_data(b"disk")))
+    assert hs.state is HandshakeState.WAITING and hs.data_to_send() == b""
+    hs.receive_data(option(Opt.LIST))  # pipelined: kept until INFO is answered
+    assert hs.data_to_send() == b"" and hs.event == ExportRequested("disk", Opt.INFO)
+    hs.provide_export(EXPORT)
+    assert isinstance(hs.event, ListRequested)
+    hs.provide_list([EXPORT])
+    replies = parse_replies(hs.data_to_send())
+    assert [(opt, rep) for opt, rep, _ in replies] == [
+        (Opt.INFO, Rep.INFO),
+        (Opt.INFO, Rep.INFO),
+        (Opt.INFO, Rep.ACK),
+        (Opt.LIST, Rep.SERVER),
+        (Opt.LIST, Rep.ACK),
+    ]
+    state: HandshakeState = hs.state  # mypy: the answers change it
+    assert state is HandshakeState.OPTIONS
+
+
+def test_refusals_and_unknown_exports() -> None:
+    hs = ServerHandshake()
+    hs.receive_data(struct.pack("!I", 1) + option(Opt.GO, info_data(b"gone")))
+    hs.provide_export(None)
+    hs.receive_data(option(Opt.INFO, info_data(b"disk")))
+    hs.refuse(Rep.ERR_UNKNOWN, "export 'disk' is not available")
+    replies = parse_replies(hs.data_to_send()[18:])
+    assert replies == [
+        (Opt.GO, Rep.ERR_UNKNOWN, b"no export named 'gone'"),
+        (Opt.INFO, Rep.ERR_UNKNOWN, b"export 'disk' is not available"),
+    ]
+    # EXPORT_NAME has no error reply: a refusal closes
+    hs.receive_data(option(Opt.EXPORT_NAME, b"disk"))
+    hs.refuse(Rep.ERR_UNKNOWN, "start failed")
+    assert hs.state is HandshakeState.CLOSED and hs.close_reason == "start failed"
+    assert hs.data_to_send() == b""
+
+
+def test_answers_without_a_question_are_errors() -> None:
+    hs = ServerHandshake()
+    with pytest.raises(RuntimeError):
+        hs.provide_export(EXPORT)
+    hs.receive_data(struct.pack("!I", 1) + option(Opt.LIST))
+    with pytest.raises(RuntimeError):
+        hs.provide_export(EXPORT)  # LIST wants provide_list
+    hs.provide_list([])
+    assert hs.state is HandshakeState.OPTIONS
+
+
+def test_oversized_option_is_skipped_in_pieces_without_a_question() -> None:
+    hs = ServerHandshake()
+    hs.data_to_send()
+    hs.receive_data(b"\0\0\0\1" + struct.pack("!QII", IHAVEOPT, Opt.GO, MAX_OPTION_DATA + 1))
+    hs.receive_data(b"x" * 1000)
+    assert hs.state is HandshakeState.OPTIONS and hs.event is None
+    assert hs.data_to_send() == b""
+    hs.receive_data(bytes(MAX_OPTION_DATA + 1 - 1000))
+    assert parse_replies(hs.data_to_send()) == [(Opt.GO, Rep.ERR_TOO_BIG, b"")]
+
+
+def test_malformed_names_get_no_question() -> None:
+    hs = ServerHandshake()
+    hs.data_to_send()
+    hs.receive_data(b"\0\0\0\1" + option(Opt.GO, b"\0\0"))
+    assert hs.event is None
+    assert parse_replies(hs.data_to_send())[0][:2] == (Opt.GO, Rep.ERR_INVALID)
+    hs.receive_data(option(Opt.EXPORT_NAME, b"\xff"))
+    assert hs.event is None and hs.state is HandshakeState.CLOSED
+
+
+def test_simple_only_refuses_structured_replies_with_its_reason() -> None:
+    hs = AnsweringHandshake(lookup, lambda: [EXPORT], simple_only="structured replies need X")
+    hs.receive_data(struct.pack("!I", 1) + option(Opt.STRUCTURED_REPLY))
+    hs.receive_data(option(Opt.EXTENDED_HEADERS) + option(Opt.GO, info_data(b"disk")))
+    replies = parse_replies(hs.data_to_send()[18:])
+    assert replies[0] == (Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP, b"structured replies need X")
+    assert replies[1] == (Opt.EXTENDED_HEADERS, Rep.ERR_UNSUP, b"structured replies need X")
+    assert hs.negotiated is not None and not hs.negotiated.structured
+    assert not hs.negotiated.tx_flags & TxFlag.SEND_DF
+
+
+def test_oldstyle_advertises_no_send_df() -> None:
+    # SEND_DF without structured replies breaks a MUST; oldstyle has simple replies only
+    hs = ServerHandshake(oldstyle=replace(EXPORT, tx_flags=EXPORT.tx_flags | TxFlag.SEND_DF))
+    (flags,) = struct.unpack_from("!I", hs.data_to_send(), 24)
+    assert not flags & TxFlag.SEND_DF
+    assert hs.negotiated is not None and not hs.negotiated.tx_flags & TxFlag.SEND_DF

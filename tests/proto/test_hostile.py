@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from xnbdd.proto.client import ClientHandshake, ClientTransmission, ReplyDone
 from xnbdd.proto.consts import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, Cmd, Opt, Rep, TxFlag
 from xnbdd.proto.errors import NBDError, RequestError
-from xnbdd.proto.handshake import HandshakeState, ServerHandshake
+from xnbdd.proto.handshake import HandshakeState
 from xnbdd.proto.messages import ExportInfo, Request
 from xnbdd.proto.transmission import check_request, error_chunk, simple_reply
+
+from .answering import AnsweringHandshake
 
 EXPORT = ExportInfo(
     name="disk",
@@ -52,8 +54,7 @@ PIECES = st.lists(
 
 
 def run(data: bytes, cuts: list[int], refusal: str = "") -> tuple[bytes, HandshakeState]:
-    hs = ServerHandshake(lookup, lambda: [EXPORT])
-    hs.refusal = refusal
+    hs = AnsweringHandshake(lookup, lambda: [EXPORT], refusal=refusal)
     out = bytearray(hs.data_to_send())
     pos = 0
     for cut in [*cuts, len(data)]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+MAX_EXTENTS = 4096  # block_status answers a prefix beyond this many extents
+
 
 @dataclass(frozen=True)
 class Capabilities:

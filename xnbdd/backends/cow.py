@@ -24,14 +24,13 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
-
-import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import Capabilities, Extent, FileRange
-from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
-from xnbdd.backends.file import MAX_EXTENTS, FileBackend
+from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.bitmap import Bitmap, block_span, nblocks_for
+from xnbdd.backends.blocks import block_bytes, fill_edges, flush_data_then_bitmap, present_runs
+from xnbdd.backends.file import FileBackend
+from xnbdd.backends.rangelock import RangeLocks
 
 log = logging.getLogger("xnbdd")
 
@@ -48,7 +47,7 @@ class CowBackend:
         self.overlay_path = overlay_path
         self.bitmap_path = overlay_path + ".bm"
         self._size = base.size
-        self._locks = _RangeLocks()
+        self._locks = RangeLocks()
         self._closed = False
         self.keep_overlay = False  # a handover: close without removing (docs/handover.md)
 
@@ -65,7 +64,7 @@ class CowBackend:
             remove_stale_overlays(prefix)
             overlay_path, fd = _create_locked_overlay(prefix, base.size)
         except BaseException:
-            os.close(base.fd)
+            base.release()
             raise
         try:
             overlay = FileBackend(fd, overlay_path, readonly=False)
@@ -74,7 +73,7 @@ class CowBackend:
             _unlink_quietly(overlay_path + ".bm")
             _unlink_quietly(overlay_path)
             os.close(fd)
-            os.close(base.fd)
+            base.release()
             raise
         log.info("copy-on-write overlay %s over %s", overlay_path, base_path)
         return cls(base, overlay, bitmap, overlay_path)
@@ -93,7 +92,7 @@ class CowBackend:
                 raise ValueError(f"{overlay_path} is not an overlay of {base_path}")
             bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size))
         except BaseException:
-            os.close(base.fd)
+            base.release()
             raise
         overlay = FileBackend(overlay_fd, overlay_path, readonly=False)
         log.info(
@@ -120,7 +119,7 @@ class CowBackend:
     async def read(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
         view = memoryview(buf)
-        for start, stop, present in self._segments(offset, length):
+        for start, stop, present in present_runs(self.bitmap, offset, length):
             source = self.overlay if present else self.base
             await source.read_into(view[start - offset : stop - offset], start)
         return buf
@@ -134,7 +133,7 @@ class CowBackend:
         if last - first == 1:  # one block: one source (the common small read)
             source = self.overlay if self.bitmap.test(first) else self.base
             return source.try_read(offset, length)
-        segments = self._segments(offset, length)
+        segments = present_runs(self.bitmap, offset, length)
         if len(segments) == 1:  # one source: it may send straight from its file
             return (self.overlay if segments[0][2] else self.base).try_read(offset, length)
         buf = bytearray(length)
@@ -158,7 +157,7 @@ class CowBackend:
             await self.overlay.write(offset, data, fua)
             return
         async with self._locks.hold(first, last):
-            await self._copy_up_edges(offset, offset + len(data))
+            await fill_edges(self.bitmap, offset, len(data), self._size, self._copy_up)
             await self.overlay.write(offset, data, fua=False)
             self.bitmap.set_range(first, last)  # only after the data is in the overlay
         if fua:
@@ -166,9 +165,7 @@ class CowBackend:
 
     async def flush(self) -> None:
         """Overlay data first, then the bitmap that covers it (captured before the data sync)."""
-        pending = self.bitmap.capture()
-        await self.overlay.flush()
-        await trio.to_thread.run_sync(self.bitmap.write_back, pending)
+        await flush_data_then_bitmap(self.overlay.flush, self.bitmap)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         """Trimmed blocks read back as zeros, even where the base has data."""
@@ -181,7 +178,7 @@ class CowBackend:
             raise OSError(errno.ENOTSUP, "the overlay's file system cannot zero quickly")
         first, last = block_span(offset, length)
         async with self._locks.hold(first, last):
-            await self._copy_up_edges(offset, offset + length)
+            await fill_edges(self.bitmap, offset, length, self._size, self._copy_up)
             # copied-up bytes are not visible until the bits are set: ENOTSUP here changes nothing
             await self.overlay.zero(offset, length, may_trim=may_trim, fast=fast, fua=False)
             self.bitmap.set_range(first, last)
@@ -189,13 +186,13 @@ class CowBackend:
             await self.flush()
 
     async def cache(self, offset: int, length: int) -> None:
-        for start, stop, present in self._segments(offset, length):
+        for start, stop, present in present_runs(self.bitmap, offset, length):
             await (self.overlay if present else self.base).cache(start, stop - start)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Overlay extents where blocks are present, base extents elsewhere, merged."""
         out: list[Extent] = []
-        for start, stop, present in self._segments(offset, length):
+        for start, stop, present in present_runs(self.bitmap, offset, length):
             source = self.overlay if present else self.base
             part = await source.block_status(start, stop - start)
             for extent in part:
@@ -216,7 +213,7 @@ class CowBackend:
             try:
                 self.bitmap.close()  # written back for the next process
             finally:
-                os.close(self.overlay.fd)
+                self.overlay.release()
                 await self.base.close()
             log.info("kept copy-on-write overlay %s for the clients", self.overlay_path)
             return
@@ -225,7 +222,7 @@ class CowBackend:
         try:
             self.bitmap.close()
         finally:
-            os.close(self.overlay.fd)  # drops the lock; no sync, the file is gone
+            self.overlay.release()  # drops the lock; no sync, the file is gone
             await self.base.close()
         log.info("removed copy-on-write overlay %s", self.overlay_path)
 
@@ -238,68 +235,21 @@ class CowBackend:
         Returns "reflink" when the base was cloned, else "copy"; present blocks are then
         copied from the overlay (holes there become holes, i.e. zeros, in the snapshot).
         """
-        method = linux.clone_or_copy(self.base.fd, dst_fd, self._size)
+        method = self.base.snapshot_into(dst_fd, self._size)
         for first, last in self.bitmap.runs(0, self.bitmap.nblocks, True):
-            start, stop = first * BLOCK_SIZE, min(last * BLOCK_SIZE, self._size)
+            start, stop = block_bytes(first, last, self._size)
             linux.punch_or_zero(dst_fd, start, stop - start)
-            linux.copy_sparse(self.overlay.fd, dst_fd, start, stop - start)
+            self.overlay.copy_into(dst_fd, start, stop - start)
         return method
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _segments(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """Split a byte range into (start, stop, present-in-overlay) pieces."""
-        first, last = block_span(offset, length)
-        end = offset + length
-        pieces: list[tuple[int, int, bool]] = []
-        pos = first
-        for a, b in self.bitmap.runs(first, last, True):
-            if a > pos:
-                pieces.append((pos, a, False))
-            pieces.append((a, b, True))
-            pos = b
-        if pos < last:
-            pieces.append((pos, last, False))
-        return [
-            (max(a * BLOCK_SIZE, offset), min(b * BLOCK_SIZE, end), present)
-            for a, b, present in pieces
-        ]
-
-    async def _copy_up_edges(self, offset: int, end: int) -> None:
-        """Copy absent, partially covered head/tail blocks from the base (caller holds the lock)."""
-        edges = set()
-        if offset % BLOCK_SIZE:
-            edges.add(offset // BLOCK_SIZE)
-        if end % BLOCK_SIZE and end < self._size:
-            edges.add(end // BLOCK_SIZE)
-        for block in sorted(edges):
-            if self.bitmap.test(block):
-                continue
-            start = block * BLOCK_SIZE
-            data = await self.base.read(start, min(BLOCK_SIZE, self._size - start))
-            await self.overlay.write(start, data, fua=False)
-
-
-class _RangeLocks:
-    """Exclusive locks over block ranges [start, stop); waiters retry when a holder leaves."""
-
-    def __init__(self) -> None:
-        self._held: list[tuple[int, int, trio.Event]] = []
-
-    @contextlib.asynccontextmanager
-    async def hold(self, start: int, stop: int) -> AsyncIterator[None]:
-        while True:
-            busy = next((e for a, b, e in self._held if a < stop and start < b), None)
-            if busy is None:
-                break
-            await busy.wait()
-        entry = (start, stop, trio.Event())
-        self._held.append(entry)
-        try:
-            yield
-        finally:
-            self._held.remove(entry)
-            entry[2].set()
+    async def _copy_up(self, first: int, stop: int) -> None:
+        """Copy blocks [first, stop) from the base into the overlay (the caller holds them
+        locked; their bits are set after the write that needed them)."""
+        start, end = block_bytes(first, stop, self._size)
+        data = await self.base.read(start, end - start)
+        await self.overlay.write(start, data, fua=False)
 
 
 def _create_locked_overlay(prefix: str, size: int) -> tuple[str, int]:

@@ -7,14 +7,15 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
   after that data is durable: ``flush`` captures the dirty bits, fdatasyncs the cache, then
   writes the captured bits. After a crash every block marked cached holds the origin's data or
   an acknowledged write.
-- A block is *busy* while one task fetches or writes it; others wait on its ``trio.Event``. So a
-  block missing for several clients is fetched once, and a fetch can never land on top of a newer
-  write. Adjacent missing blocks go to the origin as one bounded request.
+- A block is *busy* while one task fetches or writes it: that task holds a range lock over it
+  (backends/rangelock.py) and others wait for the release. So a block missing for several
+  clients is fetched once, and a fetch can never land on top of a newer write. Adjacent missing
+  blocks go to the origin as one bounded request.
 - Writes, trims and zeroes never reach the origin. A partial write fetches only its head and tail
   blocks. A trim punches whole blocks and marks them cached (they read as zeros, which TRIM
   allows), so a trimmed block is never fetched again.
-- The exported size is the origin's. It is recorded in a sidecar file next to the bitmap and a
-  cache/bitmap pair of another size is refused unless cleared.
+- The exported size is the origin's. It is recorded in a sidecar file next to the bitmap
+  (backends/sidecar.py) and a cache/bitmap pair of another size is refused unless cleared.
 - A read never fails because caching failed (a full or failing cache file system): the data
   fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
@@ -25,10 +26,7 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
 from __future__ import annotations
 
 import errno
-import json
 import logging
-import os
-import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,9 +34,19 @@ from functools import partial
 
 import trio
 
-from xnbdd.backends.base import Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
-from xnbdd.backends.file import MAX_EXTENTS, FileBackend
+from xnbdd.backends.blocks import (
+    block_bytes,
+    fill_edges,
+    flush_data_then_bitmap,
+    missing_edges,
+    present_runs,
+    whole_blocks,
+)
+from xnbdd.backends.file import FileBackend
+from xnbdd.backends.rangelock import RangeLock, RangeLocks
+from xnbdd.backends.sidecar import prepare_cache_files
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
     RemoteAddress,
@@ -53,24 +61,8 @@ MAX_FETCH = 1 << 20  # bytes per origin request for client misses (bounded laten
 BULK_BYTES_IN_FLIGHT = 8 << 20  # cache_all: bytes requested but not yet stored, own connection
 BULK_SHARED_REQUESTS = 2  # cache_all on the clients' connection (origin allows only one)
 SYNC_INTERVAL = 5.0  # seconds between background flushes of data + bitmap
-SIDECAR_SUFFIX = ".xnbdd"
-SIDECAR_FORMAT = "xnbdd-proxy-cache"
 
 ProgressCallback = Callable[[int, int], None]  # (cached blocks, total blocks)
-
-
-class CacheMismatchError(ValueError):
-    """The cache image or bitmap belongs to an origin of another size."""
-
-
-class _Busy:
-    """A block range someone is fetching or writing; waiters learn how it ended."""
-
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.error: OSError | None = None  # a fetch that failed (not one that was cancelled)
 
 
 @dataclass
@@ -99,94 +91,6 @@ class ProxyStatus:
         return dict(self.__dict__)
 
 
-def sidecar_path(bitmap_path: str) -> str:
-    return bitmap_path + SIDECAR_SUFFIX
-
-
-def _read_sidecar(path: str) -> dict[str, object] | None:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CacheMismatchError(f"{path}: unreadable cache metadata ({exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
-        raise CacheMismatchError(f"{path}: not an xnbdd cache metadata file")
-    return data
-
-
-def _write_sidecar(path: str, data: dict[str, object]) -> None:
-    """Atomically: temporary file, fsync, rename, fsync the directory."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, (json.dumps(data, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
-def prepare_cache_files(
-    cache_path: str, bitmap_path: str, size: int, *, clear: bool, remote: str
-) -> Bitmap:
-    """Create or check the cache image and bitmap for an origin of ``size`` bytes (blocking).
-
-    The image is created sparse (mode 0600) or extended to ``size``; a regular file larger than
-    the origin, a bitmap of another size or a sidecar naming another size are refused unless
-    ``clear`` (then the image is cut to size and the bitmap zeroed).
-    """
-    nblocks = nblocks_for(size)
-    meta_path = sidecar_path(bitmap_path)
-    meta = None if clear else _read_sidecar(meta_path)
-    if meta is not None and meta.get("upstream_size") != size:
-        raise CacheMismatchError(
-            f"cache {cache_path} was made for an origin of {meta.get('upstream_size')} bytes, "
-            f"but {remote} exports {size} bytes (use --clear-bitmap to start over)"
-        )
-    fd = os.open(cache_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            if st.st_size > size and not clear:
-                raise CacheMismatchError(
-                    f"cache {cache_path} is {st.st_size} bytes, larger than the origin's "
-                    f"{size} bytes (use --clear-bitmap to cut it to size and start over)"
-                )
-            if st.st_size != size:
-                os.ftruncate(fd, size)  # sparse extension, or a cut with clear
-                os.fsync(fd)
-        elif not stat.S_ISBLK(st.st_mode):
-            raise CacheMismatchError(f"cache {cache_path}: not a regular file or block device")
-    finally:
-        os.close(fd)
-    try:
-        bitmap = Bitmap.open(bitmap_path, nblocks, clear=clear)
-    except ValueError as exc:
-        raise CacheMismatchError(f"{exc} (use --clear-bitmap to start over)") from exc
-    try:
-        _write_sidecar(
-            meta_path,
-            {
-                "format": SIDECAR_FORMAT,
-                "version": 1,
-                "upstream_size": size,
-                "block_size": BLOCK_SIZE,
-                "remote": remote,
-            },
-        )
-    except BaseException:
-        bitmap.close()
-        raise
-    return bitmap
-
-
 class ProxyBackend:
     """The proxy cache as a ``Backend``. Create it with ``open_proxy_backend``."""
 
@@ -208,7 +112,7 @@ class ProxyBackend:
         self.readonly = readonly
         self._size = link.size
         self.nblocks = nblocks_for(self._size)
-        self._busy: dict[int, _Busy] = {}
+        self._locks = RangeLocks()
         self._sync_lock = trio.Lock()
         self._dirty = False  # bits set since the last flush
         self._bulk: RemoteLink | None = None
@@ -234,7 +138,7 @@ class ProxyBackend:
             zero=not self.readonly,
             fast_zero=not self.readonly and cache_caps.fast_zero,
             cache=True,
-            multi_conn=True,  # one cache, one bitmap, one busy table for every connection
+            multi_conn=True,  # one cache, one bitmap, one lock table for every connection
             block_status=True,
         )
 
@@ -253,19 +157,17 @@ class ProxyBackend:
         """The range from the cache where it is cached and from the origin elsewhere (the
         cache could not take it)."""
         out = bytearray(length)
-        end = offset + length
-        for run_offset, run_length, cached in self._runs(offset, length):
-            start, stop = run_offset - offset, min(run_offset + run_length, end) - offset
-            if cached:
-                out[start:stop] = await self._cache.read(run_offset, stop - start)
-            else:
-                out[start:stop] = await self._link.read(run_offset, stop - start)
+        for run_start, run_end, cached in present_runs(self._bitmap, offset, length):
+            source = self._cache if cached else self._link
+            out[run_start - offset : run_end - offset] = await source.read(
+                run_start, run_end - run_start
+            )
         return out
 
     # -- InlineIO: blocks already cached are read and rewritten by a connection's thread
     # without waiting. A bit is set only after its data is in the cache file and is never
     # cleared, and no fetch touches a cached block, so nothing on the event loop can overwrite
-    # such a write with origin data; writes to uncached blocks take the async path (busy table).
+    # such a write with origin data; writes to uncached blocks take the async path (range locks).
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
         first, stop = block_span(offset, length)
@@ -309,19 +211,13 @@ class ProxyBackend:
         self._check_writable()
         if not self._cache.capabilities.trim:
             return  # advisory: the cache file system cannot punch holes
-        end = offset + length
-        first = -(-offset // BLOCK_SIZE)
-        stop = nblocks_for(end) if end == self._size else end // BLOCK_SIZE
+        first, stop = whole_blocks(offset, length, self._size)
         if first >= stop:
             return
-        start_byte = first * BLOCK_SIZE
-        stop_byte = min(stop * BLOCK_SIZE, self._size)
-        busy = await self._lock(first, stop)
-        try:
+        start_byte, stop_byte = block_bytes(first, stop, self._size)
+        async with self._locks.hold(first, stop):
             await self._cache.trim(start_byte, stop_byte - start_byte, fua=False)
             self._mark_cached(first, stop)
-        finally:
-            self._unlock(first, stop, busy)
         if fua:
             await self.flush()
 
@@ -329,21 +225,15 @@ class ProxyBackend:
         """Cache data durable first, then the bits that cover it (docs/decisions.md D14)."""
         async with self._sync_lock:
             self._dirty = False
-            pending = self._bitmap.capture()
-            await self._cache.flush()
-            if pending is not None:
-                await trio.to_thread.run_sync(self._bitmap.write_back, pending)
+            await flush_data_then_bitmap(self._cache.flush, self._bitmap)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """Cached blocks: the cache file's allocation; uncached ones: allocated data (status 0,
         always a safe answer, since the origin's allocation is not known here)."""
-        first, stop = block_span(offset, length)
-        cached = self._bitmap.test(first)
-        run_stop = next(iter(self._bitmap.runs(first, stop, not cached)), (stop, stop))[0]
-        run_length = min(run_stop * BLOCK_SIZE, offset + length) - offset
+        [(_start, run_end, cached)] = present_runs(self._bitmap, offset, length, limit=1)
         if not cached:
-            return [Extent(run_length)]
-        return await self._cache.block_status(offset, run_length)
+            return [Extent(run_end - offset)]
+        return await self._cache.block_status(offset, run_end - offset)
 
     async def close(self) -> None:
         """Flush and release everything (not the cache image once handed to target mode)."""
@@ -388,25 +278,8 @@ class ProxyBackend:
     def cached_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """``x-xnbd:cached`` view: (byte length, cached) runs covering [offset, offset+length),
         or a prefix of it in ``MAX_EXTENTS`` runs (extended headers ask for 64-bit ranges)."""
-        runs = self._runs(offset, length, limit=MAX_EXTENTS)
-        return [(run_length, cached) for _o, run_length, cached in runs]
-
-    def _runs(
-        self, offset: int, length: int, limit: int | None = None
-    ) -> list[tuple[int, int, bool]]:
-        """(byte offset, byte length, cached) runs covering [offset, offset+length), or the
-        first ``limit`` of them."""
-        end = offset + length
-        first, stop = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
-        out: list[tuple[int, int, bool]] = []
-        pos = first
-        while pos < stop and (limit is None or len(out) < limit):
-            cached = self._bitmap.test(pos)
-            run_stop = next(iter(self._bitmap.runs(pos, stop, not cached)), (stop, stop))[0]
-            start_byte = max(pos * BLOCK_SIZE, offset)
-            out.append((start_byte, min(run_stop * BLOCK_SIZE, end) - start_byte, cached))
-            pos = run_stop
-        return out
+        runs = present_runs(self._bitmap, offset, length, limit=MAX_EXTENTS)
+        return [(end - start, cached) for start, end, cached in runs]
 
     def status(self) -> ProxyStatus:
         return ProxyStatus(
@@ -542,24 +415,6 @@ class ProxyBackend:
         self._bitmap.set_range(first, stop)
         self._dirty = True
 
-    async def _lock(self, first: int, stop: int) -> _Busy:
-        """Wait until no block of [first, stop) is busy, then mark them all busy for us."""
-        while self._busy:
-            waiting = next((self._busy[b] for b in range(first, stop) if b in self._busy), None)
-            if waiting is None:
-                break
-            await waiting.done.wait()
-        busy = _Busy()
-        for block in range(first, stop):
-            self._busy[block] = busy
-        return busy
-
-    def _unlock(self, first: int, stop: int, busy: _Busy) -> None:
-        for block in range(first, stop):
-            if self._busy.get(block) is busy:
-                del self._busy[block]
-        busy.done.set()
-
     async def _modify(
         self,
         offset: int,
@@ -570,28 +425,16 @@ class ProxyBackend:
     ) -> None:
         """Run ``change`` (a write or zeroing of the cache) with the touched blocks locked, after
         fetching partially covered head and tail blocks that are not cached yet."""
-        end = offset + length
-        first, stop = offset // BLOCK_SIZE, nblocks_for(end)
-        busy = await self._lock(first, stop)
-        try:
-            partial: list[int] = []
-            if offset % BLOCK_SIZE and not self._bitmap.test(first):
-                partial.append(first)
-            tail = stop - 1
-            tail_partial = end % BLOCK_SIZE and end < self._size
-            if tail_partial and tail not in partial and not self._bitmap.test(tail):
-                partial.append(tail)
-            if partial and fast:
+        first, stop = block_span(offset, length)
+        async with self._locks.hold(first, stop):
+            if fast and missing_edges(self._bitmap, offset, length, self._size):
                 raise OSError(errno.ENOTSUP, "zeroing here needs a fetch from the origin")
-            if len(partial) == 2 and partial[1] == partial[0] + 1:
-                await self._fetch_into_cache(self._link, partial[0], partial[1] + 1)
-            else:
-                for block in partial:
-                    await self._fetch_into_cache(self._link, block, block + 1)
+            await fill_edges(self._bitmap, offset, length, self._size, self._fetch_edge)
             await change()
             self._mark_cached(first, stop)
-        finally:
-            self._unlock(first, stop, busy)
+
+    async def _fetch_edge(self, first: int, stop: int) -> None:
+        await self._fetch_into_cache(self._link, first, stop)
 
     async def _fetch_into_cache(
         self, link: RemoteLink, first: int, stop: int, *, store: bool = True
@@ -599,9 +442,8 @@ class ProxyBackend:
         """Fetch blocks the caller holds busy, store them, then (only then) mark them cached;
         returns what was fetched. Without ``store``, a failure to store is logged and the
         blocks stay uncached (a read is served all the same)."""
-        offset = first * BLOCK_SIZE
-        length = min(stop * BLOCK_SIZE, self._size) - offset
-        data = await link.read(offset, length)
+        offset, end = block_bytes(first, stop, self._size)
+        data = await link.read(offset, end - offset)
         try:
             await self._cache.write(offset, data, fua=False)
         except OSError as exc:
@@ -635,24 +477,16 @@ class ProxyBackend:
         fetched_once = False
         while True:
             mine: list[tuple[int, int]] = []
-            others: dict[_Busy, None] = {}  # ordered set
-            take = _chunker(mine, per_request)
+            others: dict[RangeLock, None] = {}  # ordered set
             for run_first, run_stop in self._bitmap.runs(first, stop, False):
-                if not self._busy:
-                    take(run_first, run_stop)
-                    continue
-                start = run_first
-                for block in range(run_first, run_stop):
-                    holder = self._busy.get(block)
-                    if holder is not None:
-                        take(start, block)
-                        start = block + 1
-                        others[holder] = None
-                take(start, run_stop)
+                free, holders = self._locks.split(run_first, run_stop)
+                for a, b in free:
+                    mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
+                others.update(dict.fromkeys(holders))
             if (not mine and not others) or (mine and fetched_once and not store):
                 return None
             fetched_once = bool(mine)
-            claims = [(a, b, self._claim(a, b)) for a, b in mine]
+            claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
             if len(claims) == 1:
                 data = await self._fetch_claimed(link, *claims[0], store=store)
                 if not others and mine[0] == (first, stop):
@@ -671,22 +505,17 @@ class ProxyBackend:
                 if holder.error is not None:
                     raise OSError(holder.error.errno, str(holder.error))
 
-    def _claim(self, first: int, stop: int) -> _Busy:
-        busy = _Busy()
-        for block in range(first, stop):
-            self._busy[block] = busy
-        return busy
-
     async def _fetch_claimed(
-        self, link: RemoteLink, first: int, stop: int, busy: _Busy, *, store: bool
+        self, link: RemoteLink, first: int, stop: int, lock: RangeLock, *, store: bool
     ) -> bytearray:
+        error: OSError | None = None
         try:
             return await self._fetch_into_cache(link, first, stop, store=store)
         except OSError as exc:
-            busy.error = exc
+            error = exc
             raise
         finally:
-            self._unlock(first, stop, busy)
+            self._locks.release(lock, error)
 
     async def periodic_flush(self, interval: float = SYNC_INTERVAL) -> None:
         """Background task: make fetched blocks durable every ``interval`` seconds."""
@@ -697,15 +526,6 @@ class ProxyBackend:
                     await self.flush()
                 except OSError as exc:
                     log.error("periodic flush of the proxy cache failed: %s", exc)
-
-
-def _chunker(out: list[tuple[int, int]], per_request: int) -> Callable[[int, int], None]:
-    """A function appending [a, b) to ``out`` in pieces of at most ``per_request`` blocks."""
-
-    def take(a: int, b: int) -> None:
-        out.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
-
-    return take
 
 
 @asynccontextmanager

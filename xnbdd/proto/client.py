@@ -56,28 +56,30 @@ from .consts import (
     TxFlag,
 )
 from .errors import NBDError, ProtocolError
+from .wire import (
+    BLOCK_STATUS_EXT_HEAD,
+    CHUNK,
+    CLIENT_FLAGS,
+    ERROR_HEAD,
+    EXPORT_NAME_REPLY,
+    EXTENDED_CHUNK,
+    EXTENDED_REQUEST,
+    EXTENT,
+    EXTENT_EXT,
+    GREETING_HEAD,
+    HANDSHAKE_FLAGS,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    OFFSET_HOLE,
+    OLDSTYLE_REST,
+    OPTION_HEADER,
+    OPTION_REPLY,
+    REQUEST,
+    SIMPLE_REPLY,
+    U32,
+    U64,
+)
 
-_GREETING_HEAD = struct.Struct("!QQ")  # NBDMAGIC, then CLISERV_MAGIC or IHAVEOPT
-_OLDSTYLE_REST = struct.Struct("!QI124s")  # size, 32-bit flags, zeros
-_HANDSHAKE_FLAGS = struct.Struct("!H")
-_CLIENT_FLAGS = struct.Struct("!I")
-_OPTION = struct.Struct("!QII")  # IHAVEOPT, option, data length
-_OPTION_REPLY = struct.Struct("!QIII")  # magic, option, reply type, data length
-_EXPORT_NAME_ANSWER = struct.Struct("!QH")  # size, transmission flags (then 124 zeros)
-_INFO_EXPORT = struct.Struct("!HQH")  # type, size, transmission flags
-_INFO_BLOCK_SIZE = struct.Struct("!HIII")  # type, minimum, preferred, maximum
-_REQUEST = struct.Struct("!IHHQQI")  # magic, flags, type, cookie, offset, length
-_EXTENDED_REQUEST = struct.Struct("!IHHQQQ")  # the same with a 64-bit length
-_EXTENDED_CHUNK = struct.Struct("!IHHQQQ")  # magic, flags, type, cookie, offset, length
-_SIMPLE_REPLY = struct.Struct("!IIQ")  # magic, error, cookie
-_CHUNK = struct.Struct("!IHHQI")  # magic, flags, type, cookie, payload length
-_MAGIC = struct.Struct("!I")
-_OFFSET = struct.Struct("!Q")
-_HOLE = struct.Struct("!QI")
-_ERROR = struct.Struct("!IH")  # error, message length
-_EXTENT = struct.Struct("!II")
-_EXTENT_EXT = struct.Struct("!QQ")
-_STATUS_EXT_HEAD = struct.Struct("!II")  # context id, descriptor count
 _U32_MAX = 0xFFFFFFFF
 
 ZERO_PADDING = 124
@@ -207,10 +209,10 @@ class ClientHandshake:
     def _step(self) -> bool:
         """Advance by one message; False when more bytes are needed."""
         if self._state is _HS.GREETING:
-            head = self._take(_GREETING_HEAD.size)
+            head = self._take(GREETING_HEAD.size)
             if head is None:
                 return False
-            magic, kind = _GREETING_HEAD.unpack(head)
+            magic, kind = GREETING_HEAD.unpack(head)
             if magic != NBDMAGIC:
                 raise ProtocolError(f"not an NBD server (greeting magic {magic:#x})")
             if kind == CLISERV_MAGIC:
@@ -223,27 +225,27 @@ class ClientHandshake:
         if self._state is _HS.OLDSTYLE:
             if self._starttls:
                 raise ProtocolError("an oldstyle server cannot do TLS")
-            rest = self._take(_OLDSTYLE_REST.size)
+            rest = self._take(OLDSTYLE_REST.size)
             if rest is None:
                 return False
-            size, flags, _zeros = _OLDSTYLE_REST.unpack(rest)
+            size, flags, _zeros = OLDSTYLE_REST.unpack(rest)
             self._finish(HandshakeStyle.OLDSTYLE, size, flags & 0xFFFF)
             return True
         if self._state is _HS.HANDSHAKE_FLAGS:
-            raw = self._take(_HANDSHAKE_FLAGS.size)
+            raw = self._take(HANDSHAKE_FLAGS.size)
             if raw is None:
                 return False
-            (hflags,) = _HANDSHAKE_FLAGS.unpack(raw)
+            (hflags,) = HANDSHAKE_FLAGS.unpack(raw)
             self._start_newstyle(HandshakeFlag(hflags & 0x3))
             return True
         if self._state is _HS.OPTION_REPLY:
             return self._option_reply()
         if self._state is _HS.EXPORT_NAME_ANSWER:
-            need = _EXPORT_NAME_ANSWER.size + (0 if self._no_zeroes else ZERO_PADDING)
+            need = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else ZERO_PADDING)
             raw = self._take(need)
             if raw is None:
                 return False
-            size, flags = _EXPORT_NAME_ANSWER.unpack_from(raw)
+            size, flags = EXPORT_NAME_REPLY.unpack_from(raw)
             self._finish(self._style, size, flags)
             return True
         raise AssertionError(self._state)
@@ -254,7 +256,7 @@ class ClientHandshake:
             if self._starttls:
                 raise ProtocolError("a server without fixed newstyle cannot do TLS")
             self._style = HandshakeStyle.NEWSTYLE
-            self._outgoing += _CLIENT_FLAGS.pack(0)
+            self._outgoing += CLIENT_FLAGS.pack(0)
             self._send_export_name()
             return
         self._style = HandshakeStyle.FIXED_NEWSTYLE
@@ -262,7 +264,7 @@ class ClientHandshake:
         if hflags & HandshakeFlag.NO_ZEROES:  # C_NO_ZEROES only when offered (spec MUST)
             cflags |= ClientFlag.C_NO_ZEROES
             self._no_zeroes = True
-        self._outgoing += _CLIENT_FLAGS.pack(cflags)
+        self._outgoing += CLIENT_FLAGS.pack(cflags)
         if self._starttls:
             self._send_option(Opt.STARTTLS, b"")
         else:
@@ -277,7 +279,7 @@ class ClientHandshake:
             self._send_go()
 
     def _send_option(self, option: Opt, data: bytes) -> None:
-        self._outgoing += _OPTION.pack(IHAVEOPT, option, len(data)) + data
+        self._outgoing += OPTION_HEADER.pack(IHAVEOPT, option, len(data)) + data
         self._option = option
         self._state = _HS.OPTION_REPLY
 
@@ -287,23 +289,25 @@ class ClientHandshake:
         self._send_option(Opt.GO, data)
 
     def _send_export_name(self) -> None:
-        self._outgoing += _OPTION.pack(IHAVEOPT, Opt.EXPORT_NAME, len(self._name)) + self._name
+        self._outgoing += (
+            OPTION_HEADER.pack(IHAVEOPT, Opt.EXPORT_NAME, len(self._name)) + self._name
+        )
         self._state = _HS.EXPORT_NAME_ANSWER
 
     def _option_reply(self) -> bool:
-        if len(self._buffer) < _OPTION_REPLY.size:
+        if len(self._buffer) < OPTION_REPLY.size:
             return False
-        magic, option, rep, length = _OPTION_REPLY.unpack_from(self._buffer)
+        magic, option, rep, length = OPTION_REPLY.unpack_from(self._buffer)
         if magic != OPTION_REPLY_MAGIC:
             raise ProtocolError(f"bad option reply magic {magic:#x}")
         if option != self._option:
             raise ProtocolError(f"reply for option {option}, but we sent {self._option}")
         if length > MAX_OPTION_REPLY:
             raise ProtocolError(f"option reply of {length} bytes")
-        raw = self._take(_OPTION_REPLY.size + length)
+        raw = self._take(OPTION_REPLY.size + length)
         if raw is None:
             return False
-        payload = raw[_OPTION_REPLY.size :]
+        payload = raw[OPTION_REPLY.size :]
         assert self._option is not None
         if self._option is Opt.STARTTLS:
             if rep == Rep.ACK:
@@ -353,14 +357,14 @@ class ClientHandshake:
             raise ProtocolError("NBD_REP_INFO without a type")
         (kind,) = struct.unpack_from("!H", payload)
         if kind == Info.EXPORT:
-            if len(payload) != _INFO_EXPORT.size:
+            if len(payload) != INFO_EXPORT.size:
                 raise ProtocolError(f"NBD_INFO_EXPORT of {len(payload)} bytes")
-            _kind, size, flags = _INFO_EXPORT.unpack(payload)
+            _kind, size, flags = INFO_EXPORT.unpack(payload)
             self._export = (size, flags)
         elif kind == Info.BLOCK_SIZE:
-            if len(payload) != _INFO_BLOCK_SIZE.size:
+            if len(payload) != INFO_BLOCK_SIZE.size:
                 raise ProtocolError(f"NBD_INFO_BLOCK_SIZE of {len(payload)} bytes")
-            _kind, minimum, preferred, maximum = _INFO_BLOCK_SIZE.unpack(payload)
+            _kind, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack(payload)
             self._block_size = (minimum, preferred, maximum)
         # other info types (NAME, DESCRIPTION, unknown ones) are allowed and ignored
 
@@ -511,7 +515,7 @@ class ClientTransmission:
                 raise ClientUsageError("only BLOCK_STATUS takes context ids")
             if not (self.extended and self.tx_flags & TxFlag.BLOCK_STATUS_PAYLOAD):
                 raise ClientUsageError("server did not advertise BLOCK_STATUS_PAYLOAD")
-            payload = _OFFSET.pack(length) + struct.pack(f"!{len(context_ids)}I", *context_ids)
+            payload = U64.pack(length) + struct.pack(f"!{len(context_ids)}I", *context_ids)
             wire_length = len(payload)
         if self.extended and payload is not None:
             flags |= CmdFlag.PAYLOAD_LEN
@@ -522,11 +526,11 @@ class ClientTransmission:
         else:
             self._outstanding[cookie] = _Outstanding(command, offset, length)
         if self.extended:
-            header = _EXTENDED_REQUEST.pack(
+            header = EXTENDED_REQUEST.pack(
                 EXTENDED_REQUEST_MAGIC, flags, command, cookie, offset, wire_length
             )
         else:
-            header = _REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+            header = REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
         return header + bytes(payload) if payload is not None else header
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ReplyEvent]:
@@ -545,7 +549,7 @@ class ClientTransmission:
         buf = self._buffer
         if len(buf) < 4:
             return False
-        (magic,) = _MAGIC.unpack_from(buf)
+        (magic,) = U32.unpack_from(buf)
         if self.extended:
             if magic != EXTENDED_REPLY_MAGIC:
                 raise ProtocolError(f"reply magic {magic:#x} with extended headers")
@@ -566,21 +570,21 @@ class ClientTransmission:
 
     def _simple(self) -> bool:
         buf = self._buffer
-        if len(buf) < _SIMPLE_REPLY.size:
+        if len(buf) < SIMPLE_REPLY.size:
             return False
-        _magic, error, cookie = _SIMPLE_REPLY.unpack_from(buf)
+        _magic, error, cookie = SIMPLE_REPLY.unpack_from(buf)
         request = self._lookup(cookie)
         # spec MUST: with structured replies negotiated a READ never gets a simple reply;
         # tolerate it only for an error, where no data follows and framing is intact.
         if request.command is Cmd.READ and self.structured and error == 0:
             raise ProtocolError("simple reply to READ after structured replies")
         data_length = request.length if request.command is Cmd.READ and error == 0 else 0
-        total = _SIMPLE_REPLY.size + data_length
+        total = SIMPLE_REPLY.size + data_length
         if len(buf) < total:
             return False
         if data_length:
             self._events.append(
-                ReadData(cookie, request.offset, bytes(buf[_SIMPLE_REPLY.size : total]))
+                ReadData(cookie, request.offset, bytes(buf[SIMPLE_REPLY.size : total]))
             )
         del buf[:total]
         del self._outstanding[cookie]
@@ -589,13 +593,13 @@ class ClientTransmission:
 
     def _chunk(self) -> bool:
         buf = self._buffer
-        layout = _EXTENDED_CHUNK if self.extended else _CHUNK
+        layout = EXTENDED_CHUNK if self.extended else CHUNK
         if len(buf) < layout.size:
             return False
         if self.extended:
-            _magic, flags, kind, cookie, offset, length = _EXTENDED_CHUNK.unpack_from(buf)
+            _magic, flags, kind, cookie, offset, length = EXTENDED_CHUNK.unpack_from(buf)
         else:
-            _magic, flags, kind, cookie, length = _CHUNK.unpack_from(buf)
+            _magic, flags, kind, cookie, length = CHUNK.unpack_from(buf)
         request = self._lookup(cookie)
         if self.extended and offset != request.offset:
             raise ProtocolError(f"reply offset {offset} for a request at {request.offset}")
@@ -625,16 +629,16 @@ class ClientTransmission:
             if payload:
                 raise ProtocolError("NBD_REPLY_TYPE_NONE with a payload")
         elif kind == ReplyType.OFFSET_DATA:
-            if request.command is not Cmd.READ or len(payload) < _OFFSET.size + 1:
+            if request.command is not Cmd.READ or len(payload) < U64.size + 1:
                 raise ProtocolError("bad OFFSET_DATA chunk")
-            (offset,) = _OFFSET.unpack_from(payload)
-            data = payload[_OFFSET.size :]
+            (offset,) = U64.unpack_from(payload)
+            data = payload[U64.size :]
             self._check_range(request, offset, len(data))
             self._events.append(ReadData(cookie, offset, data))
         elif kind == ReplyType.OFFSET_HOLE:
-            if request.command is not Cmd.READ or len(payload) != _HOLE.size:
+            if request.command is not Cmd.READ or len(payload) != OFFSET_HOLE.size:
                 raise ProtocolError("bad OFFSET_HOLE chunk")
-            offset, length = _HOLE.unpack(payload)
+            offset, length = OFFSET_HOLE.unpack(payload)
             if length == 0:
                 raise ProtocolError("OFFSET_HOLE of length 0")
             self._check_range(request, offset, length)
@@ -646,39 +650,39 @@ class ClientTransmission:
                 or len(payload) < 12
             ):
                 raise ProtocolError("bad BLOCK_STATUS chunk")
-            (context,) = _MAGIC.unpack_from(payload)
-            extents = tuple(_EXTENT.iter_unpack(payload[4:]))
+            (context,) = U32.unpack_from(payload)
+            extents = tuple(EXTENT.iter_unpack(payload[4:]))
             self._events.append(BlockStatus(cookie, context, extents))
         elif kind == ReplyType.BLOCK_STATUS_EXT and self.extended:
-            head = _STATUS_EXT_HEAD.size
+            head = BLOCK_STATUS_EXT_HEAD.size
             if request.command is not Cmd.BLOCK_STATUS or len(payload) < head:
                 raise ProtocolError("bad BLOCK_STATUS_EXT chunk")
-            context, count = _STATUS_EXT_HEAD.unpack_from(payload)
-            if not count or len(payload) != head + count * _EXTENT_EXT.size:
+            context, count = BLOCK_STATUS_EXT_HEAD.unpack_from(payload)
+            if not count or len(payload) != head + count * EXTENT_EXT.size:
                 raise ProtocolError("BLOCK_STATUS_EXT count does not match its length")
-            extents = tuple(_EXTENT_EXT.iter_unpack(payload[head:]))
+            extents = tuple(EXTENT_EXT.iter_unpack(payload[head:]))
             self._events.append(BlockStatus(cookie, context, extents))
         elif kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
             self._error_chunk(cookie, request, kind, payload)
         elif kind & 0x8000:
             # unknown error types: the spec says to treat them as an error with their errno
-            error = _MAGIC.unpack_from(payload)[0] if len(payload) >= 4 else Errno.EINVAL
+            error = U32.unpack_from(payload)[0] if len(payload) >= 4 else Errno.EINVAL
             self._record_error(cookie, request, error or Errno.EINVAL, "", None)
         else:
             raise ProtocolError(f"unknown structured chunk type {kind}")
 
     def _error_chunk(self, cookie: int, request: _Outstanding, kind: int, payload: bytes) -> None:
-        if len(payload) < _ERROR.size:
+        if len(payload) < ERROR_HEAD.size:
             raise ProtocolError("error chunk too short")
-        error, message_length = _ERROR.unpack_from(payload)
-        end = _ERROR.size + message_length
-        extra = _OFFSET.size if kind == ReplyType.ERROR_OFFSET else 0
+        error, message_length = ERROR_HEAD.unpack_from(payload)
+        end = ERROR_HEAD.size + message_length
+        extra = U64.size if kind == ReplyType.ERROR_OFFSET else 0
         if len(payload) != end + extra:
             raise ProtocolError("error chunk length does not match its message")
         if error == 0:
             raise ProtocolError("error chunk with error 0")
-        message = payload[_ERROR.size : end].decode(errors="replace")
-        offset = _OFFSET.unpack_from(payload, end)[0] if extra else None
+        message = payload[ERROR_HEAD.size : end].decode(errors="replace")
+        offset = U64.unpack_from(payload, end)[0] if extra else None
         self._record_error(cookie, request, error, message, offset)
 
     def _record_error(

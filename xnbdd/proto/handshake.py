@@ -1,6 +1,11 @@
 """Server side of the NBD handshake: oldstyle and fixed newstyle (proto.md "Handshake").
 
 Sans-IO: feed bytes with ``receive_data``, take bytes with ``data_to_send``, and look at ``state``.
+When the machine needs something only the server knows, it stops in state ``WAITING`` with an
+``event``: ``ExportRequested`` is answered with ``provide_export`` or ``refuse``, ``ListRequested``
+with ``provide_list``; bytes that arrive meanwhile are kept until then. So the answer may take its
+time (the wrapper starts an export's server before it answers GO). One driver runs the machine for
+every server: xnbdd/negotiation.py.
 Rules kept here:
 - the greeting offers FIXED_NEWSTYLE | NO_ZEROES and nothing else;
 - unknown client flags (or C_NO_ZEROES when not offered) end the connection (MUST);
@@ -23,7 +28,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from enum import Enum, auto
+from typing import TypeVar
 
 from .consts import (
     CLISERV_MAGIC,
@@ -39,18 +46,19 @@ from .consts import (
     TxFlag,
 )
 from .errors import OptionError
-from .messages import ExportInfo, Negotiated
-
-NEWSTYLE_GREETING = struct.Struct("!QQH")
-OLDSTYLE_GREETING = struct.Struct("!QQQI124x")
-CLIENT_FLAGS = struct.Struct("!I")
-OPTION_HEADER = struct.Struct("!QII")
-OPTION_REPLY = struct.Struct("!QIII")
-EXPORT_NAME_REPLY = struct.Struct("!QH")
-INFO_EXPORT = struct.Struct("!HQH")
-INFO_BLOCK_SIZE = struct.Struct("!HIII")
-U32 = struct.Struct("!I")
-U16 = struct.Struct("!H")
+from .messages import ExportInfo, Negotiated, transmission_flags
+from .wire import (
+    CLIENT_FLAGS,
+    EXPORT_NAME_REPLY,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    NEWSTYLE_GREETING,
+    OLDSTYLE_GREETING,
+    OPTION_HEADER,
+    OPTION_REPLY,
+    U16,
+    U32,
+)
 
 OFFERED_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
@@ -72,18 +80,34 @@ class TLSPolicy(Enum):
 class HandshakeState(Enum):
     CLIENT_FLAGS = auto()  # waiting for the client's 32-bit flags
     OPTIONS = auto()  # option haggling
+    WAITING = auto()  # ``event`` asks the server something: answer it to go on
     STARTTLS = auto()  # STARTTLS acknowledged: send it, upgrade, then call ``tls_started``
     DONE = auto()  # transmission starts; see ``negotiated``
     CLOSED = auto()  # the connection must be closed (abort or MUST violation)
 
 
-ExportLookup = Callable[[str], ExportInfo | None]
-ExportLister = Callable[[], Iterable[ExportInfo]]
+@dataclass(frozen=True)
+class ExportRequested:
+    """An option names an export (INFO, GO, EXPORT_NAME, LIST/SET_META_CONTEXT): answer with
+    ``provide_export`` (None: there is no such export) or ``refuse``."""
+
+    name: str
+    option: int
+
+
+@dataclass(frozen=True)
+class ListRequested:
+    """NBD_OPT_LIST: answer with ``provide_list``."""
+
+
+Event = ExportRequested | ListRequested
+E = TypeVar("E", ExportRequested, ListRequested)
 
 
 def oldstyle_greeting(export: ExportInfo) -> bytes:
     """The 152-byte oldstyle greeting; transmission follows at once."""
-    return OLDSTYLE_GREETING.pack(NBDMAGIC, CLISERV_MAGIC, export.size, int(export.tx_flags))
+    flags = transmission_flags(export.tx_flags)  # simple replies only
+    return OLDSTYLE_GREETING.pack(NBDMAGIC, CLISERV_MAGIC, export.size, int(flags))
 
 
 def option_reply(opt: int, rep: Rep, data: bytes = b"") -> bytes:
@@ -102,20 +126,6 @@ def decode_string(raw: bytes, what: str) -> str:
         raise OptionError(Rep.ERR_INVALID, f"{what} is not valid UTF-8") from None
 
 
-def transmission_flags(
-    export_flags: TxFlag, *, structured: bool, extended: bool, contexts: bool
-) -> TxFlag:
-    """The flags a connection sees: SEND_DF only with structured replies (or extended headers),
-    BLOCK_STATUS_PAYLOAD only with extended headers and metadata contexts selected."""
-    flags = export_flags | TxFlag.HAS_FLAGS
-    flags &= ~(TxFlag.SEND_DF | TxFlag.BLOCK_STATUS_PAYLOAD)
-    if structured or extended:
-        flags |= TxFlag.SEND_DF  # DF only makes sense with structured replies
-    if extended and contexts:
-        flags |= TxFlag.BLOCK_STATUS_PAYLOAD
-    return flags
-
-
 def select_contexts(available: Iterable[str], queries: list[str]) -> list[str]:
     """Contexts matching the queries: an exact name, or ``namespace:`` for a whole namespace.
     Unknown namespaces are ignored (proto.md "Metadata querying")."""
@@ -130,22 +140,26 @@ def select_contexts(available: Iterable[str], queries: list[str]) -> list[str]:
 
 
 class ServerHandshake:
-    """One client's handshake. ``lookup`` maps an export name ("" = default) to its info."""
+    """One client's handshake.
+
+    ``oldstyle``: greet with this export (oldstyle has no options); ``refusal``: refuse every
+    option with ERR_POLICY and this text (a limit is reached); ``simple_only``: refuse structured
+    replies and extended headers with ERR_UNSUP and this text (a server that cannot send them)."""
 
     def __init__(
         self,
-        lookup: ExportLookup,
-        lister: ExportLister,
         *,
-        oldstyle: bool = False,
+        oldstyle: ExportInfo | None = None,
         allow_list: bool = True,
         tls: TLSPolicy = TLSPolicy.OFF,
+        refusal: str = "",
+        simple_only: str = "",
     ) -> None:
-        if oldstyle and tls is not TLSPolicy.OFF:
+        if oldstyle is not None and tls is not TLSPolicy.OFF:
             raise ValueError("the oldstyle handshake has no STARTTLS")
-        self._lookup = lookup
-        self._lister = lister
         self._allow_list = allow_list
+        self._refusal = refusal
+        self._simple_only = simple_only
         self._in = bytearray()
         self._out = bytearray()
         self._skip = 0  # option data still to discard (oversized option)
@@ -153,20 +167,20 @@ class ServerHandshake:
         self.no_zeroes = False
         self.structured = False
         self.extended = False
-        self.shutting_down = False
+        self._shutting_down = False
         self.tls_policy = tls
         self.tls_active = False
-        self.refusal = ""  # non-empty: every option is refused with ERR_POLICY and this text
         self.close_reason = ""
         self.negotiated: Negotiated | None = None
+        # the question being asked (state WAITING) and what to do with its answer
+        self.event: Event | None = None
+        self._then: Callable[[ExportInfo], None] = lambda export: None
         # SET_META_CONTEXT result: (export name it was set for, {id: name})
         self._contexts: tuple[str, dict[int, str]] = ("", {})
-        if oldstyle:
-            export = lookup("")
-            if export is None:
-                raise ValueError("oldstyle needs a default export")
-            self._out += oldstyle_greeting(export)
-            self.negotiated = Negotiated(export=export, tx_flags=export.tx_flags)
+        if oldstyle is not None:
+            self._out += oldstyle_greeting(oldstyle)
+            flags = transmission_flags(oldstyle.tx_flags)
+            self.negotiated = Negotiated(export=oldstyle, tx_flags=flags)
             self.state = HandshakeState.DONE
         else:
             self._out += NEWSTYLE_GREETING.pack(NBDMAGIC, IHAVEOPT, OFFERED_FLAGS)
@@ -178,9 +192,10 @@ class ServerHandshake:
         """Feed bytes from the client and advance as far as they allow."""
         if self.state is HandshakeState.STARTTLS:
             raise RuntimeError("the connection must be upgraded to TLS first")
-        if self.state in (HandshakeState.DONE, HandshakeState.CLOSED):
-            # Bytes after GO/EXPORT_NAME belong to transmission; the caller takes them back
-            # with ``leftover``. After CLOSED nothing is read any more.
+        if self.state in (HandshakeState.WAITING, HandshakeState.DONE, HandshakeState.CLOSED):
+            # Waiting, bytes are kept for after the answer. Bytes after GO/EXPORT_NAME belong to
+            # transmission; the caller takes them back with ``leftover``. After CLOSED nothing
+            # is read any more.
             self._in += data
             return
         self._in += data
@@ -196,6 +211,43 @@ class ServerHandshake:
         rest = bytes(self._in)
         self._in.clear()
         return rest
+
+    def begin_shutdown(self) -> None:
+        """The server stops: every option from now on gets ERR_SHUTDOWN (EXPORT_NAME closes)."""
+        self._shutting_down = True
+
+    def provide_export(self, export: ExportInfo | None) -> None:
+        """Answer ``ExportRequested``; None: no such export."""
+        event = self._answered(ExportRequested)
+        if export is None:
+            if event.option == Opt.EXPORT_NAME:
+                # MUST: EXPORT_NAME cannot be answered with an error, so close.
+                self._close(f"unknown export {event.name!r}")
+            else:
+                self._error(event.option, Rep.ERR_UNKNOWN, f"no export named {event.name!r}")
+        else:
+            self._then(export)
+        self._resume()
+
+    def refuse(self, rep: Rep, message: str) -> None:
+        """Answer ``ExportRequested`` with an error (EXPORT_NAME, which has none, closes)."""
+        event = self._answered(ExportRequested)
+        if event.option == Opt.EXPORT_NAME:
+            self._close(message)
+        else:
+            self._error(event.option, rep, message)
+        self._resume()
+
+    def provide_list(self, exports: Iterable[ExportInfo]) -> None:
+        """Answer ``ListRequested`` with the exports to tell the client about."""
+        self._answered(ListRequested)
+        for export in exports:
+            name = export.name.encode("utf-8")
+            # SERVER data: name length, name, then the optional human-readable description.
+            payload = U32.pack(len(name)) + name + export.description.encode("utf-8")
+            self._out += option_reply(Opt.LIST, Rep.SERVER, payload)
+        self._out += option_reply(Opt.LIST, Rep.ACK)
+        self._resume()
 
     def tls_started(self) -> None:
         """The TLS handshake after STARTTLS succeeded: negotiation starts over inside TLS. Bytes
@@ -217,6 +269,26 @@ class ServerHandshake:
     def _close(self, reason: str) -> None:
         self.state = HandshakeState.CLOSED
         self.close_reason = reason
+
+    def _ask(self, event: Event, then: Callable[[ExportInfo], None]) -> None:
+        self.event, self._then = event, then
+        self.state = HandshakeState.WAITING
+
+    def _answered(self, kind: type[E]) -> E:
+        event = self.event
+        if self.state is not HandshakeState.WAITING or not isinstance(event, kind):
+            raise RuntimeError(f"no {kind.__name__} to answer")
+        self.event = None
+        self.state = HandshakeState.OPTIONS
+        return event
+
+    def _resume(self) -> None:
+        """Go on with what the client sent while the machine waited."""
+        if self.state is HandshakeState.OPTIONS:
+            self._advance()
+
+    def _error(self, opt: int, rep: Rep, message: str) -> None:
+        self._out += option_reply(opt, rep, message.encode("utf-8")[:MAX_STRING])
 
     def _advance(self) -> None:
         while self.state in (HandshakeState.CLIENT_FLAGS, HandshakeState.OPTIONS):
@@ -275,10 +347,12 @@ class ServerHandshake:
             self._close("client sent NBD_OPT_ABORT")
             return
         try:
-            if self.shutting_down:
+            if self._simple_only and opt in (Opt.STRUCTURED_REPLY, Opt.EXTENDED_HEADERS):
+                raise OptionError(Rep.ERR_UNSUP, self._simple_only)
+            if self._shutting_down:
                 raise OptionError(Rep.ERR_SHUTDOWN, "server shutting down")
-            if self.refusal:
-                raise OptionError(Rep.ERR_POLICY, self.refusal)
+            if self._refusal:
+                raise OptionError(Rep.ERR_POLICY, self._refusal)
             if opt == Opt.STARTTLS and self.tls_policy is not TLSPolicy.OFF:
                 self._starttls(data)
                 return
@@ -297,8 +371,7 @@ class ServerHandshake:
                 raise OptionError(Rep.ERR_UNSUP, f"option {opt} not supported")
             handler(opt, data)
         except OptionError as err:
-            message = err.message.encode("utf-8")[:MAX_STRING]
-            self._out += option_reply(opt, err.rep, message)
+            self._error(opt, err.rep, err.message)
 
     def _starttls(self, data: bytes) -> None:
         if self.tls_active:
@@ -309,8 +382,8 @@ class ServerHandshake:
         self.state = HandshakeState.STARTTLS
 
     def _export_name(self, data: bytes) -> None:
-        if self.shutting_down or self.refusal:  # this option cannot carry an error: close
-            self._close(self.refusal or "server shutting down")
+        if self._shutting_down or self._refusal:  # this option cannot carry an error: close
+            self._close(self._refusal or "server shutting down")
             return
         if self.extended:
             # MUST NOT after extended headers, and EXPORT_NAME has no error reply: close.
@@ -321,11 +394,9 @@ class ServerHandshake:
         except OptionError as err:
             self._close(err.message)
             return
-        export = self._lookup(name)
-        if export is None:
-            # MUST: EXPORT_NAME cannot be answered with an error, so close.
-            self._close(f"unknown export {name!r}")
-            return
+        self._ask(ExportRequested(name, Opt.EXPORT_NAME), self._export_name_reply)
+
+    def _export_name_reply(self, export: ExportInfo) -> None:
         flags = self._tx_flags(export)
         self._out += EXPORT_NAME_REPLY.pack(export.size, flags)
         if not self.no_zeroes:
@@ -360,12 +431,7 @@ class ServerHandshake:
             raise OptionError(Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
         if not self._allow_list:
             raise OptionError(Rep.ERR_POLICY, "listing exports is disabled")
-        for export in self._lister():
-            name = export.name.encode("utf-8")
-            # SERVER data: name length, name, then the optional human-readable description.
-            payload = U32.pack(len(name)) + name + export.description.encode("utf-8")
-            self._out += option_reply(opt, Rep.SERVER, payload)
-        self._out += option_reply(opt, Rep.ACK)
+        self._ask(ListRequested(), lambda export: None)
 
     def _info_or_go(self, opt: int, data: bytes) -> None:
         if len(data) < 6:
@@ -378,9 +444,11 @@ class ServerHandshake:
         if len(data) != 6 + name_len + 2 * count:
             raise OptionError(Rep.ERR_INVALID, "information request count does not match")
         requests = struct.unpack_from(f"!{count}H", data, 6 + name_len)
-        export = self._lookup(name)
-        if export is None:
-            raise OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}")
+        self._ask(
+            ExportRequested(name, opt), lambda export: self._info_reply(opt, requests, export)
+        )
+
+    def _info_reply(self, opt: int, requests: tuple[int, ...], export: ExportInfo) -> None:
         flags = self._tx_flags(export)
         self._out += option_reply(opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, export.size, flags))
         if Info.NAME in requests:
@@ -422,9 +490,9 @@ class ServerHandshake:
         if not self.structured:
             raise OptionError(Rep.ERR_INVALID, "metadata contexts need structured replies")
         name, queries = self._parse_meta_request(data)
-        export = self._lookup(name)
-        if export is None:
-            raise OptionError(Rep.ERR_UNKNOWN, f"no export named {name!r}")
+        self._ask(ExportRequested(name, opt), lambda export: self._meta_reply(opt, queries, export))
+
+    def _meta_reply(self, opt: int, queries: list[str], export: ExportInfo) -> None:
         if opt == Opt.LIST_META_CONTEXT:
             chosen = (
                 list(export.meta_contexts)

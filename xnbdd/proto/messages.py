@@ -19,7 +19,7 @@ class ExportInfo:
     """What the handshake tells a client about one export.
 
     ``tx_flags`` is computed by the server from its backend's capabilities, without SEND_DF:
-    DF is added per connection only when structured replies were negotiated.
+    each connection's flags come from ``transmission_flags``.
     """
 
     name: str
@@ -30,6 +30,26 @@ class ExportInfo:
     preferred_block: int = PREFERRED_BLOCK
     max_payload: int = MAX_PAYLOAD
     meta_contexts: tuple[str, ...] = ()
+
+
+def transmission_flags(
+    export_flags: TxFlag,
+    *,
+    structured: bool = False,
+    extended: bool = False,
+    contexts: bool = False,
+) -> TxFlag:
+    """The flags one connection sees, the only place that decides them: SEND_DF only with
+    structured replies (or extended headers, which imply them; proto.md: the server MUST NOT set
+    it otherwise), BLOCK_STATUS_PAYLOAD only with extended headers and metadata contexts
+    selected. The defaults are a connection with simple replies (oldstyle, --connected-fd)."""
+    flags = export_flags | TxFlag.HAS_FLAGS
+    flags &= ~(TxFlag.SEND_DF | TxFlag.BLOCK_STATUS_PAYLOAD)
+    if structured or extended:
+        flags |= TxFlag.SEND_DF
+    if extended and contexts:
+        flags |= TxFlag.BLOCK_STATUS_PAYLOAD
+    return flags
 
 
 @dataclass(frozen=True)

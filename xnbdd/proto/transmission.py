@@ -37,21 +37,20 @@ from .consts import (
 )
 from .errors import RequestError
 from .messages import Request
-
-REQUEST = struct.Struct("!IHHQQI")
-EXTENDED_REQUEST = struct.Struct("!IHHQQQ")  # same fields, 64-bit length
-SIMPLE_REPLY = struct.Struct("!IIQ")
-CHUNK = struct.Struct("!IHHQI")
-EXTENDED_CHUNK = struct.Struct("!IHHQQQ")  # magic, flags, type, cookie, request offset, length
-OFFSET_DATA = struct.Struct("!IHHQIQ")  # chunk header + 8-byte offset
-EXTENDED_OFFSET_DATA = struct.Struct("!IHHQQQQ")
-OFFSET_HOLE = struct.Struct("!QI")  # payload: offset, 32-bit hole size (also when extended)
-ERROR_HEAD = struct.Struct("!IH")
-U64 = struct.Struct("!Q")
-U32 = struct.Struct("!I")
-EXTENT = struct.Struct("!II")
-EXTENT_EXT = struct.Struct("!QQ")  # 64-bit length, 64-bit status
-BLOCK_STATUS_EXT_HEAD = struct.Struct("!II")  # context id, descriptor count
+from .wire import (
+    BLOCK_STATUS_EXT_HEAD,
+    CHUNK,
+    ERROR_HEAD,
+    EXTENDED_CHUNK,
+    EXTENDED_OFFSET_DATA,
+    EXTENT,
+    EXTENT_EXT,
+    OFFSET_DATA,
+    OFFSET_HOLE,
+    SIMPLE_REPLY,
+    U32,
+    U64,
+)
 
 # Payloads above the maximum are drained up to this size (the client gets EINVAL and stays in
 # step); beyond it the request is treated as denial of service and the connection is closed.

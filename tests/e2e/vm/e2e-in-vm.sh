@@ -56,6 +56,24 @@ step write sh -c 'mount /dev/nbd1 /mnt/t &&
     mkdir /mnt/t/dir && cp /etc/os-release /mnt/t/dir/ &&
     (cd /mnt/t && sha256sum blob small* dir/os-release > /run/sums) && sync && umount /mnt/t' \
     || finish
+# A restart with the filesystem mounted: the daemon hands the kernel client's socket to
+# systemd's fd store and the next process goes on serving it (docs/handover.md). Files written
+# before and after the restart must both be intact, and the filesystem clean (fsck below).
+step restart_mounted sh -c 'mount /dev/nbd1 /mnt/t &&
+    head -c 3M /dev/urandom > /mnt/t/before-restart && sync &&
+    pid=$(systemctl show -p MainPID --value "$0") && systemctl restart "$0" &&
+    [ "$(systemctl show -p MainPID --value "$0")" != "$pid" ] &&
+    head -c 5M /dev/urandom > /mnt/t/after-restart && sync &&
+    (cd /mnt/t && sha256sum before-restart after-restart >> /run/sums) && umount /mnt/t' "$UNIT" \
+    || finish
+# A package upgrade (the same package installed again) restarts the running export the same
+# way, from the package's postinst.
+step upgrade_mounted sh -c 'mount /dev/nbd1 /mnt/t &&
+    pid=$(systemctl show -p MainPID --value "$0") &&
+    dpkg -i /opt/xnbdd-e2e/xnbdd_*.deb >/dev/null &&
+    [ "$(systemctl show -p MainPID --value "$0")" != "$pid" ] &&
+    head -c 2M /dev/urandom > /mnt/t/after-upgrade && sync &&
+    (cd /mnt/t && sha256sum after-upgrade >> /run/sums) && umount /mnt/t' "$UNIT" || finish
 step detach nbd-client -d /dev/nbd1
 # A fresh connection (and a fresh page cache on the device) must read the same bytes back.
 sleep 0.5

@@ -81,6 +81,8 @@ def build_image(tree: Path, workdir: Path, debs: list[Path], config: dict[str, s
         guest = stage / GUEST_DIR
         guest.mkdir(parents=True)
         shutil.copy(HERE / "e2e-in-vm.sh", guest)
+        for deb in debs:  # the guest installs them again: an upgrade under a mounted client
+            shutil.copy(deb, guest)
         lines = [f"{key}={_shell_quote(value)}\n" for key, value in config.items()]
         (guest / "config").write_text("".join(lines))
         shutil.copy(HERE / TEST_UNIT, stage / "etc/systemd/system")
