@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xnbdd.config import KEYS, ConfigError, load_config, parse_size
+from xnbdd.config import KEYS, Config, ConfigError, Mode, load, load_config, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "etc" / "xnbd" / "example.conf"
 
@@ -186,9 +187,9 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
         tmp_path, "mode = target\nimage = /srv/xnbd/a.img\nlport = 10809\nreadonly = yes\n"
     )
     settings = parse(["--config", conf, "--lport", "10810"])
-    assert settings["mode"] == "target" and settings["image"] == "/srv/xnbd/a.img"
-    assert settings["readonly"] is True
-    assert settings["lport"] == 10810
+    assert settings.mode == "target" and settings.image == "/srv/xnbd/a.img"
+    assert settings.readonly is True
+    assert settings.lport == 10810
 
     proxy = write(
         tmp_path,
@@ -196,7 +197,7 @@ def test_every_key_reaches_the_command_line_parser(tmp_path: Path) -> None:
         "cache-bitmap = /srv/xnbd/c.bitmap\ncontrol-socket = /run/xnbd/p/control.sock\n",
     )
     settings = parse(["--config", proxy])
-    assert settings["image"] == "/srv/xnbd/c.img" and settings["remote_port"] == 8520
+    assert settings.image == "/srv/xnbd/c.img" and settings.remote_port == 8520
 
 
 def test_timeouts_are_positive_seconds(tmp_path: Path) -> None:
@@ -218,3 +219,21 @@ def test_sizes_take_binary_suffixes() -> None:
     for bad in ("M", "-1", "8Q", "lots"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_load_types_the_values_and_keeps_what_the_file_set(tmp_path: Path) -> None:
+    config = load(write(tmp_path, "mode = cow-target\nladdr = ::1, 127.0.0.1\nlport = 10810\n"))
+    assert config.mode is Mode.COW_TARGET and config.lport == 10810
+    assert config.laddr == ("::1", "127.0.0.1")
+    assert config.given == {"mode", "laddr", "lport"}
+    assert config.values() == {"mode": "cow_target", "laddr": ("::1", "127.0.0.1"), "lport": 10810}
+    assert config.readonly is False and config.handshake_timeout == 30.0  # defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lport = 1  # type: ignore[misc]
+
+
+def test_every_key_is_a_typed_field() -> None:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert {dest for dest, _ in KEYS.values()} <= fields
+    # Every example value lands in its field (a key without one would fail in load()).
+    assert load(str(EXAMPLE)).given <= fields

@@ -16,17 +16,37 @@ numbers are decimal or 0x-hexadecimal; paths must be absolute (a unit's working 
 image (xnbd-server's CACHE_DISK argument) is `cache-image`; `image` is accepted for it too, but
 not both.
 
-load_config() returns the values under the argparse dest names of xnbd-server, so the command
-line parser can use them as defaults (flags given on the command line win). Every error names
-the file and the key.
+load() returns a frozen Config: one typed field per key, under xnbd-server's argparse dest names,
+with the defaults xnbd-server uses; ``given`` names the keys the file set, so the command line
+parser can overlay its flags (they win) and a reload can tell what the file says from a default.
+load_config() is the parsing step alone: the given values as a dict. Every error names the file
+and the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-__all__ = ["KEYS", "ConfigError", "load_config"]
+from .proto.consts import DEFAULT_PORT
+
+__all__ = ["KEYS", "Config", "ConfigError", "Mode", "load", "load_config"]
+
+
+class Mode(StrEnum):
+    """What xnbd-server serves; the value is the argparse/configuration spelling."""
+
+    TARGET = "target"
+    COW_TARGET = "cow_target"
+    PROXY = "proxy"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.value.replace("_", "-")
 
 
 class ConfigError(Exception):
@@ -38,10 +58,10 @@ Parser = Callable[[str], object]
 _TRUE = {"yes", "true", "on", "1"}
 _FALSE = {"no", "false", "off", "0"}
 _MODES = {
-    "target": "target",
-    "cow-target": "cow_target",
-    "cow_target": "cow_target",
-    "proxy": "proxy",
+    "target": Mode.TARGET,
+    "cow-target": Mode.COW_TARGET,
+    "cow_target": Mode.COW_TARGET,
+    "proxy": Mode.PROXY,
 }
 
 
@@ -104,7 +124,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _mode(text: str) -> str:
+def _mode(text: str) -> Mode:
     try:
         return _MODES[text.lower()]
     except KeyError:
@@ -210,3 +230,64 @@ def load_config(path: str) -> dict[str, object]:
     if "image" in values and "cache_image" in values:
         raise ConfigError(f"{path}: key 'cache-image': the proxy's image is already set by 'image'")
     return values
+
+
+@dataclass(frozen=True)
+class Config:
+    """An instance configuration: every key of KEYS by its dest name, typed, with the default
+    xnbd-server uses when neither the file nor the command line sets it."""
+
+    mode: Mode | None = None
+    image: str | None = None
+    readonly: bool = False
+    lport: int = DEFAULT_PORT
+    laddr: tuple[str, ...] = ()
+    unix: str | None = None
+    exportname: str | None = None
+    description: str = ""
+    oldstyle: bool = False
+    max_queue_size: int = 0  # 0: the built-in default (budget.py)
+    max_buf_size: int = 0
+    max_clients: int = 0  # 0: no limit
+    cow_dir: str | None = None
+    logpath: str | None = None
+    syslog: bool = False
+    remote_host: str | None = None
+    # a port number from the file; REMOTE_PORT from the command line stays text (a unix origin
+    # ignores it, remote.py)
+    remote_port: int | str | None = None
+    cache_image: str | None = None
+    cache_bitmap: str | None = None
+    control_socket: str | None = None
+    target_exportname: str | None = None
+    clear_bitmap: bool = False
+    remote_timeout: float = 30.0
+    handshake_timeout: float = 30.0
+    handoff_socket: str | None = None
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_psk: str | None = None
+    remote_tls: bool = False
+    remote_tls_ca: str | None = None
+    remote_tls_cert: str | None = None
+    remote_tls_key: str | None = None
+    given: frozenset[str] = frozenset()  # dest names the file set
+
+    @classmethod
+    def from_values(cls, values: dict[str, object]) -> Config:
+        """A Config from load_config()'s dict (dest name -> parsed value)."""
+        fields: dict[str, Any] = dict(values)
+        laddr = fields.get("laddr")
+        if isinstance(laddr, list):
+            fields["laddr"] = tuple(laddr)
+        return dataclasses.replace(cls(), given=frozenset(values), **fields)
+
+    def values(self) -> dict[str, object]:
+        """What the file set, by dest name (as load_config() returns it)."""
+        return {key: getattr(self, key) for key in sorted(self.given)}
+
+
+def load(path: str) -> Config:
+    """The file at path as a Config; raises ConfigError for anything it cannot use."""
+    return Config.from_values(load_config(path))

@@ -4,7 +4,6 @@ routes signals to operations. The only module that sees the whole tree."""
 
 from __future__ import annotations
 
-import errno as errno_mod
 import logging
 import os
 import signal
@@ -13,7 +12,6 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -21,30 +19,25 @@ from . import logs
 from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
-from .backends.proxy import ProxyBackend, open_proxy_backend
+from .backends.proxy import open_proxy_backend
 from .budget import Limits
-from .config import ConfigError, load_config
+from .config import Mode
 from .connection import Connection, ServerState
-from .control.handlers import ProgressSink, Restarting
 from .control.server import serve_control
 from .export import Export
 from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
-from .listeners import describe, peer_name, to_trio_listener, to_trio_stream
-from .proto.handshake import TLSPolicy
+from .listeners import PatientListener, describe, peer_name, to_trio_stream
+from .operations import Operations
 from .proto.messages import Negotiated, transmission_flags
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .signals import sigterm_came_early
-from .snapshot import take_snapshot
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 
 log = logging.getLogger("xnbdd")
 
-ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
 REFUSING_MAX = 64  # clients past --max-clients being told so at once; more are just closed
-STATUS_INTERVAL = 2.0  # proxy mode: how often STATUS= follows the cached percentage
-SWITCH_BLOCKS_PER_REQUEST = 256  # SIGUSR2 on an incomplete cache fetches the rest like this
 CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the local cache
 
 
@@ -52,7 +45,7 @@ CACHED_CONTEXT = "x-xnbd:cached"  # block status: flag 1 = the block is in the l
 class ServerOptions:
     """Everything the daemon needs, already validated by the command line."""
 
-    mode: str  # "target" | "cow_target" | "proxy"
+    mode: Mode
     image: str
     readonly: bool = False
     exportname: str | None = None
@@ -114,7 +107,7 @@ def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileB
     """The image (and a cow overlay: the one kept for ``handover``'s clients if there is one;
     clients whose overlay was not kept are closed, their writes would be lost)."""
     kept = handover.take_file(OVERLAY_KEY) if handover is not None else None
-    if opts.mode == "cow_target" and not opts.readonly and kept is not None:
+    if opts.mode is Mode.COW_TARGET and not opts.readonly and kept is not None:
         try:
             return CowBackend.adopt(opts.image, kept.fd, str(kept.info.get("path", "")))
         except (OSError, ValueError) as err:
@@ -123,12 +116,12 @@ def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileB
             handover.drop_clients(f"the overlay they wrote to was not kept ({err})")
     elif kept is not None:
         os.close(kept.fd)
-    if handover is not None and handover.clients and opts.mode == "cow_target" and kept is None:
+    if handover is not None and handover.clients and opts.mode is Mode.COW_TARGET and kept is None:
         handover.drop_clients("the overlay they wrote to was not kept")
-    if opts.mode == "target" or (opts.mode == "cow_target" and opts.readonly):
+    if opts.mode is Mode.TARGET or (opts.mode is Mode.COW_TARGET and opts.readonly):
         # A read-only cow-target never writes, so it needs no overlay.
         return FileBackend.open(opts.image, readonly=opts.readonly)
-    if opts.mode == "cow_target":
+    if opts.mode is Mode.COW_TARGET:
         return CowBackend.open(opts.image, cow_dir=opts.cow_dir)
     raise ValueError(f"{opts.mode} is not a file-backed mode")  # proxy: Daemon._open_backend
 
@@ -147,40 +140,37 @@ class Daemon:
         self.state.changed = self._update_status
         self.notifier = Notifier()
         self.fdstore = FdStore.from_environment()
-        self.export: Export | None = None
+        self.ops = Operations(opts, self.state, self.notifier, self._update_status)
         self._stop_accepting = trio.CancelScope()
-        self._operation = ""  # a snapshot or switch in progress, shown in STATUS
         self._nursery: trio.Nursery | None = None
-        self.mode = opts.mode  # becomes "target" after a proxy switches
-        self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
-        self._cache_alls: set[trio.CancelScope] = set()  # cut by a handover (docs/handover.md)
 
     # -- life cycle -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         async with AsyncExitStack() as stack:
+            ops = self.ops
             backend = await self._open_backend(stack)
             name = self.opts.exportname or ""
-            export = self.export = Export(
+            export = ops.export = Export(
                 name, backend, description=self.opts.description, readonly=self.opts.readonly
             )
-            if self.proxy is not None:
-                export.extra_contexts[CACHED_CONTEXT] = self._cached_extents
+            if ops.proxy is not None:
+                export.extra_contexts[CACHED_CONTEXT] = ops.cached_extents
             catalog = SingleExportCatalog(export, strict_name=self.opts.exportname is not None)
             logs.set_context(
-                XNBD_EXPORT=name or os.path.basename(self.opts.image), XNBD_MODE=self.mode
+                XNBD_EXPORT=name or os.path.basename(self.opts.image), XNBD_MODE=ops.mode
             )
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._watchdog)
-                    if self.proxy is not None:
-                        nursery.start_soon(self._status_loop)
+                    if ops.proxy is not None:
+                        nursery.start_soon(ops.status_loop)
                     control = self.sources.control
                     if self.opts.control_socket or control is not None:
                         await nursery.start(
-                            partial(serve_control, self.opts.control_socket, self, sock=control)
+                            partial(serve_control, self.opts.control_socket, ops, sock=control)
                         )
                     await self._serve(catalog)
                     nursery.cancel_scope.cancel()
@@ -192,12 +182,12 @@ class Daemon:
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
-        if opts.mode != "proxy":
+        if opts.mode is not Mode.PROXY:
             return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(
             opts.remote_host, opts.remote_port, opts.target_exportname, tls=opts.remote_tls
         )
-        self.proxy = await stack.enter_async_context(
+        proxy = self.ops.proxy = await stack.enter_async_context(
             open_proxy_backend(
                 remote,
                 opts.image,
@@ -207,7 +197,7 @@ class Daemon:
                 timeout=opts.remote_timeout,
             )
         )
-        status = self.proxy.status()
+        status = proxy.status()
         log.info(
             "proxy of %s: %d of %d blocks cached in %s",
             status.remote,
@@ -215,7 +205,7 @@ class Daemon:
             status.total_blocks,
             opts.image,
         )
-        return self.proxy
+        return proxy
 
     async def _serve(self, catalog: SingleExportCatalog) -> None:
         src = self.sources
@@ -236,11 +226,19 @@ class Daemon:
                 self._ready("serving one connection")
                 await self._client(stream, catalog, None)
                 return
-            listeners = [to_trio_listener(sock) for sock in src.listeners]
+            listeners = [PatientListener(sock) for sock in src.listeners]
+
+            async def new_client(stream: trio.SocketStream) -> None:
+                await self._client(stream, catalog, None, b"", self.fdstore.keeper())
+
             with self._stop_accepting:
                 async with trio.open_nursery() as acceptors:
-                    for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, catalog, connections)
+                    if listeners:
+                        acceptors.start_soon(
+                            partial(trio.serve_listeners, handler_nursery=connections),
+                            new_client,
+                            listeners,
+                        )
                     if src.handoff is not None:
                         acceptors.start_soon(self._handoff_loop, src.handoff, catalog, connections)
                     where = ", ".join(
@@ -291,19 +289,7 @@ class Daemon:
     def _ready(self, what: str) -> None:
         self.notifier.ready()
         self._update_status()
-        log.info("ready: %s %s, %s", self.mode, self.opts.image, what)
-
-    async def _accept_loop(
-        self, listener: trio.SocketListener, catalog: SingleExportCatalog, nursery: trio.Nursery
-    ) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as err:
-                log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
-                await trio.sleep(ACCEPT_ERROR_PAUSE)
-                continue
-            nursery.start_soon(self._client, stream, catalog, None, b"", self.fdstore.keeper())
+        log.info("ready: %s %s, %s", self.ops.mode, self.opts.image, what)
 
     async def _handoff_loop(
         self, sock: socket.socket, catalog: SingleExportCatalog, nursery: trio.Nursery
@@ -392,233 +378,10 @@ class Daemon:
         self.state.stopping.set()
         self._stop_accepting.cancel()
         if self.state.handover:
-            for scope in self._cache_alls:  # its client is told to come back (control socket)
-                scope.cancel()
+            self.ops.cut_cache_alls()
 
     def _update_status(self) -> None:
-        clients = self.state.clients
-        noun = "client" if clients == 1 else "clients"
-        text = f"{self.mode} {self.opts.image}: {clients} {noun}"
-        if self.state.tls.policy is not TLSPolicy.OFF:
-            text += f" ({self.state.tls_clients} over TLS, TLS {self.state.tls.policy.value})"
-        if self.proxy is not None:
-            status = self.proxy.status()
-            percent = 100.0 * status.cached_blocks / max(status.total_blocks, 1)
-            text += f", {percent:.1f}% cached from {status.remote} ({status.remote_state})"
-        if self._operation:
-            text += f", {self._operation}"
-        self.notifier.status(text)
-
-    async def _status_loop(self) -> None:
-        while self.proxy is not None:
-            await trio.sleep(STATUS_INTERVAL)
-            self._update_status()
-
-    # -- operations (signals and, later, the control socket) ------------------------------------
-
-    async def snapshot(self) -> str:
-        """Copy the image as clients see it to ``<image>.snapshot.<epoch>``; returns the path."""
-        export = self.export
-        if export is None or not isinstance(export.backend, (FileBackend, CowBackend)):
-            raise OSError(errno_mod.ENOTSUP, f"snapshot is not available in {self.mode} mode")
-        if self._operation:
-            raise OSError(errno_mod.EBUSY, f"refused: {self._operation}")
-        self._operation = "snapshot in progress"
-        self._update_status()
-        try:
-            # Paused: writes answered before this point are in the copy, later ones are not.
-            async with export.paused():
-                result = await take_snapshot(self.opts.image, source=export.backend)
-        finally:
-            self._operation = ""
-            self._update_status()
-        log.info(
-            "snapshot %s: %d bytes by %s in %.3f s",
-            result.path,
-            result.size,
-            result.method,
-            result.seconds,
-        )
-        return result.path
-
-    async def _snapshot_logged(self) -> None:
-        try:
-            await self.snapshot()
-        except OSError as err:
-            log.error(
-                "snapshot failed: %s", err.strerror or err, extra={"XNBD_ERRNO": str(err.errno)}
-            )
-
-    # -- proxy operations (ControlTarget for the control socket, and SIGUSR2) ----------------
-
-    def query(self) -> dict[str, Any]:
-        limits = self.state.limits
-        result: dict[str, Any] = {
-            "mode": self.mode,
-            "pid": os.getpid(),
-            "image": self.opts.image,
-            "size": self.export.size if self.export is not None else 0,
-            "clients": self.state.clients,
-            "tls": self.state.tls.policy.value,
-            "tls_clients": self.state.tls_clients,
-            "connections": [c.describe() for c in self.state.connections],
-            "operation": self._operation,
-            "queue_used": self.state.budget.requests,
-            "queue_limit": limits.max_requests,
-            "buffer_used": self.state.budget.used,
-            "buffer_limit": limits.max_bytes,
-        }
-        if self.proxy is not None:
-            result.update(self.proxy.status().as_dict())
-        return result
-
-    def _require_proxy(self, what: str) -> ProxyBackend:
-        if self.proxy is None:
-            raise RuntimeError(f"{what} needs proxy mode (this server is in {self.mode} mode)")
-        return self.proxy
-
-    async def cache_all(self, blocks_per_request: int, progress: ProgressSink) -> None:
-        proxy = self._require_proxy("cache-all")
-        restarting = "the server is restarting; cache-all goes on in the next process"
-        if self.state.handover:  # asked again of this process while it hands over
-            raise Restarting(restarting)
-        log.info("cache-all started, %d blocks per request", blocks_per_request)
-        with trio.CancelScope() as scope:
-            self._cache_alls.add(scope)
-            try:
-                await proxy.cache_all(blocks_per_request, progress)
-            finally:
-                self._cache_alls.discard(scope)
-        if scope.cancelled_caught:
-            raise Restarting(restarting)
-        log.info("cache-all complete: every block is cached")
-        self._update_status()
-
-    async def reconnect(self, host: str, port: str, exportname: str | None) -> None:
-        proxy = self._require_proxy("reconnect")
-        # The new origin is reached as the old one was: with TLS when --remote-tls is set.
-        await proxy.reconnect(RemoteAddress(host, port, exportname, tls=self.opts.remote_tls))
-        log.info("reconnected to %s", proxy.status().remote)
-        self._update_status()
-
-    async def switch(self, force: bool) -> str:
-        """Proxy -> target in place: drain, detach the origin, serve the cache image. Clients
-        keep their connections; returns once target mode serves (docs/decisions.md D26)."""
-        proxy = self._require_proxy("switch")
-        if self._operation:
-            raise RuntimeError(f"refused: {self._operation}")
-        missing = proxy.nblocks - proxy.cached_blocks()
-        if missing and not force:
-            raise RuntimeError(
-                f"{missing} blocks are not cached yet; run cache-all first, or force the switch "
-                "(uncached blocks would then read as zeros)"
-            )
-        assert self.export is not None
-        self._operation = "switching to target mode"
-        self._update_status()
-        try:
-            await self.export.replace_backend(proxy.switch_to_target)
-        finally:
-            self._operation = ""
-        self.proxy = None
-        self.mode = "target"
-        logs.set_context(XNBD_MODE=self.mode)
-        if missing:
-            message = (
-                f"switched to target mode by force: {missing} uncached blocks "
-                f"read as zeros from now on"
-            )
-            log.warning("%s", message)
-        else:
-            message = f"switched to target mode: serving {self.opts.image} without the origin"
-            log.info("%s", message)
-        self._update_status()
-        return message
-
-    async def _switch_when_complete(self) -> None:
-        """SIGUSR2: switch now if the cache is complete, else cache the rest first. A signal
-        never makes a client read a block the origin did not give (unlike the original)."""
-        proxy = self.proxy
-        if proxy is None:
-            log.info("SIGUSR2: nothing to switch in %s mode", self.mode)
-            return
-        try:
-            missing = proxy.nblocks - proxy.cached_blocks()
-            if missing:
-                log.info("SIGUSR2: %d blocks not cached yet; caching them, then switching", missing)
-                self._operation = "caching the rest before switching"
-                self._update_status()
-                try:
-                    await proxy.cache_all(SWITCH_BLOCKS_PER_REQUEST, lambda _c, _t: None)
-                finally:
-                    self._operation = ""
-            await self.switch(force=False)
-        except (OSError, RuntimeError, ValueError) as err:
-            log.error("SIGUSR2: switch failed: %s", err)
-
-    async def _cached_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        proxy = self.proxy
-        if proxy is None:
-            return [(length, 1)]  # after the switch everything is local
-        return [(run, 1 if cached else 0) for run, cached in proxy.cached_extents(offset, length)]
-
-    def reload(self) -> None:
-        """SIGHUP: reopen the log file and apply what can change while serving from the
-        configuration file; other changed keys wait for a restart, which the log says."""
-        self.notifier.reloading()
-        logs.reopen()
-        if self.opts.config:
-            try:
-                values = load_config(self.opts.config)
-            except ConfigError as err:
-                log.error("reload failed, settings unchanged: %s", err)
-            else:
-                self._apply_config(values)
-        log.info("reloaded")
-        self.notifier.ready()
-
-    def _apply_config(self, values: dict[str, object]) -> None:
-        limits = self.state.limits
-        tls_keys = self._tls_keys()
-        for key, value in values.items():
-            if key in self.opts.command_line_keys:
-                continue  # the command line wins, as at start
-            if key == "description" and self.export is not None:
-                self.export.description = self.opts.description = str(value)
-            elif key == "max_queue_size" and isinstance(value, int):
-                limits.max_requests = value or Limits.max_requests
-            elif key == "max_buf_size" and isinstance(value, int):
-                limits.max_bytes = value or Limits.max_bytes
-            elif key == "handshake_timeout" and isinstance(value, float):
-                limits.handshake_timeout = value
-            elif key in tls_keys:
-                if tls_keys[key] != value:
-                    self._restart_needed(key)
-            elif key == "max_clients" and isinstance(value, int):
-                self.opts.max_clients = value  # connected clients stay; new ones see it
-            elif getattr(self.opts, key, value) != value:
-                self._restart_needed(key)
-
-    def _tls_keys(self) -> dict[str, object]:
-        """The TLS settings in the configuration's terms (they change only at a restart)."""
-        tls, remote = self.opts.tls, self.opts.remote_tls
-        return {
-            "tls": tls.mode.value,
-            "tls_certificates": tls.certificates or None,
-            "tls_verify_peer": tls.verify_peer,
-            "tls_psk": tls.psk_file or None,
-            "remote_tls": remote is not None,
-            "remote_tls_ca": (remote.ca or None) if remote else None,
-            "remote_tls_cert": (remote.cert or None) if remote else None,
-            "remote_tls_key": (remote.key or None) if remote else None,
-        }
-
-    def _restart_needed(self, key: str) -> None:
-        log.warning(
-            "reload: %s changed in %s; it takes effect at the next restart",
-            key.replace("_", "-"),
-            self.opts.config,
-        )
+        self.notifier.status(self.ops.status_text())
 
     # -- signals and watchdog -------------------------------------------------------------------
 
@@ -631,11 +394,11 @@ class Daemon:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     self.stop()
                 elif signum == signal.SIGHUP:
-                    self.reload()
+                    self.ops.reload()
                 elif signum == signal.SIGUSR1 and self._nursery is not None:
-                    self._nursery.start_soon(self._snapshot_logged)
+                    self._nursery.start_soon(self.ops.snapshot_logged)
                 elif signum == signal.SIGUSR2 and self._nursery is not None:
-                    self._nursery.start_soon(self._switch_when_complete)
+                    self._nursery.start_soon(self.ops.switch_when_complete)
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()

@@ -30,16 +30,16 @@ from __future__ import annotations
 import array
 import base64
 import contextlib
-import json
 import logging
 import os
 import socket
-import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
 
+from . import jsonline
+from .listeners import peer_allowed
 from .proto.consts import TxFlag
 from .proto.messages import ExportInfo, Negotiated, transmission_flags
 
@@ -57,13 +57,12 @@ __all__ = [
 log = logging.getLogger("xnbdd")
 
 VERSION = 1
-MAX_LINE = 64 * 1024
+MAX_LINE = jsonline.MAX_LINE
 EXCHANGE_TIMEOUT = 5.0  # a local peer that stalls longer is broken; the next one gets its turn
 FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
-PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class HandoffError(Exception):
+class HandoffError(jsonline.LineError):
     """The hand-off did not happen; the client socket still belongs to the sender."""
 
 
@@ -133,20 +132,11 @@ def negotiated_from(info: ExportInfo, message: dict[str, Any]) -> tuple[Negotiat
 
 
 def _encode(message: dict[str, Any]) -> bytes:
-    line = json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n"
-    if len(line) > MAX_LINE:
-        raise HandoffError("hand-off message too long")
-    return line
+    return jsonline.encode(message, HandoffError)
 
 
 def _decode(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HandoffError(f"not a JSON line: {err}") from None
-    if not isinstance(message, dict):
-        raise HandoffError("not a JSON object")
-    return message
+    return jsonline.decode(line, HandoffError)
 
 
 # -- the wrapper's side (blocking; run it in a thread from async code) ----------------------------
@@ -200,12 +190,6 @@ def query_export(path: str, timeout: float = EXCHANGE_TIMEOUT) -> dict[str, Any]
 
 
 # -- the server's side --------------------------------------------------------------------------
-
-
-def _peer_allowed(sock: trio.socket.SocketType) -> bool:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
-    _pid, uid, _gid = PEERCRED.unpack(raw)
-    return uid in (0, os.geteuid())
 
 
 async def _read_request(conn: trio.socket.SocketType) -> tuple[dict[str, Any], list[int]]:
@@ -276,7 +260,7 @@ async def _exchange_with_wrapper(
     if describe is not None:
         answer["export"] = describe()
     try:
-        if not _peer_allowed(conn):
+        if not peer_allowed(conn):
             await _answer(conn, {"ok": False, "error": "permission denied"})
             return None, {}
         message, fds = await _read_request(conn)

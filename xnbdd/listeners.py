@@ -1,16 +1,28 @@
-"""Listening sockets: bound here synchronously (so start-up errors surface before the event loop
-and before ``--daemonize`` detaches), or inherited from systemd, then handed to trio."""
+"""Sockets: listening ones bound here synchronously (so start-up errors surface before the event
+loop and before ``--daemonize`` detaches) or inherited from systemd, then handed to trio; who is
+at the other end of a connection (its name, its credentials); how a stream says its peer left."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import stat
+import struct
 
 import trio
 
+log = logging.getLogger("xnbdd")
+
 BACKLOG = socket.SOMAXCONN
+ACCEPT_ERROR_PAUSE = 0.1  # out of fds and the like: pause accepting rather than spin
+PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+# A stream whose peer went away (or that we closed) raises one of these.
+STREAM_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+# ... and one on a socket can fail with an OSError besides.
+STREAM_ERRORS = (OSError, *STREAM_GONE)
 
 
 def bind_tcp(addresses: list[str], port: int) -> list[socket.socket]:
@@ -101,8 +113,40 @@ def peer_name(stream: trio.abc.Stream) -> str:
     return "unix"
 
 
+def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
+    """The user id of the process at the other end of a unix socket (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+    _pid, uid, _gid = PEERCRED.unpack(raw)
+    return int(uid)
+
+
+def peer_allowed(sock: socket.socket | trio.socket.SocketType) -> bool:
+    """Local control and hand-off sockets serve root and this process's own user only."""
+    return peer_uid(sock) in (0, os.geteuid())
+
+
 def to_trio_listener(sock: socket.socket) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+class PatientListener(trio.abc.Listener[trio.SocketStream]):
+    """A listening socket for ``trio.serve_listeners`` whose accept outlasts every error: it is
+    logged and accepting pauses (out of fds and the like), where serve_listeners would stop the
+    server for any error but the four it retries."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._listener = to_trio_listener(sock)
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                return await self._listener.accept()
+            except OSError as err:
+                log.warning("accept failed: %s", err, extra={"XNBD_ERRNO": str(err.errno)})
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
 
 
 def to_trio_stream(sock: socket.socket) -> trio.SocketStream:

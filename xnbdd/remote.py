@@ -29,6 +29,7 @@ from enum import Enum
 
 import trio
 
+from .listeners import STREAM_ERRORS, STREAM_GONE
 from .proto.client import (
     ClientHandshake,
     ClientTransmission,
@@ -44,7 +45,6 @@ from .tls import ClientTLSOptions, client_context
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024
-_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
@@ -159,7 +159,7 @@ class _Connection:
                 self._dispatch(self.tx.receive_data(data))
         except NBDError as exc:
             self.kill(f"protocol error from origin: {exc}")
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except STREAM_ERRORS as exc:
             self.kill(f"receive failed: {exc!r}")
 
     def _dispatch(self, events: list[ReplyEvent]) -> None:
@@ -205,7 +205,7 @@ class _Connection:
             with trio.move_on_after(self.timeout) as scope:
                 try:
                     await self.stream.send_all(wire)
-                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                except STREAM_ERRORS as exc:
                     self.kill(f"send failed: {exc!r}")
                     raise _ConnectionLost from exc
             if scope.cancelled_caught:
@@ -219,9 +219,7 @@ class _Connection:
         self._disconnecting = True
         with trio.move_on_after(1.0):
             async with self.send_lock:
-                with suppress(
-                    OSError, trio.BrokenResourceError, trio.ClosedResourceError, NBDError
-                ):
+                with suppress(*STREAM_ERRORS, NBDError):
                     await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
         self.kill("disconnected", expected=True)
 
@@ -229,7 +227,7 @@ class _Connection:
 async def _close_quietly(stream: trio.abc.Stream) -> None:
     # A TLS stream sends close_notify first, which a stuck origin may never take: bounded (a
     # cancelled close still closes the socket).
-    with suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+    with suppress(*STREAM_ERRORS):
         with trio.move_on_after(CLOSE_TIMEOUT):
             await stream.aclose()
 
@@ -299,7 +297,7 @@ async def open_connection(
                 await _close_quietly(stream)
             if isinstance(exc, NBDError):
                 raise OSError(errno.EPROTO, f"{address.describe()}: {exc}") from exc
-            if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+            if isinstance(exc, STREAM_GONE):
                 raise OSError(errno.ECONNRESET, f"{address.describe()}: {exc!r}") from exc
             raise
     assert scope.cancelled_caught

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xnbdd.cli.server import make_options, parse
+from xnbdd.cli.server import Settings, make_options, parse
 from xnbdd.config import ConfigError
 from xnbdd.wrapper.registry import ExportEntry
 from xnbdd.wrapper.supervisor import ServerSettings, server_args
@@ -106,12 +106,12 @@ SETTINGS = ServerSettings(
 NOT_COMPARED = ("config", "command_line_keys")  # where the settings came from
 
 
-def server_view(settings: dict[str, object]) -> dict[str, object]:
+def server_view(settings: Settings) -> dict[str, object]:
     """The options xnbd-server runs with, plus where it takes its clients from."""
     options = asdict(make_options(settings))
     for key in NOT_COMPARED:
         options.pop(key)
-    options["handoff_socket"] = settings.get("handoff_socket")
+    options["handoff_socket"] = settings.handoff_socket
     return options
 
 

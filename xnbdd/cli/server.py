@@ -7,15 +7,18 @@ stderr, never a traceback), 2 for usage errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from .. import __version__, logs
 from ..allocator import limit_arenas
-from ..config import ConfigError, load_config, parse_size
+from ..config import Config, ConfigError, Mode, load, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..fdstore import take_stored
 from ..listeners import bind_tcp, bind_unix
@@ -41,30 +44,23 @@ USAGE = f"""\
        {PROG} --proxy      [options] REMOTE_HOST REMOTE_PORT CACHE_IMAGE CACHE_BITMAP CONTROL_SOCKET
        {PROG} --help | --version"""
 POSITIONALS = {
-    "target": ["image"],
-    "cow_target": ["image"],
-    "proxy": ["remote_host", "remote_port", "image", "cache_bitmap", "control_socket"],
+    Mode.TARGET: ["image"],
+    Mode.COW_TARGET: ["image"],
+    Mode.PROXY: ["remote_host", "remote_port", "image", "cache_bitmap", "control_socket"],
 }
-# Defaults applied after the configuration file, so that "not given" can be told from "default".
-DEFAULTS: dict[str, object] = {
-    "lport": DEFAULT_PORT,
-    "laddr": [],
-    "readonly": False,
-    "oldstyle": False,
-    "syslog": False,
-    "daemonize": False,
-    "clear_bitmap": False,
-    "max_queue_size": 0,
-    "max_buf_size": 0,
-    "max_clients": 0,
-    "handshake_timeout": 30.0,
-    "remote_timeout": 30.0,
-    "description": "",
-    "verbose": False,
-    "tls": "off",
-    "tls_verify_peer": False,
-    "remote_tls": False,
-}
+
+
+@dataclass(frozen=True)
+class Settings(Config):
+    """The configuration file's values overlaid by the command line, plus what only the command
+    line sets."""
+
+    inetd: bool = False
+    connected_fd: int | None = None
+    daemonize: bool = False
+    verbose: bool = False
+    config: str | None = None  # the configuration file, absolute: SIGHUP reads it again
+    command_line_keys: frozenset[str] = frozenset()  # these keep their values at a reload
 
 
 def number(text: str) -> int:
@@ -106,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         dest="mode",
         action="store_const",
-        const="target",
+        const=Mode.TARGET,
         help="serve IMAGE (a file or a block device)",
     )
     modes.add_argument(
@@ -114,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cow-target",
         dest="mode",
         action="store_const",
-        const="cow_target",
+        const=Mode.COW_TARGET,
         help="serve BASE_IMAGE; writes go to a temporary overlay",
     )
     modes.add_argument(
@@ -122,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy",
         dest="mode",
         action="store_const",
-        const="proxy",
+        const=Mode.PROXY,
         help="serve a remote NBD export, caching blocks in CACHE_IMAGE",
     )
     p.add_argument("args", nargs="*", metavar="ARG", help=argparse.SUPPRESS)
@@ -280,130 +276,131 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str]) -> dict[str, object]:
-    """Command line + configuration file -> one settings dict (raises UsageError/ConfigError)."""
-    ns = vars(build_parser().parse_args(argv))
+def parse(argv: list[str]) -> Settings:
+    """Command line over configuration file -> Settings (raises UsageError/ConfigError)."""
+    ns: dict[str, Any] = vars(build_parser().parse_args(argv))
     config_path = ns.pop("config", None)
-    settings: dict[str, object] = {}
-    if isinstance(config_path, str):
-        settings.update(load_config(config_path))
-        settings["config"] = os.path.abspath(config_path)
-    settings["command_line_keys"] = frozenset(ns)
+    base = load(config_path) if isinstance(config_path, str) else Config()
+    command_line_keys = frozenset(ns)
     args = ns.pop("args", [])
-    mode = ns.get("mode", settings.get("mode"))
+    mode: Mode | None = ns.pop("mode", base.mode)
     if mode is None:
         raise UsageError("choose a mode: --target, --cow-target or --proxy")
-    settings.update(ns)
-    settings["mode"] = mode
-    if mode == "proxy" and "cache_image" in settings:
-        settings.setdefault("image", settings.pop("cache_image"))  # config key cache-image
-    names = POSITIONALS[str(mode)]
+    if "laddr" in ns:
+        ns["laddr"] = tuple(ns["laddr"])
+    if mode is Mode.PROXY and base.cache_image:  # config key cache-image
+        ns.update(image=base.image or base.cache_image, cache_image=None)
+    names = POSITIONALS[mode]
     if args:
         if len(args) != len(names):
-            flag = "--" + str(mode).replace("_", "-")
             want = " ".join(n.upper() for n in names)
-            raise UsageError(f"{flag} takes {want} ({len(args)} argument(s) given)")
-        settings.update(zip(names, args, strict=True))
-    missing = [n for n in names if not settings.get(n)]
+            raise UsageError(f"{mode.flag} takes {want} ({len(args)} argument(s) given)")
+        ns.update(zip(names, args, strict=True))
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(Config)}
+    values.update(
+        ns,
+        mode=mode,
+        config=os.path.abspath(config_path) if isinstance(config_path, str) else None,
+        command_line_keys=command_line_keys,
+    )
+    settings = Settings(**values)
+    missing = [n for n in names if not getattr(settings, n)]
     if missing:
         raise UsageError(f"missing {' '.join(m.upper() for m in missing)}")
-    for key, value in DEFAULTS.items():
-        settings.setdefault(key, value)
-    if settings.get("inetd") and settings.get("connected_fd") is not None:
+    if settings.inetd and settings.connected_fd is not None:
         raise UsageError("--inetd and --connected-fd exclude each other")
-    if settings.get("inetd") and settings.get("daemonize"):
+    if settings.inetd and settings.daemonize:
         raise UsageError("--inetd and --daemonize exclude each other")
     check_tls(settings)
     return settings
 
 
-def check_tls(settings: dict[str, object]) -> None:
+def check_tls(settings: Settings) -> None:
     """The combinations TLS cannot be part of (docs/tls.md)."""
-    tls_keys = ("tls_certificates", "tls_psk", "tls_verify_peer")
-    if settings["tls"] == "off" and any(settings.get(key) for key in tls_keys):
-        raise UsageError("--tls-certificates/-psk/-verify-peer need --tls on or require")
-    if settings.get("tls_psk") and (
-        settings.get("tls_certificates") or settings.get("tls_verify_peer")
+    if settings.tls == "off" and (
+        settings.tls_certificates or settings.tls_psk or settings.tls_verify_peer
     ):
+        raise UsageError("--tls-certificates/-psk/-verify-peer need --tls on or require")
+    if settings.tls_psk and (settings.tls_certificates or settings.tls_verify_peer):
         raise UsageError("--tls-psk excludes --tls-certificates and --tls-verify-peer")
-    if settings["tls"] != "off":
-        if settings.get("oldstyle"):
+    if settings.tls != "off":
+        if settings.oldstyle:
             raise UsageError("--tls: the oldstyle handshake has no STARTTLS")
-        if settings.get("connected_fd") is not None:
+        if settings.connected_fd is not None:
             raise UsageError("--tls: a --connected-fd client has negotiated already, in the clear")
-        if settings.get("handoff_socket"):
+        if settings.handoff_socket:
             raise UsageError(
                 "--tls: clients handed over by xnbd-wrapper negotiated in the clear "
                 "(xnbd-wrapper does not offer TLS; see docs/wrapper.md)"
             )
-    remote_keys = ("remote_tls_ca", "remote_tls_cert", "remote_tls_key")
-    if not settings["remote_tls"] and any(settings.get(key) for key in remote_keys):
+    if not settings.remote_tls and (
+        settings.remote_tls_ca or settings.remote_tls_cert or settings.remote_tls_key
+    ):
         raise UsageError("--remote-tls-ca/-cert/-key need --remote-tls")
-    if settings["remote_tls"] and settings["mode"] != "proxy":
+    if settings.remote_tls and settings.mode is not Mode.PROXY:
         raise UsageError("--remote-tls is for --proxy mode")
 
 
-def tls_options(settings: dict[str, object]) -> ServerTLSOptions:
-    policy = TLSPolicy(str(settings["tls"]))
-    certificates = str(settings.get("tls_certificates") or "")
-    psk = str(settings.get("tls_psk") or "")
-    if policy is not TLSPolicy.OFF and not certificates and not psk:
+def absolute(path: str | None) -> str:
+    """An absolute path ("" for none): it survives --daemonize (docs/decisions.md D24)."""
+    return os.path.abspath(path) if path else ""
+
+
+def tls_options(settings: Settings) -> ServerTLSOptions:
+    policy = TLSPolicy(settings.tls)
+    certificates = settings.tls_certificates or ""
+    if policy is not TLSPolicy.OFF and not certificates and not settings.tls_psk:
         # LoadCredential= puts the files there for a sandboxed unit (units/, docs/tls.md).
         certificates = os.environ.get("CREDENTIALS_DIRECTORY", "")
     return ServerTLSOptions(
         mode=policy,
-        certificates=os.path.abspath(certificates) if certificates else "",
-        verify_peer=bool(settings["tls_verify_peer"]),
-        psk_file=os.path.abspath(psk) if psk else "",
+        certificates=absolute(certificates),
+        verify_peer=settings.tls_verify_peer,
+        psk_file=absolute(settings.tls_psk),
     )
 
 
-def remote_tls_options(settings: dict[str, object]) -> ClientTLSOptions | None:
-    if not settings["remote_tls"]:
+def remote_tls_options(settings: Settings) -> ClientTLSOptions | None:
+    if not settings.remote_tls:
         return None
-
-    def path(key: str) -> str:
-        value = settings.get(key)
-        return os.path.abspath(str(value)) if value else ""
-
     return ClientTLSOptions(
-        ca=path("remote_tls_ca"), cert=path("remote_tls_cert"), key=path("remote_tls_key")
+        ca=absolute(settings.remote_tls_ca),
+        cert=absolute(settings.remote_tls_cert),
+        key=absolute(settings.remote_tls_key),
     )
 
 
-def make_options(settings: dict[str, object]) -> ServerOptions:
-    def path(key: str) -> str:
-        return os.path.abspath(str(settings[key]))  # survives --daemonize: docs/decisions.md D24
-
+def make_options(settings: Settings) -> ServerOptions:
+    assert settings.mode is not None and settings.image  # parse() checked both
     return ServerOptions(
-        mode=str(settings["mode"]),
-        image=path("image"),
-        readonly=bool(settings["readonly"]),
-        exportname=settings.get("exportname"),  # type: ignore[arg-type]
-        description=str(settings["description"]),
-        oldstyle=bool(settings["oldstyle"]),
-        max_queue_size=int(settings["max_queue_size"]),  # type: ignore[call-overload]
-        max_clients=int(settings["max_clients"]),  # type: ignore[call-overload]
-        max_buf_size=int(settings["max_buf_size"]),  # type: ignore[call-overload]
-        handshake_timeout=float(settings["handshake_timeout"]),  # type: ignore[arg-type]
-        cow_dir=os.path.abspath(str(settings["cow_dir"])) if settings.get("cow_dir") else None,
-        remote_host=str(settings.get("remote_host", "")),
-        remote_port=str(settings.get("remote_port", "")),
-        cache_bitmap=path("cache_bitmap") if settings.get("cache_bitmap") else "",
-        control_socket=path("control_socket") if settings.get("control_socket") else "",
-        target_exportname=settings.get("target_exportname"),  # type: ignore[arg-type]
-        clear_bitmap=bool(settings["clear_bitmap"]),
-        remote_timeout=float(settings["remote_timeout"]),  # type: ignore[arg-type]
+        mode=settings.mode,
+        image=absolute(settings.image),
+        readonly=settings.readonly,
+        exportname=settings.exportname,
+        description=settings.description,
+        oldstyle=settings.oldstyle,
+        max_queue_size=settings.max_queue_size,
+        max_clients=settings.max_clients,
+        max_buf_size=settings.max_buf_size,
+        handshake_timeout=settings.handshake_timeout,
+        cow_dir=absolute(settings.cow_dir) or None,
+        remote_host=settings.remote_host or "",
+        remote_port=str(settings.remote_port or ""),
+        cache_bitmap=absolute(settings.cache_bitmap),
+        control_socket=absolute(settings.control_socket),
+        target_exportname=settings.target_exportname,
+        clear_bitmap=settings.clear_bitmap,
+        remote_timeout=settings.remote_timeout,
         tls=tls_options(settings),
         remote_tls=remote_tls_options(settings),
-        config=settings.get("config"),  # type: ignore[arg-type]
-        command_line_keys=settings["command_line_keys"],  # type: ignore[arg-type]
+        config=settings.config,
+        command_line_keys=settings.command_line_keys,
     )
 
 
-def client_sources(settings: dict[str, object]) -> ClientSources:
+def client_sources(settings: Settings) -> ClientSources:
     """Adopt or bind every socket now, so errors are reported before serving starts."""
-    if settings.get("inetd"):
+    if settings.inetd:
         try:
             sock = socket.socket(fileno=os.dup(0))
         except OSError:
@@ -414,8 +411,8 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         os.dup2(devnull, 1)
         os.close(devnull)
         return ClientSources(connection=sock)
-    fd = settings.get("connected_fd")
-    if isinstance(fd, int):
+    fd = settings.connected_fd
+    if fd is not None:
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
@@ -423,9 +420,8 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
         return ClientSources(negotiated_fd=sock)
     # Clients handed over by the previous process first (fdstore.py), then the sockets.
     handover, fds = take_stored(inherited_fds())
-    handoff = settings.get("handoff_socket")
-    if isinstance(handoff, str):
-        handoff_sock = bind_unix(os.path.abspath(handoff), mode=0o600)
+    if settings.handoff_socket:
+        handoff_sock = bind_unix(absolute(settings.handoff_socket), mode=0o600)
         return ClientSources(handoff=handoff_sock, handover=handover)
     inherited = adopt_sockets(fds)
     # A socket named "control" (FileDescriptorName=control) is xnbd-bgctl's, not a client's.
@@ -439,11 +435,9 @@ def client_sources(settings: dict[str, object]) -> ClientSources:
             return ClientSources(connection=connected[0].sock, control=control, handover=handover)
         listening = [s.sock for s in inherited]
         return ClientSources(listeners=listening, control=control, handover=handover)
-    laddr = settings["laddr"]
-    listeners = bind_tcp(list(laddr) if isinstance(laddr, list) else [], int(settings["lport"]))  # type: ignore[call-overload]
-    unix = settings.get("unix")
-    if isinstance(unix, str):
-        listeners.append(bind_unix(os.path.abspath(unix)))
+    listeners = bind_tcp(list(settings.laddr), settings.lport)
+    if settings.unix:
+        listeners.append(bind_unix(absolute(settings.unix)))
     return ClientSources(listeners=listeners, control=control, handover=handover)
 
 
@@ -456,19 +450,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         opts = make_options(settings)
-        logpath = settings.get("logpath")
+        logpath = settings.logpath
         # As the original: inetd and daemonized runs have no stderr to log to, so syslog.
-        implied_syslog = bool(settings.get("inetd") or settings["daemonize"]) and not logpath
+        implied_syslog = (settings.inetd or settings.daemonize) and not logpath
         logs.setup_logging(
-            logpath=os.path.abspath(str(logpath)) if logpath else None,  # reopened after chdir
-            syslog=bool(settings["syslog"]) or implied_syslog,
+            logpath=absolute(logpath) or None,  # reopened after chdir
+            syslog=settings.syslog or implied_syslog,
             identifier=PROG,
-            verbose=bool(settings["verbose"]),
+            verbose=settings.verbose,
         )
-        if opts.mode != "proxy" and not os.path.exists(opts.image):
+        if opts.mode is not Mode.PROXY and not os.path.exists(opts.image):
             raise FileNotFoundError(f"{opts.image}: no such file or device")
         sources = client_sources(settings)
-        if settings["daemonize"] and not under_systemd():
+        if settings.daemonize and not under_systemd():
             detach()
         catch_sigterm_outside_the_receiver()
         try:

@@ -13,7 +13,7 @@ ProgressSink = Callable[[int, int], None]  # (cached blocks, total blocks)
 
 
 class ControlTarget(Protocol):
-    """What the daemon implements for the control socket. Methods raise ``OSError``,
+    """What the server offers the control socket (operations.Operations). Methods raise ``OSError``,
     ``ValueError`` or ``RuntimeError`` with a message meant for the operator."""
 
     def query(self) -> dict[str, Any]:

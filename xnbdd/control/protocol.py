@@ -20,12 +20,13 @@ JSON's own, so the protocol does not depend on the host (docs/decisions.md D23).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import jsonline
+
 VERSION = 1
-MAX_LINE = 64 * 1024
+MAX_LINE = jsonline.MAX_LINE
 
 COMMANDS: dict[str, dict[str, tuple[type, ...]]] = {
     # command -> argument name -> accepted JSON types (all arguments optional unless below)
@@ -38,7 +39,7 @@ COMMANDS: dict[str, dict[str, tuple[type, ...]]] = {
 REQUIRED = {"reconnect": ("host", "port")}
 
 
-class ControlError(Exception):
+class ControlError(jsonline.LineError):
     """A request or message that breaks this protocol; its text goes into the error reply."""
 
 
@@ -49,10 +50,7 @@ class Request:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    line = json.dumps(message, separators=(",", ":"), sort_keys=True).encode() + b"\n"
-    if len(line) > MAX_LINE:
-        raise ControlError(f"message of {len(line)} bytes exceeds {MAX_LINE}")
-    return line
+    return jsonline.encode(message, ControlError)
 
 
 def request(cmd: str, **args: Any) -> bytes:
@@ -72,13 +70,7 @@ def event(name: str, **fields: Any) -> bytes:
 
 
 def decode(line: bytes) -> dict[str, Any]:
-    try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ControlError(f"not JSON: {exc}") from exc
-    if not isinstance(message, dict):
-        raise ControlError("a message must be a JSON object")
-    return message
+    return jsonline.decode(line, ControlError)
 
 
 def parse_request(line: bytes) -> Request:
@@ -105,26 +97,8 @@ def parse_request(line: bytes) -> Request:
     return Request(cmd, message)
 
 
-class LineBuffer:
+class LineBuffer(jsonline.LineBuffer):
     """Split a byte stream into lines; a line longer than MAX_LINE is a ControlError."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
-        lines = []
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                break
-            lines.append(bytes(self._buffer[:end]))
-            del self._buffer[: end + 1]
-        if len(self._buffer) > MAX_LINE:
-            self._buffer.clear()
-            raise ControlError(f"line longer than {MAX_LINE} bytes")
-        return lines
-
-    @property
-    def pending(self) -> int:
-        return len(self._buffer)
+        super().__init__(ControlError)

@@ -13,26 +13,18 @@ import logging
 import os
 import socket
 import stat
-import struct
 from contextlib import suppress
 from functools import partial
 
 import trio
 
+from ..listeners import STREAM_GONE, peer_uid
 from .handlers import ControlTarget, handle
 from .protocol import ControlError, LineBuffer, error, ok, parse_request
 
 log = logging.getLogger(__name__)
 
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
 OPERATOR_ERRORS = (ControlError, OSError, ValueError, RuntimeError)
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
-
-
-def peer_uid(sock: socket.socket | trio.socket.SocketType) -> int:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    _pid, uid, _gid = _PEERCRED.unpack(raw)
-    return int(uid)
 
 
 def bind_control_socket(path: str) -> socket.socket:
@@ -78,7 +70,7 @@ async def _serve_connection(stream: trio.SocketStream, target: ControlTarget) ->
     uid = peer_uid(stream.socket)
     if uid not in (0, os.geteuid()):
         log.warning("control connection from uid %d refused", uid)
-        with suppress(*_GONE):
+        with suppress(*STREAM_GONE):
             await stream.send_all(error("permission denied"))
         await stream.aclose()
         return
@@ -87,7 +79,7 @@ async def _serve_connection(stream: trio.SocketStream, target: ControlTarget) ->
         while True:
             try:
                 data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except STREAM_GONE:
                 return
             if not data:
                 return
@@ -112,7 +104,7 @@ async def _answer(line: bytes, target: ControlTarget, stream: trio.SocketStream)
         leaf = _first_leaf(exc)
         if not isinstance(leaf, Exception):  # Cancelled, KeyboardInterrupt: not ours to eat
             raise
-        if isinstance(leaf, _GONE):
+        if isinstance(leaf, STREAM_GONE):
             return b""  # the client went away (e.g. during cache-all): nothing to answer
         if isinstance(leaf, OPERATOR_ERRORS):
             return error(str(leaf) or type(leaf).__name__)
@@ -125,7 +117,7 @@ async def _send(stream: trio.SocketStream, message: bytes) -> bool:
         return False
     try:
         await stream.send_all(message)
-    except _GONE:
+    except STREAM_GONE:
         return False
     return True
 

@@ -11,14 +11,13 @@ Only root and the wrapper's own user may talk to it (SO_PEERCRED), whatever the 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 from urllib.parse import unquote
 
 import trio
+
+from ..listeners import STREAM_ERRORS, peer_allowed
 
 log = logging.getLogger("xnbdd")
 
@@ -26,7 +25,6 @@ GREETING = '"help" command displays help for other commands\n'
 PROMPT = "(xnbd) "
 MAX_LINE = 1023
 MAX_CONNECTIONS = 8
-PEERCRED = struct.Struct("3i")
 
 HELP = """\
 list                                    list exports
@@ -75,12 +73,6 @@ class Commands(Protocol):
     def shutdown(self, orphan: bool) -> None: ...
 
 
-def peer_allowed(sock: socket.socket | trio.socket.SocketType) -> bool:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
-    _pid, uid, _gid = PEERCRED.unpack(raw)
-    return uid in (0, os.geteuid())
-
-
 def decode_args(words: list[str]) -> list[str]:
     # unquote keeps malformed %-sequences literally, as the original does
     return [unquote(w, errors="surrogateescape") for w in words]
@@ -107,7 +99,7 @@ class ControlServer:
                 await self._dialogue(stream, write)
             finally:
                 self.connections -= 1
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except STREAM_ERRORS:
             pass
         finally:
             await trio.aclose_forcefully(stream)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, Mode, load
 from ..proto.consts import MAX_STRING
 
 DB_VERSION = 2
@@ -284,29 +284,25 @@ def load_config_dir(directory: str) -> tuple[list[ExportEntry], list[str]]:
         raise RegistryError(f"{directory}: {err.strerror}") from None
     for file in files:
         try:
-            values = load_config(str(file))
+            config = load(str(file))
         except ConfigError as err:
             raise RegistryError(str(err)) from None
-        ignored = sorted(set(values) & _IGNORED_KEYS)
+        ignored = sorted(config.given & _IGNORED_KEYS)
         if ignored:
             warnings.append(f"{file}: ignored under xnbd-wrapper: {', '.join(ignored)}")
-        mode = str(values.get("mode", "target"))
-        name = str(values.get("exportname", file.name.removesuffix(".conf")))
-        image = values.get("image") or values.get("cache_image")
+        mode = config.mode or Mode.TARGET
         entry = ExportEntry(
-            name=name,
-            mode="target" if mode in ("target", "cow_target") else "proxy",
-            cow=mode == "cow_target",
-            image=str(image or ""),
-            readonly=bool(values.get("readonly", False)),
-            description=str(values.get("description", "")),
-            remote_host=str(values.get("remote_host", "")),
-            remote_port=str(values.get("remote_port", "")),
-            remote_export_name=(
-                str(values["target_exportname"]) if "target_exportname" in values else None
-            ),
-            bitmap=str(values.get("cache_bitmap", "")),
-            control_socket=str(values.get("control_socket", "")),
+            name=config.exportname or file.name.removesuffix(".conf"),
+            mode="proxy" if mode is Mode.PROXY else "target",
+            cow=mode is Mode.COW_TARGET,
+            image=config.image or config.cache_image or "",
+            readonly=config.readonly,
+            description=config.description,
+            remote_host=config.remote_host or "",
+            remote_port=str(config.remote_port or ""),
+            remote_export_name=config.target_exportname,
+            bitmap=config.cache_bitmap or "",
+            control_socket=config.control_socket or "",
             persistent=False,
         )
         entries.append(entry)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from .. import logs
-from ..listeners import describe, to_trio_listener
+from ..listeners import PatientListener, describe
 from ..signals import sigterm_came_early
 from ..systemd import Notifier
 from .control import CommandError, ControlServer, Write
@@ -23,8 +23,6 @@ from .registry import ExportEntry, Registry, RegistryError, apply_switches
 from .supervisor import StartError, Supervisor
 
 log = logging.getLogger("xnbdd")
-
-ACCEPT_ERROR_PAUSE = 0.1
 
 
 @dataclass
@@ -67,14 +65,13 @@ class Wrapper:
                 nursery.start_soon(self._signals)
                 with self._stop_scope:
                     async with trio.open_nursery() as serving:
-                        for sock in sockets.nbd:
-                            serving.start_soon(
-                                self._accept, to_trio_listener(sock), self.frontend.serve
-                            )
-                        for sock in sockets.control:
-                            serving.start_soon(
-                                self._accept, to_trio_listener(sock), self.control.serve
-                            )
+                        for socks, handler in (
+                            (sockets.nbd, self.frontend.serve),
+                            (sockets.control, self.control.serve),
+                        ):
+                            if socks:  # serve_listeners fails on an empty list
+                                listeners = [PatientListener(sock) for sock in socks]
+                                serving.start_soon(trio.serve_listeners, handler, listeners)
                         where = ", ".join(describe(s) for s in sockets.nbd)
                         control = ", ".join(describe(s) for s in sockets.control)
                         log.info("listening on %s, control on %s", where, control)
@@ -108,17 +105,6 @@ class Wrapper:
                     os.unlink(self.opts.control_path)
             self.notifier.close()
         log.info("stopped")
-
-    async def _accept(self, listener: trio.SocketListener, handler: object) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as err:
-                    log.warning("accept failed: %s", err)
-                    await trio.sleep(ACCEPT_ERROR_PAUSE)
-                    continue
-                nursery.start_soon(handler, stream)  # type: ignore[arg-type]
 
     def shutdown(self, orphan: bool) -> None:
         log.info("%s requested", "orphan" if orphan else "shutdown")
