@@ -5,8 +5,8 @@ tight batch loop: read what the socket holds, take every complete request out of
 once whatever the backend can answer without waiting (``InlineIO``: the page cache, a memory file
 system, blocks already cached), and send every reply of the batch with one ``writev``. What must
 wait (a device, the origin server, a paused export, a FLUSH) goes to the event loop as a task, and
-its reply comes back through ``complete``, which wakes the thread. A task, a scheduler pass and
-an object per request was what made a request cost three times what Python needs.
+its reply comes back through ``complete``, which wakes the thread (no task or object per
+request: that cost three times what Python needs).
 
 Flow control never stops the connection, it only slows the client: the thread stops reading the
 socket while the connection has ``--max-queue-size`` requests in flight or the daemon as a whole
@@ -15,14 +15,10 @@ completions, which is what gives budget back. A request's cost is taken before i
 read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
 nothing. Requests that have their reply sent give their cost back.
 
-With extended headers (docs/data-path.md) the thread parses 32-byte requests instead of 28-byte
-ones: the layout is chosen once per connection, so the compact loop is the same as before. A
-request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is received like
-a WRITE's and the command's validation decides what it means.
-
-The bytes move through a ``tls.Transport``: the socket itself (readv, writev, sendfile), or the
-connection's TLS session encrypting in this thread (docs/tls.md); only a TLS transport can hold
-bytes back (``has_output``), and only it is asked.
+With extended headers (docs/data-path.md) the layout, 32-byte requests, is chosen once per
+connection. A request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is
+received like a WRITE's and the command's validation decides what it means. The bytes move
+through a ``tls.Transport`` (the socket or a TLS session); replies wait in an ``outbox.Outbox``.
 
 On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
 socket closes as soon as the last reply is out. A handover (a stop under systemd with a file
@@ -43,10 +39,11 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from .backends.base import FileRange, InlineIO
+from .backends.base import InlineIO
 from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
+from .outbox import ClosedConnection, Outbox
 from .proto.consts import (
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -65,7 +62,6 @@ from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
 from .proto.transmission import DRAIN_LIMIT, check_request, offset_hole
 from .proto.wire import (
-    EXTENDED_CHUNK,
     EXTENDED_OFFSET_DATA,
     EXTENDED_REQUEST,
     OFFSET_DATA,
@@ -80,10 +76,8 @@ RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
 PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
-MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
 
-Part = bytes | bytearray | memoryview | FileRange
 Submit = Callable[[Request, int], None]
 
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
@@ -91,10 +85,6 @@ _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 HANDED_OVER = "handed over at a request boundary"
-
-
-class ClosedConnection(Exception):
-    """The client is gone or broke framing: the plane ends without answering more."""
 
 
 class DataPlane:
@@ -116,15 +106,11 @@ class DataPlane:
         self._transport = transport
         self._fd = transport.fd
         self._readv = transport.readv
-        self._writev = transport.writev
-        self._sendfile = transport.sendfile
-        self._layered = not transport.zero_copy  # may hold bytes back: ask ``has_output``
         self._export = export
         self._negotiated = negotiated
         self._limits = limits
         self._budget = budget
         self._submit = submit
-        self._fields = fields or {}
         tx = int(negotiated.tx_flags)
         self._structured = negotiated.structured
         self._extended = extended = negotiated.extended
@@ -136,7 +122,11 @@ class DataPlane:
         # with extended headers this flag means "a payload follows" on any command
         self._payload_flag = _PAYLOAD_LEN if extended else 0
         self._write_flags = self._payload_flag  # flags a WRITE may carry and be written inline
-        self._queue_ok = self._queue_none if extended else self._queue_simple
+        self._fields = fields = fields or {}
+        self._outbox = outbox = Outbox(transport, fields)
+        self._out = outbox.parts  # empty when every reply is out
+        self._queue = outbox.add
+        self._queue_ok = outbox.add_none if extended else outbox.add_simple
         self._has_contexts = bool(negotiated.meta_contexts)
         self._readonly = bool(tx & TxFlag.READ_ONLY)
         fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
@@ -155,12 +145,6 @@ class DataPlane:
         self._payload_head: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._discard = 0  # bytes of a refused payload still to drop
         self._spare: bytearray | None = None  # a payload buffer to reuse (dropped when idle)
-        # replies: parts to send, and (stream position of a reply's end, its cost)
-        self._out: deque[Part] = deque()
-        self._marks: deque[tuple[int, int]] = deque()
-        self._queued = 0
-        self._sent = 0
-        self._ranges = 0  # FileRange parts in ``_out`` (sent with sendfile, not writev)
         self.in_flight = 0  # admitted requests whose reply is not sent yet
         self._held = 0  # their cost in bytes
         # the event loop's side
@@ -229,7 +213,7 @@ class DataPlane:
             self._budget.forget(id(self))
             # replies never sent give their budget back here, and their bytes go with it (the
             # plane object may outlive the thread for a while); late completions are dropped
-            self._out.clear()
+            self._outbox.clear()
             self._completions.clear()
             self._payload = self._spare = None
             self._budget.give_back(self._held, self.in_flight)
@@ -251,9 +235,9 @@ class DataPlane:
                 self._parse()
             if self._out:
                 self._send()
-            elif self._layered and self._transport.has_output():
-                self._flush_transport()
-            if self._end and not self.in_flight and not self._out and not self._holding():
+            elif self._outbox.holding():
+                self._outbox.flush_transport()
+            if self._end and not self.in_flight and not self._out and not self._outbox.holding():
                 return self._end
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
@@ -297,7 +281,7 @@ class DataPlane:
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
-        writing = self._out or (self._layered and self._transport.has_output())
+        writing = self._out or self._outbox.holding()
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events:
             poller.register(self._fd, events)  # registers or modifies
@@ -460,7 +444,9 @@ class DataPlane:
                     if length > self._max_payload:
                         self._oversized_payload(pos, length)
                         self._head_admitted = False
-                        self._queue(self._refusal(cookie, cmd, offset, length), cost)
+                        req = Request(cookie, cmd, 0, offset, length)
+                        why = f"payload of {length} bytes exceeds maximum"
+                        self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
                         continue
                     have = self._rend - pos - head
                     if large_write and not self._payload_charged:
@@ -565,11 +551,6 @@ class DataPlane:
         self._rstart = start + here
         self._discard = length - here
 
-    def _refusal(self, cookie: int, cmd: int, offset: int, length: int) -> Buffers:
-        req = Request(cookie, cmd, 0, offset, length)
-        message = f"payload of {length} bytes exceeds maximum"
-        return error_reply(req, self._negotiated, Errno.EINVAL, message)
-
     def _handle(
         self,
         cmd: int,
@@ -654,119 +635,12 @@ class DataPlane:
             )
         else:
             head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        self._out.append(head)
-        self._out.append(data)
-        if isinstance(data, FileRange):
-            self._ranges += 1
-        self._queued += len(head) + length
-        self._marks.append((self._queued, cost))
+        self._outbox.add_data(head, data, cost)
         return True
-
-    # -- sending --------------------------------------------------------------------------------
-
-    def _queue_simple(self, cookie: int, _offset: int, cost: int) -> None:
-        self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-        self._queued += SIMPLE_REPLY.size
-        self._marks.append((self._queued, cost))
-
-    def _queue_none(self, cookie: int, offset: int, cost: int) -> None:
-        """Success without data, with extended headers (which allow no simple reply)."""
-        self._out.append(
-            EXTENDED_CHUNK.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE_TYPE, cookie, offset, 0)
-        )
-        self._queued += EXTENDED_CHUNK.size
-        self._marks.append((self._queued, cost))
-
-    def _queue(self, reply: Buffers, cost: int) -> None:
-        for part in reply:
-            size = part.length if isinstance(part, FileRange) else len(part)
-            if size:
-                self._out.append(part)
-                self._queued += size
-                self._ranges += isinstance(part, FileRange)
-        self._marks.append((self._queued, cost))
-
-    def _holding(self) -> bool:
-        """The transport holds bytes the socket has not taken yet (TLS only)."""
-        return self._layered and self._transport.has_output()
-
-    def _flush_transport(self) -> None:
-        try:
-            self._transport.flush()
-        except OSError as err:
-            log.debug("client connection failed: %s", err, extra=self._fields)
-            raise ClosedConnection("client gone while sending") from None
 
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""
-        out = self._out
-        writev = self._writev
-        try:
-            while out:
-                head = out[0]
-                if isinstance(head, FileRange):
-                    sent = self._sendfile(head.fd, head.offset, head.length)
-                    if not sent:  # the image shrank under us; the header is already out
-                        log.warning(
-                            "closing connection: the image ended during a READ reply",
-                            extra=self._fields,
-                        )
-                        raise ClosedConnection("image ended during a reply")
-                    if sent < head.length:
-                        out[0] = FileRange(head.fd, head.offset + sent, head.length - sent)
-                    else:
-                        out.popleft()
-                        self._ranges -= 1
-                    self._sent += sent
-                    continue
-                if not self._ranges and len(out) <= MAX_IOV:
-                    # the common case: everything queued goes in one writev
-                    sent = writev(out)  # type: ignore[arg-type]  # no FileRange in it
-                    self._sent += sent
-                    if self._sent == self._queued:
-                        out.clear()
-                        break
-                    self._advance(sent, len(out))
-                    break  # the socket took part of the batch: it is full
-                views: list[bytes | bytearray | memoryview] = []
-                for part in out:
-                    if isinstance(part, FileRange) or len(views) == MAX_IOV:
-                        break
-                    views.append(part)
-                sent = writev(views)
-                self._sent += sent
-                if not self._advance(sent, len(views)):
-                    break  # the socket took part of the batch: it is full
-        except BlockingIOError:
-            pass
-        except OSError as err:
-            log.debug("client connection failed: %s", err, extra=self._fields)
-            raise ClosedConnection("client gone while sending") from None
-        finally:
-            self._release_sent()
-
-    def _advance(self, sent: int, count: int) -> bool:
-        """Drop what ``sent`` bytes covered of the first ``count`` parts (all bytes-like);
-        True when they all went."""
-        out = self._out
-        for _ in range(count):
-            part = out[0]
-            assert not isinstance(part, FileRange)
-            size = len(part)
-            if sent < size:
-                out[0] = memoryview(part)[sent:]
-                return False
-            out.popleft()
-            sent -= size
-        return True
-
-    def _release_sent(self) -> None:
-        marks = self._marks
-        sent = self._sent
-        cost = count = 0
-        while marks and marks[0][0] <= sent:
-            cost += marks.popleft()[1]
-            count += 1
+        count, cost = self._outbox.send()
         if count:
             self._released = True
             self.in_flight -= count

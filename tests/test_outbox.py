@@ -1,0 +1,103 @@
+"""The reply queue (``xnbdd/outbox.py``) over a real socket pair: a reply's cost comes back only
+when its last byte is out, through writev batches larger than IOV_MAX and sendfile parts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xnbdd.backends.base import FileRange
+from xnbdd.outbox import MAX_IOV, ClosedConnection, Outbox
+from xnbdd.tls import PlainTransport
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    with ours, theirs:
+        yield ours, theirs
+
+
+def drain(sock: socket.socket, want: int) -> bytes:
+    got = bytearray()
+    while len(got) < want:
+        chunk = sock.recv(want - len(got))
+        assert chunk, "the other end closed early"
+        got += chunk
+    return bytes(got)
+
+
+def test_cost_comes_back_when_the_last_byte_is_out(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    outbox = Outbox(PlainTransport(ours.fileno()), {})
+    big = os.urandom(1 << 20)  # far more than the socket takes at once
+    outbox.add_data(b"H" * 16, big, cost=7)
+    outbox.add([b"tail"], cost=3)
+    count, cost = outbox.send()
+    assert (count, cost) == (0, 0)  # the socket is full before the first reply is whole
+    assert outbox.parts
+    received = bytearray()
+    while outbox.parts:
+        received += theirs.recv(1 << 16)
+        sent, returned = outbox.send()
+        count, cost = count + sent, cost + returned
+    received += drain(theirs, 16 + len(big) + 4 - len(received))
+    assert bytes(received) == b"H" * 16 + big + b"tail"
+    assert (count, cost) == (2, 10)
+
+
+def test_more_parts_than_one_writev_takes(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    outbox = Outbox(PlainTransport(ours.fileno()), {})
+    replies = MAX_IOV * 2 + 5
+    for n in range(replies):
+        outbox.add_simple(n, 0, cost=1)
+    count, cost = outbox.send()
+    assert not outbox.parts
+    assert (count, cost) == (replies, replies)
+    assert len(drain(theirs, 16 * replies)) == 16 * replies
+
+
+def test_sendfile_parts_between_byte_parts(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    ours, theirs = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    image = tmp_path / "image"
+    data = os.urandom(64 * 1024)
+    image.write_bytes(data)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        outbox = Outbox(PlainTransport(ours.fileno()), {})
+        outbox.add_data(b"head", FileRange(fd, 4096, 8192), cost=8192)
+        outbox.add([b"next"], cost=0)
+        while outbox.parts:
+            outbox.send()
+        assert drain(theirs, 4 + 8192 + 4) == b"head" + data[4096 : 4096 + 8192] + b"next"
+    finally:
+        os.close(fd)
+
+
+def test_a_shrunken_file_ends_the_connection(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    ours, _theirs = pair
+    image = tmp_path / "image"
+    image.write_bytes(b"x" * 4096)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        outbox = Outbox(PlainTransport(ours.fileno()), {})
+        outbox.add_data(b"head", FileRange(fd, 8192, 4096), cost=4096)  # past the end
+        with pytest.raises(ClosedConnection, match="image ended"):
+            outbox.send()
+    finally:
+        os.close(fd)
