@@ -95,6 +95,7 @@ async def test_a_stop_hands_over_at_a_request_boundary(
     negotiated, pending = negotiated_from(export.info(), stored[0].message)
     assert negotiated.structured and pending == b""
     assert stored[0].message["tx_flags"] == int(negotiated.tx_flags)
+    stored[0].sock.close()
     await export.backend.close()
 
 

@@ -123,6 +123,7 @@ async def serving(
             await client.send_all(struct.pack("!I", 3))  # fixed newstyle, no zeroes
             yield wire, conn, path
             nursery.cancel_scope.cancel()
+    await wire.stream.aclose()
     await export.backend.close()
 
 

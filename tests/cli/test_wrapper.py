@@ -97,7 +97,8 @@ def test_qemu_img_on_two_exports_at_once(tmp_path: Path) -> None:
             for src, dst in ((src_a, a), (src_b, b))
         ]
         for job in jobs:
-            assert job.wait(120) == 0, job.stderr.read() if job.stderr else ""
+            _out, err = job.communicate(timeout=120)
+            assert job.returncode == 0, err
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_a), w.uri(str(a)))
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src_b), w.uri(str(b)))
         assert len(w.export_servers()) == 2, "one server per export"

@@ -33,7 +33,8 @@ class Client:
         self.lines: queue.Queue[str] = queue.Queue()
         self.rounds = 0
         self.result: dict[str, Any] | None = None
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         assert self._next(60) == "connected", self.stderr()
 
     def _read(self) -> None:
@@ -70,6 +71,7 @@ class Client:
             if not line and self.result is None:
                 raise AssertionError(f"client died without a summary: {self.stderr()}")
         self.proc.wait(timeout)
+        self._close_pipes()
         return self.result
 
     def quit(self) -> dict[str, Any]:
@@ -87,3 +89,11 @@ class Client:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """The process has ended: its output reaches its end, then every pipe closes."""
+        self._reader.join(10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()

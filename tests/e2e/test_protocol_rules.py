@@ -79,8 +79,21 @@ def readonly_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         yield srv
 
 
+_open_clients: list[RawClient] = []
+
+
 def client(srv: ServerProcess) -> RawClient:
-    return RawClient(srv.port)
+    """A raw client of ``srv``, closed when the test ends (``close_clients``)."""
+    c = RawClient(srv.port)
+    _open_clients.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def close_clients() -> Iterator[None]:
+    yield
+    while _open_clients:
+        _open_clients.pop().close()
 
 
 # -- handshake ----------------------------------------------------------------------------------
@@ -460,7 +473,7 @@ def test_rule35_holes_of_a_memory_file_system_are_sent_as_hole_chunks(tmp_path: 
             f.seek(MiB)
             f.write(b"d" * 65536)
         with running_server("--target", str(image), tmp_path=tmp_path) as srv:
-            c = RawClient(srv.port)
+            c = client(srv)
             c.go(structured=True)
             c.request(CMD_READ, 2 * MiB, MiB, cookie=1)  # all hole
             (chunk,) = c.structured_reply()
