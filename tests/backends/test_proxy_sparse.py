@@ -75,8 +75,6 @@ async def test_cache_all_fetches_only_the_data_and_punches_the_rest(tmp_path: Pa
     with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
         address = RemoteAddress(origin.host, origin.port)
         async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
-            # uncached: the origin's allocation, passed through
-            assert await zero_flags(proxy) == holes_of(SIZE, data_at)
             await proxy.cache_all(31)
             assert proxy.is_complete()
             status = proxy.status()
@@ -105,6 +103,27 @@ def _merged(data_at: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((start, start + EXTENT))
     return runs
+
+
+async def test_block_status_of_uncached_ranges_is_the_origins_and_caches_its_zeros(
+    tmp_path: Path,
+) -> None:
+    image = tmp_path / "origin.img"
+    data, data_at = sparse_image(image, SIZE, extent=EXTENT, seed=9)
+    with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(
+            address, str(tmp_path / "c.img"), str(tmp_path / "c.bm")
+        ) as proxy:
+            assert proxy.status().remote_allocation
+            await proxy.read(data_at[0], B)  # one cached data block in the middle
+            assert await zero_flags(proxy) == holes_of(SIZE, data_at)
+            # the zeros the origin named are cached now, without a fetch
+            zero_blocks = (SIZE - len(data_at) * EXTENT) // B
+            assert proxy.cached_blocks() == zero_blocks + 1
+            assert await proxy.read(0, SIZE) == data
+            assert await zero_flags(proxy) == holes_of(SIZE, data_at)  # from the cache now
+        assert sum(length for _offset, length in origin.reads()) == len(data_at) * EXTENT
 
 
 async def test_writes_into_holes_survive_cache_all_and_trim_still_works(tmp_path: Path) -> None:

@@ -253,6 +253,12 @@ class ProxyBackend:
             extents = None
         if extents is None:
             return [Extent(run_end - offset)]
+        # The client asked; the origin says these blocks read as zeros: cache them now (no
+        # fetch), so a later read or cache-all does not ask for them.
+        for a, b in self._zero_blocks(offset, extents)[0]:
+            await self._ensure_cached(
+                a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
+            )
         return [
             Extent(ext_len, hole=bool(flags & State.HOLE), zero=bool(flags & State.ZERO))
             for ext_len, flags in extents
@@ -434,31 +440,36 @@ class ProxyBackend:
         extents = await link.block_status(offset, min(STATUS_SPAN, self._size - offset))
         if extents is None:
             return [(first, self.nblocks, False)]
+        zeros, end = self._zero_blocks(offset, extents)
         runs: list[tuple[int, int, bool]] = []
-
-        def add(a: int, b: int, zero: bool) -> None:
-            if a >= b:
-                return
-            if runs and runs[-1][2] == zero and runs[-1][1] == a:
-                runs[-1] = (runs[-1][0], b, zero)
-            else:
-                runs.append((a, b, zero))
-
-        pos = offset
         block = first  # runs cover [first, block)
-        for ext_len, flags in extents:
-            end = pos + ext_len
-            if flags & State.ZERO:
-                # only blocks inside the extent are zeros; an edge block shared with data is data
-                a, b = whole_blocks(pos, ext_len, self._size)
-                if b > a:
-                    add(block, a, False)
-                    add(a, b, True)
-                    block = b
-            pos = end
-        known = nblocks_for(pos) if pos >= self._size else pos // BLOCK_SIZE
-        add(block, max(known, block, first + 1), False)
+        for a, b in zeros:
+            if a > block:
+                runs.append((block, a, False))
+            runs.append((a, b, True))
+            block = b
+        known = nblocks_for(end) if end >= self._size else end // BLOCK_SIZE
+        if max(known, first + 1) > block:  # an answer shorter than a block: fetch one
+            runs.append((block, max(known, first + 1), False))
         return runs
+
+    def _zero_blocks(
+        self, offset: int, extents: list[tuple[int, int]]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """The block runs [a, b) that base:allocation ``extents`` starting at byte ``offset``
+        call zeros (NBD_STATE_ZERO; a block shared with data is data), and the byte where the
+        extents end."""
+        zeros: list[tuple[int, int]] = []
+        pos = offset
+        for ext_len, flags in extents:
+            if flags & State.ZERO:
+                a, b = whole_blocks(pos, ext_len, self._size)
+                if b > a and zeros and zeros[-1][1] == a:
+                    zeros[-1] = (zeros[-1][0], b)
+                elif b > a:
+                    zeros.append((a, b))
+            pos += ext_len
+        return zeros, pos
 
     async def switch_to_target(self) -> FileBackend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
@@ -506,11 +517,17 @@ class ProxyBackend:
     async def _fetch_edge(self, first: int, stop: int) -> None:
         await self._fetch_into_cache(self._link, first, stop)
 
-    async def _zero_into_cache(self, first: int, stop: int) -> None:
+    async def _zero_into_cache(self, first: int, stop: int, *, store: bool) -> None:
         """Blocks the caller holds busy that the origin reads as zeros: zero them in the cache
-        (punch a hole where the file system can), then mark them cached; no fetch."""
+        (punch a hole where the file system can), then mark them cached; no fetch. Without
+        ``store`` a failure leaves them uncached, silently (they are fetched when read)."""
         offset, end = block_bytes(first, stop, self._size)
-        await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
+        try:
+            await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
+        except OSError:
+            if store:
+                raise
+            return
         self._mark_cached(first, stop)
         self.zeroed_blocks += stop - first
 
@@ -604,7 +621,7 @@ class ProxyBackend:
         error: OSError | None = None
         try:
             if zero:
-                await self._zero_into_cache(first, stop)
+                await self._zero_into_cache(first, stop, store=store)
                 return bytearray()
             return await self._fetch_into_cache(link, first, stop, store=store)
         except OSError as exc:
