@@ -9,6 +9,7 @@ from pathlib import Path
 import trio
 
 from tests.origin_servers import nbdkit, qemu_nbd, sparse_image
+from xnbdd.backends.base import Extent
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
 from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
 from xnbdd.remote import RemoteAddress
@@ -202,3 +203,42 @@ async def test_concurrent_reads_during_sparse_cache_all(tmp_path: Path) -> None:
             assert await proxy.read(0, SIZE) == data
         blocks = [b for o, n in origin.reads() for b in range(o // B, (o + n) // B)]
         assert len(blocks) == len(set(blocks))
+
+
+async def test_block_status_errors_fall_back_to_fetching(tmp_path: Path) -> None:
+    """An origin that offers base:allocation but fails every BLOCK_STATUS (nbdkit's error
+    filter): cache-all fetches everything, block status through the proxy says data."""
+    image = tmp_path / "origin.img"
+    data, _data_at = sparse_image(image, SIZE, extent=EXTENT, seed=10)
+    with nbdkit(
+        tmp_path,
+        ["file", str(image), "error-extents-rate=100%", "error-extents=EIO"],
+        filters=("error",),
+        log=True,
+    ) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(
+            address, str(tmp_path / "c.img"), str(tmp_path / "c.bm")
+        ) as proxy:
+            assert proxy.status().remote_allocation
+            [extent] = await proxy.block_status(0, SIZE)
+            assert extent == Extent(SIZE)
+            await proxy.cache_all(31)
+            assert proxy.status().zeroed_blocks == 0
+            assert await proxy.read(0, SIZE) == data
+        assert sum(length for _offset, length in origin.reads()) == SIZE
+
+
+async def test_block_status_with_the_origin_down_answers_data_at_once(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    sparse_image(image, SIZE, extent=EXTENT, seed=11)
+    with nbdkit(tmp_path, ["file", str(image)]) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(
+            address, str(tmp_path / "c.img"), str(tmp_path / "c.bm"), timeout=30.0
+        ) as proxy:
+            origin.kill()
+            while proxy.status().remote_state == "connected":  # the link notices the close
+                await trio.sleep(0.01)
+            with trio.fail_after(5):  # not the 30 s the origin link would wait
+                assert await proxy.block_status(0, SIZE) == [Extent(SIZE)]

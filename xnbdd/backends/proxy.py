@@ -57,6 +57,7 @@ from xnbdd.backends.sidecar import prepare_cache_files
 from xnbdd.proto.consts import State
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
+    LinkState,
     RemoteAddress,
     RemoteLink,
     background_nursery,
@@ -246,11 +247,12 @@ class ProxyBackend:
         [(_start, run_end, cached)] = present_runs(self._bitmap, offset, length, limit=1)
         if cached:
             return await self._cache.block_status(offset, run_end - offset)
-        try:
-            extents = await self._link.block_status(offset, run_end - offset)
-        except OSError as exc:
-            log.debug("origin block status at %d failed (%s): answered as data", offset, exc)
-            extents = None
+        extents = None
+        if self._link.state is LinkState.CONNECTED:  # an origin that is down: no waiting
+            try:
+                extents = await self._link.block_status(offset, run_end - offset)
+            except OSError as exc:
+                log.debug("origin block status at %d failed (%s): answered as data", offset, exc)
         if extents is None:
             return [Extent(run_end - offset)]
         # The client asked; the origin says these blocks read as zeros: cache them now (no
@@ -437,7 +439,12 @@ class ProxyBackend:
         if first is None:
             return []
         offset = first * BLOCK_SIZE
-        extents = await link.block_status(offset, min(STATUS_SPAN, self._size - offset))
+        span = min(STATUS_SPAN, self._size - offset)
+        try:
+            extents = await link.block_status(offset, span)
+        except OSError as exc:  # the fetches will tell if the origin is gone; this span is data
+            log.warning("origin block status at %d failed (%s): fetching it all", offset, exc)
+            return [(first, nblocks_for(offset + span), False)]
         if extents is None:
             return [(first, self.nblocks, False)]
         zeros, end = self._zero_blocks(offset, extents)
