@@ -256,11 +256,15 @@ class ProxyBackend:
         if extents is None:
             return [Extent(run_end - offset)]
         # The client asked; the origin says these blocks read as zeros: cache them now (no
-        # fetch), so a later read or cache-all does not ask for them.
-        for a, b in self._zero_blocks(offset, extents)[0]:
-            await self._ensure_cached(
-                a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
-            )
+        # fetch), so a later read or cache-all does not ask for them. Opportunistic: a failure
+        # (or another task's failed fetch of some of them) leaves them uncached.
+        try:
+            for a, b in self._zero_blocks(offset, extents)[0]:
+                await self._ensure_cached(
+                    a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
+                )
+        except OSError as exc:
+            log.debug("zeros at %d named by the origin not cached: %s", offset, exc)
         return [
             Extent(ext_len, hole=bool(flags & State.HOLE), zero=bool(flags & State.ZERO))
             for ext_len, flags in extents
