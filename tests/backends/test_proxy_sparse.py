@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from tests.origin_servers import nbdkit, qemu_nbd, sparse_image
+from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, sparse_image
 from xnbdd.backends.base import Extent
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
 from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
@@ -242,3 +242,22 @@ async def test_block_status_with_the_origin_down_answers_data_at_once(tmp_path: 
                 await trio.sleep(0.01)
             with trio.fail_after(5):  # not the 30 s the origin link would wait
                 assert await proxy.block_status(0, SIZE) == [Extent(SIZE)]
+
+
+async def test_nbd_server_origin(tmp_path: Path) -> None:
+    """nbd-server 3.24 (Debian 12) has no structured replies, so no block status: the proxy
+    fetches everything, as before. (One that answers base:allocation gets only its data
+    fetched.)"""
+    image = tmp_path / "origin.img"
+    data, data_at = sparse_image(image, SIZE, extent=EXTENT, seed=12)
+    with nbd_server(tmp_path, image) as origin:
+        address = RemoteAddress(origin.host, origin.port, "disk")
+        async with open_proxy_backend(
+            address, str(tmp_path / "c.img"), str(tmp_path / "c.bm")
+        ) as proxy:
+            await proxy.cache_all(31)
+            status = proxy.status()
+            fetched = len(data_at) * EXTENT // B if status.remote_allocation else NBLOCKS
+            assert status.fetched_blocks == fetched
+            assert status.zeroed_blocks == NBLOCKS - fetched
+            assert await proxy.read(0, SIZE) == data
