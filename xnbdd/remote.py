@@ -413,10 +413,11 @@ class RemoteLink:
         else:
             headers = "extended" if self.extended else "compact"
             log.info(
-                "connected to origin %s (%d bytes, %s headers)",
+                "connected to origin %s (%d bytes, %s headers)%s",
                 self.description,
                 self.size,
                 headers,
+                "" if self.allocation else "; it cannot tell its allocation: cache-all fetches all",
             )
 
     def _tell(self) -> None:
