@@ -22,6 +22,11 @@ The proxy measurements of issue 5 (each printed with the command that produced i
     python3 bench/slowlink.py all                           # setup, link, proxy, teardown
     python3 bench/slowlink.py proxy --size 512M             # proxy figures (after setup)
 
+A sparse origin (issue 14): cache-all of a fully allocated image against one of the same size
+with 20 % data scattered in 1 MiB extents (holes elsewhere), data compared afterwards:
+
+    python3 bench/slowlink.py sparse --rate 200mbit --size 512M   # setup, both runs, teardown
+
 ``proxy`` starts the origin (nbdkit, or ``--origin xnbd`` for our own target) in namespace B
 and the relays in A, then re-runs itself inside A (``proxy-inner``), where the proxy daemon and
 its clients live: cold 4 KiB reads against the echo round trip, cache-all throughput against
@@ -650,6 +655,80 @@ def proxy_inner(size: int, link_mbits: float) -> None:
         proxy.close()
 
 
+# -- a sparse origin --------------------------------------------------------------------------
+
+
+def write_images(size: int, fraction: float, extent: int = 1 << 20) -> tuple[Path, Path]:
+    """A fully allocated image and a sparse one (``fraction`` of its ``extent`` slots hold
+    random data, scattered; holes elsewhere), both in /dev/shm."""
+    full = Path(f"/dev/shm/slowlink-full-{os.getpid()}.img")
+    sparse = Path(f"/dev/shm/slowlink-sparse-{os.getpid()}.img")
+    with open(full, "wb") as f:
+        for _ in range(size // extent):
+            f.write(os.urandom(extent))
+    slots = size // extent
+    chosen = random.Random(14).sample(range(slots), round(slots * fraction))
+    with open(sparse, "wb") as f:
+        f.truncate(size)
+        for slot in sorted(chosen):
+            f.seek(slot * extent)
+            f.write(os.urandom(extent))
+    return full, sparse
+
+
+def sparse_outer(link: Link, delay: float, size: int, origin: str) -> None:
+    """For each image: origin in B, relay in A, cache-all timed in A; then the ratio."""
+    me = [sys.executable, __file__, "--prefix", link.prefix]
+    full, sparse = write_images(size, 0.2)
+    seconds: dict[str, float] = {}
+    try:
+        for label, image in (("full", full), ("sparse", sparse)):
+            if origin == "nbdkit":
+                origin_cmd = ["nbdkit", "-f", "-i", ADDR_B, "-p", str(ORIGIN_PORT), "file"]
+                origin_cmd.append(str(image))
+            else:
+                origin_cmd = [sys.executable, "-m", "xnbdd", "--target", str(image)]
+                origin_cmd += ["--laddr", ADDR_B, "--lport", str(ORIGIN_PORT)]
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(background(in_ns(link.ns_b, *origin_cmd)))
+                relay_cmd = relay_command(link, RELAY_PORT, ORIGIN_PORT, delay)
+                stack.enter_context(background(in_ns(link.ns_a, *relay_cmd)))
+                print(f"origin: $ {show(in_ns(link.ns_b, *origin_cmd))}")
+                inner = in_ns(link.ns_a, *me, "sparse-inner", "--label", label, str(image))
+                out = sh(*inner).stdout
+                print(out, end="")
+                seconds[label] = float(out.split("cache-all seconds ")[1].split()[0].rstrip(";"))
+    finally:
+        full.unlink()
+        sparse.unlink()
+    ratio = seconds["sparse"] / seconds["full"]
+    print(
+        f"sparse / full cache-all time: {seconds['sparse']:.2f} s / {seconds['full']:.2f} s "
+        f"= {ratio:.2f}x"
+    )
+
+
+def sparse_inner(label: str, image: Path) -> None:
+    """In A: a fresh proxy of the origin behind the relay, cache-all through the control
+    socket, the bytes it fetched and zeroed, then the cache compared with the origin image."""
+    proxy = Proxy(f"sparse-{label}", 18110)
+    try:
+        seconds = timed(lambda: proxy.control("cache-all", blocks_per_request=31, progress=False))
+        status = proxy.control("query")
+        fetched = status["fetched_blocks"] * 4096
+        zeroed = status["zeroed_blocks"] * 4096
+        same = subprocess.run(["cmp", "-s", str(proxy.cache), str(image)]).returncode == 0
+        print(
+            f"{label}: cache-all seconds {seconds:.2f}; fetched {fetched >> 20} MiB, "
+            f"zeroed without fetching {zeroed >> 20} MiB, origin answers block status: "
+            f"{status['remote_allocation']}; cache == origin image: {same}"
+        )
+        if not same:
+            raise SystemExit(f"{label}: the cache differs from the origin image")
+    finally:
+        proxy.close()
+
+
 def hostport(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host, int(port)
@@ -667,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--connect", type=hostport, required=True)
     r.add_argument("--delay-ms", type=float, default=10.0)
     r.add_argument("--window", type=int, default=4 << 20, help="bytes held per direction")
-    for name in ("measure", "proxy", "all"):
+    for name in ("measure", "proxy", "all", "sparse"):
         m = sub.add_parser(name)
         m.add_argument("--delay-ms", type=float, default=10.0)
         m.add_argument("--seconds", type=int, default=10, help="iperf3 duration")
@@ -679,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
             default=0.0,
             help="proxy: the link's rate if already measured (else iperf3 first)",
         )
+    si = sub.add_parser("sparse-inner")
+    si.add_argument("--label", required=True)
+    si.add_argument("image", type=Path)
     inner = sub.add_parser("proxy-inner")
     inner.add_argument("--size", type=int, required=True)
     inner.add_argument("--link-mbits", type=float, required=True)
@@ -692,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     link = Link(args.prefix, args.rate)
 
-    if args.cmd in ("setup", "all"):
+    if args.cmd in ("setup", "all", "sparse"):
         for tool in ("ip", "tc", "iperf3"):
             if shutil.which(tool) is None:
                 print(f"{tool} is missing", file=sys.stderr)
@@ -712,6 +794,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if args.cmd == "all":
                 teardown(link)
+    elif args.cmd == "sparse":
+        try:
+            sparse_outer(link, args.delay_ms / 1000, args.size, args.origin)
+        finally:
+            teardown(link)
+    elif args.cmd == "sparse-inner":
+        sparse_inner(args.label, args.image)
     elif args.cmd == "proxy-inner":
         proxy_inner(args.size, args.link_mbits)
     elif args.cmd == "echo":

@@ -182,3 +182,22 @@ def random_image(path: Path, size: int, seed: int = 1) -> bytes:
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+def sparse_image(
+    path: Path, size: int, *, fraction: float = 0.2, extent: int = 1 << 20, seed: int = 1
+) -> tuple[bytes, list[int]]:
+    """A sparse file of ``size`` bytes with random data in ``fraction`` of its ``extent``-sized
+    slots, scattered, holes elsewhere. Returns its bytes and the offsets of the data extents."""
+    rng = random.Random(seed)
+    slots = size // extent
+    chosen = sorted(rng.sample(range(slots), max(1, round(slots * fraction))))
+    content = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for slot in chosen:
+            chunk = rng.randbytes(extent)
+            content[slot * extent : (slot + 1) * extent] = chunk
+            f.seek(slot * extent)
+            f.write(chunk)
+    return bytes(content), [slot * extent for slot in chosen]

@@ -157,7 +157,13 @@ class Operations:
                 self._cache_alls.discard(scope)
         if scope.cancelled_caught:
             raise Restarting(restarting)
-        log.info("cache-all complete: every block is cached")
+        status = proxy.status()
+        log.info(
+            "cache-all complete: every block is cached (%d fetched from the origin so far, %d "
+            "cached as zeros the origin named, without fetching)",
+            status.fetched_blocks,
+            status.zeroed_blocks,
+        )
         self.changed()
 
     async def reconnect(self, host: str, port: str, exportname: str | None) -> None:

@@ -31,6 +31,7 @@ import trio
 
 from .listeners import STREAM_ERRORS, STREAM_GONE
 from .proto.client import (
+    BlockStatus,
     ClientHandshake,
     ClientTransmission,
     Connected,
@@ -93,11 +94,14 @@ def _eio(message: str) -> OSError:
 
 
 class _Call:
-    """One request waiting for its reply."""
+    """One request waiting for its reply (READ: ``buffer``; BLOCK_STATUS: ``extents`` of the
+    context ``context_id``)."""
 
-    def __init__(self, offset: int, length: int) -> None:
+    def __init__(self, offset: int, length: int, context_id: int | None = None) -> None:
         self.offset = offset
         self.buffer = bytearray(length)  # holes need nothing: they are already zeros
+        self.context_id = context_id
+        self.extents: list[tuple[int, int]] = []  # (length, flags)
         self.error = 0
         self.lost = False
         self.done = trio.Event()
@@ -170,21 +174,35 @@ class _Connection:
             if isinstance(event, ReadData):
                 start = event.offset - call.offset
                 call.buffer[start : start + len(event.data)] = event.data
+            elif isinstance(event, BlockStatus):
+                if event.context_id == call.context_id:
+                    call.extents.extend(event.extents)
             elif isinstance(event, ReplyDone):
                 call.error = event.error
                 del self.calls[event.cookie]
                 call.done.set()
 
     async def read(self, offset: int, length: int) -> bytearray:
+        call = await self._call(Cmd.READ, _Call(offset, length), length)
+        return call.buffer
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, flags) from ``offset``: a prefix of the range, or
+        a little past its end (the caller clips)."""
+        context_id = self.info.allocation_id
+        assert context_id is not None
+        call = await self._call(Cmd.BLOCK_STATUS, _Call(offset, 0, context_id), length)
+        return call.extents
+
+    async def _call(self, command: Cmd, call: _Call, length: int) -> _Call:
         if self.dead:
             raise _ConnectionLost
-        call = _Call(offset, length)
         async with self.send_lock:
             if self.dead:
                 raise _ConnectionLost
             cookie = self._next_cookie
             self._next_cookie += 1
-            wire = self.tx.request(Cmd.READ, cookie, offset, length)
+            wire = self.tx.request(command, cookie, call.offset, length)
             self.calls[cookie] = call
             await self._send(wire)
         try:
@@ -194,8 +212,11 @@ class _Connection:
         if call.lost:
             raise _ConnectionLost
         if call.error:
-            raise OSError(call.error, f"origin answered READ at {offset}+{length} with an error")
-        return call.buffer
+            raise OSError(
+                call.error,
+                f"origin answered {command.name} at {call.offset}+{length} with an error",
+            )
+        return call
 
     async def _send(self, wire: bytes) -> None:
         # A half-sent request would corrupt the stream for everyone: the send is shielded from
@@ -278,7 +299,9 @@ async def open_connection(
             stream = raw = await trio.open_tcp_stream(address.host, _port_number(address.port))
         try:
             _tune_socket(raw)
-            handshake = ClientHandshake(address.export_name or "", starttls=bool(address.tls))
+            handshake = ClientHandshake(
+                address.export_name or "", starttls=bool(address.tls), allocation=True
+            )
             result = None
             while result is None:
                 data = await stream.receive_some(RECEIVE_SIZE)
@@ -329,6 +352,8 @@ class RemoteLink:
         self.tx_flags = TxFlag(0)
         self.structured = False
         self.extended = False  # the origin took extended headers
+        self.allocation = False  # the origin answers base:allocation block status
+        self.status_requests = 0  # BLOCK_STATUS requests sent
         self.max_payload = 32 * 1024 * 1024
         self._conn: _Connection | None = None
         self._replacement: _Connection | None = None
@@ -352,6 +377,7 @@ class RemoteLink:
             "last_error": self.last_error,
             "requests": self.requests,
             "extended_headers": self.extended,
+            "allocation": self.allocation,
         }
 
     async def _negotiate(self, address: RemoteAddress) -> _Connection:
@@ -373,6 +399,7 @@ class RemoteLink:
         self.tx_flags = conn.info.tx_flags
         self.structured = conn.info.structured
         self.extended = conn.info.extended
+        self.allocation = conn.info.allocation_id is not None
         self.max_payload = conn.info.max_payload
         was_down = self._down_since
         self.state = LinkState.CONNECTED
@@ -386,10 +413,11 @@ class RemoteLink:
         else:
             headers = "extended" if self.extended else "compact"
             log.info(
-                "connected to origin %s (%d bytes, %s headers)",
+                "connected to origin %s (%d bytes, %s headers)%s",
                 self.description,
                 self.size,
                 headers,
+                "" if self.allocation else "; it cannot tell its allocation: cache-all fetches all",
             )
 
     def _tell(self) -> None:
@@ -511,11 +539,41 @@ class RemoteLink:
                     return await conn.read(offset, length)
                 except _ConnectionLost:
                     continue
+        self._drop_if_stuck(conn, started)
+        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """The origin's base:allocation extents (length, flags) from ``offset``, covering at
+        least one byte and at most ``length`` bytes (clipped here); None when the origin
+        cannot tell (no structured replies or no base:allocation context). OSError(EIO) after
+        ``timeout`` seconds, or the origin's own error."""
+        length = min(length, self.max_status_length)
+        started = trio.current_time()
+        conn: _Connection | None = None
+        with trio.move_on_after(self.timeout):
+            while True:
+                conn = await self._wait_connection()
+                if conn.info.allocation_id is None:
+                    return None
+                try:
+                    self.status_requests += 1
+                    extents = await conn.block_status(offset, length)
+                except _ConnectionLost:
+                    continue
+                return _clip(extents, length)
+        self._drop_if_stuck(conn, started)
+        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+
+    @property
+    def max_status_length(self) -> int:
+        """The longest range one BLOCK_STATUS asks about (compact lengths are 32-bit)."""
+        return (1 << 40) if self.extended else 0xFFFFF000
+
+    def _drop_if_stuck(self, conn: _Connection | None, started: float) -> None:
         # A connection on which nothing arrived since we asked is stuck: drop it, so the next
         # requests go to a fresh one.
         if conn is not None and conn is self._conn and conn.last_receive < started:
             conn.kill(f"no reply for {self.timeout}s")
-        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     async def aclose(self) -> None:
         """Send DISC and stop; requests still waiting fail with EIO."""
@@ -524,6 +582,23 @@ class RemoteLink:
             await self._conn.disconnect()
         if self._scope is not None:
             self._scope.cancel()
+
+
+def _clip(extents: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Extents with a length, at most ``length`` bytes in all (an origin may overshoot)."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for ext_len, flags in extents:
+        if ext_len <= 0:
+            continue
+        ext_len = min(ext_len, length - total)
+        out.append((ext_len, flags))
+        total += ext_len
+        if total >= length:
+            break
+    if not out:
+        raise _eio("origin answered BLOCK_STATUS without extents")
+    return out
 
 
 @asynccontextmanager

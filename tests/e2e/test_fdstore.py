@@ -56,10 +56,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("disk.img", "cow.img"):
         with open(path / name, "wb") as f:
             f.truncate(IMAGE_SIZE)
-    # Large enough that --cache-all, one block per request, is still running after 3 restarts.
+    # Large enough that --cache-all, one block per request, is still running after 3 restarts:
+    # data everywhere (the proxy caches an origin's holes without fetching them).
     with open(path / "origin.img", "wb") as f:
         f.write(random.Random(11).randbytes(IMAGE_SIZE))
-        f.truncate(PROXY_SIZE)
+        filler = random.Random(12).randbytes(1 << 20)
+        for _ in range((PROXY_SIZE - IMAGE_SIZE) >> 20):
+            f.write(filler)
     return path
 
 

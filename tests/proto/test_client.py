@@ -539,3 +539,44 @@ def test_clear_bytes_behind_the_starttls_ack_are_refused() -> None:
     hs.receive_data(option_reply(Opt.STARTTLS, Rep.ACK) + b"junk")
     with pytest.raises(ProtocolError, match="in the clear"):
         hs.tls_started()
+
+
+def meta_context_request(name: bytes, *queries: bytes) -> bytes:
+    data = struct.pack("!I", len(name)) + name + struct.pack("!I", len(queries))
+    data += b"".join(struct.pack("!I", len(q)) + q for q in queries)
+    return struct.pack("!QII", IHAVEOPT, Opt.SET_META_CONTEXT, len(data)) + data
+
+
+def test_allocation_asks_set_meta_context_after_structured_replies() -> None:
+    hs = ClientHandshake("exp", extended_headers=False, allocation=True)
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
+    hs.data_to_send()
+    hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ACK))
+    assert hs.data_to_send() == meta_context_request(b"exp", b"base:allocation")
+    context = struct.pack("!I", 7) + b"base:allocation"
+    assert hs.receive_data(option_reply(Opt.SET_META_CONTEXT, Rep.META_CONTEXT, context)) is None
+    hs.receive_data(option_reply(Opt.SET_META_CONTEXT, Rep.ACK))
+    assert struct.pack("!QI", IHAVEOPT, Opt.GO) in hs.data_to_send()
+    result = hs.receive_data(go_success())
+    assert result is not None and result.allocation_id == 7
+
+
+@pytest.mark.parametrize("answer", [Rep.ERR_UNSUP, Rep.ACK])
+def test_allocation_refused_or_not_offered_means_no_context(answer: Rep) -> None:
+    hs = ClientHandshake("exp", allocation=True)
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
+    hs.receive_data(option_reply(Opt.EXTENDED_HEADERS, Rep.ACK))
+    assert hs.data_to_send()[-len(b"base:allocation") :] == b"base:allocation"
+    hs.receive_data(option_reply(Opt.SET_META_CONTEXT, answer))  # ACK alone: no context
+    result = hs.receive_data(go_success())
+    assert result is not None and result.extended and result.allocation_id is None
+
+
+def test_no_structured_replies_means_no_meta_context_asked() -> None:
+    hs = ClientHandshake("exp", extended_headers=False, allocation=True)
+    hs.receive_data(struct.pack("!QQH", NBDMAGIC, IHAVEOPT, 1))
+    hs.data_to_send()
+    hs.receive_data(option_reply(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP))
+    assert struct.pack("!QI", IHAVEOPT, Opt.GO) in hs.data_to_send()
+    result = hs.receive_data(go_success())
+    assert result is not None and result.allocation_id is None

@@ -21,6 +21,13 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
   number of requests in flight, so client fetches never queue behind the bulk copy.
+- Sparse origins (docs/data-path.md "The sparse-aware proxy"): when the origin answers
+  ``base:allocation``, cache-all asks it which ranges read as zeros (NBD_STATE_ZERO) and caches
+  their whole blocks without fetching them: the cache range is zeroed (a punched hole where the
+  file system can), then the bits are set, and persisted by the same flush order as fetched
+  data. A set bit keeps its meaning: the cache holds the origin's bytes, zeros included.
+  Block status through the proxy answers cached ranges from the cache's allocation and the
+  others from the origin (allocated data when the origin cannot tell).
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ from xnbdd.backends.blocks import (
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.sidecar import prepare_cache_files
+from xnbdd.proto.consts import State
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
+    LinkState,
     RemoteAddress,
     RemoteLink,
     background_nursery,
@@ -60,6 +69,7 @@ log = logging.getLogger(__name__)
 MAX_FETCH = 1 << 20  # bytes per origin request for client misses (bounded latency and memory)
 BULK_BYTES_IN_FLIGHT = 8 << 20  # cache_all: bytes requested but not yet stored, own connection
 BULK_SHARED_REQUESTS = 2  # cache_all on the clients' connection (origin allows only one)
+STATUS_SPAN = 1 << 30  # cache_all: bytes of the origin's allocation asked about at once
 SYNC_INTERVAL = 5.0  # seconds between background flushes of data + bitmap
 
 ProgressCallback = Callable[[int, int], None]  # (cached blocks, total blocks)
@@ -84,8 +94,10 @@ class ProxyStatus:
     remote: str
     remote_state: str
     remote_error: str
+    remote_allocation: bool  # the origin answers base:allocation (cache-all skips its zeros)
     cache_all_running: bool
     fetched_blocks: int
+    zeroed_blocks: int  # cached from the origin's allocation (zeros), never fetched
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -119,6 +131,7 @@ class ProxyBackend:
         self._cache_all_scope: trio.CancelScope | None = None
         self._detached = False
         self.fetched_blocks = 0
+        self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
 
     # -- Backend protocol ----------------------------------------------------------------------
@@ -228,12 +241,34 @@ class ProxyBackend:
             await flush_data_then_bitmap(self._cache.flush, self._bitmap)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Cached blocks: the cache file's allocation; uncached ones: allocated data (status 0,
-        always a safe answer, since the origin's allocation is not known here)."""
+        """Cached blocks: the cache file's allocation; uncached ones: the origin's, or
+        allocated data (status 0, always a safe answer) when the origin cannot tell or does
+        not answer."""
         [(_start, run_end, cached)] = present_runs(self._bitmap, offset, length, limit=1)
-        if not cached:
+        if cached:
+            return await self._cache.block_status(offset, run_end - offset)
+        extents = None
+        if self._link.state is LinkState.CONNECTED:  # an origin that is down: no waiting
+            try:
+                extents = await self._link.block_status(offset, run_end - offset)
+            except OSError as exc:
+                log.debug("origin block status at %d failed (%s): answered as data", offset, exc)
+        if extents is None:
             return [Extent(run_end - offset)]
-        return await self._cache.block_status(offset, run_end - offset)
+        # The client asked; the origin says these blocks read as zeros: cache them now (no
+        # fetch), so a later read or cache-all does not ask for them. Opportunistic: a failure
+        # (or another task's failed fetch of some of them) leaves them uncached.
+        try:
+            for a, b in self._zero_blocks(offset, extents)[0]:
+                await self._ensure_cached(
+                    a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
+                )
+        except OSError as exc:
+            log.debug("zeros at %d named by the origin not cached: %s", offset, exc)
+        return [
+            Extent(ext_len, hole=bool(flags & State.HOLE), zero=bool(flags & State.ZERO))
+            for ext_len, flags in extents
+        ]
 
     async def close(self) -> None:
         """Flush and release everything (not the cache image once handed to target mode)."""
@@ -291,8 +326,10 @@ class ProxyBackend:
             remote=self._link.description,
             remote_state=self._link.state.value,
             remote_error=self._link.last_error,
+            remote_allocation=self._link.allocation,
             cache_all_running=self._cache_all_scope is not None,
             fetched_blocks=self.fetched_blocks,
+            zeroed_blocks=self.zeroed_blocks,
         )
 
     async def reconnect(self, address: RemoteAddress) -> None:
@@ -362,11 +399,12 @@ class ProxyBackend:
         room = trio.Event()
         last_report = -1.0
 
-        async def fetch_window(first: int, stop: int) -> None:
+        async def fill_window(first: int, stop: int, zero: bool) -> None:
             nonlocal in_flight, room, last_report
             try:
                 link = state.link or self._link
-                await self._ensure_cached(first, stop, link, per_request * BLOCK_SIZE, store=True)
+                max_request = (stop - first if zero else per_request) * BLOCK_SIZE
+                await self._ensure_cached(first, stop, link, max_request, store=True, zero=zero)
             finally:
                 in_flight -= 1
                 room.set()
@@ -378,17 +416,71 @@ class ProxyBackend:
         while not self.is_complete():
             try:
                 async with trio.open_nursery() as nursery:
-                    for window in range(0, self.nblocks, per_request):
-                        window_stop = min(window + per_request, self.nblocks)
-                        for first, stop in self._bitmap.runs(window, window_stop, False):
-                            while in_flight >= state.window:
-                                room = trio.Event()
-                                await room.wait()
-                            in_flight += 1
-                            nursery.start_soon(fetch_window, first, stop)
+                    pos = 0
+                    while pos < self.nblocks:
+                        runs = await self._origin_runs(state.link or self._link, pos)
+                        for run_first, run_stop, zero in runs:
+                            step = run_stop - run_first if zero else per_request
+                            for window in range(run_first, run_stop, step):
+                                window_stop = min(window + step, run_stop)
+                                for first, stop in self._bitmap.runs(window, window_stop, False):
+                                    while in_flight >= state.window:
+                                        room = trio.Event()
+                                        await room.wait()
+                                    in_flight += 1
+                                    nursery.start_soon(fill_window, first, stop, zero)
+                        pos = runs[-1][1] if runs else self.nblocks
             except* OSError as group:
                 raise group.exceptions[0] from None
             # blocks another task held busy may still be missing: go round again
+
+    async def _origin_runs(self, link: RemoteLink, start: int) -> list[tuple[int, int, bool]]:
+        """Block runs (first, stop, zero) from the first uncached block at or after ``start``:
+        ``zero`` where the origin says whole blocks read as zeros. One BLOCK_STATUS over up to
+        STATUS_SPAN bytes; an origin that cannot tell gets everything as data. Empty when
+        nothing from ``start`` on is uncached."""
+        first = next((a for a, _b in self._bitmap.runs(start, self.nblocks, False)), None)
+        if first is None:
+            return []
+        offset = first * BLOCK_SIZE
+        span = min(STATUS_SPAN, self._size - offset)
+        try:
+            extents = await link.block_status(offset, span)
+        except OSError as exc:  # the fetches will tell if the origin is gone; this span is data
+            log.warning("origin block status at %d failed (%s): fetching it all", offset, exc)
+            return [(first, nblocks_for(offset + span), False)]
+        if extents is None:
+            return [(first, self.nblocks, False)]
+        zeros, end = self._zero_blocks(offset, extents)
+        runs: list[tuple[int, int, bool]] = []
+        block = first  # runs cover [first, block)
+        for a, b in zeros:
+            if a > block:
+                runs.append((block, a, False))
+            runs.append((a, b, True))
+            block = b
+        known = nblocks_for(end) if end >= self._size else end // BLOCK_SIZE
+        if max(known, first + 1) > block:  # an answer shorter than a block: fetch one
+            runs.append((block, max(known, first + 1), False))
+        return runs
+
+    def _zero_blocks(
+        self, offset: int, extents: list[tuple[int, int]]
+    ) -> tuple[list[tuple[int, int]], int]:
+        """The block runs [a, b) that base:allocation ``extents`` starting at byte ``offset``
+        call zeros (NBD_STATE_ZERO; a block shared with data is data), and the byte where the
+        extents end."""
+        zeros: list[tuple[int, int]] = []
+        pos = offset
+        for ext_len, flags in extents:
+            if flags & State.ZERO:
+                a, b = whole_blocks(pos, ext_len, self._size)
+                if b > a and zeros and zeros[-1][1] == a:
+                    zeros[-1] = (zeros[-1][0], b)
+                elif b > a:
+                    zeros.append((a, b))
+            pos += ext_len
+        return zeros, pos
 
     async def switch_to_target(self) -> FileBackend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
@@ -436,6 +528,20 @@ class ProxyBackend:
     async def _fetch_edge(self, first: int, stop: int) -> None:
         await self._fetch_into_cache(self._link, first, stop)
 
+    async def _zero_into_cache(self, first: int, stop: int, *, store: bool) -> None:
+        """Blocks the caller holds busy that the origin reads as zeros: zero them in the cache
+        (punch a hole where the file system can), then mark them cached; no fetch. Without
+        ``store`` a failure leaves them uncached, silently (they are fetched when read)."""
+        offset, end = block_bytes(first, stop, self._size)
+        try:
+            await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
+        except OSError:
+            if store:
+                raise
+            return
+        self._mark_cached(first, stop)
+        self.zeroed_blocks += stop - first
+
     async def _fetch_into_cache(
         self, link: RemoteLink, first: int, stop: int, *, store: bool = True
     ) -> bytearray:
@@ -466,13 +572,21 @@ class ProxyBackend:
         return data
 
     async def _ensure_cached(
-        self, first: int, stop: int, link: RemoteLink, max_request: int, *, store: bool
+        self,
+        first: int,
+        stop: int,
+        link: RemoteLink,
+        max_request: int,
+        *,
+        store: bool,
+        zero: bool = False,
     ) -> bytearray | None:
         """Make [first, stop) cached: fetch the missing blocks nobody else is fetching (adjacent
         ones together, at most ``max_request`` bytes per request) and wait for the others.
         Returns the data when all of [first, stop) came in one fetch of ours, else None.
         ``store`` False: blocks the cache could not take are left uncached (no error) and the
-        call returns after one round, so a full cache never makes it fetch in a loop."""
+        call returns after one round, so a full cache never makes it fetch in a loop.
+        ``zero``: the origin reads these blocks as zeros: zero them in the cache, no fetch."""
         per_request = max(1, max_request // BLOCK_SIZE)
         fetched_once = False
         while True:
@@ -488,15 +602,15 @@ class ProxyBackend:
             fetched_once = bool(mine)
             claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
             if len(claims) == 1:
-                data = await self._fetch_claimed(link, *claims[0], store=store)
-                if not others and mine[0] == (first, stop):
+                data = await self._fetch_claimed(link, *claims[0], store=store, zero=zero)
+                if not others and mine[0] == (first, stop) and not zero:
                     return data
             elif claims:
                 try:
                     async with trio.open_nursery() as nursery:
                         for claim in claims:
                             nursery.start_soon(
-                                partial(self._fetch_claimed, store=store), link, *claim
+                                partial(self._fetch_claimed, store=store, zero=zero), link, *claim
                             )
                 except* OSError as group:
                     raise group.exceptions[0] from None
@@ -506,10 +620,20 @@ class ProxyBackend:
                     raise OSError(holder.error.errno, str(holder.error))
 
     async def _fetch_claimed(
-        self, link: RemoteLink, first: int, stop: int, lock: RangeLock, *, store: bool
+        self,
+        link: RemoteLink,
+        first: int,
+        stop: int,
+        lock: RangeLock,
+        *,
+        store: bool,
+        zero: bool = False,
     ) -> bytearray:
         error: OSError | None = None
         try:
+            if zero:
+                await self._zero_into_cache(first, stop, store=store)
+                return bytearray()
             return await self._fetch_into_cache(link, first, stop, store=store)
         except OSError as exc:
             error = exc

@@ -9,7 +9,9 @@ touches a socket.
 - newstyle without FIXED_NEWSTYLE (xnbd-wrapper): client flags 0, NBD_OPT_EXPORT_NAME only, then
   size, 16-bit flags and 124 zeros (NO_ZEROES is never asked of such a server).
 - fixed newstyle: NBD_OPT_EXTENDED_HEADERS (they imply structured replies); if refused,
-  NBD_OPT_STRUCTURED_REPLY (its refusal is fine too); then NBD_OPT_GO asking for
+  NBD_OPT_STRUCTURED_REPLY (its refusal is fine too); with structured replies and
+  ``allocation``, NBD_OPT_SET_META_CONTEXT for ``base:allocation`` (a refusal or no context
+  just means the server cannot tell); then NBD_OPT_GO asking for
   NBD_INFO_BLOCK_SIZE; a server without GO (ERR_UNSUP) gets EXPORT_NAME instead, unless it took
   extended headers (then it MUST know GO, and EXPORT_NAME is forbidden).
 Options are sent one at a time: the next only after the final reply to the previous one.
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from .consts import (
+    BASE_ALLOCATION,
     CLISERV_MAGIC,
     EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
@@ -125,6 +128,7 @@ class Connected:
     preferred_block: int = 4096
     max_payload: int = MAX_PAYLOAD  # the spec's default when the server says nothing
     extended: bool = False  # 32-byte headers (implies structured)
+    allocation_id: int | None = None  # the server's context id for base:allocation
 
 
 class _HS(Enum):
@@ -146,6 +150,7 @@ class ClientHandshake:
         structured_replies: bool = True,
         extended_headers: bool = True,
         starttls: bool = False,
+        allocation: bool = False,
     ) -> None:
         name = export_name.encode()
         if len(name) > MAX_STRING:
@@ -154,6 +159,8 @@ class ClientHandshake:
         self._want_structured = structured_replies
         self._want_extended = extended_headers
         self._starttls = starttls
+        self._want_allocation = allocation
+        self._allocation_id: int | None = None
         self.wants_tls = False  # STARTTLS acknowledged: upgrade, then ``tls_started``
         self._state = _HS.GREETING
         self._buffer = bytearray()
@@ -283,6 +290,15 @@ class ClientHandshake:
         self._option = option
         self._state = _HS.OPTION_REPLY
 
+    def _after_structured(self) -> None:
+        """Structured replies are on: ask for base:allocation if wanted, then GO."""
+        if not self._want_allocation:
+            self._send_go()
+            return
+        query = BASE_ALLOCATION.encode()
+        data = U32.pack(len(self._name)) + self._name + U32.pack(1)
+        self._send_option(Opt.SET_META_CONTEXT, data + U32.pack(len(query)) + query)
+
     def _send_go(self) -> None:
         data = struct.pack("!I", len(self._name)) + self._name
         data += struct.pack("!HH", 1, Info.BLOCK_SIZE)
@@ -317,7 +333,7 @@ class ClientHandshake:
         if self._option is Opt.EXTENDED_HEADERS:
             if rep == Rep.ACK:
                 self._extended = self._structured = True
-                self._send_go()
+                self._after_structured()
             elif not rep & 0x80000000:
                 raise ProtocolError(f"unexpected reply {rep:#x} to EXTENDED_HEADERS")
             elif self._want_structured:  # refused: compact headers, structured if we can
@@ -328,9 +344,24 @@ class ClientHandshake:
         if self._option is Opt.STRUCTURED_REPLY:
             if rep == Rep.ACK:
                 self._structured = True
+                self._after_structured()
             elif not rep & 0x80000000:
                 raise ProtocolError(f"unexpected reply {rep:#x} to STRUCTURED_REPLY")
-            # any error: carry on with simple replies
+            else:  # any error: carry on with simple replies (no block status then)
+                self._send_go()
+            return True
+        if self._option is Opt.SET_META_CONTEXT:
+            if rep == Rep.META_CONTEXT:
+                if len(payload) < U32.size:
+                    raise ProtocolError("NBD_REP_META_CONTEXT without a context id")
+                (context_id,) = U32.unpack_from(payload)
+                if payload[U32.size :] == BASE_ALLOCATION.encode():
+                    self._allocation_id = context_id
+                return True
+            if rep != Rep.ACK and not rep & 0x80000000:
+                raise ProtocolError(f"unexpected reply {rep:#x} to SET_META_CONTEXT")
+            if rep != Rep.ACK:  # refused: the server cannot tell us its allocation
+                self._allocation_id = None
             self._send_go()
             return True
         # Opt.GO
@@ -379,6 +410,7 @@ class ClientHandshake:
             preferred_block=preferred,
             max_payload=min(maximum, MAX_PAYLOAD) if maximum else MAX_PAYLOAD,
             extended=self._extended,
+            allocation_id=self._allocation_id,
         )
         self._state = _HS.DONE
 
