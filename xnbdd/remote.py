@@ -13,7 +13,8 @@ Fixes of the original's upstream handling (docs/decisions.md D15-D19):
   has failed (docs/faults.md);
 - ``reconnect`` switches to another origin after checking that it exports the same size.
 
-The wire protocol lives in ``xnbdd.proto.client``; this module only moves its bytes.
+The wire protocol lives in ``xnbdd.proto.client`` and ``client_transmission``; this module only
+moves its bytes.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from enum import Enum
 import trio
 
 from .listeners import STREAM_ERRORS, STREAM_GONE
-from .proto.client import (
+from .proto.client import ClientHandshake, Connected
+from .proto.client_transmission import (
     BlockStatus,
-    ClientHandshake,
     ClientTransmission,
-    Connected,
     ReadData,
     ReplyDone,
     ReplyEvent,

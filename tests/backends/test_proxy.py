@@ -281,8 +281,16 @@ def test_kill_9_never_exposes_a_wrong_block(tmp_path: Path) -> None:
                 bitmap=str(bitmap),
                 nblocks=NBLOCKS,
             )
+            before = cached_counts[-1] if cached_counts else 0
             child = subprocess.Popen([sys.executable, "-c", code])
-            time.sleep(0.6 + rng.random() * 0.8)
+            # kill once this round's cache-all has made progress (a loaded machine may take
+            # seconds to start the child), at a random moment after that
+            deadline = time.monotonic() + 120
+            while not (bitmap.exists() and sum(bits_on_disk(bitmap, nblocks)) > before):
+                assert child.poll() is None, "the proxy process ended by itself"
+                assert time.monotonic() < deadline, "cache-all made no progress"
+                time.sleep(0.02)
+            time.sleep(rng.random() * 0.5)
             child.send_signal(signal.SIGKILL)
             child.wait()
             allowed: dict[int, set[bytes]] = {}

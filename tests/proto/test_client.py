@@ -9,13 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xnbdd.proto.client import (
-    BlockStatus,
     ClientHandshake,
-    ClientTransmission,
     ClientUsageError,
     Connected,
     HandshakeStyle,
     OptionRefused,
+)
+from xnbdd.proto.client_transmission import (
+    BlockStatus,
+    ClientTransmission,
     ReadData,
     ReadHole,
     ReplyDone,

@@ -10,7 +10,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xnbdd.proto.client import ClientHandshake, ClientTransmission, ReplyDone
+from xnbdd.proto.client import ClientHandshake
+from xnbdd.proto.client_transmission import ClientTransmission, ReplyDone
 from xnbdd.proto.consts import IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC, Cmd, Opt, Rep, TxFlag
 from xnbdd.proto.errors import NBDError, RequestError
 from xnbdd.proto.handshake import HandshakeState
