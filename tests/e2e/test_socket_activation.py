@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.conftest import daemon_command, daemon_env
 from tests.e2e.systemd_fixtures import REPO, NotifyReceiver, free_port, missing_tools
+from tests.libnbd import import_nbd
 
 pytestmark = [
     pytest.mark.e2e,
@@ -269,3 +270,35 @@ def test_nbdcopy_keeps_to_one_connection_of_a_per_connection_cow_target(
     notify.wait_for("TEST_MARK", "1", timeout=20)
     ready = [n.pid for n in notify.received if n.fields.get("READY") == "1"]
     assert len(ready) == 1, f"{len(ready)} connection processes for one nbdcopy: {ready}"
+
+
+def test_a_multi_conn_client_reads_back_what_it_wrote_per_connection(
+    image: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A client using multi-conn as the spec allows (and as nbdcopy and qemu do): as many
+    connections as the server lets it share, writes through one, FLUSH, reads through another.
+    A per-connection cow-target must not let it: each connection's process has its own overlay."""
+    nbd = import_nbd()
+    port = free_port()
+    launcher = activate(
+        "-l", f"127.0.0.1:{port}", "--accept", "--", *daemon_command("--cow-target", str(image))
+    )
+    procs.append(launcher)
+    wait_listening(port, launcher)
+    uri = f"nbd://127.0.0.1:{port}/"
+    handles = [nbd.NBD()]
+    try:
+        handles[0].connect_uri(uri)
+        if handles[0].can_multi_conn():
+            for _ in range(3):
+                handles.append(nbd.NBD())
+                handles[-1].connect_uri(uri)
+        chunks = [os.urandom(64 << 10) for _ in range(8)]
+        for i, chunk in enumerate(chunks):
+            handles[i % len(handles)].pwrite(chunk, i << 16)
+        handles[0].flush()  # with multi-conn, this covers every connection's writes
+        for i, chunk in enumerate(chunks):
+            assert handles[(i + 1) % len(handles)].pread(64 << 10, i << 16) == chunk, i
+    finally:
+        for h in handles:
+            h.shutdown()
