@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from xnbdd.lifetime import PidFile
 
 
@@ -32,3 +34,10 @@ def test_never_written_is_never_removed(tmp_path: Path) -> None:
     path.write_text(f"{os.getpid()}\n")
     PidFile(str(path)).remove()  # start-up failed before the file was ours
     assert path.exists()
+
+
+def test_a_missing_directory_is_named_by_the_pid_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "x.pid"
+    with pytest.raises(FileNotFoundError) as caught:
+        PidFile(str(path)).write()
+    assert caught.value.filename == str(path)

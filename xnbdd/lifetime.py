@@ -24,7 +24,10 @@ class PidFile:
     def write(self) -> None:
         """Atomically: a reader sees no file or the whole PID, never a partial line."""
         directory = os.path.dirname(self.path) or "."
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pid-")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".pid-")
+        except OSError as err:  # named by the path the user gave, not the temporary's
+            raise OSError(err.errno, err.strerror, self.path) from None
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()}\n")
