@@ -1,5 +1,6 @@
 """Is the storage behind a path a spinning disk? The answer sets NBD_FLAG_ROTATIONAL, which lets
-a client (the Linux nbd driver, qemu) schedule its requests for seeks (docs/protocol-rules.md, rule 22).
+a client (the Linux nbd driver, qemu) schedule its requests for seeks (docs/protocol-rules.md,
+rule 22).
 
 A block device answers for itself; a regular file for the device of its file system. The kernel
 says it in sysfs: /sys/dev/block/MAJ:MIN/queue/rotational. A partition has no queue of its own,
