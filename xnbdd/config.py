@@ -192,6 +192,8 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "remote-tls-ca": ("remote_tls_ca", _path),
     "remote-tls-cert": ("remote_tls_cert", _path),
     "remote-tls-key": ("remote_tls_key", _path),
+    "pid-file": ("pid_file", _path),
+    "rotational": ("rotational", _boolean),
 }
 
 
@@ -272,6 +274,8 @@ class Config:
     remote_tls_ca: str | None = None
     remote_tls_cert: str | None = None
     remote_tls_key: str | None = None
+    pid_file: str | None = None
+    rotational: bool | None = None  # None: as the image's device says (rotational.py)
     given: frozenset[str] = frozenset()  # dest names the file set
 
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -84,12 +85,18 @@ class Connection:
         self.pending = b""  # bytes the client sent behind its handshake
         self.tls: TLSSession | None = None  # set once STARTTLS succeeded
         self.keeper = keeper  # its place in systemd's fd store, if there is one
+        self.since = time.time()  # connected (or adopted from the previous process) at
+        self.export_name: str | None = None  # set once negotiated
+        self.asked_name: str | None = None  # the name the client asked for (any reaches us)
 
     # -- handshake (the HandshakeHost of negotiation.py) ----------------------------------------
 
     async def find_export(self, event: ExportRequested) -> ExportInfo | None:
         export = self.catalog.lookup(event.name)
-        return export.info() if export is not None else None
+        if export is None:
+            return None
+        self.asked_name = event.name  # the last one asked for is the one GO serves
+        return export.info()
 
     def list_exports(self) -> Iterable[ExportInfo]:
         return [export.info() for export in self.catalog.exports()]
@@ -143,8 +150,14 @@ class Connection:
         return channel
 
     def describe(self) -> dict[str, object]:
-        """What the control socket's query lists per connection."""
-        return {"client": self.peer, "tls": self.tls is not None}
+        """What the control socket's query lists per connection; ``export`` is None while the
+        client negotiates."""
+        return {
+            "client": self.peer,
+            "export": self.export_name,
+            "since": round(self.since, 3),
+            "tls": self.tls is not None,
+        }
 
     def _fields(self) -> dict[str, str]:
         return {"XNBD_CLIENT": self.peer} if self.peer else {}
@@ -166,6 +179,8 @@ class Connection:
             export = self.catalog.lookup(negotiated.export.name)
             if export is None:
                 return
+            asked = self.asked_name
+            self.export_name = negotiated.export.name if asked is None else asked
             await self._transmission(export, negotiated)
         except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; nothing to answer

@@ -27,10 +27,12 @@ from .control.server import serve_control
 from .export import Export
 from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
+from .lifetime import PidFile
 from .listeners import PatientListener, describe, peer_name, to_trio_stream
 from .operations import Operations
 from .proto.messages import Negotiated, transmission_flags
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
+from .rotational import is_rotational
 from .signals import sigterm_came_early
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
@@ -66,6 +68,8 @@ class ServerOptions:
     remote_timeout: float = DEFAULT_TIMEOUT
     remote_tls: ClientTLSOptions | None = None  # the origin link speaks TLS
     tls: ServerTLSOptions = field(default_factory=ServerTLSOptions)
+    rotational: bool | None = None  # None: as the image's device says (rotational.py)
+    pid_file: str = ""  # written once clients can connect, removed at exit
     # SIGHUP re-reads this file; keys given on the command line keep their values
     config: str | None = None
     command_line_keys: frozenset[str] = frozenset()
@@ -143,6 +147,7 @@ class Daemon:
         self.ops = Operations(opts, self.state, self.notifier, self._update_status)
         self._stop_accepting = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
+        self.pid_file = PidFile(opts.pid_file) if opts.pid_file else None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -151,8 +156,17 @@ class Daemon:
             ops = self.ops
             backend = await self._open_backend(stack)
             name = self.opts.exportname or ""
+            rotational = self.opts.rotational
+            if rotational is None:
+                rotational = is_rotational(self.opts.image)
+            src = self.sources
             export = ops.export = Export(
-                name, backend, description=self.opts.description, readonly=self.opts.readonly
+                name,
+                backend,
+                description=self.opts.description,
+                readonly=self.opts.readonly,
+                rotational=rotational,
+                one_connection=src.connection is not None or src.negotiated_fd is not None,
             )
             if ops.proxy is not None:
                 export.extra_contexts[CACHED_CONTEXT] = ops.cached_extents
@@ -178,6 +192,8 @@ class Daemon:
                 with trio.CancelScope(shield=True):
                     await export.backend.close()
                     self.notifier.close()
+                    if self.pid_file is not None:
+                        self.pid_file.remove()
         log.info("stopped")
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
@@ -287,6 +303,8 @@ class Daemon:
         nursery.start_soon(self._client, stream, catalog, negotiated, pending, keeper)
 
     def _ready(self, what: str) -> None:
+        if self.pid_file is not None:
+            self.pid_file.write()  # OSError: a start-up failure, one line
         self.notifier.ready()
         self._update_status()
         log.info("ready: %s %s, %s", self.ops.mode, self.opts.image, what)

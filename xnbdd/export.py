@@ -37,8 +37,14 @@ class Export:
         *,
         description: str = "",
         readonly: bool = False,
+        rotational: bool = False,
+        one_connection: bool = False,
     ) -> None:
         self.name = name
+        self.rotational = rotational  # NBD_FLAG_ROTATIONAL: a seek-bound device (rotational.py)
+        # This process serves one connection (--inetd, --connected-fd, Accept=yes): a client's
+        # other connections reach other processes, which share only what the backend shares.
+        self.one_connection = one_connection
         self.description = description
         self.backend = backend
         self.inline = _inline_io(backend)
@@ -76,8 +82,10 @@ class Export:
             flags |= TxFlag.SEND_WRITE_ZEROES
             if caps.fast_zero:
                 flags |= TxFlag.SEND_FAST_ZERO
-        if caps.multi_conn:
+        if caps.multi_conn and (caps.shared_by_processes or not self.one_connection):
             flags |= TxFlag.CAN_MULTI_CONN
+        if self.rotational:
+            flags |= TxFlag.ROTATIONAL
         if caps.cache:
             flags |= TxFlag.SEND_CACHE
         return flags

@@ -118,7 +118,7 @@ def _syslog_handler(identifier: str) -> logging.Handler:
     handler = logging.handlers.SysLogHandler(
         address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
     )
-    handler.setFormatter(_TextFormatter(f"{identifier}[{os.getpid()}]: %(message)s"))
+    handler.setFormatter(_TextFormatter(f"{identifier}[%(process)d]: %(message)s"))
     return handler
 
 
@@ -143,7 +143,8 @@ def setup_logging(
         old.close()
     _installed.clear()
 
-    text_format = f"%(asctime)s {identifier}[{os.getpid()}] %(levelname)s: %(message)s"
+    # The PID of the record, not of the set-up: --daemonize forks after logging is set up.
+    text_format = f"%(asctime)s {identifier}[%(process)d] %(levelname)s: %(message)s"
     handlers: list[logging.Handler] = []
     if logpath:
         file_handler = _PrivateFileHandler(logpath)

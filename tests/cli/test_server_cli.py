@@ -293,3 +293,19 @@ def test_tls_settings_reach_the_options(tmp_path: Path) -> None:
     )
     assert proxy.remote_tls is not None and proxy.remote_tls.ca == os.path.abspath("ca.pem")
     assert proxy.tls.mode is TLSPolicy.OFF
+
+
+def test_lifetime_and_rotational_settings_reach_the_options(tmp_path: Path) -> None:
+    """The file's pid-file and rotational keys, and the command line over them."""
+    from xnbdd.cli.server import make_options, parse
+
+    conf = tmp_path / "x.conf"
+    conf.write_text("pid-file = /run/xnbd/x.pid\nrotational = yes\n")
+    opts = make_options(parse(["--target", "--config", str(conf), "/img"]))
+    assert opts.pid_file == "/run/xnbd/x.pid" and opts.rotational is True
+    over = parse(["--target", "--config", str(conf), "--no-rotational", "--pid-file", "p", "/img"])
+    assert make_options(over).rotational is False
+    assert make_options(over).pid_file == os.path.abspath("p")
+    default = make_options(parse(["--target", "/img"]))
+    assert default.rotational is None and default.pid_file == ""  # None: ask sysfs
+    assert parse(["--target", "--exit-with-parent", "/img"]).exit_with_parent

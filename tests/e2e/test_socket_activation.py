@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e.conftest import daemon_command, daemon_env
 from tests.e2e.systemd_fixtures import REPO, NotifyReceiver, free_port, missing_tools
+from tests.libnbd import import_nbd
 
 pytestmark = [
     pytest.mark.e2e,
@@ -207,3 +208,97 @@ def test_bad_environment_is_one_line_and_an_exit(image: Path, tmp_path: Path, ca
     assert len(lines) == 1, proc.stderr
     expected = "LISTEN_PID=1 is not this process" if case == "other_pid" else "not a socket"
     assert lines[0].startswith("xnbd-server: ") and expected in lines[0]
+
+
+def multi_conn_of(uri: str) -> bool:
+    exports = nbdinfo(uri)["exports"]
+    assert isinstance(exports, list)
+    return bool(exports[0]["can_multi_conn"])
+
+
+@pytest.mark.parametrize(
+    ("accept", "mode", "multi_conn"),
+    [
+        (True, "--cow-target", False),  # each connection its own process and overlay
+        (False, "--cow-target", True),  # one process, one overlay for every connection
+        (True, "--target", True),  # separate processes, but one file: writes are shared
+    ],
+)
+def test_multi_conn_only_where_connections_share_the_data(
+    image: Path,
+    procs: list[subprocess.Popen[str]],
+    accept: bool,
+    mode: str,
+    multi_conn: bool,
+) -> None:
+    port = free_port()
+    shape = ["--accept"] if accept else []
+    launcher = activate("-l", f"127.0.0.1:{port}", *shape, "--", *daemon_command(mode, str(image)))
+    procs.append(launcher)
+    wait_listening(port, launcher)
+    assert multi_conn_of(f"nbd://127.0.0.1:{port}/") is multi_conn
+
+
+def test_nbdcopy_keeps_to_one_connection_of_a_per_connection_cow_target(
+    image: Path, tmp_path: Path, notify: NotifyReceiver, procs: list[subprocess.Popen[str]]
+) -> None:
+    """nbdcopy opens four connections to an export that offers multi-conn; each would reach its
+    own process with its own overlay, a quarter of the writes in each. Without the offer it
+    writes and flushes everything through one connection, one process."""
+    port = free_port()
+    launcher = activate(
+        "-l",
+        f"127.0.0.1:{port}",
+        "--accept",
+        "--",
+        *daemon_command("--cow-target", str(image)),
+        notify=notify,
+    )
+    procs.append(launcher)
+    wait_listening(port, launcher)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    subprocess.run(
+        ["nbdcopy", "--connections=4", str(src), f"nbd://127.0.0.1:{port}/"],
+        check=True,
+        timeout=60,
+    )
+    # Every connection process said READY before it served, so before nbdcopy exited; a mark
+    # sent now queues behind all of them.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"TEST_MARK=1", "\0" + notify.address[1:])
+    notify.wait_for("TEST_MARK", "1", timeout=20)
+    ready = [n.pid for n in notify.received if n.fields.get("READY") == "1"]
+    assert len(ready) == 1, f"{len(ready)} connection processes for one nbdcopy: {ready}"
+
+
+def test_a_multi_conn_client_reads_back_what_it_wrote_per_connection(
+    image: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A client using multi-conn as the spec allows (and as nbdcopy and qemu do): as many
+    connections as the server lets it share, writes through one, FLUSH, reads through another.
+    A per-connection cow-target must not let it: each connection's process has its own overlay."""
+    nbd = import_nbd()
+    port = free_port()
+    launcher = activate(
+        "-l", f"127.0.0.1:{port}", "--accept", "--", *daemon_command("--cow-target", str(image))
+    )
+    procs.append(launcher)
+    wait_listening(port, launcher)
+    uri = f"nbd://127.0.0.1:{port}/"
+    handles = [nbd.NBD()]
+    try:
+        handles[0].connect_uri(uri)
+        if handles[0].can_multi_conn():
+            for _ in range(3):
+                handles.append(nbd.NBD())
+                handles[-1].connect_uri(uri)
+        chunks = [os.urandom(64 << 10) for _ in range(8)]
+        for i, chunk in enumerate(chunks):
+            handles[i % len(handles)].pwrite(chunk, i << 16)
+        handles[0].flush()  # with multi-conn, this covers every connection's writes
+        for i, chunk in enumerate(chunks):
+            assert handles[(i + 1) % len(handles)].pread(64 << 10, i << 16) == chunk, i
+    finally:
+        for h in handles:
+            h.shutdown()

@@ -26,6 +26,10 @@ class Capabilities:
     fast_zero: bool = True  # zero() with fast=True may succeed (else always ENOTSUP)
     cache: bool = True
     multi_conn: bool = True  # every connection of the export shares one data path
+    # Another process opening the same image sees this one's writes (a file: yes; a private
+    # cow overlay or a proxy's cache: no). Decides multi-conn when each connection is its own
+    # process (--inetd, Accept=yes).
+    shared_by_processes: bool = True
     block_status: bool = True
 
 

@@ -114,6 +114,7 @@ class CowBackend:
             zero=True,
             fast_zero=self.overlay.capabilities.fast_zero,
             multi_conn=True,  # one overlay for every connection
+            shared_by_processes=False,  # the overlay is this process's own
         )
 
     async def read(self, offset: int, length: int) -> bytearray:

@@ -152,6 +152,7 @@ class ProxyBackend:
             fast_zero=not self.readonly and cache_caps.fast_zero,
             cache=True,
             multi_conn=True,  # one cache, one bitmap, one lock table for every connection
+            shared_by_processes=False,  # the bitmap and lock table live in this process
             block_status=True,
         )
 

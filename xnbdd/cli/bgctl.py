@@ -87,6 +87,7 @@ def format_query(status: dict[str, Any]) -> str:
             f"TLS {tls}: {status.get('tls_clients', 0)} of {status.get('clients', 0)} "
             "clients over TLS"
         )
+    usage += format_clients(status.get("connections"))
     mode = status.get("mode", "proxy")
     if mode != "proxy" and "cache_path" not in status:
         head = f"{mode} mode: {status.get('image', '?')}, disksize {status.get('size', 0)}"
@@ -103,6 +104,21 @@ def format_query(status: dict[str, Any]) -> str:
         *usage,
     ]
     return "\n".join(lines)
+
+
+def format_clients(connections: object) -> list[str]:
+    """Lines of our own after the original's: who is connected, to which export, since when
+    (UTC). A daemon older than this list sends none, and gets no lines."""
+    if not isinstance(connections, list):
+        return []
+    lines = [f"connected clients: {len(connections)}"]
+    for c in sorted(connections, key=lambda c: float(c.get("since", 0))):
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(c.get("since", 0))))
+        name = c.get("export")
+        export = "negotiating" if name is None else f"export {json.dumps(name)}"
+        tls = ", TLS" if c.get("tls") else ""
+        lines.append(f"  {c.get('client') or '?'}: {export}, since {since}{tls}")
+    return lines
 
 
 class ProgressBar:

@@ -21,6 +21,7 @@ from ..allocator import limit_arenas
 from ..config import Config, ConfigError, Mode, load, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..fdstore import take_stored
+from ..lifetime import exit_with_parent
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..proto.handshake import TLSPolicy
@@ -58,6 +59,7 @@ class Settings(Config):
     inetd: bool = False
     connected_fd: int | None = None
     daemonize: bool = False
+    exit_with_parent: bool = False
     verbose: bool = False
     config: str | None = None  # the configuration file, absolute: SIGHUP reads it again
     command_line_keys: frozenset[str] = frozenset()  # these keep their values at a reload
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     exp.add_argument(
+        "--rotational",
+        action=argparse.BooleanOptionalAction,
+        help="advertise (or with --no-rotational, do not) a rotational disk to clients "
+        "(default: as the image's device says in sysfs)",
+    )
+    exp.add_argument(
         "--max-clients",
         type=number,
         metavar="N",
@@ -271,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-d", "--daemonize", action="store_true", help="detach (ignored under systemd)"
     )
+    run.add_argument(
+        "--pid-file",
+        metavar="PATH",
+        help="write the daemon's PID to PATH once it accepts clients; removed when it stops",
+    )
+    run.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (as on SIGTERM) when the process that started the server exits (Linux)",
+    )
     run.add_argument("--verbose", action="store_true", help="log debugging details")
     run.add_argument("-v", "--version", action="version", version=f"xnbdd {__version__}")
     return p
@@ -311,6 +329,8 @@ def parse(argv: list[str]) -> Settings:
         raise UsageError("--inetd and --connected-fd exclude each other")
     if settings.inetd and settings.daemonize:
         raise UsageError("--inetd and --daemonize exclude each other")
+    if settings.exit_with_parent and settings.daemonize:
+        raise UsageError("--exit-with-parent and --daemonize exclude each other")
     check_tls(settings)
     return settings
 
@@ -393,6 +413,8 @@ def make_options(settings: Settings) -> ServerOptions:
         remote_timeout=settings.remote_timeout,
         tls=tls_options(settings),
         remote_tls=remote_tls_options(settings),
+        rotational=settings.rotational,
+        pid_file=absolute(settings.pid_file),
         config=settings.config,
         command_line_keys=settings.command_line_keys,
     )
@@ -442,6 +464,7 @@ def client_sources(settings: Settings) -> ClientSources:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parent = os.getppid()  # before anything can outlive it (--exit-with-parent)
     limit_arenas()  # before any thread: connection threads must not each get an arena
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
@@ -465,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         if settings.daemonize and not under_systemd():
             detach()
         catch_sigterm_outside_the_receiver()
+        if settings.exit_with_parent:
+            exit_with_parent(parent)
         try:
             trio.run(Daemon(opts, sources).run)
         finally:
