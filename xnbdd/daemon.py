@@ -201,6 +201,7 @@ class Daemon:
                 readonly=opts.readonly,
                 clear_bitmap=opts.clear_bitmap,
                 timeout=opts.remote_timeout,
+                rbd=opts.rbd,
             )
         )
         status = proxy.status()

@@ -120,7 +120,8 @@ def start(root: Path) -> CephCluster:
     cluster = CephCluster(root, free_port())
     fsid = str(uuid.uuid4())
     # v2 protocol only, on loopback. The mon must not stop for lack of disk space on a shared
-    # machine (its default refuses below 5 % free), and a one-osd pool is not a warning here.
+    # machine (its default refuses below 5 % free), and a one-osd pool is not a warning here; no
+    # ceph-mgr runs (I/O needs none), so its absence must not become a health warning either.
     cluster.conf.write_text(
         f"""[global]
 fsid = {fsid}
@@ -138,9 +139,10 @@ mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon data avail crit = 0
 mon data avail warn = 0
+mon mgr mkfs grace = 315360000
+mon warn on insecure global id reclaim allowed = false
 ms bind ipv6 = false
 run dir = {root}/run
-admin socket = {root}/run/$name.asok
 pid file = {root}/run/$name.pid
 log file = {root}/log/$name.log
 mon data = {root}/mon/$id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +179,47 @@ def test_missing_pool_image_or_snapshot_is_one_line_at_start_up(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("xnbd-server: ") and f"no {what}" in lines[0], lines[0]
+
+
+def bgctl(*args: str) -> str:
+    return run(sys.executable, "-m", "xnbdd.cli.bgctl", *args)
+
+
+def test_migrate_a_local_disk_into_ceph_with_cache_all_and_switch(
+    ceph: CephCluster, tmp_path: Path
+) -> None:
+    """A proxy whose cache is an RBD image (created by the proxy) pulls a local target's disk
+    into the cluster; after --switch the origin goes away and the cluster serves the disk."""
+    origin_image = tmp_path / "origin.img"
+    data = os.urandom(12 * MiB) + bytes(8 * MiB) + os.urandom(4 * MiB)
+    origin_image.write_bytes(data)
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    bitmap, ctl = tmp_path / "cache.bm", tmp_path / "cache.ctl"
+    try:
+        with running_server("--target", str(origin_image), tmp_path=tmp_path) as origin:
+            proxy_args = ["--proxy", "127.0.0.1", str(origin.port), f"rbd:{ceph.pool}/{name}"]
+            with running_server(
+                *proxy_args, str(bitmap), str(ctl), "--rbd-conf", str(ceph.conf), tmp_path=tmp_path
+            ) as proxy:
+                nbd = import_nbd()
+                h = nbd.NBD()
+                h.connect_uri(proxy.uri)
+                h.pwrite(b"\x77" * 65536, 20 * MiB)  # a client write during the migration
+                h.flush()
+                model = bytearray(data)
+                model[20 * MiB : 20 * MiB + 65536] = b"\x77" * 65536
+                bgctl("--cache-all", str(ctl))
+                status = json.loads(bgctl("--json", "--query", str(ctl)))
+                assert status["cached_blocks"] == status["total_blocks"]
+                assert "switched to target mode" in bgctl("--switch", str(ctl))
+                origin.stop()
+                assert h.pread(4 * MiB, 10 * MiB) == model[10 * MiB : 14 * MiB]
+                h.shutdown()
+                back = tmp_path / "back.img"
+                run("nbdcopy", proxy.uri, str(back))
+                assert back.read_bytes() == model
+        exported = tmp_path / "exported.img"
+        ceph.run("rbd", "export", "--no-progress", f"{ceph.pool}/{name}", str(exported))
+        assert exported.read_bytes() == model  # the disk now lives in the cluster
+    finally:
+        ceph.remove_image(name)

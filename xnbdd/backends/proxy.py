@@ -34,7 +34,7 @@ from functools import partial
 
 import trio
 
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Backend, CacheStore, Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import (
     block_bytes,
@@ -46,6 +46,7 @@ from xnbdd.backends.blocks import (
 )
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
+from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
 from xnbdd.backends.sidecar import prepare_cache_files
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
@@ -97,12 +98,13 @@ class ProxyBackend:
     def __init__(
         self,
         link: RemoteLink,
-        cache: FileBackend,
+        cache: CacheStore,
         bitmap: Bitmap,
         *,
         cache_path: str,
         bitmap_path: str,
         readonly: bool,
+        rbd: RbdCluster | None = None,
     ) -> None:
         self._link = link
         self._cache = cache
@@ -110,6 +112,7 @@ class ProxyBackend:
         self.cache_path = cache_path
         self.bitmap_path = bitmap_path
         self.readonly = readonly
+        self._rbd = rbd or RbdCluster()
         self._size = link.size
         self.nblocks = nblocks_for(self._size)
         self._locks = RangeLocks()
@@ -390,7 +393,7 @@ class ProxyBackend:
                 raise group.exceptions[0] from None
             # blocks another task held busy may still be missing: go round again
 
-    async def switch_to_target(self) -> FileBackend:
+    async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
         as a target backend (read-only if the proxy is). Data and bitmap are durable first; the
         bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force)."""
@@ -403,6 +406,11 @@ class ProxyBackend:
         if not self.readonly:
             return self._cache
         await self._cache.close()
+        return await trio.to_thread.run_sync(self._reopen_readonly)
+
+    def _reopen_readonly(self) -> Backend:
+        if is_rbd(self.cache_path):
+            return RbdBackend.open(self.cache_path, self._rbd, readonly=True)
         return FileBackend.open(self.cache_path, readonly=True)
 
     # -- the block machinery -------------------------------------------------------------------
@@ -528,6 +536,13 @@ class ProxyBackend:
                     log.error("periodic flush of the proxy cache failed: %s", exc)
 
 
+def open_cache(path: str, size: int, clear: bool, rbd: RbdCluster) -> CacheStore:
+    """The cache image (blocking): a file prepare_cache_files made, or an RBD image."""
+    if is_rbd(path):
+        return RbdBackend.open_cache(path, rbd, size, clear=clear)
+    return FileBackend.open(path, readonly=False)
+
+
 @asynccontextmanager
 async def open_proxy_backend(
     remote: RemoteAddress,
@@ -538,6 +553,7 @@ async def open_proxy_backend(
     clear_bitmap: bool = False,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the origin link's per-request timeout)
     sync_interval: float = SYNC_INTERVAL,
+    rbd: RbdCluster | None = None,  # how to reach the cluster of an rbd:POOL/IMAGE cache
 ) -> AsyncIterator[ProxyBackend]:
     """Connect to the origin, prepare the cache files and serve as a ``ProxyBackend`` inside the
     block. OSError when the origin cannot be reached, CacheMismatchError for a foreign cache."""
@@ -548,7 +564,9 @@ async def open_proxy_backend(
             )
         )
         try:
-            cache = FileBackend.open(cache_path, readonly=False)
+            cache = await trio.to_thread.run_sync(
+                open_cache, cache_path, link.size, clear_bitmap, rbd or RbdCluster()
+            )
         except BaseException:
             bitmap.close()
             raise
@@ -559,6 +577,7 @@ async def open_proxy_backend(
             cache_path=cache_path,
             bitmap_path=bitmap_path,
             readonly=readonly,
+            rbd=rbd or RbdCluster(),
         )
         nursery.start_soon(backend.periodic_flush, sync_interval)
         try:

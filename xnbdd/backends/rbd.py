@@ -107,9 +107,34 @@ class RbdBackend:
         self._token: trio.lowlevel.TrioToken | None = None
 
     @classmethod
-    def open(cls, text: str, cluster_opts: RbdCluster, *, readonly: bool) -> RbdBackend:
-        """Connect and open the image (blocking: call it from a thread). OSError saying what is
-        wrong: bindings missing, cluster unreachable, pool or image or snapshot missing."""
+    def open_cache(
+        cls, text: str, cluster_opts: RbdCluster, size: int, *, clear: bool
+    ) -> RbdBackend:
+        """A proxy's cache image of ``size`` bytes (blocking): created thin when missing, grown
+        when smaller; a larger one is refused unless ``clear`` (then it is cut to size)."""
+        backend = cls.open(text, cluster_opts, readonly=False, create_size=size)
+        try:
+            if backend.size > size and not clear:
+                raise OSError(
+                    errno.EINVAL,
+                    f"cache {text} is {backend.size} bytes, larger than the origin's {size} "
+                    "bytes (use --clear-bitmap to cut it to size and start over)",
+                )
+            if backend.size != size:
+                backend._image.resize(size)
+                backend._size = size
+        except BaseException:
+            backend.release()
+            raise
+        return backend
+
+    @classmethod
+    def open(
+        cls, text: str, cluster_opts: RbdCluster, *, readonly: bool, create_size: int = 0
+    ) -> RbdBackend:
+        """Connect and open the image (blocking: call it from a thread); ``create_size``: create
+        a missing image of that size. OSError saying what is wrong: bindings missing, cluster
+        unreachable, pool or image or snapshot missing."""
         spec = RbdSpec.parse(text)
         rados, rbd = librbd()
         conf: dict[str, str] = {}
@@ -132,6 +157,9 @@ class RbdBackend:
                 ioctx = cluster.open_ioctx(spec.pool)
             except rados.ObjectNotFound:
                 raise OSError(errno.ENOENT, f"{spec}: no pool {spec.pool!r}") from None
+            if create_size and spec.image not in rbd.RBD().list(ioctx):
+                log.info("%s: creating the image, %d bytes", spec, create_size)
+                rbd.RBD().create(ioctx, spec.image, create_size)
             try:
                 image = rbd.Image(
                     ioctx, spec.image, snapshot=spec.snap, read_only=readonly or bool(spec.snap)
