@@ -59,17 +59,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
 
 
 @contextmanager
-def serving(kind: str, ceph: CephCluster, image: str) -> Iterator[str]:
+def serving(kind: str, ceph: CephCluster, image: str, trees: dict[str, str]) -> Iterator[str]:
     port = free_port()
-    if kind == "xnbd-server rbd":
-        cmd = [sys.executable, "-m", "xnbdd", "--target", f"rbd:{image}"]
-        cmd += ["--rbd-conf", str(ceph.conf), "--lport", str(port), "--laddr", "127.0.0.1"]
-    else:
+    env = server_env()
+    if kind in trees:
+        env["PYTHONPATH"] = trees[kind]
+    if kind == "qemu-nbd rbd":
         cmd = ["qemu-nbd", "-f", "raw", "-t", "-b", "127.0.0.1", "-p", str(port)]
         cmd += ["--cache=writeback", f"rbd:{image}:conf={ceph.conf}"]
-    proc = subprocess.Popen(
-        cmd, env=server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    else:
+        cmd = [sys.executable, "-m", "xnbdd", "--target", f"rbd:{image}"]
+        cmd += ["--rbd-conf", str(ceph.conf), "--lport", str(port), "--laddr", "127.0.0.1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc)
         yield f"nbd://127.0.0.1:{port}/"
@@ -109,12 +110,21 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=float, default=4.0)
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="one more xnbd-server row, run from the xnbdd tree in DIR (e.g. a variant from "
+        "`git archive COMMIT xnbdd | tar -x -C DIR`)",
+    )
     opts = ap.parse_args()
+    trees = dict(item.split("=", 1) for item in opts.also)
     for tool in ("fio", "qemu-nbd", "nbdinfo", "nbdcopy"):
         if shutil.which(tool) is None:
             sys.exit(f"bench/rbd.py: {tool} is missing")
     size = opts.size_mib * MiB
-    servers = ["xnbd-server rbd", "qemu-nbd rbd"]
+    servers = ["xnbd-server rbd", *trees, "qemu-nbd rbd"]
     with tempfile.TemporaryDirectory(prefix="xnbdd-bench-ceph-") as tmp:
         ceph = start_ceph(Path(tmp) / "ceph")
         try:
@@ -125,16 +135,16 @@ def main() -> int:
             fill.unlink()
             figures: dict[tuple[str, str], list[float]] = {}
             for rnd in range(opts.runs):
-                order = servers if rnd % 2 == 0 else servers[::-1]
+                order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
                 for kind in order:
-                    with serving(kind, ceph, image) as uri:
+                    with serving(kind, ceph, image, trees) as uri:
                         for key, (unit, args) in WORKLOADS.items():
                             value = fio(uri, args, opts.runtime, size)[unit]
                             figures.setdefault((kind, key), []).append(value)
         finally:
             ceph.stop()
     print(f"# {opts.runs} rounds of {opts.runtime:g} s (+1 s ramp), {opts.size_mib} MiB image")
-    print("| workload | " + " | ".join(servers) + " | ratio |")
+    print("| workload | " + " | ".join(servers) + " | first / qemu-nbd |")
     print("|---|" + "---|" * (len(servers) + 1))
     for key, (unit, _) in WORKLOADS.items():
         cells = []
@@ -144,7 +154,7 @@ def main() -> int:
             med = statistics.median(vals)
             medians.append(med)
             cells.append(f"{med:,.0f} {unit} ({min(vals):,.0f}-{max(vals):,.0f})")
-        print(f"| {key} | " + " | ".join(cells) + f" | {medians[0] / medians[1]:.2f} |")
+        print(f"| {key} | " + " | ".join(cells) + f" | {medians[0] / medians[-1]:.2f} |")
     return 0
 
 
