@@ -223,3 +223,26 @@ def test_migrate_a_local_disk_into_ceph_with_cache_all_and_switch(
         assert exported.read_bytes() == model  # the disk now lives in the cluster
     finally:
         ceph.remove_image(name)
+
+
+def test_a_proxy_cache_image_larger_than_the_origin_is_refused(
+    ceph: CephCluster, rbd_image: str, tmp_path: Path
+) -> None:
+    origin_image = tmp_path / "origin.img"
+    origin_image.write_bytes(bytes(16 * MiB))  # the cache image is 32 MiB
+    with running_server("--target", str(origin_image), tmp_path=tmp_path) as origin:
+        done = subprocess.run(
+            server_command(
+                *("--proxy", "127.0.0.1", str(origin.port), f"rbd:{rbd_image}"),
+                *(str(tmp_path / "bm"), str(tmp_path / "ctl"), "--rbd-conf", str(ceph.conf)),
+                *("--lport", str(free_port()), "--laddr", "127.0.0.1"),
+            ),
+            capture_output=True,
+            text=True,
+            env=server_env(),
+            timeout=120,
+        )
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]  # after the log lines: the reason, one line
+    assert last.startswith("xnbd-server: cache rbd:"), done.stderr
+    assert "larger than the origin's" in last and "--clear-bitmap" in last
