@@ -9,13 +9,20 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.ceph import CephCluster
 from tests.libnbd import import_nbd
-from tests.serverproc import free_port, running_server, server_command, server_env
+from tests.serverproc import (
+    ServerProcess,
+    free_port,
+    running_server,
+    server_command,
+    server_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +45,9 @@ def rbd_image(ceph: CephCluster) -> Iterator[str]:
     ceph.remove_image(name)
 
 
-def serve(ceph: CephCluster, image: str, tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+def serve(
+    ceph: CephCluster, image: str, tmp_path: Path, *extra: str
+) -> AbstractContextManager[ServerProcess]:
     return running_server(
         "--target", f"rbd:{image}", "--rbd-conf", str(ceph.conf), *extra, tmp_path=tmp_path
     )
