@@ -24,7 +24,8 @@ apt_test=("${apt_run[@]}" "${apt_deb[@]}"
           libnbd-bin python3-libnbd qemu-utils fio nbdkit nbd-server nbd-client openssl
           systemd systemd-container debootstrap debian-archive-keyring fuse3 iperf3
           xfsprogs btrfs-progs e2fsprogs util-linux iproute2 procps kmod psmisc
-          qemu-system-x86)
+          qemu-system-x86
+          ceph-mon ceph-osd ceph-common python3-rbd python3-rados qemu-block-extra)
 
 case $profile in
     run)  apt_pkgs=("${apt_run[@]}"); want_venv=1 ;;

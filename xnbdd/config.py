@@ -143,6 +143,11 @@ def _path(text: str) -> str:
     return text
 
 
+def _image(text: str) -> str:
+    """An absolute path, or a Ceph RBD image ``rbd:POOL/IMAGE[@SNAP]`` (docs/rbd.md)."""
+    return text if text.startswith("rbd:") else _path(text)
+
+
 def _tls_mode(text: str) -> str:
     word = text.lower()
     if word not in ("off", "on", "require"):
@@ -160,7 +165,7 @@ def _addresses(text: str) -> list[str]:
 # key as written in the file -> (argparse dest, value parser)
 KEYS: dict[str, tuple[str, Parser]] = {
     "mode": ("mode", _mode),
-    "image": ("image", _path),
+    "image": ("image", _image),
     "readonly": ("readonly", _boolean),
     "lport": ("lport", _port),
     "laddr": ("laddr", _addresses),
@@ -176,7 +181,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "syslog": ("syslog", _boolean),
     "remote-host": ("remote_host", _text),
     "remote-port": ("remote_port", _port),
-    "cache-image": ("cache_image", _path),
+    "cache-image": ("cache_image", _image),
     "cache-bitmap": ("cache_bitmap", _path),
     "control-socket": ("control_socket", _path),
     "target-exportname": ("target_exportname", _text),
@@ -194,6 +199,9 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "remote-tls-key": ("remote_tls_key", _path),
     "pid-file": ("pid_file", _path),
     "rotational": ("rotational", _boolean),
+    "rbd-conf": ("rbd_conf", _path),
+    "rbd-id": ("rbd_id", _text),
+    "rbd-keyring": ("rbd_keyring", _path),
 }
 
 
@@ -276,6 +284,9 @@ class Config:
     remote_tls_key: str | None = None
     pid_file: str | None = None
     rotational: bool | None = None  # None: as the image's device says (rotational.py)
+    rbd_conf: str | None = None
+    rbd_id: str | None = None
+    rbd_keyring: str | None = None
     given: frozenset[str] = frozenset()  # dest names the file set
 
     @classmethod

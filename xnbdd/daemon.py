@@ -20,6 +20,7 @@ from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .backends.proxy import open_proxy_backend
+from .backends.rbd import RbdBackend, RbdCluster, is_rbd
 from .budget import Limits
 from .config import Mode
 from .connection import Connection, ServerState
@@ -67,6 +68,7 @@ class ServerOptions:
     clear_bitmap: bool = False
     remote_timeout: float = DEFAULT_TIMEOUT
     remote_tls: ClientTLSOptions | None = None  # the origin link speaks TLS
+    rbd: RbdCluster = field(default_factory=RbdCluster)  # for rbd:POOL/IMAGE images
     tls: ServerTLSOptions = field(default_factory=ServerTLSOptions)
     rotational: bool | None = None  # None: as the image's device says (rotational.py)
     pid_file: str = ""  # written once clients can connect, removed at exit
@@ -107,7 +109,9 @@ class SingleExportCatalog:
 OVERLAY_KEY = "overlay"  # the cow overlay's name among the files kept in the fd store
 
 
-def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileBackend | CowBackend:
+def open_backend(
+    opts: ServerOptions, handover: Handover | None = None
+) -> FileBackend | CowBackend | RbdBackend:
     """The image (and a cow overlay: the one kept for ``handover``'s clients if there is one;
     clients whose overlay was not kept are closed, their writes would be lost)."""
     kept = handover.take_file(OVERLAY_KEY) if handover is not None else None
@@ -122,6 +126,8 @@ def open_backend(opts: ServerOptions, handover: Handover | None = None) -> FileB
         os.close(kept.fd)
     if handover is not None and handover.clients and opts.mode is Mode.COW_TARGET and kept is None:
         handover.drop_clients("the overlay they wrote to was not kept")
+    if opts.mode is Mode.TARGET and is_rbd(opts.image):
+        return RbdBackend.open(opts.image, opts.rbd, readonly=opts.readonly)
     if opts.mode is Mode.TARGET or (opts.mode is Mode.COW_TARGET and opts.readonly):
         # A read-only cow-target never writes, so it needs no overlay.
         return FileBackend.open(opts.image, readonly=opts.readonly)
@@ -211,6 +217,7 @@ class Daemon:
                 readonly=opts.readonly,
                 clear_bitmap=opts.clear_bitmap,
                 timeout=opts.remote_timeout,
+                rbd=opts.rbd,
             )
         )
         status = proxy.status()

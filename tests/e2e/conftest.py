@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.ceph import CephCluster, CephError
+from tests.e2e.ceph import start as start_ceph
 from tests.e2e.rootfs import missing_builders, rootfs
 from tests.e2e.systemd_fixtures import REPO, Journald, NotifyReceiver
 
@@ -78,3 +80,17 @@ def trixie_tree() -> Path:
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (apt-get install debootstrap systemd-container)")
     return rootfs("trixie")
+
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """One real Ceph cluster (mon + memstore osd) for the session's RBD tests (tests/e2e/ceph.py).
+    Where it cannot start, the tests skip with the reason, except on CI, where they fail."""
+    try:
+        cluster = start_ceph(tmp_path_factory.mktemp("ceph"))
+    except CephError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the Ceph test cluster did not start: {err}")
+        pytest.skip(f"the Ceph test cluster did not start: {err}")
+    yield cluster
+    cluster.stop()

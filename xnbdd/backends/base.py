@@ -116,3 +116,10 @@ class InlineIO(Protocol):
     def is_hole(self, offset: int, length: int) -> bool:
         """True only if the range certainly reads as zeros and saying so needs no waiting."""
         ...
+
+
+class CacheStore(Backend, InlineIO, Protocol):
+    """Where a proxy keeps the origin's blocks: a local file (FileBackend) or an RBD image
+    (RbdBackend); ``release`` closes it without a flush."""
+
+    def release(self) -> None: ...

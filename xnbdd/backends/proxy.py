@@ -41,7 +41,7 @@ from functools import partial
 
 import trio
 
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Backend, CacheStore, Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import (
     block_bytes,
@@ -53,6 +53,7 @@ from xnbdd.backends.blocks import (
 )
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
+from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
 from xnbdd.backends.sidecar import prepare_cache_files
 from xnbdd.proto.consts import State
 from xnbdd.remote import (
@@ -109,12 +110,13 @@ class ProxyBackend:
     def __init__(
         self,
         link: RemoteLink,
-        cache: FileBackend,
+        cache: CacheStore,
         bitmap: Bitmap,
         *,
         cache_path: str,
         bitmap_path: str,
         readonly: bool,
+        rbd: RbdCluster | None = None,
     ) -> None:
         self._link = link
         self._cache = cache
@@ -122,6 +124,7 @@ class ProxyBackend:
         self.cache_path = cache_path
         self.bitmap_path = bitmap_path
         self.readonly = readonly
+        self._rbd = rbd or RbdCluster()
         self._size = link.size
         self.nblocks = nblocks_for(self._size)
         self._locks = RangeLocks()
@@ -483,7 +486,7 @@ class ProxyBackend:
             pos += ext_len
         return zeros, pos
 
-    async def switch_to_target(self) -> FileBackend:
+    async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
         as a target backend (read-only if the proxy is). Data and bitmap are durable first; the
         bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force)."""
@@ -496,6 +499,11 @@ class ProxyBackend:
         if not self.readonly:
             return self._cache
         await self._cache.close()
+        return await trio.to_thread.run_sync(self._reopen_readonly)
+
+    def _reopen_readonly(self) -> Backend:
+        if is_rbd(self.cache_path):
+            return RbdBackend.open(self.cache_path, self._rbd, readonly=True)
         return FileBackend.open(self.cache_path, readonly=True)
 
     # -- the block machinery -------------------------------------------------------------------
@@ -653,6 +661,13 @@ class ProxyBackend:
                     log.error("periodic flush of the proxy cache failed: %s", exc)
 
 
+def open_cache(path: str, size: int, clear: bool, rbd: RbdCluster) -> CacheStore:
+    """The cache image (blocking): a file prepare_cache_files made, or an RBD image."""
+    if is_rbd(path):
+        return RbdBackend.open_cache(path, rbd, size, clear=clear)
+    return FileBackend.open(path, readonly=False)
+
+
 @asynccontextmanager
 async def open_proxy_backend(
     remote: RemoteAddress,
@@ -663,6 +678,7 @@ async def open_proxy_backend(
     clear_bitmap: bool = False,
     timeout: float = DEFAULT_TIMEOUT,  # noqa: ASYNC109 (the origin link's per-request timeout)
     sync_interval: float = SYNC_INTERVAL,
+    rbd: RbdCluster | None = None,  # how to reach the cluster of an rbd:POOL/IMAGE cache
 ) -> AsyncIterator[ProxyBackend]:
     """Connect to the origin, prepare the cache files and serve as a ``ProxyBackend`` inside the
     block. OSError when the origin cannot be reached, CacheMismatchError for a foreign cache."""
@@ -673,7 +689,9 @@ async def open_proxy_backend(
             )
         )
         try:
-            cache = FileBackend.open(cache_path, readonly=False)
+            cache = await trio.to_thread.run_sync(
+                open_cache, cache_path, link.size, clear_bitmap, rbd or RbdCluster()
+            )
         except BaseException:
             bitmap.close()
             raise
@@ -684,6 +702,7 @@ async def open_proxy_backend(
             cache_path=cache_path,
             bitmap_path=bitmap_path,
             readonly=readonly,
+            rbd=rbd or RbdCluster(),
         )
         nursery.start_soon(backend.periodic_flush, sync_interval)
         try:

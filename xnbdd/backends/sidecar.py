@@ -12,6 +12,7 @@ import os
 import stat
 
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, nblocks_for
+from xnbdd.backends.rbd import is_rbd
 
 SIDECAR_SUFFIX = ".xnbdd"
 SIDECAR_FORMAT = "xnbdd-proxy-cache"
@@ -72,22 +73,23 @@ def prepare_cache_files(
             f"cache {cache_path} was made for an origin of {meta.get('upstream_size')} bytes, "
             f"but {remote} exports {size} bytes (use --clear-bitmap to start over)"
         )
-    fd = os.open(cache_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            if st.st_size > size and not clear:
-                raise CacheMismatchError(
-                    f"cache {cache_path} is {st.st_size} bytes, larger than the origin's "
-                    f"{size} bytes (use --clear-bitmap to cut it to size and start over)"
-                )
-            if st.st_size != size:
-                os.ftruncate(fd, size)  # sparse extension, or a cut with clear
-                os.fsync(fd)
-        elif not stat.S_ISBLK(st.st_mode):
-            raise CacheMismatchError(f"cache {cache_path}: not a regular file or block device")
-    finally:
-        os.close(fd)
+    if not is_rbd(cache_path):  # an RBD cache image is sized by RbdBackend.open_cache
+        fd = os.open(cache_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode):
+                if st.st_size > size and not clear:
+                    raise CacheMismatchError(
+                        f"cache {cache_path} is {st.st_size} bytes, larger than the origin's "
+                        f"{size} bytes (use --clear-bitmap to cut it to size and start over)"
+                    )
+                if st.st_size != size:
+                    os.ftruncate(fd, size)  # sparse extension, or a cut with clear
+                    os.fsync(fd)
+            elif not stat.S_ISBLK(st.st_mode):
+                raise CacheMismatchError(f"cache {cache_path}: not a regular file or block device")
+        finally:
+            os.close(fd)
     try:
         bitmap = Bitmap.open(bitmap_path, nblocks, clear=clear)
     except ValueError as exc:

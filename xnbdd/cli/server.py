@@ -18,6 +18,7 @@ import trio
 
 from .. import __version__, logs
 from ..allocator import limit_arenas
+from ..backends.rbd import RbdCluster, RbdSpec, is_rbd
 from ..config import Config, ConfigError, Mode, load, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
 from ..fdstore import take_stored
@@ -265,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prx.add_argument("--remote-tls-key", metavar="FILE", help="its private key")
 
+    ceph = p.add_argument_group("Ceph RBD images, IMAGE = rbd:POOL/IMAGE[@SNAP] (docs/rbd.md)")
+    ceph.add_argument(
+        "--rbd-conf", metavar="FILE", help="the cluster's ceph.conf (default /etc/ceph/ceph.conf)"
+    )
+    ceph.add_argument(
+        "--rbd-id", metavar="NAME", help="Ceph client id, without 'client.' (default admin)"
+    )
+    ceph.add_argument(
+        "--rbd-keyring", metavar="FILE", help="that client's keyring (default: from ceph.conf)"
+    )
+
     run = p.add_argument_group("running")
     run.add_argument(
         "--control-socket",
@@ -332,7 +344,22 @@ def parse(argv: list[str]) -> Settings:
     if settings.exit_with_parent and settings.daemonize:
         raise UsageError("--exit-with-parent and --daemonize exclude each other")
     check_tls(settings)
+    check_rbd(settings)
     return settings
+
+
+def check_rbd(settings: Settings) -> None:
+    """rbd:POOL/IMAGE[@SNAP] is well formed and used where it is supported (docs/rbd.md)."""
+    if not settings.image or not is_rbd(settings.image):
+        return
+    try:
+        spec = RbdSpec.parse(settings.image)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if settings.mode is Mode.COW_TARGET:
+        raise UsageError("rbd: images are served by --target or cached into by --proxy")
+    if settings.mode is Mode.PROXY and spec.snap:
+        raise UsageError(f"{spec}: a snapshot is read-only; a proxy's cache must be writable")
 
 
 def check_tls(settings: Settings) -> None:
@@ -366,6 +393,11 @@ def absolute(path: str | None) -> str:
     return os.path.abspath(path) if path else ""
 
 
+def image_name(image: str) -> str:
+    """A file's absolute path; an RBD image (rbd:POOL/IMAGE) as given."""
+    return image if is_rbd(image) else absolute(image)
+
+
 def tls_options(settings: Settings) -> ServerTLSOptions:
     policy = TLSPolicy(settings.tls)
     certificates = settings.tls_certificates or ""
@@ -394,7 +426,7 @@ def make_options(settings: Settings) -> ServerOptions:
     assert settings.mode is not None and settings.image  # parse() checked both
     return ServerOptions(
         mode=settings.mode,
-        image=absolute(settings.image),
+        image=image_name(settings.image),
         readonly=settings.readonly,
         exportname=settings.exportname,
         description=settings.description,
@@ -417,6 +449,11 @@ def make_options(settings: Settings) -> ServerOptions:
         pid_file=absolute(settings.pid_file),
         config=settings.config,
         command_line_keys=settings.command_line_keys,
+        rbd=RbdCluster(
+            conf=absolute(settings.rbd_conf) or None,
+            client_id=settings.rbd_id,
+            keyring=absolute(settings.rbd_keyring) or None,
+        ),
     )
 
 
@@ -482,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
             identifier=PROG,
             verbose=settings.verbose,
         )
-        if opts.mode is not Mode.PROXY and not os.path.exists(opts.image):
+        if (
+            opts.mode is not Mode.PROXY
+            and not is_rbd(opts.image)
+            and not os.path.exists(opts.image)
+        ):
             raise FileNotFoundError(f"{opts.image}: no such file or device")
         sources = client_sources(settings)
         if settings.daemonize and not under_systemd():
