@@ -32,6 +32,7 @@ from .operations import Operations
 from .proto.messages import Negotiated, transmission_flags
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .signals import sigterm_came_early
+from .snapshot import remove_partial_snapshots
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 
@@ -55,6 +56,7 @@ class ServerOptions:
     max_buf_size: int = 0
     handshake_timeout: float = 30.0
     max_clients: int = 0  # 0: no limit
+    snapshot_rate: int = 0  # bytes per second of a background snapshot copy (0: no limit)
     cow_dir: str | None = None
     # proxy
     remote_host: str = ""
@@ -182,6 +184,8 @@ class Daemon:
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
+        # snapshots a crash cut short: unfinished, and never part of the image
+        await trio.to_thread.run_sync(remove_partial_snapshots, opts.image)
         if opts.mode is not Mode.PROXY:
             return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(
