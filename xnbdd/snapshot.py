@@ -93,6 +93,7 @@ class WriteGuard:
         self._lock = threading.Lock()  # changes preserving, the copier claiming
         self.failed: OSError | None = None  # then nothing is preserved any more
         self.preserved = 0  # bytes copied ahead of the copier by changes
+        self._buffer = bytearray()
 
     def _grains(self, offset: int, length: int) -> tuple[int, int]:
         end = min(offset + length, self.size)
@@ -137,11 +138,12 @@ class WriteGuard:
         a grain whose bytes changed since was preserved, hence marked, before the change."""
         if self.failed is not None:
             raise self.failed
-        pieces: list[tuple[int, bytearray]] = []
-        for a, b in self._source.snapshot_runs(start, stop - start):
-            buf = bytearray(b - a)
-            self._source.snapshot_read(memoryview(buf), a)
-            pieces.append((a, buf))
+        if len(self._buffer) < stop - start:
+            self._buffer = bytearray(stop - start)  # one for the copier, reused: no page faults
+        chunk = memoryview(self._buffer)
+        runs = list(self._source.snapshot_runs(start, stop - start))
+        for a, b in runs:
+            self._source.snapshot_read(chunk[a - start : b - start], a)
         first, last = self._grains(start, stop - start)
         with self._lock:
             claimed = _zero_runs(self._done, first, last)
@@ -149,10 +151,10 @@ class WriteGuard:
                 self._done[a:b] = b"\x01" * (b - a)
         for ga, gb in claimed:
             lo, hi = ga * GRAIN, min(gb * GRAIN, self.size)
-            for a, buf in pieces:
-                s, e = max(lo, a), min(hi, a + len(buf))
+            for a, b in runs:
+                s, e = max(lo, a), min(hi, b)
                 if s < e:
-                    linux.write_all(self._dst, memoryview(buf)[s - a : e - a], s)
+                    linux.write_all(self._dst, chunk[s - start : e - start], s)
         if self.failed is not None:  # a change failed to preserve meanwhile
             raise self.failed
 
