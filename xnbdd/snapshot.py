@@ -38,7 +38,7 @@ from xnbdd.backends.base import ChangeGuard
 log = logging.getLogger("xnbdd")
 
 GRAIN = 64 * 1024  # the guard's unit: a change copies at most this much around it first
-CHUNK = 4 << 20  # the background copier's step (one worker-thread call)
+CHUNK = 32 << 20  # the copier's step: one worker-thread call, few GIL hand-overs per MiB
 PARTIAL = ".partial"
 
 
