@@ -206,7 +206,7 @@ async def test_changes_after_the_point_stay_out_of_the_snapshot(copy_dir: Path) 
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(change)
-        result = await live.finish(rate=48 * MiB)  # about half a second
+        result = await live.finish(rate=48 * MiB, step=MiB)  # about half a second
     assert copied_while_writing[-1] < size  # the changes ran while the copier had not finished
     assert result.path == snapshot_path(str(image), NOW) and result.method == "copy"
     assert Path(result.path).read_bytes() == at_point

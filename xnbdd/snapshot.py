@@ -234,18 +234,22 @@ class LiveSnapshot:
         self.guard = WriteGuard(self.source, fd, self.size)
         self.source.set_snapshot_guard(self.guard)
 
-    async def finish(self, progress: Progress | None = None, rate: int = 0) -> SnapshotResult:
-        """Copy what the guard has not (``rate``: at most that many bytes per second, 0: no
-        limit), make it durable and give it its name. On failure or cancellation the partial
-        file is removed and the guard taken away: clients never notice."""
+    async def finish(
+        self, progress: Progress | None = None, rate: int = 0, step: int = CHUNK
+    ) -> SnapshotResult:
+        """Copy what the guard has not, ``step`` bytes at a time (``rate``: at most that many
+        bytes per second, 0: no limit), make it durable and give it its name. On failure or
+        cancellation the partial file is removed and the guard taken away: clients never
+        notice."""
         assert self._fd is not None, "begin first"
+        assert step > 0 and step % GRAIN == 0, "copy steps claim whole grains"
         fd = self._fd
         try:
             guard = self.guard
             if guard is not None:
                 pace = trio.current_time()
-                for start in range(0, self.size, CHUNK):
-                    stop = min(start + CHUNK, self.size)
+                for start in range(0, self.size, step):
+                    stop = min(start + step, self.size)
                     await trio.to_thread.run_sync(guard.copy_step, start, stop)
                     self.copied = stop
                     if progress is not None:
