@@ -39,6 +39,7 @@ log = logging.getLogger("xnbdd")
 
 GRAIN = 64 * 1024  # the guard's unit: a change copies at most this much around it first
 CHUNK = 32 << 20  # the copier's step: one worker-thread call, few GIL hand-overs per MiB
+PRESERVE_PIECE = 4 << 20  # the guard copies a large change's old bytes in pieces this large
 PARTIAL = ".partial"
 
 
@@ -128,9 +129,10 @@ class WriteGuard:
 
     def _copy(self, start: int, stop: int) -> None:
         for a, b in self._source.snapshot_runs(start, stop - start):
-            buf = bytearray(b - a)
-            self._source.snapshot_read(memoryview(buf), a)
-            linux.write_all(self._dst, buf, a)
+            for pos in range(a, b, PRESERVE_PIECE):  # a huge TRIM must not need a huge buffer
+                buf = bytearray(min(PRESERVE_PIECE, b - pos))
+                self._source.snapshot_read(memoryview(buf), pos)
+                linux.write_all(self._dst, buf, pos)
 
     def copy_step(self, start: int, stop: int) -> None:
         """Blocking, the copier: bring [start, stop) (grain-aligned) into the snapshot, except

@@ -328,7 +328,8 @@ class FileBackend:
     async def _guarded(self, offset: int, length: int) -> None:
         guard = self.guard
         if guard is not None and not guard.covered(offset, length):
-            await self._thread(guard.preserve, offset, length)
+            # a worker thread even on tmpfs: a TRIM may have a whole disk's bytes to keep
+            await trio.to_thread.run_sync(guard.preserve, offset, length, limiter=self._limiter)
 
     # -- helpers (blocking ones run in a worker thread) ----------------------------------------
 
