@@ -96,7 +96,7 @@ def run(server: subprocess.Popen[bytes], port: int, log_path: Path, size: int) -
 
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(1.0)
+    time.sleep(4.0)  # a control: the worst wait with no snapshot
     signalled = time.perf_counter()
     server.send_signal(signal.SIGUSR1)
     while (match := DONE.search(log_path.read_text())) is None:
@@ -105,15 +105,23 @@ def run(server: subprocess.Popen[bytes], port: int, log_path: Path, size: int) -
     time.sleep(0.2)
     stop.set()
     thread.join()
-    during = sorted(s for began, s in latencies if signalled <= began + s and began <= finished)
+    window = [(began, s) for began, s in latencies if signalled <= began + s and began <= finished]
+    during = sorted(s for _, s in window)
+    worst_at = max(window, key=lambda item: item[1])[0] - signalled if window else 0.0
     before = sorted(s for began, s in latencies if began + s < signalled)
     os.unlink(match.group(1))
     print(f"snapshot of {size // MiB} MiB by {match.group(3)}: {finished - signalled:.2f} s")
     print(f"the daemon's line: {match.group(0)}")
-    print(f"before it: {len(before)} reads, p99 {pct(before, 0.99) * 1e3:.2f} ms")
+    point = re.search(r"snapshot point taken \(requests paused [\d.]+ ms\)", log_path.read_text())
+    if point is not None:
+        print(f"the daemon's line: {point.group(0)}")
+    print(
+        f"before it: {len(before)} reads, p99 {pct(before, 0.99) * 1e3:.2f} ms, "
+        f"worst {before[-1] * 1e3:.1f} ms (the machine's own noise)"
+    )
     print(
         f"during it: {len(during)} reads, p99 {pct(during, 0.99) * 1e3:.2f} ms, "
-        f"worst {during[-1] * 1e3:.1f} ms"
+        f"worst {during[-1] * 1e3:.1f} ms (sent {worst_at:+.2f} s after the signal)"
     )
 
 

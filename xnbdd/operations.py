@@ -106,11 +106,15 @@ class Operations:
         self.changed()
         try:
             # Paused: writes answered before this point are in the copy, later ones are not.
+            paused = trio.current_time()
             async with export.paused():
                 await job.begin()
+            paused = trio.current_time() - paused
             if job.method == "copy":
                 log.info(
-                    "snapshot point taken: copying %d bytes to %s in the background",
+                    "snapshot point taken (requests paused %.1f ms): copying %d bytes to %s "
+                    "in the background",
+                    paused * 1e3,
                     job.size,
                     job.partial,
                 )
