@@ -122,7 +122,8 @@ class Operations:
             result = await job.finish(self._snapshot_progress(job), self.opts.snapshot_rate)
         except BaseException:
             if job.method:  # a cancelled copy (the server stops): nothing of it stays
-                job.abandon()
+                with trio.CancelScope(shield=True):
+                    await job.abandon()
             raise
         finally:
             self.snapshot_job = None

@@ -107,32 +107,37 @@ class WriteGuard:
 
     def preserve(self, offset: int, length: int) -> None:
         """Blocking: copy what the snapshot lacks of the range, before the range changes. A
-        failure (a full disk) fails the snapshot, never the client's write."""
-        if self.covered(offset, length):
-            return
+        failure (a full disk) fails the snapshot, never the client's write. The lock is held
+        for one piece at a time: a huge TRIM does not hold up other writers for long."""
         first, stop = self._grains(offset, length)
-        with self._lock:
-            if self.failed is not None:
-                return
-            pos = first
-            while (pos := self._done.find(0, pos, stop)) >= 0:
+        pos = first
+        while pos < stop:
+            with self._lock:
+                if self.failed is not None:
+                    return
+                pos = self._done.find(0, pos, stop)
+                if pos < 0:
+                    return
                 end = self._done.find(1, pos, stop)
-                end = stop if end < 0 else end
+                end = min(stop if end < 0 else end, pos + PRESERVE_PIECE // GRAIN)
+                start, until = pos * GRAIN, min(end * GRAIN, self.size)
                 try:
-                    self._copy(pos * GRAIN, min(end * GRAIN, self.size))
+                    for a, b in self._source.snapshot_runs(start, until - start):
+                        buf = bytearray(b - a)
+                        self._source.snapshot_read(memoryview(buf), a)
+                        linux.write_all(self._dst, buf, a)
                 except OSError as err:
                     self.failed = err
                     return
                 self._done[pos:end] = b"\x01" * (end - pos)
-                self.preserved += min(end * GRAIN, self.size) - pos * GRAIN
-                pos = end
+                self.preserved += until - start
+            pos = end
 
-    def _copy(self, start: int, stop: int) -> None:
-        for a, b in self._source.snapshot_runs(start, stop - start):
-            for pos in range(a, b, PRESERVE_PIECE):  # a huge TRIM must not need a huge buffer
-                buf = bytearray(min(PRESERVE_PIECE, b - pos))
-                self._source.snapshot_read(memoryview(buf), pos)
-                linux.write_all(self._dst, buf, pos)
+    def close(self) -> None:
+        """Blocking: no ``preserve`` runs or starts any more (the snapshot file may close)."""
+        with self._lock:
+            if self.failed is None:
+                self.failed = OSError(errno.ECANCELED, "the snapshot is over")
 
     def copy_step(self, start: int, stop: int) -> None:
         """Blocking, the copier: bring [start, stop) (grain-aligned) into the snapshot, except
@@ -140,6 +145,13 @@ class WriteGuard:
         a grain whose bytes changed since was preserved, hence marked, before the change."""
         if self.failed is not None:
             raise self.failed
+        try:
+            self._copy_step(start, stop)
+        except OSError as err:
+            self.failed = err  # the changes stop preserving
+            raise
+
+    def _copy_step(self, start: int, stop: int) -> None:
         if len(self._buffer) < stop - start:
             self._buffer = bytearray(stop - start)  # one for the copier, reused: no page faults
         chunk = memoryview(self._buffer)
@@ -157,8 +169,9 @@ class WriteGuard:
                 s, e = max(lo, a), min(hi, b)
                 if s < e:
                     linux.write_all(self._dst, chunk[s - start : e - start], s)
-        if self.failed is not None:  # a change failed to preserve meanwhile
-            raise self.failed
+        failed = self.failed
+        if failed is not None:  # a change failed to preserve meanwhile
+            raise failed
 
 
 def _zero_runs(marks: bytearray, first: int, stop: int) -> list[tuple[int, int]]:
@@ -265,15 +278,18 @@ class LiveSnapshot:
         except OSError as e:
             raise self._failure(e) from e
         finally:
-            if self.guard is not None:
-                self.source.set_snapshot_guard(None)
-            self._discard()
+            with trio.CancelScope(shield=True):
+                await self.abandon()
         return SnapshotResult(self.path, self.size, self.method, time.monotonic() - self._started)
 
-    def abandon(self) -> None:
-        """After ``begin`` without ``finish``: remove the partial file, release the source."""
-        if self.guard is not None:
+    async def abandon(self) -> None:
+        """Release the source and remove the partial file if it is still there (after
+        ``begin``; ``finish`` calls it too). Idempotent."""
+        guard = self.guard
+        if guard is not None:
             self.source.set_snapshot_guard(None)
+            # a change that took the guard before may be preserving into the file right now
+            await trio.to_thread.run_sync(guard.close)
         self._discard()
 
     def _publish(self, fd: int) -> None:
