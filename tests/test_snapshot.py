@@ -308,3 +308,20 @@ def test_start_up_removes_partial_snapshots_nobody_writes(tmp_path: Path) -> Non
     finally:
         os.close(fd)
     assert sorted(os.listdir(tmp_path)) == sorted(["disk.img", live.name, other.name, done.name])
+
+
+async def test_a_whole_image_trim_during_the_copy(copy_dir: Path) -> None:
+    """The guard keeps a huge change's old bytes piece by piece (never the whole range in one
+    buffer, nor under its lock at once) and the snapshot is still the point."""
+    image = copy_dir / "disk.img"
+    size = 12 * MiB
+    at_point = random_image(image, size)
+    backend = FileBackend.open(str(image), readonly=False)
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    await backend.zero(0, size, may_trim=True, fast=False, fua=False)
+    assert live.guard is not None and live.guard.preserved == size
+    result = await live.finish()
+    assert Path(result.path).read_bytes() == at_point
+    assert await backend.read(0, size) == bytes(size)
+    await backend.close()
