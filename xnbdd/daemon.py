@@ -165,7 +165,8 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._signals)
+                    # READY=1 must not come before a SIGUSR1 or SIGHUP is handled (they kill)
+                    await nursery.start(self._signals)
                     nursery.start_soon(self._watchdog)
                     if ops.proxy is not None:
                         nursery.start_soon(ops.status_loop)
@@ -389,9 +390,10 @@ class Daemon:
 
     # -- signals and watchdog -------------------------------------------------------------------
 
-    async def _signals(self) -> None:
+    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
         with trio.open_signal_receiver(*wanted) as signals:
+            task_status.started()
             if sigterm_came_early():
                 self.stop()
             async for signum in signals:
