@@ -4,6 +4,7 @@ block-device images, cow-target sources, refusal to overwrite, and a full disk."
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -11,11 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.backends.loopdev import loop_device, mounted_fs, require_loop
+from xnbdd.backends import linux
 from xnbdd.backends.cow import CowBackend
 from xnbdd.backends.file import FileBackend
-from xnbdd.snapshot import snapshot_path, take_snapshot
+from xnbdd.snapshot import (
+    LiveSnapshot,
+    remove_partial_snapshots,
+    snapshot_path,
+    take_snapshot,
+)
 
 MiB = 1 << 20
 NOW = 1764067200.7
@@ -153,3 +161,167 @@ async def test_full_disk_leaves_no_temporary_file(tmp_path: Path) -> None:
             await take_snapshot(str(image), now=NOW)
         assert info.value.errno == errno.ENOSPC
         assert sorted(p for p in os.listdir(mnt) if p != "lost+found") == ["disk.img"]
+
+
+# -- the background copy behind a write guard (LiveSnapshot) -----------------------------------
+
+
+def random_image(path: Path, size: int) -> bytearray:
+    content = bytearray(os.urandom(size))
+    with open(path, "wb") as f:
+        f.write(content)
+        f.truncate(size)
+    return content
+
+
+async def test_changes_after_the_point_stay_out_of_the_snapshot(copy_dir: Path) -> None:
+    """Writes (inline and async), zeroes and trims made while the copy runs keep the point's
+    bytes in the snapshot and land in the image; the copy really is running meanwhile."""
+    image = copy_dir / "disk.img"
+    size = 24 * MiB + 4096
+    at_point = random_image(image, size)
+    backend = FileBackend.open(str(image), readonly=False)
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    assert live.method == "copy" and live.guard is not None
+    assert os.path.exists(live.partial) and not os.path.exists(live.path)
+    now = bytearray(at_point)
+    copied_while_writing: list[int] = []
+
+    async def change() -> None:
+        offsets = [size - 4096, 20 * MiB + 7, 13 * MiB, 5 * MiB + 100, 0]
+        for i, offset in enumerate(offsets):
+            copied_while_writing.append(live.copied)
+            data = bytes([i + 1]) * 5000
+            data = data[: size - offset]
+            if i % 2 == 0 or not backend.try_write(offset, data):
+                await backend.write(offset, data, fua=i == 4)
+            now[offset : offset + len(data)] = data
+            await trio.sleep(0.01)
+        await backend.zero(22 * MiB, 64 * 1024, may_trim=False, fast=False, fua=False)
+        now[22 * MiB : 22 * MiB + 64 * 1024] = bytes(64 * 1024)
+        await backend.trim(8 * MiB, MiB, fua=False)
+        if backend.capabilities.trim:
+            now[8 * MiB : 9 * MiB] = bytes(MiB)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(change)
+        result = await live.finish(rate=48 * MiB, step=MiB)  # about half a second
+    assert copied_while_writing[-1] < size  # the changes ran while the copier had not finished
+    assert result.path == snapshot_path(str(image), NOW) and result.method == "copy"
+    assert Path(result.path).read_bytes() == at_point
+    assert await backend.read(0, size) == now
+    assert live.guard is not None and live.guard.preserved > 0  # some were saved ahead
+    assert backend.guard is None  # taken away at the end
+    assert sorted(os.listdir(copy_dir)) == ["disk.img", Path(result.path).name]
+    await backend.close()
+
+
+async def test_inline_writes_off_a_memory_file_system_take_the_async_path(
+    tmp_path: Path,
+) -> None:
+    """A connection's thread must not wait for the guard's copy on a disk: it declines."""
+    image = tmp_path / "disk.img"
+    at_point = random_image(image, 4 * MiB)
+    backend = FileBackend.open(str(image), readonly=False)
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    assert live.guard is not None
+    inline = linux.is_memory_fs(backend.fd)
+    assert backend.try_write(MiB, b"y" * 4096) is inline  # declined unless tmpfs
+    if not inline:
+        await backend.write(MiB, b"y" * 4096, fua=False)
+    assert live.guard.covered(MiB + 8192, 100)  # that grain is in the snapshot now
+    assert not live.guard.covered(2 * MiB, 100)
+    result = await live.finish()
+    assert Path(result.path).read_bytes() == at_point
+    await backend.close()
+
+
+async def test_a_cow_target_snapshot_in_the_background(copy_dir: Path) -> None:
+    image = copy_dir / "base.img"
+    sparse_image(image, 8 * MiB)
+    backend = CowBackend.open(str(image))
+    await backend.write(3, b"a" * 10000, fua=False)
+    at_point = bytes(await backend.read(0, backend.size))
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    assert live.method == "copy"
+    await backend.write(MiB + 5, b"b" * 9000, fua=False)  # absent blocks: a copy-up
+    await backend.write(0, b"c" * 4096, fua=False)  # a present block, rewritten
+    assert backend.try_write(4096, b"d" * 4096) is linux.is_memory_fs(backend.overlay.fd)
+    await backend.zero(7 * MiB, MiB, may_trim=True, fast=False, fua=False)
+    after = bytes(await backend.read(0, backend.size))
+    result = await live.finish()
+    assert Path(result.path).read_bytes() == at_point
+    assert await backend.read(0, backend.size) == after != at_point
+    await backend.close()
+
+
+async def test_a_failing_snapshot_never_fails_a_write(tmp_path: Path) -> None:
+    with mounted_fs(tmp_path, "ext4", 16 * MiB) as mnt:
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        image = mnt / "disk.img"
+        size = free * 6 // 10 // 4096 * 4096
+        random_image(image, size)
+        backend = FileBackend.open(str(image), readonly=False)
+        live = LiveSnapshot(str(image), backend, NOW)
+        await live.begin()
+        new = os.urandom(size)
+        await backend.write(0, new, fua=False)  # preserving it fills the disk: the snapshot fails
+        assert live.guard is not None and live.guard.failed is not None
+        with pytest.raises(OSError, match=r"snapshot of .* failed") as info:
+            await live.finish()
+        assert info.value.errno == errno.ENOSPC
+        assert await backend.read(0, size) == new
+        assert backend.guard is None
+        assert sorted(p for p in os.listdir(mnt) if p != "lost+found") == ["disk.img"]
+        await backend.close()
+
+
+async def test_cancelled_copy_leaves_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    random_image(image, 8 * MiB)
+    backend = FileBackend.open(str(image), readonly=False)
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    with trio.move_on_after(0.2):
+        await live.finish(rate=MiB)
+    assert sorted(os.listdir(tmp_path)) == ["disk.img"]
+    assert backend.guard is None
+    await backend.close()
+
+
+def test_start_up_removes_partial_snapshots_nobody_writes(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"image")
+    stale = tmp_path / "disk.img.snapshot.1764067200.partial"
+    live = tmp_path / "disk.img.snapshot.1764067201.partial"
+    other = tmp_path / "disk.img2.snapshot.1764067200.partial"  # another image's
+    done = tmp_path / "disk.img.snapshot.1764067199"
+    for path in (stale, live, other, done):
+        path.write_bytes(b"x")
+    fd = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a running server is writing this one
+        assert remove_partial_snapshots(str(image)) == [str(stale)]
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(tmp_path)) == sorted(["disk.img", live.name, other.name, done.name])
+
+
+async def test_a_whole_image_trim_during_the_copy(copy_dir: Path) -> None:
+    """The guard keeps a huge change's old bytes piece by piece (never the whole range in one
+    buffer, nor under its lock at once) and the snapshot is still the point."""
+    image = copy_dir / "disk.img"
+    size = 12 * MiB
+    at_point = random_image(image, size)
+    backend = FileBackend.open(str(image), readonly=False)
+    live = LiveSnapshot(str(image), backend, NOW)
+    await live.begin()
+    await backend.zero(0, size, may_trim=True, fast=False, fua=False)
+    assert live.guard is not None and live.guard.preserved == size
+    result = await live.finish()
+    assert Path(result.path).read_bytes() == at_point
+    assert await backend.read(0, size) == bytes(size)
+    await backend.close()

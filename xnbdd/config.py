@@ -176,6 +176,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "max-queue-size": ("max_queue_size", _count),
     "max-buf-size": ("max_buf_size", parse_size),
     "max-clients": ("max_clients", _count),
+    "snapshot-rate": ("snapshot_rate", parse_size),
     "cow-dir": ("cow_dir", _path),
     "logpath": ("logpath", _path),
     "syslog": ("syslog", _boolean),
@@ -259,6 +260,7 @@ class Config:
     max_queue_size: int = 0  # 0: the built-in default (budget.py)
     max_buf_size: int = 0
     max_clients: int = 0  # 0: no limit
+    snapshot_rate: int = 0  # bytes per second of a background snapshot copy (0: no limit)
     cow_dir: str | None = None
     logpath: str | None = None
     syslog: bool = False

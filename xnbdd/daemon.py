@@ -35,6 +35,7 @@ from .proto.messages import Negotiated, transmission_flags
 from .remote import DEFAULT_TIMEOUT, RemoteAddress
 from .rotational import is_rotational
 from .signals import sigterm_came_early
+from .snapshot import remove_partial_snapshots
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
 
@@ -58,6 +59,7 @@ class ServerOptions:
     max_buf_size: int = 0
     handshake_timeout: float = 30.0
     max_clients: int = 0  # 0: no limit
+    snapshot_rate: int = 0  # bytes per second of a background snapshot copy (0: no limit)
     cow_dir: str | None = None
     # proxy
     remote_host: str = ""
@@ -183,7 +185,8 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._signals)
+                    # READY=1 must not come before a SIGUSR1 or SIGHUP is handled (they kill)
+                    await nursery.start(self._signals)
                     nursery.start_soon(self._watchdog)
                     if ops.proxy is not None:
                         nursery.start_soon(ops.status_loop)
@@ -204,6 +207,8 @@ class Daemon:
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts
+        # snapshots a crash cut short: unfinished, and never part of the image
+        await trio.to_thread.run_sync(remove_partial_snapshots, opts.image)
         if opts.mode is not Mode.PROXY:
             return await trio.to_thread.run_sync(open_backend, opts, self.sources.handover)
         remote = RemoteAddress(
@@ -410,9 +415,10 @@ class Daemon:
 
     # -- signals and watchdog -------------------------------------------------------------------
 
-    async def _signals(self) -> None:
+    async def _signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
         with trio.open_signal_receiver(*wanted) as signals:
+            task_status.started()
             if sigterm_came_early():
                 self.stop()
             async for signum in signals:

@@ -25,7 +25,7 @@ from .control.handlers import ProgressSink, Restarting
 from .export import Export
 from .proto.handshake import TLSPolicy
 from .remote import RemoteAddress
-from .snapshot import take_snapshot
+from .snapshot import LiveSnapshot
 from .systemd import Notifier
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ class Operations:
         self.export: Export | None = None  # set once the backend is open
         self.proxy: ProxyBackend | None = None  # set in proxy mode until the switch
         self.mode = opts.mode  # becomes TARGET after a proxy switches
-        self.operation = ""  # a snapshot or switch in progress, shown in STATUS
+        self.operation = ""  # a switch in progress, shown in STATUS
+        self.snapshot_job: LiveSnapshot | None = None  # a snapshot being taken
         self._cache_alls: set[trio.CancelScope] = set()  # cut by a handover (docs/handover.md)
 
     def cut_cache_alls(self) -> None:
@@ -73,9 +74,13 @@ class Operations:
             status = self.proxy.status()
             percent = 100.0 * status.cached_blocks / max(status.total_blocks, 1)
             text += f", {percent:.1f}% cached from {status.remote} ({status.remote_state})"
-        if self.operation:
-            text += f", {self.operation}"
+        if self.current_operation():
+            text += f", {self.current_operation()}"
         return text
+
+    def current_operation(self) -> str:
+        job = self.snapshot_job
+        return job.describe() if job is not None else self.operation
 
     async def status_loop(self) -> None:
         while self.proxy is not None:
@@ -83,20 +88,45 @@ class Operations:
             self.changed()
 
     async def snapshot(self) -> str:
-        """Copy the image as clients see it to ``<image>.snapshot.<epoch>``; returns the path."""
+        """Copy the image as clients see it to ``<image>.snapshot.<epoch>``; returns the path
+        once the copy is durable. Requests pause only while the point is fixed; without a
+        reflink the copy is made in the background behind a write guard (snapshot.py)."""
         export = self.export
         if export is None or not isinstance(export.backend, (FileBackend, CowBackend)):
             raise OSError(errno_mod.ENOTSUP, f"snapshot is not available in {self.mode} mode")
+        if self.snapshot_job is not None:
+            job = self.snapshot_job
+            raise OSError(
+                errno_mod.EBUSY,
+                f"refused: a snapshot is in progress ({job.describe()}); ask again once it is done",
+            )
         if self.operation:
             raise OSError(errno_mod.EBUSY, f"refused: {self.operation}")
-        self.operation = "snapshot in progress"
+        job = self.snapshot_job = LiveSnapshot(self.opts.image, export.backend)
         self.changed()
         try:
             # Paused: writes answered before this point are in the copy, later ones are not.
+            paused = trio.current_time()
             async with export.paused():
-                result = await take_snapshot(self.opts.image, source=export.backend)
+                await job.begin()
+            paused = trio.current_time() - paused
+            if job.method == "copy":
+                log.info(
+                    "snapshot point taken (requests paused %.1f ms): copying %d bytes to %s "
+                    "in the background",
+                    paused * 1e3,
+                    job.size,
+                    job.partial,
+                )
+            self.changed()
+            result = await job.finish(self._snapshot_progress(job), self.opts.snapshot_rate)
+        except BaseException:
+            if job.method:  # a cancelled copy (the server stops): nothing of it stays
+                with trio.CancelScope(shield=True):
+                    await job.abandon()
+            raise
         finally:
-            self.operation = ""
+            self.snapshot_job = None
             self.changed()
         log.info(
             "snapshot %s: %d bytes by %s in %.3f s",
@@ -106,6 +136,23 @@ class Operations:
             result.seconds,
         )
         return result.path
+
+    def _snapshot_progress(self, job: LiveSnapshot) -> Callable[[int, int], None]:
+        """STATUS= follows a background copy every STATUS_INTERVAL; the log, each quarter."""
+        logged = [0]
+        shown = [trio.current_time()]
+
+        def progress(copied: int, total: int) -> None:
+            now = trio.current_time()
+            if now - shown[0] >= STATUS_INTERVAL:
+                shown[0] = now
+                self.changed()
+            quarter = 4 * copied // max(total, 1)
+            if 0 < quarter < 4 and quarter > logged[0]:
+                logged[0] = quarter
+                log.info("snapshot %s: %d%% copied", job.path, 25 * quarter)
+
+        return progress
 
     async def snapshot_logged(self) -> None:
         try:
@@ -128,12 +175,14 @@ class Operations:
             "tls": self.state.tls.policy.value,
             "tls_clients": self.state.tls_clients,
             "connections": [c.describe() for c in self.state.connections],
-            "operation": self.operation,
+            "operation": self.current_operation(),
             "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,
             "buffer_used": self.state.budget.used,
             "buffer_limit": limits.max_bytes,
         }
+        if self.snapshot_job is not None:
+            result["snapshot"] = self.snapshot_job.as_dict()
         if self.proxy is not None:
             result.update(self.proxy.status().as_dict())
         return result
@@ -266,6 +315,8 @@ class Operations:
             elif key in tls_keys:
                 if tls_keys[key] != value:
                     self._restart_needed(key)
+            elif key == "snapshot_rate" and isinstance(value, int):
+                self.opts.snapshot_rate = value  # from the next snapshot on
             elif key == "max_clients" and isinstance(value, int):
                 self.opts.max_clients = value  # connected clients stay; new ones see it
             elif getattr(self.opts, key, value) != value:

@@ -134,6 +134,15 @@ async def test_reconnect_and_force_switch(
     assert target.switched
 
 
+async def test_snapshot_of_a_proxy_is_refused_in_one_line(
+    ctl: tuple[str, ProxyTarget, Path],
+) -> None:
+    path, _, _ = ctl
+    result = await bgctl("--snapshot", path)
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr == b"xnbd-bgctl: snapshot failed: snapshot works in target mode only\n"
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.e2e
 
 
 class Daemon:
-    def __init__(self, image: Path, notify: NotifyReceiver, **env: str) -> None:
+    def __init__(self, image: Path, notify: NotifyReceiver, *args: str, **env: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
             daemon_command(
-                "--target", str(image), "--lport", str(self.port), "--laddr", "127.0.0.1"
+                "--target", str(image), "--lport", str(self.port), "--laddr", "127.0.0.1", *args
             ),
             env=daemon_env(NOTIFY_SOCKET=notify.address, **env),
             stdout=subprocess.DEVNULL,
@@ -42,11 +42,12 @@ Start = Callable[..., Daemon]
 
 @pytest.fixture
 def start(image: Path, notify: NotifyReceiver) -> Iterator[Start]:
-    """start(**env) runs the daemon on `image`, reporting to `notify`; killed at the end."""
+    """start(*args, **env) runs the daemon on `image`, reporting to `notify`; killed at the
+    end."""
     started: list[Daemon] = []
 
-    def run(**env: str) -> Daemon:
-        started.append(Daemon(image, notify, **env))
+    def run(*args: str, **env: str) -> Daemon:
+        started.append(Daemon(image, notify, *args, **env))
         return started[-1]
 
     yield run
@@ -139,3 +140,18 @@ def test_outside_systemd_nothing_breaks(image: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_status_follows_a_background_snapshot(
+    start: Start, notify: NotifyReceiver, image: Path
+) -> None:
+    """ext4 cannot reflink: STATUS= says the copy runs (and how far), then that it is over."""
+    d = start("--snapshot-rate", "16M")  # 64 MiB: about 4 s
+    notify.wait_for("READY", "1", timeout=20)
+    d.proc.send_signal(signal.SIGUSR1)
+    running = notify.wait_for("STATUS", lambda text: "copied in the background" in text)
+    text = running.fields["STATUS"]
+    assert text.startswith("target ") and ".snapshot." in text, text
+    notify.wait_for("STATUS", lambda text: "snapshot" not in text, timeout=30)
+    taken = [p.name for p in image.parent.iterdir() if ".snapshot." in p.name]
+    assert len(taken) == 1 and not taken[0].endswith(".partial"), taken

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -20,7 +22,8 @@ import pytest
 
 from tests.backends.loopdev import loop_device, mounted_fs, require_loop
 from tests.libnbd import import_nbd
-from tests.serverproc import ServerProcess, running_server
+from tests.serverproc import ServerProcess, running_server, server_env
+from xnbdd.control.client import ControlClient
 
 pytestmark = pytest.mark.e2e
 
@@ -262,25 +265,20 @@ def test_full_disk_leaves_no_temporary_file_and_a_serving_daemon(tmp_path: Path)
 
 
 def test_a_second_snapshot_while_one_runs_is_refused(shm_dir: Path) -> None:
-    # a copy that takes a while: 1 GiB of data on tmpfs (no reflink there)
+    # a background copy that takes about two seconds: 64 MiB of data at 32 MiB/s
     image = shm_dir / "big.img"
-    chunk = os.urandom(MiB)
-    with open(image, "wb") as f:
-        for _ in range(1024):
-            f.write(chunk)
-    with serving("--target", str(image), tmp_path=shm_dir) as srv:
+    write_image(image, 64 * MiB, [(0, 64 * MiB)])
+    with serving("--target", str(image), "--snapshot-rate", "32M", tmp_path=shm_dir) as srv:
         srv.proc.send_signal(signal.SIGUSR1)
-        refused = re.compile(r"snapshot failed: .*in progress.*")
-        done = re.compile(SNAPSHOT_LINE.pattern)
-        # trio merges a signal that is still pending, so keep asking until one is refused
-        while not refused.search(srv.log()):
-            assert not done.search(srv.log()), f"the first finished before a refusal:\n{srv.log()}"
-            time.sleep(0.02)
-            srv.proc.send_signal(signal.SIGUSR1)
-        taken = Path(wait_for_log(srv, done, timeout=60).group(1))
+        wait_for_log(srv, re.compile(r"snapshot point taken"))
+        srv.proc.send_signal(signal.SIGUSR1)
+        refused = wait_for_log(srv, re.compile(r"snapshot failed: .*"))
+        assert "refused: a snapshot is in progress" in refused.group(0)
+        assert f"{image}.snapshot." in refused.group(0)  # it names the one running
+        taken = Path(wait_for_log(srv, SNAPSHOT_LINE, timeout=60).group(1))
         log = srv.log()
         assert log.index("in progress") < log.index(f"snapshot {taken}:")
-        assert taken.stat().st_size == 1024 * MiB
+        assert taken.read_bytes() == image.read_bytes()  # nothing wrote meanwhile
         assert other_files(shm_dir, {"big.img", taken.name, f"server-{srv.port}.log"}) == []
 
 
@@ -339,3 +337,162 @@ def test_read_only_directory_fails_clearly_and_the_daemon_serves_on(tmp_path: Pa
             assert "Read-only file system" in line.group(0)
             assert h.pread(4 * MiB, 0) == content
         assert other_files(mnt, {"disk.img", "lost+found"}) == []
+
+
+# -- background copies (no reflink): clients go on while the copy runs --------------------------
+
+
+def query(control: Path) -> dict[str, Any]:
+    with ControlClient(str(control)) as client:
+        return client.call("query")
+
+
+def bgctl(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xnbdd.cli.bgctl", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=server_env(),
+    )
+
+
+def wait_for_copy(control: Path, timeout: float = 30) -> dict[str, Any]:
+    """The query once a background copy is under way (its point is taken)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = query(control)
+        if status.get("snapshot", {}).get("method") == "copy":
+            return status
+        assert time.monotonic() < deadline, f"no background copy: {status}"
+        time.sleep(0.01)
+
+
+class RandomClient(threading.Thread):
+    """One request at a time, 4 KiB reads and writes at random blocks; checks every read
+    against ``expected`` (what it wrote there, or the image's first content) and records each
+    request's latency. ``hold`` parks it between requests (``idle`` says it is parked)."""
+
+    def __init__(self, uri: str, expected: bytearray) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.expected = expected
+        self.ops = 0
+        self.latencies: list[float] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.hold = threading.Event()
+        self.idle = threading.Event()
+
+    def run(self) -> None:
+        rng = random.Random(14)
+        nblocks = len(self.expected) // BLOCK
+        try:
+            with connected(self.uri) as h:
+                while not self.stop.is_set():
+                    if self.hold.is_set():
+                        self.idle.set()
+                        while self.hold.is_set() and not self.stop.is_set():
+                            time.sleep(0.001)
+                        self.idle.clear()
+                    offset = rng.randrange(nblocks) * BLOCK
+                    began = time.perf_counter()
+                    if self.ops % 2:
+                        data = rng.randbytes(BLOCK)
+                        h.pwrite(data, offset)
+                        self.expected[offset : offset + BLOCK] = data
+                    else:
+                        got = h.pread(BLOCK, offset)
+                        assert got == self.expected[offset : offset + BLOCK], offset
+                    self.latencies.append(time.perf_counter() - began)
+                    self.ops += 1
+        except BaseException as e:  # reported by the test, in its own thread
+            self.error = e
+
+
+def test_clients_are_served_while_a_snapshot_copies_in_the_background(shm_dir: Path) -> None:
+    """256 MiB on tmpfs (no reflink), the copy slowed to about 4 s: a client's 4 KiB reads and
+    writes go on while the control socket reports the copy running; the snapshot is the image
+    at the point, the image has every write; xnbd-bgctl --snapshot prints the path."""
+    size = 256 * MiB
+    image = shm_dir / "disk.img"
+    chunk = os.urandom(MiB)
+    with open(image, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(chunk)
+    expected = bytearray(chunk * (size // MiB))
+    control = shm_dir / "ctl"
+    args = ("--target", str(image), "--control-socket", str(control), "--snapshot-rate", "64M")
+    with serving(*args, tmp_path=shm_dir) as srv:
+        client = RandomClient(srv.uri, expected)
+        client.start()
+        while client.ops < 50 and client.is_alive():
+            time.sleep(0.005)
+        client.hold.set()  # the point falls between two requests: the test knows the image there
+        assert client.idle.wait(30), client.error
+        at_point = bytes(expected)
+        began = time.monotonic()
+        taking = bgctl("--snapshot", str(control))
+        status = wait_for_copy(control)
+        client.hold.clear()
+        second = bgctl("--snapshot", str(control))
+        refused = second.communicate(timeout=60)
+        # (requests done, bytes copied) for each look at the control socket during the copy
+        seen: list[tuple[int, int]] = []
+        while (job := status.get("snapshot")) is not None:
+            seen.append((client.ops, int(job["copied"])))
+            assert job["total"] == size and job["partial"].endswith(".partial")
+            assert "% copied in the background" in status["operation"]
+            time.sleep(0.05)
+            status = query(control)
+        out, err = taking.communicate(timeout=60)
+        copy_seconds = time.monotonic() - began
+        client.stop.set()
+        client.join(30)
+        assert client.error is None, client.error
+        assert "snapshot point taken" in srv.log()
+    assert taking.returncode == 0, err
+    path = Path(out.strip())
+    assert out == f"{path}\n" and path.name.startswith("disk.img.snapshot.")
+    assert second.returncode == 1 and "refused: a snapshot is in progress" in refused[1]
+    during = [ops for ops, copied in seen if copied < size]
+    assert during[-1] - during[0] >= 20, seen  # served while the copy was still running
+    assert path.read_bytes() == at_point
+    assert image.read_bytes() == expected != at_point
+    assert other_files(shm_dir, {"disk.img", path.name, "ctl", f"server-{srv.port}.log"}) == []
+    worst = max(client.latencies)
+    print(f"{client.ops} requests, worst {worst * 1e3:.1f} ms, copy {copy_seconds:.2f} s")
+    assert worst < copy_seconds / 4  # far below the copy: nobody waited for it
+
+
+def test_a_crash_during_the_copy_leaves_the_image_whole_and_the_partial_file_removed(
+    shm_dir: Path,
+) -> None:
+    size = 64 * MiB
+    image = shm_dir / "disk.img"
+    expected = bytearray(write_image(image, size, [(0, size // 2)]))
+    control = shm_dir / "ctl"
+    args = ("--target", str(image), "--control-socket", str(control), "--snapshot-rate", "8M")
+    with running_server(*args, tmp_path=shm_dir, check_exit=False) as srv:
+        taking = bgctl("--snapshot", str(control))
+        partial = Path(wait_for_copy(control)["snapshot"]["partial"])
+        with connected(srv.uri) as h:
+            for offset in (size - BLOCK, 40 * MiB, 3 * MiB):
+                data = os.urandom(BLOCK)
+                h.pwrite(data, offset)
+                expected[offset : offset + BLOCK] = data
+            assert query(control)["snapshot"]["copied"] < size  # still copying
+        assert partial.exists()
+        srv.proc.kill()
+        srv.proc.wait(30)
+        _, err = taking.communicate(timeout=60)
+    assert taking.returncode == 2, err  # the control connection broke
+    assert partial.exists() and not Path(str(partial)[: -len(".partial")]).exists()
+    assert image.read_bytes() == expected
+    with serving("--target", str(image), tmp_path=shm_dir) as srv2, connected(srv2.uri) as h:
+        assert f"removed the unfinished snapshot {partial}" in srv2.log()
+        assert h.pread(size, 0) == expected
+    assert not partial.exists()
+    assert other_files(shm_dir, {"disk.img", "ctl"}) == sorted(  # ctl: left by the kill
+        [f"server-{srv.port}.log", f"server-{srv2.port}.log"]
+    )

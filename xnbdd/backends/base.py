@@ -97,6 +97,19 @@ class Backend(Protocol):
         ...
 
 
+class ChangeGuard(Protocol):
+    """Told before a backend changes what clients see (a snapshot being copied, snapshot.py).
+    ``covered`` never waits and may be asked from any thread; ``preserve`` may block."""
+
+    def covered(self, offset: int, length: int) -> bool:
+        """True: changing the range needs no ``preserve`` first."""
+        ...
+
+    def preserve(self, offset: int, length: int) -> None:
+        """Blocking: keep what the range holds now, before it changes."""
+        ...
+
+
 @runtime_checkable
 class InlineIO(Protocol):
     """The synchronous side a backend may offer: I/O that needs no waiting (the page cache, a

@@ -24,9 +24,10 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Iterable
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
 from xnbdd.backends.bitmap import Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import block_bytes, fill_edges, flush_data_then_bitmap, present_runs
 from xnbdd.backends.file import FileBackend
@@ -229,19 +230,33 @@ class CowBackend:
 
     # -- snapshots -----------------------------------------------------------------------------
 
-    def snapshot_into(self, dst_fd: int) -> str:
-        """Write what clients see (base + overlay) into the empty regular file ``dst_fd``.
-
-        Blocking: call it in a worker thread while no request runs (the daemon pauses them).
-        Returns "reflink" when the base was cloned, else "copy"; present blocks are then
-        copied from the overlay (holes there become holes, i.e. zeros, in the snapshot).
-        """
-        method = self.base.snapshot_into(dst_fd, self._size)
+    def snapshot_clone(self, dst_fd: int) -> bool:
+        """Reflink the base into ``dst_fd``, then copy the overlay's present blocks over it
+        (holes there become holes, i.e. zeros). False when the base cannot be reflinked.
+        Called while no request runs (the daemon pauses them)."""
+        if not self.base.snapshot_clone(dst_fd, self._size):
+            return False
         for first, last in self.bitmap.runs(0, self.bitmap.nblocks, True):
             start, stop = block_bytes(first, last, self._size)
             linux.punch_or_zero(dst_fd, start, stop - start)
             self.overlay.copy_into(dst_fd, start, stop - start)
-        return method
+        return True
+
+    def snapshot_runs(self, offset: int, length: int) -> Iterable[tuple[int, int]]:
+        for start, stop, present in present_runs(self.bitmap, offset, length):
+            yield from (self.overlay if present else self.base).snapshot_runs(start, stop - start)
+
+    def snapshot_read(self, view: memoryview, offset: int) -> None:
+        """What clients see: the bitmap's bits only go from clear to set, and only after the
+        overlay holds the block, so either source read here is the block's content."""
+        for start, stop, present in present_runs(self.bitmap, offset, len(view)):
+            source = self.overlay if present else self.base
+            source.snapshot_read(view[start - offset : stop - offset], start)
+
+    def set_snapshot_guard(self, guard: ChangeGuard | None) -> None:
+        """Every change clients can see is a change of the overlay file (the base is read-only;
+        a copy-up writes what the base holds), so the overlay carries the guard."""
+        self.overlay.set_snapshot_guard(guard)
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -17,13 +17,13 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
 
 T = TypeVar("T")
 
@@ -62,6 +62,7 @@ class FileBackend:
         else:  # a punched hole, or zero-range / punch + allocate when holes are not wanted
             self._fast_zero_ok = self._punch_ok
         self._closed = False
+        self.guard: ChangeGuard | None = None  # a snapshot being copied (snapshot.py)
 
     @classmethod
     def open(cls, path: str, *, readonly: bool) -> FileBackend:
@@ -195,6 +196,8 @@ class FileBackend:
         """Write without waiting if possible (not FUA); False means nothing was promised and
         ``write`` must be used (rewriting bytes already written is harmless)."""
         self._check_room(offset, memoryview(data).nbytes)
+        if not self._guarded_now(offset, memoryview(data).nbytes):
+            return False
         if self._inline:
             linux.write_all(self.fd, data, offset)
             return True
@@ -219,6 +222,7 @@ class FileBackend:
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         view = memoryview(data).cast("B")
         self._check_room(offset, len(view))
+        await self._guarded(offset, len(view))
         if fua:  # RWF_DSYNC: this write is durable when pwritev returns
             await self._thread(linux.write_all, self.fd, view, offset, os.RWF_DSYNC)
             return
@@ -232,6 +236,7 @@ class FileBackend:
         """Punch a hole (file) or discard (device); advisory, so nothing happens if unsupported."""
         if not self._punch_ok:
             return
+        await self._guarded(offset, length)
         if self.is_block_device:
             await self._thread(linux.discard, self.fd, offset, length)
         else:
@@ -243,6 +248,7 @@ class FileBackend:
         self, offset: int, length: int, *, may_trim: bool, fast: bool, fua: bool
     ) -> None:
         self._check_room(offset, length)
+        await self._guarded(offset, length)
         await self._thread(self.zero_sync, offset, length, may_trim, fast)
         if fua:
             await self.flush()
@@ -281,11 +287,49 @@ class FileBackend:
         staying holes."""
         linux.copy_sparse(self.fd, dst_fd, offset, length)
 
-    def snapshot_into(self, dst_fd: int, size: int | None = None) -> str:
-        """Blocking: copy the image (its first ``size`` bytes: default, its size as last seen)
-        into the empty regular file ``dst_fd`` ("reflink"/"copy")."""
-        os.fdatasync(self.fd)
-        return linux.clone_or_copy(self.fd, dst_fd, self._size if size is None else size)
+    # -- SnapshotSource (snapshot.py) ---------------------------------------------------------
+
+    def snapshot_clone(self, dst_fd: int, size: int | None = None) -> bool:
+        """Reflink the image (its first ``size`` bytes: default, its size as last seen) into the
+        empty file ``dst_fd``; False when the file system cannot (nothing written)."""
+        size = self._size if size is None else size
+        if self.is_block_device or os.fstat(self.fd).st_size != size:
+            return False
+        try:
+            linux.clone(self.fd, dst_fd)
+        except OSError as e:
+            if e.errno not in linux.UNSUPPORTED | {errno.EXDEV, errno.EINVAL, errno.EBADF}:
+                raise
+            return False
+        return True
+
+    def snapshot_runs(self, offset: int, length: int) -> Iterable[tuple[int, int]]:
+        if self.is_block_device:
+            return [(offset, offset + length)]
+        return linux.data_runs(self.fd, offset, length)
+
+    def snapshot_read(self, view: memoryview, offset: int) -> None:
+        linux.read_all(self.fd, view, offset)
+
+    def set_snapshot_guard(self, guard: ChangeGuard | None) -> None:
+        self.guard = guard
+
+    def _guarded_now(self, offset: int, length: int) -> bool:
+        """A snapshot being copied keeps the range's old bytes first: here only where that
+        cannot wait (a memory file system); False: the caller takes the async path."""
+        guard = self.guard
+        if guard is None or guard.covered(offset, length):
+            return True
+        if not self._inline:
+            return False
+        guard.preserve(offset, length)
+        return True
+
+    async def _guarded(self, offset: int, length: int) -> None:
+        guard = self.guard
+        if guard is not None and not guard.covered(offset, length):
+            # a worker thread even on tmpfs: a TRIM may have a whole disk's bytes to keep
+            await trio.to_thread.run_sync(guard.preserve, offset, length, limiter=self._limiter)
 
     # -- helpers (blocking ones run in a worker thread) ----------------------------------------
 

@@ -4,6 +4,7 @@
     xnbd-bgctl [--force] --switch CONTROL_SOCKET
     xnbd-bgctl [--progress] [--blocks-per-request N] --cache-all CONTROL_SOCKET
     xnbd-bgctl [--exportname NAME] --reconnect CONTROL_SOCKET HOST PORT
+    xnbd-bgctl [--json] --snapshot CONTROL_SOCKET
 
 Exit status: 0 success, 1 the daemon refused or failed the command (or usage error), 2 the
 control socket could not be reached.
@@ -55,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="same as --cache-all",
     )
     commands.add_argument("-r", "--reconnect", action="store_const", dest="cmd", const="reconnect")
+    commands.add_argument(
+        "--snapshot",
+        action="store_const",
+        dest="cmd",
+        const="snapshot",
+        help="target modes: take a snapshot of the image, wait until it is complete and "
+        "durable, print its path",
+    )
     parser.add_argument("--force", action="store_true", help="switch even with uncached blocks")
     parser.add_argument("--progress", action="store_true", help="progress bar on a terminal")
     parser.add_argument("--blocks-per-request", type=int, default=None, metavar="N")
@@ -278,6 +287,11 @@ def _run(client: ControlClient, cmd: str, args: argparse.Namespace) -> int:
             bar.finish()
         if args.json:
             print(json.dumps(result))
+        return 0
+    if cmd == "snapshot":
+        client.set_timeout(None)  # the copy may take minutes; the daemon answers when done
+        result = client.call("snapshot")
+        print(json.dumps(result) if args.json else result["path"])
         return 0
     # reconnect
     host, port = args.extra

@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse clients past N connections at once, with a message during the handshake "
         "(0: no limit, the default)",
     )
+    exp.add_argument(
+        "--snapshot-rate",
+        type=byte_size,
+        metavar="BYTES",
+        help="copy a snapshot (SIGUSR1, xnbd-bgctl --snapshot) in the background at most this "
+        "fast, per second (suffixes K, M, G; 0: as fast as it goes, the default)",
+    )
 
     prx = p.add_argument_group("proxy mode")
     prx.add_argument(
@@ -433,6 +440,7 @@ def make_options(settings: Settings) -> ServerOptions:
         oldstyle=settings.oldstyle,
         max_queue_size=settings.max_queue_size,
         max_clients=settings.max_clients,
+        snapshot_rate=settings.snapshot_rate,
         max_buf_size=settings.max_buf_size,
         handshake_timeout=settings.handshake_timeout,
         cow_dir=absolute(settings.cow_dir) or None,
