@@ -12,7 +12,9 @@ from xnbdd.backends.blocks import (
     missing_edges,
     present_runs,
     whole_blocks,
+    zero_blocks,
 )
+from xnbdd.proto.consts import State
 
 B = BLOCK_SIZE
 
@@ -87,3 +89,20 @@ async def test_flush_persists_only_bits_captured_before_the_data_sync(tmp_path: 
     await flush_data_then_bitmap(flush_data, bitmap)
     assert Path(path).read_bytes()[0] == 0b11
     bitmap.close()
+
+
+def test_zero_blocks_are_whole_blocks_the_origin_calls_zero() -> None:
+    size = 10 * B + 100  # a partial last block
+    extents = [
+        (B + 10, 0),  # data, ending inside block 1
+        (3 * B, State.ZERO | State.HOLE),  # zeros over blocks 2..3 whole, 1 and 4 shared
+        (B - 10, State.ZERO),  # the rest of block 4: no extent covers block 4 whole
+        (2 * B, State.HOLE),  # a hole that is not said to read as zeros: data for us
+        (2 * B, State.ZERO),  # blocks 7..8
+        (B + 100, State.ZERO),  # block 9 and the partial last block
+    ]
+    zeros, end = zero_blocks(0, extents, size)
+    assert end == size
+    # block 4 is fetched (safe: each extent covers only part of it); runs that touch merge, and
+    # the partial last block counts (the range reaches the end of the export)
+    assert zeros == [(2, 4), (7, 11)]

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
+from xnbdd.proto.consts import State
 
 
 def block_bytes(first: int, stop: int, size: int) -> tuple[int, int]:
@@ -27,6 +28,25 @@ def whole_blocks(offset: int, length: int, size: int) -> tuple[int, int]:
     export covers its partial last block. Empty (first >= stop) when there is none."""
     end = offset + length
     return -(-offset // BLOCK_SIZE), nblocks_for(end) if end == size else end // BLOCK_SIZE
+
+
+def zero_blocks(
+    offset: int, extents: list[tuple[int, int]], size: int
+) -> tuple[list[tuple[int, int]], int]:
+    """The block runs [a, b) that base:allocation ``extents`` (length, flags) starting at byte
+    ``offset`` call zeros (NBD_STATE_ZERO; a block shared with data is data), and the byte where
+    the extents end."""
+    zeros: list[tuple[int, int]] = []
+    pos = offset
+    for ext_len, flags in extents:
+        if flags & State.ZERO:
+            a, b = whole_blocks(pos, ext_len, size)
+            if b > a and zeros and zeros[-1][1] == a:
+                zeros[-1] = (zeros[-1][0], b)
+            elif b > a:
+                zeros.append((a, b))
+        pos += ext_len
+    return zeros, pos
 
 
 def present_runs(

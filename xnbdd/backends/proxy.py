@@ -20,7 +20,8 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
   fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
-  number of requests in flight, so client fetches never queue behind the bulk copy.
+  number of requests in flight, so client fetches never queue behind the bulk copy
+  (backends/cache_all.py).
 - Sparse origins (docs/data-path.md "The sparse-aware proxy"): when the origin answers
   ``base:allocation``, cache-all asks it which ranges read as zeros (NBD_STATE_ZERO) and caches
   their whole blocks without fetching them: the cache range is zeroed (a punched hole where the
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -50,7 +51,9 @@ from xnbdd.backends.blocks import (
     missing_edges,
     present_runs,
     whole_blocks,
+    zero_blocks,
 )
+from xnbdd.backends.cache_all import CacheAll, ProgressCallback
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -68,21 +71,7 @@ from xnbdd.remote import (
 log = logging.getLogger(__name__)
 
 MAX_FETCH = 1 << 20  # bytes per origin request for client misses (bounded latency and memory)
-BULK_BYTES_IN_FLIGHT = 8 << 20  # cache_all: bytes requested but not yet stored, own connection
-BULK_SHARED_REQUESTS = 2  # cache_all on the clients' connection (origin allows only one)
-STATUS_SPAN = 1 << 30  # cache_all: bytes of the origin's allocation asked about at once
 SYNC_INTERVAL = 5.0  # seconds between background flushes of data + bitmap
-
-ProgressCallback = Callable[[int, int], None]  # (cached blocks, total blocks)
-
-
-@dataclass
-class _BulkState:
-    """cache-all's origin connection (None until open: the clients' one is used) and how many
-    of its requests may be in flight."""
-
-    window: int
-    link: RemoteLink | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +119,7 @@ class ProxyBackend:
         self._locks = RangeLocks()
         self._sync_lock = trio.Lock()
         self._dirty = False  # bits set since the last flush
-        self._bulk: RemoteLink | None = None
+        self._cache_all: CacheAll | None = None
         self._cache_all_scope: trio.CancelScope | None = None
         self._detached = False
         self.fetched_blocks = 0
@@ -162,7 +151,7 @@ class ProxyBackend:
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         first, stop = block_span(offset, length)
         if not self._bitmap.all_set(first, stop):
-            fetched = await self._ensure_cached(first, stop, self._link, MAX_FETCH, store=False)
+            fetched = await self.ensure_cached(first, stop, self._link, MAX_FETCH, store=False)
             if fetched is not None:  # the whole range came in one fetch: answer from it
                 start = offset - first * BLOCK_SIZE
                 return memoryview(fetched)[start : start + length]
@@ -201,7 +190,7 @@ class ProxyBackend:
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
-        await self._ensure_cached(first, stop, self._link, MAX_FETCH, store=True)
+        await self.ensure_cached(first, stop, self._link, MAX_FETCH, store=True)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self._check_writable()
@@ -263,8 +252,8 @@ class ProxyBackend:
         # fetch), so a later read or cache-all does not ask for them. Opportunistic: a failure
         # (or another task's failed fetch of some of them) leaves them uncached.
         try:
-            for a, b in self._zero_blocks(offset, extents)[0]:
-                await self._ensure_cached(
+            for a, b in zero_blocks(offset, extents, self._size)[0]:
+                await self.ensure_cached(
                     a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
                 )
         except OSError as exc:
@@ -314,6 +303,10 @@ class ProxyBackend:
     def is_complete(self) -> bool:
         return self._bitmap.all_set(0, self.nblocks)
 
+    def uncached_runs(self, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """Runs [a, b) of blocks in [first, stop) the cache does not hold."""
+        return self._bitmap.runs(first, stop, False)
+
     def cached_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
         """``x-xnbd:cached`` view: (byte length, cached) runs covering [offset, offset+length),
         or a prefix of it in ``MAX_EXTENTS`` runs (extended headers ask for 64-bit ranges)."""
@@ -339,9 +332,10 @@ class ProxyBackend:
     async def reconnect(self, address: RemoteAddress) -> None:
         """Move to another origin of the same size (SizeMismatchError otherwise)."""
         await self._link.reconnect(address)
-        if self._bulk is not None:
+        bulk = self._cache_all.bulk if self._cache_all is not None else None
+        if bulk is not None:
             try:
-                await self._bulk.reconnect(address)
+                await bulk.reconnect(address)
             except OSError as exc:  # cache_all then fails after its timeout; it can be rerun
                 log.warning("bulk connection could not follow the reconnect: %s", exc)
 
@@ -357,134 +351,14 @@ class ProxyBackend:
         blocks_per_request = min(blocks_per_request, max(1, self._link.max_payload // BLOCK_SIZE))
         with trio.CancelScope() as scope:
             self._cache_all_scope = scope
+            self._cache_all = CacheAll(self, self._link, blocks_per_request, progress)
             try:
-                await self._cache_all(blocks_per_request, progress)
+                await self._cache_all.run()
             finally:
                 self._cache_all_scope = None
+                self._cache_all = None
         if scope.cancelled_caught:
             raise OSError(errno.ECANCELED, "cache-all was stopped")
-
-    async def _cache_all(self, per_request: int, progress: ProgressCallback | None) -> None:
-        """Fetch over a connection of its own (client misses keep theirs), opened while the
-        first windows already go over the clients' connection: the link is busy from the
-        first millisecond, not after a TCP and an NBD handshake."""
-        bulk_window = max(1, BULK_BYTES_IN_FLIGHT // (per_request * BLOCK_SIZE))
-        state = _BulkState(bulk_window)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._hold_bulk_link, state)
-            await self._copy_rest(state, per_request, progress)
-            nursery.cancel_scope.cancel()
-        await self.flush()
-        if progress is not None:
-            progress(self.cached_blocks(), self.nblocks)
-
-    async def _hold_bulk_link(self, state: _BulkState) -> None:
-        try:
-            async with open_remote_link(
-                self._link.address,
-                timeout=self._link.timeout,
-                connect_timeout=3.0,
-                expected_size=self._size,
-            ) as bulk:
-                self._bulk = state.link = bulk
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    self._bulk = state.link = None
-        except OSError as exc:
-            # the origin allows a single connection: share it, but keep few requests queued
-            log.info("cache-all uses the clients' origin connection (%s)", exc)
-            state.window = BULK_SHARED_REQUESTS
-
-    async def _copy_rest(
-        self, state: _BulkState, per_request: int, progress: ProgressCallback | None
-    ) -> None:
-        in_flight = 0
-        room = trio.Event()
-        last_report = -1.0
-
-        async def fill_window(first: int, stop: int, zero: bool) -> None:
-            nonlocal in_flight, room, last_report
-            try:
-                link = state.link or self._link
-                max_request = (stop - first if zero else per_request) * BLOCK_SIZE
-                await self._ensure_cached(first, stop, link, max_request, store=True, zero=zero)
-            finally:
-                in_flight -= 1
-                room.set()
-            now = trio.current_time()
-            if progress is not None and now - last_report >= 0.1:
-                last_report = now
-                progress(self.cached_blocks(), self.nblocks)
-
-        while not self.is_complete():
-            try:
-                async with trio.open_nursery() as nursery:
-                    pos = 0
-                    while pos < self.nblocks:
-                        runs = await self._origin_runs(state.link or self._link, pos)
-                        for run_first, run_stop, zero in runs:
-                            step = run_stop - run_first if zero else per_request
-                            for window in range(run_first, run_stop, step):
-                                window_stop = min(window + step, run_stop)
-                                for first, stop in self._bitmap.runs(window, window_stop, False):
-                                    while in_flight >= state.window:
-                                        room = trio.Event()
-                                        await room.wait()
-                                    in_flight += 1
-                                    nursery.start_soon(fill_window, first, stop, zero)
-                        pos = runs[-1][1] if runs else self.nblocks
-            except* OSError as group:
-                raise group.exceptions[0] from None
-            # blocks another task held busy may still be missing: go round again
-
-    async def _origin_runs(self, link: RemoteLink, start: int) -> list[tuple[int, int, bool]]:
-        """Block runs (first, stop, zero) from the first uncached block at or after ``start``:
-        ``zero`` where the origin says whole blocks read as zeros. One BLOCK_STATUS over up to
-        STATUS_SPAN bytes; an origin that cannot tell gets everything as data. Empty when
-        nothing from ``start`` on is uncached."""
-        first = next((a for a, _b in self._bitmap.runs(start, self.nblocks, False)), None)
-        if first is None:
-            return []
-        offset = first * BLOCK_SIZE
-        span = min(STATUS_SPAN, self._size - offset)
-        try:
-            extents = await link.block_status(offset, span)
-        except OSError as exc:  # the fetches will tell if the origin is gone; this span is data
-            log.warning("origin block status at %d failed (%s): fetching it all", offset, exc)
-            return [(first, nblocks_for(offset + span), False)]
-        if extents is None:
-            return [(first, self.nblocks, False)]
-        zeros, end = self._zero_blocks(offset, extents)
-        runs: list[tuple[int, int, bool]] = []
-        block = first  # runs cover [first, block)
-        for a, b in zeros:
-            if a > block:
-                runs.append((block, a, False))
-            runs.append((a, b, True))
-            block = b
-        known = nblocks_for(end) if end >= self._size else end // BLOCK_SIZE
-        if max(known, first + 1) > block:  # an answer shorter than a block: fetch one
-            runs.append((block, max(known, first + 1), False))
-        return runs
-
-    def _zero_blocks(
-        self, offset: int, extents: list[tuple[int, int]]
-    ) -> tuple[list[tuple[int, int]], int]:
-        """The block runs [a, b) that base:allocation ``extents`` starting at byte ``offset``
-        call zeros (NBD_STATE_ZERO; a block shared with data is data), and the byte where the
-        extents end."""
-        zeros: list[tuple[int, int]] = []
-        pos = offset
-        for ext_len, flags in extents:
-            if flags & State.ZERO:
-                a, b = whole_blocks(pos, ext_len, self._size)
-                if b > a and zeros and zeros[-1][1] == a:
-                    zeros[-1] = (zeros[-1][0], b)
-                elif b > a:
-                    zeros.append((a, b))
-            pos += ext_len
-        return zeros, pos
 
     async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
@@ -580,7 +454,7 @@ class ProxyBackend:
         self.fetched_blocks += stop - first
         return data
 
-    async def _ensure_cached(
+    async def ensure_cached(
         self,
         first: int,
         stop: int,
