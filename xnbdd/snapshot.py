@@ -18,7 +18,6 @@ snapshot that fails midway lets every write through.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -34,6 +33,7 @@ import trio
 
 from xnbdd.backends import linux
 from xnbdd.backends.base import ChangeGuard
+from xnbdd.leftovers import remove_unless_locked, siblings, unlink_quietly
 
 log = logging.getLogger("xnbdd")
 
@@ -301,7 +301,7 @@ class LiveSnapshot:
         """Remove the partial file (if still there) and close it."""
         if self._fd is None:
             return
-        _remove(self.partial)
+        unlink_quietly(self.partial)
         os.close(self._fd)
         self._fd = None
 
@@ -356,7 +356,7 @@ def _take_snapshot(image_path: str, src_fd: int | None, now: float) -> SnapshotR
             created = False
         finally:
             if created:
-                _remove(temp)
+                unlink_quietly(temp)
             os.close(dst)
         _fsync_directory(os.path.dirname(final) or ".")
     except OSError as e:
@@ -374,30 +374,14 @@ _PARTIAL_NAME = re.compile(r"\.snapshot\.\d{8,}\.partial")
 def remove_partial_snapshots(image_path: str) -> list[str]:
     """Remove ``<image>.snapshot.<T>.partial`` files no live server is writing (none holds
     their lock): what a crash during a background copy left. Returns their paths."""
-    directory, name = os.path.split(image_path)
     removed: list[str] = []
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return removed
-    for entry in sorted(names):
-        if not entry.startswith(name) or not _PARTIAL_NAME.fullmatch(entry, len(name)):
-            continue
-        path = os.path.join(directory, entry)
+    for path, _match in siblings(image_path, _PARTIAL_NAME):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _remove(path)
-        except BlockingIOError:
-            continue  # another server is writing it
+            if not remove_unless_locked(path):
+                continue  # another server is writing it
         except OSError as err:
             log.warning("cannot remove the unfinished snapshot %s: %s", path, err.strerror)
             continue
-        finally:
-            os.close(fd)
         log.warning("removed the unfinished snapshot %s (its copy was cut by a crash)", path)
         removed.append(path)
     return removed
@@ -428,8 +412,3 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

@@ -17,7 +17,6 @@ that nobody holds locked was left by a crash and is removed.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -32,6 +31,7 @@ from xnbdd.backends.bitmap import Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import block_bytes, fill_edges, flush_data_then_bitmap, present_runs
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLocks
+from xnbdd.leftovers import remove_unless_locked, siblings, unlink_quietly
 
 log = logging.getLogger("xnbdd")
 
@@ -71,8 +71,8 @@ class CowBackend:
             overlay = FileBackend(fd, overlay_path, readonly=False)
             bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size), clear=True)
         except BaseException:
-            _unlink_quietly(overlay_path + ".bm")
-            _unlink_quietly(overlay_path)
+            unlink_quietly(overlay_path + ".bm")
+            unlink_quietly(overlay_path)
             os.close(fd)
             base.release()
             raise
@@ -219,8 +219,8 @@ class CowBackend:
                 await self.base.close()
             log.info("kept copy-on-write overlay %s for the clients", self.overlay_path)
             return
-        _unlink_quietly(self.bitmap_path)  # bitmap first: a .bm without .layer1 is always stale
-        _unlink_quietly(self.overlay_path)
+        unlink_quietly(self.bitmap_path)  # bitmap first: a .bm without .layer1 is always stale
+        unlink_quietly(self.overlay_path)
         try:
             self.bitmap.close()
         finally:
@@ -291,7 +291,7 @@ def _create_locked_overlay(prefix: str, size: int) -> tuple[str, int]:
         os.close(fd)
         raise
     finally:
-        _unlink_quietly(temp)
+        unlink_quietly(temp)
 
 
 _OVERLAY_NAME = re.compile(r"\.cow(?:(\d+)\.layer1(\.bm)?|-new\.\d+\.[0-9a-f]+)")
@@ -299,45 +299,17 @@ _OVERLAY_NAME = re.compile(r"\.cow(?:(\d+)\.layer1(\.bm)?|-new\.\d+\.[0-9a-f]+)"
 
 def remove_stale_overlays(prefix: str) -> list[str]:
     """Remove overlays of ``<prefix>`` that no live instance holds locked; returns their paths."""
-    directory, base_name = os.path.split(prefix)
     removed: list[str] = []
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return removed
-    for name in sorted(names):
-        if not name.startswith(base_name):
-            continue
-        match = _OVERLAY_NAME.fullmatch(name, len(base_name))
-        if match is None:
-            continue
-        path = os.path.join(directory, name)
+    for path, match in siblings(prefix, _OVERLAY_NAME):
         if match.group(2):  # a bitmap: stale once its data file is gone
             if os.path.lexists(path) and not os.path.lexists(path[: -len(".bm")]):
-                _unlink_quietly(path)
+                unlink_quietly(path)
                 log.warning("removed stale copy-on-write bitmap %s", path)
                 removed.append(path)
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        bitmap = (path + ".bm",) if match.group(1) is not None else ()
+        if not remove_unless_locked(path, *bitmap):
             continue  # a live instance's overlay
-        try:
-            if match.group(1) is not None:
-                _unlink_quietly(path + ".bm")
-            _unlink_quietly(path)
-        finally:
-            os.close(fd)
         log.warning("removed stale copy-on-write overlay %s (left by an unclean exit)", path)
         removed.append(path)
     return removed
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
