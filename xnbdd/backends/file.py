@@ -195,8 +195,10 @@ class FileBackend:
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Write without waiting if possible (not FUA); False means nothing was promised and
         ``write`` must be used (rewriting bytes already written is harmless)."""
-        self._check_room(offset, memoryview(data).nbytes)
-        if not self._guarded_now(offset, memoryview(data).nbytes):
+        # the data plane's payloads are bytes-like of unsigned bytes: len() is their size
+        length = data.nbytes if isinstance(data, memoryview) else len(data)
+        self._check_room(offset, length)
+        if not self._guarded_now(offset, length):
             return False
         if self._inline:
             linux.write_all(self.fd, data, offset)
