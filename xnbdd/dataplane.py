@@ -586,6 +586,8 @@ class DataPlane:
                 if cmd == _READ and not flags & ~self._read_flags:
                     if self._read_inline(inline, cookie, offset, length, cost):
                         return
+                    if self._read_cold(cookie, flags, offset, length, cost):
+                        return
                 elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
                     if inline.try_write(offset, data):
@@ -637,6 +639,45 @@ class DataPlane:
             head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         self._outbox.add_data(head, data, cost)
         return True
+
+    def _read_cold(self, cookie: int, flags: int, offset: int, length: int, cost: int) -> bool:
+        """A READ the backend fetches (``ColdRead``: the proxy's origin): started from this
+        thread, answered through ``complete``, so no event-loop task stands between the client
+        and the fetch. It holds its own admission through the export's gate until answered."""
+        export = self._export
+        cold = export.cold
+        if cold is None or not export.try_admit():
+            return False
+        if self._extended:
+            head = EXTENDED_OFFSET_DATA.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
+            )
+        elif self._structured:
+            head = OFFSET_DATA.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
+            )
+        else:
+            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+
+        def done(data: bytes | bytearray | memoryview | None, error: OSError | None) -> None:
+            try:
+                if data is not None:
+                    reply: Buffers = [head, data]
+                else:
+                    assert error is not None
+                    req = Request(cookie, _READ, flags, offset, length)
+                    reply = failed_reply(req, self._negotiated, error, self._fields)
+            finally:
+                export.release()
+            self.complete(reply, cost)
+
+        started = False
+        try:
+            started = cold.start_read(offset, length, done)
+        finally:
+            if not started:
+                export.release()
+        return started
 
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""

@@ -13,6 +13,14 @@ Fixes of the original's upstream handling (docs/decisions.md D15-D19):
   has failed (docs/faults.md);
 - ``reconnect`` switches to another origin after checking that it exports the same size.
 
+Reads may also start from other threads (``start_read``: the proxy's cold reads, sent by a
+connection's data-plane thread so that the event loop is not between the client and the origin).
+On a plain socket every request is written at once by the thread that makes it, under the
+connection's lock; replies are still read on the event loop, which hands a thread's read to its
+callback without a task. Such a read is not retried: a lost connection, a timeout or an error
+reply goes to the callback, and the caller decides (the proxy retries on the event loop). A TLS
+link takes requests from the event loop only.
+
 The wire protocol lives in ``xnbdd.proto.client`` and ``client_transmission``; this module only
 moves its bytes.
 """
@@ -22,8 +30,12 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
+import select
 import socket
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import Enum
@@ -49,6 +61,7 @@ RECEIVE_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
+SEND_STALL = 1.0  # seconds the event loop waits for room in a plain socket's send buffer
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,14 @@ class _ConnectionLost(Exception):
     """The connection carrying a request went away; the request may be retried elsewhere."""
 
 
+class OriginConnectionLost(OSError):
+    """A thread's read (``start_read``) lost its connection; it may be sent again."""
+
+
+# A thread's read is answered by a call on the event loop's thread: (data, None) or (None, error).
+ReadCallback = Callable[[bytearray | None, OSError | None], None]
+
+
 def _eio(message: str) -> OSError:
     return OSError(errno.EIO, message)
 
@@ -105,6 +126,23 @@ class _Call:
         self.error = 0
         self.lost = False
         self.done = trio.Event()
+        self.callback: ReadCallback | None = None  # a thread's read: answered through this
+        self.started = 0.0  # time.monotonic() when a thread's read was sent
+
+    def finish(self) -> None:
+        """The reply is complete (or the connection lost): wake the waiter. Event loop only."""
+        callback = self.callback
+        if callback is None:
+            self.done.set()
+            return
+        self.callback = None
+        if self.lost:
+            callback(None, OriginConnectionLost(errno.ECONNRESET, "origin connection lost"))
+        elif self.error:
+            message = f"origin answered READ at {self.offset}+{len(self.buffer)} with an error"
+            callback(None, OSError(self.error, message))
+        else:
+            callback(self.buffer, None)
 
 
 class _Connection:
@@ -120,8 +158,15 @@ class _Connection:
         )
         self.calls: dict[int, _Call] = {}
         self.send_lock = trio.Lock()
+        # Cookies, the encoder and (on a plain socket) the socket's send side are shared with
+        # threads calling ``start_read``: guarded by this lock, never held across an await.
+        self.lock = threading.Lock()
+        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self.token = trio.lowlevel.current_trio_token()
+        self.loop_thread = threading.get_ident()
         self.timeout = timeout
         self.last_receive = trio.current_time()
+        self.last_receive_at = time.monotonic()  # the same, on the clock threads can read
         self.dead = False
         self._next_cookie = 1
         self._leftover = leftover
@@ -129,26 +174,70 @@ class _Connection:
         self._disconnecting = False
 
     def kill(self, reason: str, *, expected: bool = False) -> None:
-        if not self.dead:
+        if not self._killed.is_set():
             (log.info if expected else log.warning)("origin connection ended: %s", reason)
         self.dead = True
         self._killed.set()
+
+    def _kill_from_any_thread(self, reason: str) -> None:
+        self.dead = True  # no request is sent on it any more, from now
+        if threading.get_ident() == self.loop_thread:
+            self.kill(reason)
+        else:
+            with suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.kill, reason)
 
     async def serve(self) -> None:
         """Read replies until the connection dies; then every waiting call is marked lost."""
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_loop)
+                if self.fd >= 0:
+                    nursery.start_soon(self._expire_thread_reads)
                 await self._killed.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.dead = True
-            for call in self.calls.values():
+            with self.lock:  # no thread sends on the socket once it is marked dead
+                self.dead = True
+                calls = list(self.calls.values())
+                self.calls.clear()
+            for call in calls:
                 call.lost = True
-                call.done.set()
-            self.calls.clear()
+                self._finish(call)
             with trio.CancelScope(shield=True):
                 await _close_quietly(self.stream)
+
+    @staticmethod
+    def _finish(call: _Call) -> None:
+        try:
+            call.finish()
+        except Exception:  # a caller's bug must not end the link for everyone
+            log.exception("a read's callback failed")
+
+    async def _expire_thread_reads(self) -> None:
+        """Threads' reads have no task to time out: fail those older than the timeout (EIO),
+        and drop the connection if nothing at all arrived since they were sent."""
+        step = min(1.0, self.timeout / 4)
+        while True:
+            await trio.sleep(step)
+            now = time.monotonic()
+            with self.lock:
+                expired = [
+                    (cookie, call)
+                    for cookie, call in self.calls.items()
+                    if call.callback is not None and now - call.started >= self.timeout
+                ]
+                for cookie, _call in expired:
+                    del self.calls[cookie]
+            for _cookie, call in expired:
+                callback, call.callback = call.callback, None
+                assert callback is not None
+                try:
+                    callback(None, _eio(f"origin: no answer within {self.timeout}s"))
+                except Exception:
+                    log.exception("a read's callback failed")
+            if any(self.last_receive_at < call.started for _cookie, call in expired):
+                self.kill(f"no reply for {self.timeout}s")
 
     async def _read_loop(self) -> None:
         try:
@@ -157,10 +246,13 @@ class _Connection:
             while True:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 self.last_receive = trio.current_time()
+                self.last_receive_at = time.monotonic()
                 if not data:
                     self.kill("origin closed the connection", expected=self._disconnecting)
                     return
-                self._dispatch(self.tx.receive_data(data))
+                with self.lock:  # the encoder records the requests threads send
+                    events = self.tx.receive_data(data)
+                self._dispatch(events)
         except NBDError as exc:
             self.kill(f"protocol error from origin: {exc}")
         except STREAM_ERRORS as exc:
@@ -180,7 +272,7 @@ class _Connection:
             elif isinstance(event, ReplyDone):
                 call.error = event.error
                 del self.calls[event.cookie]
-                call.done.set()
+                self._finish(call)
 
     async def read(self, offset: int, length: int) -> bytearray:
         call = await self._call(Cmd.READ, _Call(offset, length), length)
@@ -194,17 +286,78 @@ class _Connection:
         call = await self._call(Cmd.BLOCK_STATUS, _Call(offset, 0, context_id), length)
         return call.extents
 
+    def start_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
+        """From any thread: send a READ now; ``callback`` gets its answer on the event loop's
+        thread. False: nothing was sent (a TLS link, or the connection is going away)."""
+        if self.fd < 0:
+            return False
+        call = _Call(offset, length)
+        call.callback = callback
+        call.started = time.monotonic()
+        with self.lock:
+            if self.dead:
+                return False
+            cookie = self._register(Cmd.READ, call, length)
+            try:
+                wire = self.tx.request(Cmd.READ, cookie, offset, length)
+                self._send_now(memoryview(wire))
+            except (_ConnectionLost, NBDError):
+                self.calls.pop(cookie, None)
+                return False
+        return True
+
+    def _register(self, command: Cmd, call: _Call, length: int) -> int:
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        self.calls[cookie] = call
+        return cookie
+
+    def _send_now(self, wire: memoryview) -> None:
+        """Write a whole request to the plain socket (the caller holds ``lock``). Requests are
+        small, so the socket takes them at once unless the origin has stopped reading: then
+        wait for room and give the connection up after ``timeout`` seconds (``SEND_STALL`` on
+        the event loop's thread, which must not stop for long; the requests are sent again
+        on the next connection)."""
+        limit = self.timeout
+        if threading.get_ident() == self.loop_thread:
+            limit = min(limit, SEND_STALL)
+        deadline = 0.0
+        while wire:
+            try:
+                wire = wire[os.write(self.fd, wire) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._kill_from_any_thread(f"send failed: {exc!r}")
+                raise _ConnectionLost from exc
+            now = time.monotonic()
+            deadline = deadline or now + limit
+            if now >= deadline:
+                self._kill_from_any_thread("send timed out")
+                raise _ConnectionLost
+            poller = select.poll()
+            poller.register(self.fd, select.POLLOUT)
+            poller.poll((deadline - now) * 1000)
+
     async def _call(self, command: Cmd, call: _Call, length: int) -> _Call:
         if self.dead:
             raise _ConnectionLost
-        async with self.send_lock:
-            if self.dead:
-                raise _ConnectionLost
-            cookie = self._next_cookie
-            self._next_cookie += 1
-            wire = self.tx.request(command, cookie, call.offset, length)
-            self.calls[cookie] = call
-            await self._send(wire)
+        if self.fd >= 0:
+            with self.lock:
+                if self.dead:
+                    raise _ConnectionLost
+                cookie = self._register(command, call, length)
+                wire = self.tx.request(command, cookie, call.offset, length)
+                self._send_now(memoryview(wire))
+        else:
+            async with self.send_lock:
+                if self.dead:
+                    raise _ConnectionLost
+                with self.lock:
+                    cookie = self._register(command, call, length)
+                    wire = self.tx.request(command, cookie, call.offset, length)
+                await self._send(wire)
         try:
             await call.done.wait()
         finally:
@@ -238,10 +391,15 @@ class _Connection:
         if self.dead:
             return
         self._disconnecting = True
-        with trio.move_on_after(1.0):
-            async with self.send_lock:
-                with suppress(*STREAM_ERRORS, NBDError):
-                    await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
+        if self.fd >= 0:
+            with self.lock, suppress(_ConnectionLost, NBDError):
+                if not self.dead:
+                    self._send_now(memoryview(self.tx.request(Cmd.DISC, 0)))
+        else:
+            with trio.move_on_after(1.0):
+                async with self.send_lock:
+                    with suppress(*STREAM_ERRORS, NBDError):
+                        await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
         self.kill("disconnected", expected=True)
 
 
@@ -517,6 +675,22 @@ class RemoteLink:
                 wanted = self._attempts_started + 1
                 self._kick.set()
             await self._news.wait()
+
+    def start_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
+        """From any thread: send a READ on the live connection now, without the event loop;
+        ``callback`` gets the data or an OSError on the event loop's thread (timeout: EIO;
+        ``OriginConnectionLost``: it may be sent again). False: nothing was sent (no live
+        plain-socket connection, or more than one request's worth)."""
+        conn = self._conn
+        if (
+            conn is None
+            or self.state is not LinkState.CONNECTED
+            or not 0 < length <= self.max_payload
+            or not conn.start_read(offset, length, callback)
+        ):
+            return False
+        self.requests += 1
+        return True
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or

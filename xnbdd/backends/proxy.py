@@ -19,6 +19,11 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
 - A read never fails because caching failed (a full or failing cache file system): the data
   fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
+- A cold read (docs/data-path.md "The proxy's cold read") is sent to the origin by the
+  connection's own thread (``start_read``, the ``ColdRead`` seam) when none of its blocks is
+  cached or busy: it claims them in the same lock table, and the reply is stored, marked and
+  handed to the connection on the event loop's thread as it arrives, with no task between. Any
+  other case (partly cached, busy, origin down, a TLS origin) takes the event loop's path.
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
   number of requests in flight, so client fetches never queue behind the bulk copy
   (backends/cache_all.py).
@@ -35,14 +40,22 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 
-from xnbdd.backends.base import MAX_EXTENTS, Backend, CacheStore, Capabilities, Extent, FileRange
+from xnbdd.backends.base import (
+    MAX_EXTENTS,
+    Backend,
+    CacheStore,
+    Capabilities,
+    Extent,
+    FileRange,
+    ReadDone,
+)
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import (
     block_bytes,
@@ -62,6 +75,7 @@ from xnbdd.proto.consts import State
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
     LinkState,
+    OriginConnectionLost,
     RemoteAddress,
     RemoteLink,
     background_nursery,
@@ -125,6 +139,15 @@ class ProxyBackend:
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
+        # where cold reads started by connection threads finish their work (open_proxy_backend)
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def serve_cold_reads(self, nursery: trio.Nursery) -> None:
+        """Let connection threads send cold reads to the origin (``start_read``); what they
+        leave to do (a store that must wait, a retry after a lost connection) runs here."""
+        self._nursery = nursery
+        self._token = trio.lowlevel.current_trio_token()
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -187,6 +210,115 @@ class ProxyBackend:
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
+
+    # -- ColdRead: a connection's thread sends the fetch itself; the reply is stored and handed
+    # back on the event loop's thread as it arrives (no task, no hop from the thread to the loop)
+
+    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
+        token = self._token
+        if token is None or length > MAX_FETCH:
+            return False
+        first, stop = block_span(offset, length)
+        with self._locks.mutex:  # the look and the claim are one step for every thread
+            if (
+                self._detached
+                or next(self._bitmap.runs(first, stop, True), None) is not None
+                or self._locks.holder(first, stop) is not None
+            ):
+                return False  # partly cached, or busy: the event loop's path sorts it out
+            lock = self._locks.claim(first, stop)
+        start, end = block_bytes(first, stop, self._size)
+        fetched = partial(self._cold_fetched, offset, length, lock, done)
+        if self._link.start_read(start, end - start, fetched):
+            return True
+        token.run_sync_soon(self._locks.release, lock)  # waiters are trio tasks
+        return False
+
+    def _cold_fetched(
+        self,
+        offset: int,
+        length: int,
+        lock: RangeLock,
+        done: ReadDone,
+        data: bytearray | None,
+        error: OSError | None,
+    ) -> None:
+        """The origin answered a thread's cold read (event loop's thread): store it, mark it,
+        release the blocks, answer the client."""
+        if data is None:
+            assert error is not None
+            if isinstance(error, OriginConnectionLost):
+                self._locks.release(lock)
+                self._read_later(offset, length, done)  # reconnects and retries
+                return
+            self._locks.release(lock, error)
+            done(None, error)
+            return
+        start = offset - lock.first * BLOCK_SIZE
+        answer = memoryview(data)[start : start + length]
+        if self._detached:  # stopped or switched meanwhile: serve it, store nothing
+            self._locks.release(lock)
+            done(answer, None)
+            return
+        try:
+            stored = self._cache.try_write(lock.first * BLOCK_SIZE, data)
+        except OSError as exc:
+            self._store_failed(exc, store=False)
+            self._locks.release(lock)
+            done(answer, None)
+            return
+        if not stored:  # the cache must wait for its device: store, then answer
+            self._spawn(self._store_then_answer(lock, data, answer, done), done)
+            return
+        self._stored(lock.first, lock.stop)
+        self._locks.release(lock)
+        done(answer, None)
+
+    async def _store_then_answer(
+        self, lock: RangeLock, data: bytearray, answer: memoryview, done: ReadDone
+    ) -> None:
+        try:
+            await self._cache.write(lock.first * BLOCK_SIZE, data, fua=False)
+        except OSError as exc:
+            self._store_failed(exc, store=False)
+        else:
+            self._stored(lock.first, lock.stop)
+        finally:
+            self._locks.release(lock)
+        done(answer, None)
+
+    def _read_later(self, offset: int, length: int, done: ReadDone) -> None:
+        """The event loop's path for a cold read a thread could not finish."""
+
+        async def read() -> None:
+            try:
+                data = await self.read(offset, length)
+            except OSError as exc:
+                done(None, exc)
+            else:
+                done(data, None)
+
+        self._spawn(read(), done)
+
+    def _spawn(self, job: Coroutine[object, object, None], done: ReadDone) -> None:
+        """Run ``job`` in the background; a client still gets its answer (EIO) if the proxy
+        is stopping and it cannot run or is cancelled."""
+
+        async def guarded() -> None:
+            try:
+                await job
+            except trio.Cancelled:
+                done(None, OSError(errno.EIO, "proxy stopping"))
+                raise
+
+        nursery = self._nursery
+        try:
+            if nursery is None:
+                raise RuntimeError("not serving")
+            nursery.start_soon(guarded)
+        except RuntimeError:
+            job.close()
+            done(None, OSError(errno.EIO, "proxy stopping"))
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
@@ -436,23 +568,32 @@ class ProxyBackend:
         try:
             await self._cache.write(offset, data, fua=False)
         except OSError as exc:
-            if self._store_error is None:
-                log.error(
-                    "cache %s: fetched blocks not cached (%s); reads are served from the "
-                    "origin until caching works again",
-                    self.cache_path,
-                    exc.strerror or exc,
-                )
-            self._store_error = exc
-            if store:
-                raise
+            self._store_failed(exc, store=store)
             return data
+        self._stored(first, stop)
+        return data
+
+    def _store_failed(self, exc: OSError, *, store: bool) -> None:
+        """Fetched blocks the cache did not take: logged when it starts; raised with
+        ``store`` (else they stay uncached and the read is served all the same)."""
+        if self._store_error is None:
+            log.error(
+                "cache %s: fetched blocks not cached (%s); reads are served from the "
+                "origin until caching works again",
+                self.cache_path,
+                exc.strerror or exc,
+            )
+        self._store_error = exc
+        if store:
+            raise exc
+
+    def _stored(self, first: int, stop: int) -> None:
+        """Fetched blocks are in the cache file: now (only now) they are cached."""
         if self._store_error is not None:
             self._store_error = None
             log.warning("cache %s: caching works again", self.cache_path)
         self._mark_cached(first, stop)
         self.fetched_blocks += stop - first
-        return data
 
     async def ensure_cached(
         self,
@@ -475,15 +616,16 @@ class ProxyBackend:
         while True:
             mine: list[tuple[int, int]] = []
             others: dict[RangeLock, None] = {}  # ordered set
-            for run_first, run_stop in self._bitmap.runs(first, stop, False):
-                free, holders = self._locks.split(run_first, run_stop)
-                for a, b in free:
-                    mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
-                others.update(dict.fromkeys(holders))
-            if (not mine and not others) or (mine and fetched_once and not store):
-                return None
-            fetched_once = bool(mine)
-            claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
+            with self._locks.mutex:  # connection threads claim too (start_read)
+                for run_first, run_stop in self._bitmap.runs(first, stop, False):
+                    free, holders = self._locks.split(run_first, run_stop)
+                    for a, b in free:
+                        mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
+                    others.update(dict.fromkeys(holders))
+                if (not mine and not others) or (mine and fetched_once and not store):
+                    return None
+                fetched_once = bool(mine)
+                claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
             if len(claims) == 1:
                 data = await self._fetch_claimed(link, *claims[0], store=store, zero=zero)
                 if not others and mine[0] == (first, stop) and not zero:
@@ -579,6 +721,7 @@ async def open_proxy_backend(
             rbd=rbd or RbdCluster(),
         )
         nursery.start_soon(backend.periodic_flush, sync_interval)
+        backend.serve_cold_reads(nursery)
         try:
             yield backend
         finally:
