@@ -243,8 +243,8 @@ class ProxyBackend:
         data: bytearray | None,
         error: OSError | None,
     ) -> None:
-        """The origin answered a thread's cold read (event loop's thread): store it, mark it,
-        release the blocks, answer the client."""
+        """The origin answered a thread's cold read (event loop's thread): answer the client
+        first (its thread wakes while this one stores), then store, mark, release."""
         if data is None:
             assert error is not None
             if isinstance(error, OriginConnectionLost):
@@ -255,37 +255,39 @@ class ProxyBackend:
             done(None, error)
             return
         start = offset - lock.first * BLOCK_SIZE
-        answer = memoryview(data)[start : start + length]
-        if self._detached:  # stopped or switched meanwhile: serve it, store nothing
+        done(memoryview(data)[start : start + length], None)
+        # The blocks stay held until stored: no fetch or write touches them meanwhile, and a
+        # switch to target waits for them (``_settled``).
+        if self._detached:  # stopped or switched meanwhile: nothing to store into
             self._locks.release(lock)
-            done(answer, None)
             return
         try:
             stored = self._cache.try_write(lock.first * BLOCK_SIZE, data)
         except OSError as exc:
             self._store_failed(exc, store=False)
             self._locks.release(lock)
-            done(answer, None)
             return
-        if not stored:  # the cache must wait for its device: store, then answer
-            self._spawn(self._store_then_answer(lock, data, answer, done), done)
+        if not stored:  # the cache must wait for its device
+            self._spawn(self._store(lock, data), None)
             return
         self._stored(lock.first, lock.stop)
         self._locks.release(lock)
-        done(answer, None)
 
-    async def _store_then_answer(
-        self, lock: RangeLock, data: bytearray, answer: memoryview, done: ReadDone
-    ) -> None:
+    async def _store(self, lock: RangeLock, data: bytearray) -> None:
         try:
             await self._cache.write(lock.first * BLOCK_SIZE, data, fua=False)
         except OSError as exc:
             self._store_failed(exc, store=False)
         else:
-            self._stored(lock.first, lock.stop)
+            if not self._detached:
+                self._stored(lock.first, lock.stop)
         finally:
             self._locks.release(lock)
-        done(answer, None)
+
+    async def _settled(self) -> None:
+        """Every held block released (cold reads' stores done, cancelled fetches unwound)."""
+        while (holder := self._locks.holder(0, self.nblocks)) is not None:
+            await holder.done.wait()
 
     def _read_later(self, offset: int, length: int, done: ReadDone) -> None:
         """The event loop's path for a cold read a thread could not finish."""
@@ -300,15 +302,16 @@ class ProxyBackend:
 
         self._spawn(read(), done)
 
-    def _spawn(self, job: Coroutine[object, object, None], done: ReadDone) -> None:
-        """Run ``job`` in the background; a client still gets its answer (EIO) if the proxy
-        is stopping and it cannot run or is cancelled."""
+    def _spawn(self, job: Coroutine[object, object, None], done: ReadDone | None) -> None:
+        """Run ``job`` in the background; a client waiting for it (``done``) still gets its
+        answer (EIO) if the proxy is stopping and it cannot run or is cancelled."""
 
         async def guarded() -> None:
             try:
                 await job
             except trio.Cancelled:
-                done(None, OSError(errno.EIO, "proxy stopping"))
+                if done is not None:
+                    done(None, OSError(errno.EIO, "proxy stopping"))
                 raise
 
         nursery = self._nursery
@@ -318,7 +321,8 @@ class ProxyBackend:
             nursery.start_soon(guarded)
         except RuntimeError:
             job.close()
-            done(None, OSError(errno.EIO, "proxy stopping"))
+            if done is not None:
+                done(None, OSError(errno.EIO, "proxy stopping"))
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
@@ -498,6 +502,7 @@ class ProxyBackend:
         bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force)."""
         if self._cache_all_scope is not None:
             self._cache_all_scope.cancel()
+        await self._settled()
         await self.flush()
         self._detached = True
         self._bitmap.close()
