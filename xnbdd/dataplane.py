@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from .backends.base import InlineIO
 from .budget import ByteBudget, Grant, Limits
-from .dispatch import Buffers, error_reply, failed_reply
+from .dispatch import Buffers, ColdReads, error_reply, failed_reply
 from .export import Export
 from .outbox import ClosedConnection, Outbox
 from .proto.consts import (
@@ -111,6 +111,7 @@ class DataPlane:
         self._limits = limits
         self._budget = budget
         self._submit = submit
+        self._cold = ColdReads(export, negotiated, self.complete, fields or {})
         tx = int(negotiated.tx_flags)
         self._structured = negotiated.structured
         self._extended = extended = negotiated.extended
@@ -586,8 +587,6 @@ class DataPlane:
                 if cmd == _READ and not flags & ~self._read_flags:
                     if self._read_inline(inline, cookie, offset, length, cost):
                         return
-                    if self._read_cold(cookie, flags, offset, length, cost):
-                        return
                 elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
                     if inline.try_write(offset, data):
@@ -625,8 +624,8 @@ class DataPlane:
             self._queue([hole], cost)
             return True
         data = inline.try_read(offset, length)
-        if data is None:
-            return False
+        if data is None:  # a backend may fetch it from this thread (the proxy's origin)
+            return self._cold.start(cookie, offset, length, cost)
         if self._extended:
             head = EXTENDED_OFFSET_DATA.pack(
                 EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
@@ -639,45 +638,6 @@ class DataPlane:
             head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
         self._outbox.add_data(head, data, cost)
         return True
-
-    def _read_cold(self, cookie: int, flags: int, offset: int, length: int, cost: int) -> bool:
-        """A READ the backend fetches (``ColdRead``: the proxy's origin): started from this
-        thread, answered through ``complete``, so no event-loop task stands between the client
-        and the fetch. It holds its own admission through the export's gate until answered."""
-        export = self._export
-        cold = export.cold
-        if cold is None or not export.try_admit():
-            return False
-        if self._extended:
-            head = EXTENDED_OFFSET_DATA.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
-            )
-        elif self._structured:
-            head = OFFSET_DATA.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
-            )
-        else:
-            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-
-        def done(data: bytes | bytearray | memoryview | None, error: OSError | None) -> None:
-            try:
-                if data is not None:
-                    reply: Buffers = [head, data]
-                else:
-                    assert error is not None
-                    req = Request(cookie, _READ, flags, offset, length)
-                    reply = failed_reply(req, self._negotiated, error, self._fields)
-            finally:
-                export.release()
-            self.complete(reply, cost)
-
-        started = False
-        try:
-            started = cold.start_read(offset, length, done)
-        finally:
-            if not started:
-                export.release()
-        return started
 
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""

@@ -13,13 +13,8 @@ Fixes of the original's upstream handling (docs/decisions.md D15-D19):
   has failed (docs/faults.md);
 - ``reconnect`` switches to another origin after checking that it exports the same size.
 
-Reads may also start from other threads (``start_read``: the proxy's cold reads, sent by a
-connection's data-plane thread so that the event loop is not between the client and the origin).
-On a plain socket every request is written at once by the thread that makes it, under the
-connection's lock; replies are still read on the event loop, which hands a thread's read to its
-callback without a task. Such a read is not retried: a lost connection, a timeout or an error
-reply goes to the callback, and the caller decides (the proxy retries on the event loop). A TLS
-link takes requests from the event loop only.
+Reads may also start from other threads (``start_read``: the proxy's cold reads); the
+connection that carries them is in ``origin_connection.py``.
 
 The wire protocol lives in ``xnbdd.proto.client`` and ``client_transmission``; this module only
 moves its bytes.
@@ -30,38 +25,32 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
-import select
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
 
 import trio
 
-from .listeners import STREAM_ERRORS, STREAM_GONE
-from .proto.client import ClientHandshake, Connected
-from .proto.client_transmission import (
-    BlockStatus,
-    ClientTransmission,
-    ReadData,
-    ReplyDone,
-    ReplyEvent,
+from .listeners import STREAM_GONE
+from .origin_connection import (
+    RECEIVE_SIZE,
+    ConnectionLost,
+    OriginConnection,
+    ReadCallback,
+    close_quietly,
+    eio,
 )
-from .proto.consts import Cmd, TxFlag
+from .proto.client import ClientHandshake, Connected
+from .proto.consts import TxFlag
 from .proto.errors import NBDError
 from .tls import ClientTLSOptions, client_context
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
-CLOSE_TIMEOUT = 1.0
-SEND_STALL = 1.0  # seconds the event loop waits for room in a plain socket's send buffer
 
 
 @dataclass(frozen=True)
@@ -96,319 +85,6 @@ class LinkState(Enum):
 
 class SizeMismatchError(OSError):
     """The origin exports another size than the one this link was bound to."""
-
-
-class _ConnectionLost(Exception):
-    """The connection carrying a request went away; the request may be retried elsewhere."""
-
-
-class OriginConnectionLost(OSError):
-    """A thread's read (``start_read``) lost its connection; it may be sent again."""
-
-
-# A thread's read is answered by a call on the event loop's thread: (data, None) or (None, error).
-ReadCallback = Callable[[bytearray | None, OSError | None], None]
-
-
-def _eio(message: str) -> OSError:
-    return OSError(errno.EIO, message)
-
-
-class _Call:
-    """One request waiting for its reply (READ: ``buffer``; BLOCK_STATUS: ``extents`` of the
-    context ``context_id``)."""
-
-    def __init__(self, offset: int, length: int, context_id: int | None = None) -> None:
-        self.offset = offset
-        self.buffer = bytearray(length)  # holes need nothing: they are already zeros
-        self.context_id = context_id
-        self.extents: list[tuple[int, int]] = []  # (length, flags)
-        self.error = 0
-        self.lost = False
-        self.done = trio.Event()
-        self.callback: ReadCallback | None = None  # a thread's read: answered through this
-        self.started = 0.0  # time.monotonic() when a thread's read was sent
-
-    def finish(self) -> None:
-        """The reply is complete (or the connection lost): wake the waiter. Event loop only."""
-        callback = self.callback
-        if callback is None:
-            self.done.set()
-            return
-        self.callback = None
-        if self.lost:
-            callback(None, OriginConnectionLost(errno.ECONNRESET, "origin connection lost"))
-        elif self.error:
-            message = f"origin answered READ at {self.offset}+{len(self.buffer)} with an error"
-            callback(None, OSError(self.error, message))
-        else:
-            callback(self.buffer, None)
-
-
-class _Connection:
-    """One negotiated connection: a reader task dispatches replies to waiting calls."""
-
-    def __init__(
-        self, stream: trio.abc.Stream, info: Connected, leftover: bytes, timeout: float
-    ) -> None:
-        self.stream = stream
-        self.info = info
-        self.tx = ClientTransmission(
-            info.tx_flags, info.structured, info.max_payload, extended=info.extended
-        )
-        self.calls: dict[int, _Call] = {}
-        self.send_lock = trio.Lock()
-        # Cookies, the encoder and (on a plain socket) the socket's send side are shared with
-        # threads calling ``start_read``: guarded by this lock, never held across an await.
-        self.lock = threading.Lock()
-        self.fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
-        self.token = trio.lowlevel.current_trio_token()
-        self.loop_thread = threading.get_ident()
-        self.timeout = timeout
-        self.last_receive = trio.current_time()
-        self.last_receive_at = time.monotonic()  # the same, on the clock threads can read
-        self.dead = False
-        self._next_cookie = 1
-        self._leftover = leftover
-        self._killed = trio.Event()
-        self._disconnecting = False
-
-    def kill(self, reason: str, *, expected: bool = False) -> None:
-        if not self._killed.is_set():
-            (log.info if expected else log.warning)("origin connection ended: %s", reason)
-        self.dead = True
-        self._killed.set()
-
-    def _kill_from_any_thread(self, reason: str) -> None:
-        self.dead = True  # no request is sent on it any more, from now
-        if threading.get_ident() == self.loop_thread:
-            self.kill(reason)
-        else:
-            with suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(self.kill, reason)
-
-    async def serve(self) -> None:
-        """Read replies until the connection dies; then every waiting call is marked lost."""
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop)
-                if self.fd >= 0:
-                    nursery.start_soon(self._expire_thread_reads)
-                await self._killed.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            with self.lock:  # no thread sends on the socket once it is marked dead
-                self.dead = True
-                calls = list(self.calls.values())
-                self.calls.clear()
-            for call in calls:
-                call.lost = True
-                self._finish(call)
-            with trio.CancelScope(shield=True):
-                await _close_quietly(self.stream)
-
-    @staticmethod
-    def _finish(call: _Call) -> None:
-        try:
-            call.finish()
-        except Exception:  # a caller's bug must not end the link for everyone
-            log.exception("a read's callback failed")
-
-    async def _expire_thread_reads(self) -> None:
-        """Threads' reads have no task to time out: fail those older than the timeout (EIO),
-        and drop the connection if nothing at all arrived since they were sent."""
-        step = min(1.0, self.timeout / 4)
-        while True:
-            await trio.sleep(step)
-            now = time.monotonic()
-            with self.lock:
-                expired = [
-                    (cookie, call)
-                    for cookie, call in self.calls.items()
-                    if call.callback is not None and now - call.started >= self.timeout
-                ]
-                for cookie, _call in expired:
-                    del self.calls[cookie]
-            for _cookie, call in expired:
-                callback, call.callback = call.callback, None
-                assert callback is not None
-                try:
-                    callback(None, _eio(f"origin: no answer within {self.timeout}s"))
-                except Exception:
-                    log.exception("a read's callback failed")
-            if any(self.last_receive_at < call.started for _cookie, call in expired):
-                self.kill(f"no reply for {self.timeout}s")
-
-    async def _read_loop(self) -> None:
-        try:
-            if self._leftover:
-                self._dispatch(self.tx.receive_data(self._leftover))
-            while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                self.last_receive = trio.current_time()
-                self.last_receive_at = time.monotonic()
-                if not data:
-                    self.kill("origin closed the connection", expected=self._disconnecting)
-                    return
-                with self.lock:  # the encoder records the requests threads send
-                    events = self.tx.receive_data(data)
-                self._dispatch(events)
-        except NBDError as exc:
-            self.kill(f"protocol error from origin: {exc}")
-        except STREAM_ERRORS as exc:
-            self.kill(f"receive failed: {exc!r}")
-
-    def _dispatch(self, events: list[ReplyEvent]) -> None:
-        for event in events:
-            call = self.calls.get(event.cookie)
-            if call is None:
-                continue  # a request that timed out or was cancelled: its reply is dropped
-            if isinstance(event, ReadData):
-                start = event.offset - call.offset
-                call.buffer[start : start + len(event.data)] = event.data
-            elif isinstance(event, BlockStatus):
-                if event.context_id == call.context_id:
-                    call.extents.extend(event.extents)
-            elif isinstance(event, ReplyDone):
-                call.error = event.error
-                del self.calls[event.cookie]
-                self._finish(call)
-
-    async def read(self, offset: int, length: int) -> bytearray:
-        call = await self._call(Cmd.READ, _Call(offset, length), length)
-        return call.buffer
-
-    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """base:allocation extents (length, flags) from ``offset``: a prefix of the range, or
-        a little past its end (the caller clips)."""
-        context_id = self.info.allocation_id
-        assert context_id is not None
-        call = await self._call(Cmd.BLOCK_STATUS, _Call(offset, 0, context_id), length)
-        return call.extents
-
-    def start_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
-        """From any thread: send a READ now; ``callback`` gets its answer on the event loop's
-        thread. False: nothing was sent (a TLS link, or the connection is going away)."""
-        if self.fd < 0:
-            return False
-        call = _Call(offset, length)
-        call.callback = callback
-        call.started = time.monotonic()
-        with self.lock:
-            if self.dead:
-                return False
-            cookie = self._register(Cmd.READ, call, length)
-            try:
-                wire = self.tx.request(Cmd.READ, cookie, offset, length)
-                self._send_now(memoryview(wire))
-            except (_ConnectionLost, NBDError):
-                self.calls.pop(cookie, None)
-                return False
-        return True
-
-    def _register(self, command: Cmd, call: _Call, length: int) -> int:
-        cookie = self._next_cookie
-        self._next_cookie += 1
-        self.calls[cookie] = call
-        return cookie
-
-    def _send_now(self, wire: memoryview) -> None:
-        """Write a whole request to the plain socket (the caller holds ``lock``). Requests are
-        small, so the socket takes them at once unless the origin has stopped reading: then
-        wait for room and give the connection up after ``timeout`` seconds (``SEND_STALL`` on
-        the event loop's thread, which must not stop for long; the requests are sent again
-        on the next connection)."""
-        limit = self.timeout
-        if threading.get_ident() == self.loop_thread:
-            limit = min(limit, SEND_STALL)
-        deadline = 0.0
-        while wire:
-            try:
-                wire = wire[os.write(self.fd, wire) :]
-                continue
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self._kill_from_any_thread(f"send failed: {exc!r}")
-                raise _ConnectionLost from exc
-            now = time.monotonic()
-            deadline = deadline or now + limit
-            if now >= deadline:
-                self._kill_from_any_thread("send timed out")
-                raise _ConnectionLost
-            poller = select.poll()
-            poller.register(self.fd, select.POLLOUT)
-            poller.poll((deadline - now) * 1000)
-
-    async def _call(self, command: Cmd, call: _Call, length: int) -> _Call:
-        if self.dead:
-            raise _ConnectionLost
-        if self.fd >= 0:
-            with self.lock:
-                if self.dead:
-                    raise _ConnectionLost
-                cookie = self._register(command, call, length)
-                wire = self.tx.request(command, cookie, call.offset, length)
-                self._send_now(memoryview(wire))
-        else:
-            async with self.send_lock:
-                if self.dead:
-                    raise _ConnectionLost
-                with self.lock:
-                    cookie = self._register(command, call, length)
-                    wire = self.tx.request(command, cookie, call.offset, length)
-                await self._send(wire)
-        try:
-            await call.done.wait()
-        finally:
-            self.calls.pop(cookie, None)
-        if call.lost:
-            raise _ConnectionLost
-        if call.error:
-            raise OSError(
-                call.error,
-                f"origin answered {command.name} at {call.offset}+{length} with an error",
-            )
-        return call
-
-    async def _send(self, wire: bytes) -> None:
-        # A half-sent request would corrupt the stream for everyone: the send is shielded from
-        # cancellation, bounded by the timeout so a stuck origin cannot hang us
-        # (docs/decisions.md D15).
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.timeout) as scope:
-                try:
-                    await self.stream.send_all(wire)
-                except STREAM_ERRORS as exc:
-                    self.kill(f"send failed: {exc!r}")
-                    raise _ConnectionLost from exc
-            if scope.cancelled_caught:
-                self.kill("send timed out")
-                raise _ConnectionLost
-
-    async def disconnect(self) -> None:
-        """Polite NBD_CMD_DISC (best effort, bounded), then the connection ends."""
-        if self.dead:
-            return
-        self._disconnecting = True
-        if self.fd >= 0:
-            with self.lock, suppress(_ConnectionLost, NBDError):
-                if not self.dead:
-                    self._send_now(memoryview(self.tx.request(Cmd.DISC, 0)))
-        else:
-            with trio.move_on_after(1.0):
-                async with self.send_lock:
-                    with suppress(*STREAM_ERRORS, NBDError):
-                        await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
-        self.kill("disconnected", expected=True)
-
-
-async def _close_quietly(stream: trio.abc.Stream) -> None:
-    # A TLS stream sends close_notify first, which a stuck origin may never take: bounded (a
-    # cancelled close still closes the socket).
-    with suppress(*STREAM_ERRORS):
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await stream.aclose()
 
 
 def _tune_socket(stream: trio.SocketStream) -> None:
@@ -475,7 +151,7 @@ async def open_connection(
             return stream, result, handshake.leftover()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
-                await _close_quietly(stream)
+                await close_quietly(stream)
             if isinstance(exc, NBDError):
                 raise OSError(errno.EPROTO, f"{address.describe()}: {exc}") from exc
             if isinstance(exc, STREAM_GONE):
@@ -513,8 +189,8 @@ class RemoteLink:
         self.allocation = False  # the origin answers base:allocation block status
         self.status_requests = 0  # BLOCK_STATUS requests sent
         self.max_payload = 32 * 1024 * 1024
-        self._conn: _Connection | None = None
-        self._replacement: _Connection | None = None
+        self._conn: OriginConnection | None = None
+        self._replacement: OriginConnection | None = None
         self._installed = trio.Event()  # set (and renewed) whenever a connection goes live
         self._scope: trio.CancelScope | None = None
         self._down_since = math.inf
@@ -538,20 +214,20 @@ class RemoteLink:
             "allocation": self.allocation,
         }
 
-    async def _negotiate(self, address: RemoteAddress) -> _Connection:
+    async def _negotiate(self, address: RemoteAddress) -> OriginConnection:
         stream, info, leftover = await open_connection(address, self.connect_timeout)
         if info.size == 0:
-            await _close_quietly(stream)
+            await close_quietly(stream)
             raise OSError(errno.EINVAL, f"{address.describe()} exports size 0")
         if self.size >= 0 and info.size != self.size:
-            await _close_quietly(stream)
+            await close_quietly(stream)
             raise SizeMismatchError(
                 errno.EINVAL,
                 f"{address.describe()} exports {info.size} bytes, expected {self.size}",
             )
-        return _Connection(stream, info, leftover, self.timeout)
+        return OriginConnection(stream, info, leftover, self.timeout)
 
-    def _install(self, conn: _Connection) -> None:
+    def _install(self, conn: OriginConnection) -> None:
         self._conn = conn
         self.size = conn.info.size
         self.tx_flags = conn.info.tx_flags
@@ -591,7 +267,7 @@ class RemoteLink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (the first failure is raised), report started, then keep the link up."""
-        conn: _Connection | None = await self._negotiate(self.address)
+        conn: OriginConnection | None = await self._negotiate(self.address)
         task_status.started()
         try:
             while not self._closing:
@@ -608,7 +284,7 @@ class RemoteLink:
             self._uninstall()
             self._tell()  # wake waiters: they see CLOSED and fail
 
-    async def _connect_with_backoff(self) -> _Connection:
+    async def _connect_with_backoff(self) -> OriginConnection:
         """Attempts with exponential backoff between them; a request's kick cuts the wait."""
         log.warning("origin %s is down; reconnecting", self.description)
         delay = self.backoff_initial
@@ -657,18 +333,18 @@ class RemoteLink:
             self._scope.cancel()
         await installed.wait()
 
-    async def _wait_connection(self) -> _Connection:
+    async def _wait_connection(self) -> OriginConnection:
         """The live connection; when there is none, an attempt is asked for at once. While the
         link is FAILED, EIO as soon as an attempt that began after this call has failed."""
         wanted = 0
         while True:
             if self.state is LinkState.CLOSED:
-                raise _eio("origin link closed")
+                raise eio("origin link closed")
             conn = self._conn
             if conn is not None and not conn.dead:
                 return conn
             if self.state is LinkState.FAILED and wanted and self._attempts_done >= wanted:
-                raise _eio(f"origin {self.description} unavailable: {self.last_error}")
+                raise eio(f"origin {self.description} unavailable: {self.last_error}")
             if not wanted:
                 # the attempt under way may have begun before the origin came back; one kick
                 # per request (not per pass), so a waiting request never spins attempts
@@ -704,17 +380,17 @@ class RemoteLink:
                 out += await self.read(start, part)
             return out
         started = trio.current_time()
-        conn: _Connection | None = None
+        conn: OriginConnection | None = None
         with trio.move_on_after(self.timeout):
             while True:
                 conn = await self._wait_connection()
                 try:
                     self.requests += 1
                     return await conn.read(offset, length)
-                except _ConnectionLost:
+                except ConnectionLost:
                     continue
         self._drop_if_stuck(conn, started)
-        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+        raise eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """The origin's base:allocation extents (length, flags) from ``offset``, covering at
@@ -723,7 +399,7 @@ class RemoteLink:
         ``timeout`` seconds, or the origin's own error."""
         length = min(length, self.max_status_length)
         started = trio.current_time()
-        conn: _Connection | None = None
+        conn: OriginConnection | None = None
         with trio.move_on_after(self.timeout):
             while True:
                 conn = await self._wait_connection()
@@ -732,18 +408,18 @@ class RemoteLink:
                 try:
                     self.status_requests += 1
                     extents = await conn.block_status(offset, length)
-                except _ConnectionLost:
+                except ConnectionLost:
                     continue
                 return _clip(extents, length)
         self._drop_if_stuck(conn, started)
-        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+        raise eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     @property
     def max_status_length(self) -> int:
         """The longest range one BLOCK_STATUS asks about (compact lengths are 32-bit)."""
         return (1 << 40) if self.extended else 0xFFFFF000
 
-    def _drop_if_stuck(self, conn: _Connection | None, started: float) -> None:
+    def _drop_if_stuck(self, conn: OriginConnection | None, started: float) -> None:
         # A connection on which nothing arrived since we asked is stuck: drop it, so the next
         # requests go to a fresh one.
         if conn is not None and conn is self._conn and conn.last_receive < started:
@@ -771,7 +447,7 @@ def _clip(extents: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
         if total >= length:
             break
     if not out:
-        raise _eio("origin answered BLOCK_STATUS without extents")
+        raise eio("origin answered BLOCK_STATUS without extents")
     return out
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -67,6 +67,7 @@ from xnbdd.backends.blocks import (
     zero_blocks,
 )
 from xnbdd.backends.cache_all import CacheAll, ProgressCallback
+from xnbdd.backends.coldread import ColdReader
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -75,7 +76,6 @@ from xnbdd.proto.consts import State
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
     LinkState,
-    OriginConnectionLost,
     RemoteAddress,
     RemoteLink,
     background_nursery,
@@ -139,15 +139,17 @@ class ProxyBackend:
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
-        # where cold reads started by connection threads finish their work (open_proxy_backend)
-        self._nursery: trio.Nursery | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._cold = ColdReader(self, link, cache, bitmap, self._locks)
 
     def serve_cold_reads(self, nursery: trio.Nursery) -> None:
         """Let connection threads send cold reads to the origin (``start_read``); what they
         leave to do (a store that must wait, a retry after a lost connection) runs here."""
-        self._nursery = nursery
-        self._token = trio.lowlevel.current_trio_token()
+        self._cold.serve(nursery)
+
+    @property
+    def detached(self) -> bool:
+        """Stopped, or switched to target: the cache and bitmap take nothing more."""
+        return self._detached
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -211,118 +213,15 @@ class ProxyBackend:
     def is_hole(self, offset: int, length: int) -> bool:
         return False
 
-    # -- ColdRead: a connection's thread sends the fetch itself; the reply is stored and handed
-    # back on the event loop's thread as it arrives (no task, no hop from the thread to the loop)
+    # -- ColdRead: a connection's thread sends the fetch itself (backends/coldread.py)
 
     def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
-        token = self._token
-        if token is None or length > MAX_FETCH:
-            return False
-        first, stop = block_span(offset, length)
-        with self._locks.mutex:  # the look and the claim are one step for every thread
-            if (
-                self._detached
-                or next(self._bitmap.runs(first, stop, True), None) is not None
-                or self._locks.holder(first, stop) is not None
-            ):
-                return False  # partly cached, or busy: the event loop's path sorts it out
-            lock = self._locks.claim(first, stop)
-        start, end = block_bytes(first, stop, self._size)
-        fetched = partial(self._cold_fetched, offset, length, lock, done)
-        if self._link.start_read(start, end - start, fetched):
-            return True
-        token.run_sync_soon(self._locks.release, lock)  # waiters are trio tasks
-        return False
-
-    def _cold_fetched(
-        self,
-        offset: int,
-        length: int,
-        lock: RangeLock,
-        done: ReadDone,
-        data: bytearray | None,
-        error: OSError | None,
-    ) -> None:
-        """The origin answered a thread's cold read (event loop's thread): answer the client
-        first (its thread wakes while this one stores), then store, mark, release."""
-        if data is None:
-            assert error is not None
-            if isinstance(error, OriginConnectionLost):
-                self._locks.release(lock)
-                self._read_later(offset, length, done)  # reconnects and retries
-                return
-            self._locks.release(lock, error)
-            done(None, error)
-            return
-        start = offset - lock.first * BLOCK_SIZE
-        done(memoryview(data)[start : start + length], None)
-        # The blocks stay held until stored: no fetch or write touches them meanwhile, and a
-        # switch to target waits for them (``_settled``).
-        if self._detached:  # stopped or switched meanwhile: nothing to store into
-            self._locks.release(lock)
-            return
-        try:
-            stored = self._cache.try_write(lock.first * BLOCK_SIZE, data)
-        except OSError as exc:
-            self._store_failed(exc, store=False)
-            self._locks.release(lock)
-            return
-        if not stored:  # the cache must wait for its device
-            self._spawn(self._store(lock, data), None)
-            return
-        self._stored(lock.first, lock.stop)
-        self._locks.release(lock)
-
-    async def _store(self, lock: RangeLock, data: bytearray) -> None:
-        try:
-            await self._cache.write(lock.first * BLOCK_SIZE, data, fua=False)
-        except OSError as exc:
-            self._store_failed(exc, store=False)
-        else:
-            if not self._detached:
-                self._stored(lock.first, lock.stop)
-        finally:
-            self._locks.release(lock)
+        return length <= MAX_FETCH and self._cold.start(offset, length, done)
 
     async def _settled(self) -> None:
         """Every held block released (cold reads' stores done, cancelled fetches unwound)."""
         while (holder := self._locks.holder(0, self.nblocks)) is not None:
             await holder.done.wait()
-
-    def _read_later(self, offset: int, length: int, done: ReadDone) -> None:
-        """The event loop's path for a cold read a thread could not finish."""
-
-        async def read() -> None:
-            try:
-                data = await self.read(offset, length)
-            except OSError as exc:
-                done(None, exc)
-            else:
-                done(data, None)
-
-        self._spawn(read(), done)
-
-    def _spawn(self, job: Coroutine[object, object, None], done: ReadDone | None) -> None:
-        """Run ``job`` in the background; a client waiting for it (``done``) still gets its
-        answer (EIO) if the proxy is stopping and it cannot run or is cancelled."""
-
-        async def guarded() -> None:
-            try:
-                await job
-            except trio.Cancelled:
-                if done is not None:
-                    done(None, OSError(errno.EIO, "proxy stopping"))
-                raise
-
-        nursery = self._nursery
-        try:
-            if nursery is None:
-                raise RuntimeError("not serving")
-            nursery.start_soon(guarded)
-        except RuntimeError:
-            job.close()
-            if done is not None:
-                done(None, OSError(errno.EIO, "proxy stopping"))
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
@@ -573,12 +472,12 @@ class ProxyBackend:
         try:
             await self._cache.write(offset, data, fua=False)
         except OSError as exc:
-            self._store_failed(exc, store=store)
+            self.store_failed(exc, store=store)
             return data
-        self._stored(first, stop)
+        self.mark_fetched(first, stop)
         return data
 
-    def _store_failed(self, exc: OSError, *, store: bool) -> None:
+    def store_failed(self, exc: OSError, *, store: bool) -> None:
         """Fetched blocks the cache did not take: logged when it starts; raised with
         ``store`` (else they stay uncached and the read is served all the same)."""
         if self._store_error is None:
@@ -592,7 +491,7 @@ class ProxyBackend:
         if store:
             raise exc
 
-    def _stored(self, first: int, stop: int) -> None:
+    def mark_fetched(self, first: int, stop: int) -> None:
         """Fetched blocks are in the cache file: now (only now) they are cached."""
         if self._store_error is not None:
             self._store_error = None

@@ -1,4 +1,4 @@
-"""The proxy's cold read from a connection's thread (``ProxyBackend.start_read``), end to end
+"""The proxy's cold read from a connection's thread (``backends/coldread.py``), end to end
 in one process: a client on a real socket pair, the production data plane, the proxy, and a real
 nbdkit origin. The fetch is sent by the plane's thread and answered from the origin reader on the
 event loop; these tests check that path is taken, that its answers and cache are right, and
