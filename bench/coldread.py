@@ -46,8 +46,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def reads(nbd: object, uri: str, blocks: list[int], pause: float) -> list[float]:
-    import nbd as libnbd
+def reads(uri: str, blocks: list[int], pause: float) -> list[float]:
+    if "/usr/lib/python3/dist-packages" not in sys.path:
+        sys.path.append("/usr/lib/python3/dist-packages")
+    import nbd as libnbd  # Debian's python3-libnbd
 
     client = libnbd.NBD()
     client.connect_uri(uri)
@@ -111,9 +113,9 @@ def main() -> int:
                 nblocks = SIZE // 4096
                 direct_blocks = random.Random(1).sample(range(nblocks), args.count)
                 cold_blocks = random.Random(2).sample(range(nblocks), args.count)
-                direct = reads(None, f"nbd://127.0.0.1:{origin_port}/", direct_blocks, pause)
-                cold = reads(None, f"nbd://127.0.0.1:{proxy_port}/", cold_blocks, pause)
-                warm = reads(None, f"nbd://127.0.0.1:{proxy_port}/", cold_blocks, pause)
+                direct = reads(f"nbd://127.0.0.1:{origin_port}/", direct_blocks, pause)
+                cold = reads(f"nbd://127.0.0.1:{proxy_port}/", cold_blocks, pause)
+                warm = reads(f"nbd://127.0.0.1:{proxy_port}/", cold_blocks, pause)
             finally:
                 proxy.terminate()
                 proxy.wait(30)
