@@ -26,6 +26,7 @@ import errno
 import logging
 import math
 import socket
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -183,6 +184,7 @@ class RemoteLink:
         self.state = LinkState.CONNECTING
         self.last_error = ""
         self.requests = 0  # READ requests sent, for status and tests
+        self._count_lock = threading.Lock()  # connection threads count theirs too
         self.tx_flags = TxFlag(0)
         self.structured = False
         self.extended = False  # the origin took extended headers
@@ -365,7 +367,8 @@ class RemoteLink:
             or not conn.start_read(offset, length, callback)
         ):
             return False
-        self.requests += 1
+        with self._count_lock:
+            self.requests += 1
         return True
 
     async def read(self, offset: int, length: int) -> bytearray:
@@ -385,7 +388,8 @@ class RemoteLink:
             while True:
                 conn = await self._wait_connection()
                 try:
-                    self.requests += 1
+                    with self._count_lock:
+                        self.requests += 1
                     return await conn.read(offset, length)
                 except ConnectionLost:
                     continue
