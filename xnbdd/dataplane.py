@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 from .backends.base import InlineIO
 from .budget import ByteBudget, Grant, Limits
-from .dispatch import Buffers, error_reply, failed_reply
+from .dispatch import Buffers, ColdReads, error_reply, failed_reply
 from .export import Export
 from .outbox import ClosedConnection, Outbox
 from .proto.consts import (
@@ -111,6 +111,7 @@ class DataPlane:
         self._limits = limits
         self._budget = budget
         self._submit = submit
+        self._cold = ColdReads(export, negotiated, self.complete, fields or {})
         tx = int(negotiated.tx_flags)
         self._structured = negotiated.structured
         self._extended = extended = negotiated.extended
@@ -623,8 +624,8 @@ class DataPlane:
             self._queue([hole], cost)
             return True
         data = inline.try_read(offset, length)
-        if data is None:
-            return False
+        if data is None:  # a backend may fetch it from this thread (the proxy's origin)
+            return self._cold.start(cookie, offset, length, cost)
         if self._extended:
             head = EXTENDED_OFFSET_DATA.pack(
                 EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
