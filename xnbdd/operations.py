@@ -180,6 +180,7 @@ class Operations:
             "tls": self.state.tls.policy.value,
             "tls_clients": self.state.tls_clients,
             "connections": [c.describe() for c in self.state.connections],
+            "workers": self.state.workers.pids() if self.state.workers else [],
             "operation": self.current_operation(),
             "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,

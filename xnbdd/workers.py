@@ -306,6 +306,10 @@ class Workers:
             self._held -= 1
             self._spread()
 
+    def pids(self) -> list[int]:
+        """The worker processes ready to serve."""
+        return [w.pid for w in self.processes if w.ready]
+
     def remote(self) -> list[RemotePlane]:
         """The connections served by workers now."""
         return [plane for w in self.processes for plane in w.planes.values()]
