@@ -18,16 +18,15 @@ argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS
   its own descriptor of the socket) goes on serving it.
 
 The worker ignores SIGINT and SIGTERM (the daemon stops it, connection by connection, after a
-graceful stop or handover) and dies with the daemon (PR_SET_PDEATHSIG, and the end of its
-socket pair).
+graceful stop or handover) and ends with the daemon: the kernel closes the daemon's end of the
+socket pair however it exits. (Not PR_SET_PDEATHSIG: that follows the thread that started the
+process, and trio starts processes from a thread of its cache, which exits when idle.)
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -52,7 +51,6 @@ log = logging.getLogger("xnbdd")
 
 MAX_MESSAGE = 256 * 1024  # a serve message carries the bytes pipelined behind the handshake
 FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
-PR_SET_PDEATHSIG = 1
 PLANE_THREADS = trio.CapacityLimiter(1_000_000)  # one per connection, not a pool
 
 
@@ -222,15 +220,9 @@ class Worker:
         plane.complete(reply, cost)
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
