@@ -188,7 +188,7 @@ def test_continuous_writer_sees_no_error_and_the_snapshot_is_a_request_boundary(
     image = shm_dir / "disk.img"
     write_image(image, nblocks * BLOCK, [])
     control = shm_dir / "ctl"
-    extra = ("--workers", str(workers), "--control-socket", str(control))
+    extra: tuple[str, ...] = ("--workers", str(workers), "--control-socket", str(control))
     if workers:  # a copy slow enough for a write to come after the point, before the copier
         extra += ("--snapshot-rate", "32M")
     with serving(mode, str(image), *extra, tmp_path=shm_dir) as srv, ExitStack() as stack:
