@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.test_connection import wait_until
@@ -24,7 +25,7 @@ from xnbdd.backends.file import FileBackend
 from xnbdd.connection import ServerState
 from xnbdd.export import Export
 from xnbdd.proto.consts import Cmd
-from xnbdd.workers import Workers, start_message
+from xnbdd.workers import Workers, default_workers, start_message
 
 SIZE = 8 << 20
 STARTS_WITHIN = 30.0  # a worker is a fresh interpreter: slow on a loaded machine
@@ -124,5 +125,26 @@ async def test_a_killed_worker_closes_only_its_own_clients(tmp_path: Path) -> No
             async with serving(export, state=state) as late:
                 await wait_until(lambda: late.conn.worker is not None, STARTS_WITHIN)
                 await write_and_read(late, 5, 1 << 20, b"new worker" * 100)
+    finally:
+        await export.backend.close()
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [({0}, 0), ({0, 1}, 2), (set(range(32)), 8)])
+def test_default_is_one_worker_per_usable_cpu_and_none_on_one(
+    monkeypatch: pytest.MonkeyPatch, cpus: set[int], expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: cpus)
+    assert default_workers() == expected
+
+
+async def test_a_one_connection_daemon_starts_no_worker(tmp_path: Path) -> None:
+    """One client gains nothing from another process: no worker starts for it."""
+    path = tmp_path / "disk.img"
+    make_image(path, SIZE, seed=4)
+    export = Export("", FileBackend.open(str(path), readonly=False))
+    try:
+        async with pool(export) as (state, workers), serving(export, state=state) as session:
+            await write_and_read(session, 1, 0, b"alone" * 100)
+            assert session.conn.worker is None and not workers.processes
     finally:
         await export.backend.close()
