@@ -32,10 +32,12 @@ STARTS_WITHIN = 30.0  # a worker is a fresh interpreter: slow on a loaded machin
 
 
 @asynccontextmanager
-async def pool(export: Export, count: int = 2) -> AsyncIterator[tuple[ServerState, Workers]]:
+async def pool(
+    export: Export, count: int = 2, recall_timeout: float = 5.0
+) -> AsyncIterator[tuple[ServerState, Workers]]:
     state = ServerState()
     workers = Workers(
-        count, lambda: start_message(export, state.limits), state.stopping, lambda: 5.0
+        count, lambda: start_message(export, state.limits), state.stopping, lambda: recall_timeout
     )
     state.workers = workers
     async with trio.open_nursery() as nursery:
@@ -146,5 +148,30 @@ async def test_a_one_connection_daemon_starts_no_worker(tmp_path: Path) -> None:
         async with pool(export) as (state, workers), serving(export, state=state) as session:
             await write_and_read(session, 1, 0, b"alone" * 100)
             assert session.conn.worker is None and not workers.processes
+    finally:
+        await export.backend.close()
+
+
+async def test_a_recall_cuts_a_client_that_reads_no_replies(tmp_path: Path) -> None:
+    """A client that never reads its replies cannot reach a request boundary: the recall cuts
+    it after its timeout rather than wait for ever (or let its writes past a snapshot)."""
+    path = tmp_path / "disk.img"
+    make_image(path, SIZE, seed=5)
+    export = Export("", FileBackend.open(str(path), readonly=False))
+    try:
+        async with pool(export, recall_timeout=0.5) as (state, workers), AsyncExitStack() as st:
+            stuck, other = [
+                await st.enter_async_context(serving(export, state=state)) for _ in "ab"
+            ]
+            await wait_until(lambda: bool(stuck.conn.worker and other.conn.worker), STARTS_WITHIN)
+            client = stuck.client
+            reads = b"".join(client.request(Cmd.READ, n, 0, 1 << 20) for n in range(64))
+            await client.send(reads)  # 64 MiB of replies that are never read
+            await wait_until(lambda: not client.holds_nothing())  # the worker took them
+            with trio.fail_after(30):
+                async with workers.recalled():
+                    await stuck.ended()  # cut
+                    await write_and_read(other, 1, 0, b"recalled" * 100)  # served here
+            assert other.conn.worker is None or other.conn.worker != stuck.conn.worker
     finally:
         await export.backend.close()

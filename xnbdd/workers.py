@@ -133,6 +133,7 @@ class WorkerProcess:
         self.ready = False
         self.planes: dict[int, RemotePlane] = {}
         self.lost = 0  # connections it was serving when it ended
+        self._process: trio.Process | None = None
         self._out, self._outgoing = trio.open_memory_channel[tuple[dict[str, Any], int | None]](
             math.inf
         )
@@ -159,6 +160,7 @@ class WorkerProcess:
         finally:
             theirs.close()
         self.pid = process.pid
+        self._process = process
         channel = trio.socket.from_stdlib_socket(ours)
         try:
             await channel.sendmsg([encode(start)], rights(image_fd))
@@ -185,6 +187,10 @@ class WorkerProcess:
         code = process.returncode
         assert code is not None
         return f"exit status {code}" if code >= 0 else f"signal {-code}"
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
 
     async def _sender(self, channel: trio.socket.SocketType) -> None:
         async for message, fd in self._outgoing:
@@ -299,6 +305,13 @@ class Workers:
                 )
                 for plane in out:
                     plane.abort()
+                with trio.move_on_after(self._recall_timeout()):
+                    while self.remote():
+                        await self._settled.wait()
+                for worker in self.processes:
+                    if worker.planes:  # wedged: its connections end with it
+                        log.warning("worker pid %d does not answer: killed", worker.pid)
+                        worker.kill()
                 while self.remote():
                     await self._settled.wait()
             yield
