@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from .allocator import limit_arenas
 from .backends.file import FileBackend
 from .budget import ByteBudget, Limits
 from .dataplane import DataPlane
@@ -221,6 +222,7 @@ class Worker:
 
 
 def main(argv: list[str]) -> int:
+    limit_arenas()  # before any thread, as in the daemon: one arena per connection thread is not
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
