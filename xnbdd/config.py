@@ -176,6 +176,7 @@ KEYS: dict[str, tuple[str, Parser]] = {
     "max-queue-size": ("max_queue_size", _count),
     "max-buf-size": ("max_buf_size", parse_size),
     "max-clients": ("max_clients", _count),
+    "workers": ("workers", _count),
     "snapshot-rate": ("snapshot_rate", parse_size),
     "cow-dir": ("cow_dir", _path),
     "logpath": ("logpath", _path),
@@ -260,6 +261,7 @@ class Config:
     max_queue_size: int = 0  # 0: the built-in default (budget.py)
     max_buf_size: int = 0
     max_clients: int = 0  # 0: no limit
+    workers: int | None = None  # data-plane processes; None: one per CPU (workers.py), 0: none
     snapshot_rate: int = 0  # bytes per second of a background snapshot copy (0: no limit)
     cow_dir: str | None = None
     logpath: str | None = None

@@ -30,6 +30,7 @@ from .proto.consts import Errno
 from .proto.handshake import ExportRequested, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
 from .tls import PlainTransport, ServerTLS, TLSChannel, TLSSession, TLSTransport, Transport
+from .workers import Plane, RemotePlane, Workers
 
 log = logging.getLogger("xnbdd")
 
@@ -62,6 +63,8 @@ class ServerState:
         self.tls_clients = 0  # connections whose STARTTLS succeeded
         self.connections: set[Connection] = set()  # for the control socket's query
         self.changed: Callable[[], None] = lambda: None  # the counts above changed (STATUS=)
+        self.workers: Workers | None = None  # data-plane processes (workers.py)
+        self.byte_shares = 1  # --max-buf-size is split between this many processes
 
 
 class Connection:
@@ -88,6 +91,7 @@ class Connection:
         self.since = time.time()  # connected (or adopted from the previous process) at
         self.export_name: str | None = None  # set once negotiated
         self.asked_name: str | None = None  # the name the client asked for (any reaches us)
+        self.worker: int | None = None  # the PID of the worker process serving it, if one is
 
     # -- handshake (the HandshakeHost of negotiation.py) ----------------------------------------
 
@@ -157,6 +161,7 @@ class Connection:
             "export": self.export_name,
             "since": round(self.since, 3),
             "tls": self.tls is not None,
+            "worker": self.worker,
         }
 
     def _fields(self) -> dict[str, str]:
@@ -198,8 +203,48 @@ class Connection:
         scope.cancel()
 
     async def _transmission(self, export: Export, negotiated: Negotiated) -> None:
+        """Serve here or in a worker process (workers.py); a connection moves between them at a
+        request boundary (``HANDED_OVER``), and a stop's handover ends in the fd store."""
+        workers = self.state.workers
+        movable = workers is not None and bool(workers.count) and self.tls is None
+        pending = self.pending
+        while True:
+            remote = None
+            if workers is not None and movable:
+                fd = self.stream.socket.fileno()
+                remote = workers.assign(fd, negotiated, pending, self.peer)
+            if remote is not None:
+                reason = await self._serve_remote(remote)
+            else:
+                reason = await self._serve_here(export, negotiated, pending, movable)
+            pending = b""  # a plane hands over with every byte read taken
+            log.debug("transmission ended: %s", reason, extra=self._fields())
+            if reason != HANDED_OVER:
+                return
+            state = self.state
+            if state.stopping.is_set() and state.handover and self.keeper is not None:
+                self._hand_over(negotiated)
+                return
+            # moved between this process and a worker (a snapshot's recall, or spreading)
+
+    async def _serve_remote(self, remote: RemotePlane) -> str:
+        self.worker = remote.worker.pid
+        try:
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(self._watch_shutdown, remote)
+                try:
+                    return await remote.run()
+                finally:
+                    tasks.cancel_scope.cancel()
+        finally:
+            self.worker = None
+
+    async def _serve_here(
+        self, export: Export, negotiated: Negotiated, pending: bytes, movable: bool
+    ) -> str:
         fields = self._fields()
         token = trio.lowlevel.current_trio_token()
+        workers = self.state.workers
         async with trio.open_nursery() as tasks:
 
             def submit(req: Request, cost: int) -> None:  # called by the plane's thread
@@ -218,17 +263,18 @@ class Connection:
                 self.state.limits,
                 self.state.budget,
                 submit,
-                pending=self.pending,
+                pending=pending,
                 fields=fields,
             )
             tasks.start_soon(self._watch_shutdown, plane)
+            if workers is not None and movable:
+                workers.local[self] = plane  # to be moved out once workers run
             try:
-                reason = await trio.to_thread.run_sync(plane.run, limiter=PLANE_THREADS)
+                return await trio.to_thread.run_sync(plane.run, limiter=PLANE_THREADS)
             finally:
+                if workers is not None:
+                    workers.local.pop(self, None)
                 tasks.cancel_scope.cancel()  # the watcher, and tasks of a plane that was cut
-            if reason == HANDED_OVER:
-                self._hand_over(negotiated)
-            log.debug("transmission ended: %s", reason, extra=fields)
 
     def _hand_over(self, negotiated: Negotiated) -> None:
         keeper = self.keeper
@@ -237,7 +283,7 @@ class Connection:
         if keeper is not None and keeper.hand_over(self.stream.socket.fileno(), message):
             log.info("client handed over to the service manager", extra=self._fields())
 
-    async def _watch_shutdown(self, plane: DataPlane) -> None:
+    async def _watch_shutdown(self, plane: Plane) -> None:
         """Tell the plane when the server stops; cut it after the grace period (or at once if
         this task is cancelled while the plane still runs)."""
         try:

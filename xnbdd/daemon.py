@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -38,6 +39,7 @@ from .signals import sigterm_came_early
 from .snapshot import remove_partial_snapshots
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
+from .workers import Workers, default_workers, start_message
 
 log = logging.getLogger("xnbdd")
 
@@ -59,6 +61,7 @@ class ServerOptions:
     max_buf_size: int = 0
     handshake_timeout: float = 30.0
     max_clients: int = 0  # 0: no limit
+    workers: int | None = None  # data-plane worker processes (workers.py); None: per CPU
     snapshot_rate: int = 0  # bytes per second of a background snapshot copy (0: no limit)
     cow_dir: str | None = None
     # proxy
@@ -179,6 +182,7 @@ class Daemon:
             if ops.proxy is not None:
                 export.extra_contexts[CACHED_CONTEXT] = ops.cached_extents
             catalog = SingleExportCatalog(export, strict_name=self.opts.exportname is not None)
+            workers = self.state.workers = self._workers(export)
             logs.set_context(
                 XNBD_EXPORT=name or os.path.basename(self.opts.image), XNBD_MODE=ops.mode
             )
@@ -188,6 +192,7 @@ class Daemon:
                     # READY=1 must not come before a SIGUSR1 or SIGHUP is handled (they kill)
                     await nursery.start(self._signals)
                     nursery.start_soon(self._watchdog)
+                    nursery.start_soon(workers.run)
                     if ops.proxy is not None:
                         nursery.start_soon(ops.status_loop)
                     control = self.sources.control
@@ -204,6 +209,26 @@ class Daemon:
                     if self.pid_file is not None:
                         self.pid_file.remove()
         log.info("stopped")
+
+    def _workers(self, export: Export) -> Workers:
+        """Worker processes serve plain file and device exports of a daemon with more than one
+        client source (workers.py); others (proxy, cow overlays, rbd) stay in this process."""
+        count = self.opts.workers
+        if count is None:
+            count = default_workers()
+        backend = export.backend
+        if not isinstance(backend, FileBackend) or export.one_connection:
+            count = 0
+        limits = self.state.limits
+
+        def start() -> tuple[dict[str, Any], int]:
+            # Every process, this one included, holds its share of --max-buf-size.
+            total = limits.max_bytes * self.state.byte_shares
+            self.state.byte_shares = count + 1
+            limits.max_bytes = max(total // self.state.byte_shares, 1)
+            return start_message(export, limits)
+
+        return Workers(count, start, self.state.stopping, lambda: limits.shutdown_grace)
 
     async def _open_backend(self, stack: AsyncExitStack) -> Backend:
         opts = self.opts

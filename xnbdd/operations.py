@@ -10,6 +10,7 @@ import errno as errno_mod
 import logging
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -104,22 +105,26 @@ class Operations:
             raise OSError(errno_mod.EBUSY, f"refused: {self.operation}")
         job = self.snapshot_job = LiveSnapshot(self.opts.image, export.backend)
         self.changed()
+        # Worker processes write past the pause and the guard: their clients come back here
+        # for the whole snapshot (workers.py).
+        recall = self.state.workers.recalled() if self.state.workers else nullcontext()
         try:
-            # Paused: writes answered before this point are in the copy, later ones are not.
-            paused = trio.current_time()
-            async with export.paused():
-                await job.begin()
-            paused = trio.current_time() - paused
-            if job.method == "copy":
-                log.info(
-                    "snapshot point taken (requests paused %.1f ms): copying %d bytes to %s "
-                    "in the background",
-                    paused * 1e3,
-                    job.size,
-                    job.partial,
-                )
-            self.changed()
-            result = await job.finish(self._snapshot_progress(job), self.opts.snapshot_rate)
+            async with recall:
+                # Paused: writes answered before this point are in the copy, later ones are not.
+                paused = trio.current_time()
+                async with export.paused():
+                    await job.begin()
+                paused = trio.current_time() - paused
+                if job.method == "copy":
+                    log.info(
+                        "snapshot point taken (requests paused %.1f ms): copying %d bytes to %s "
+                        "in the background",
+                        paused * 1e3,
+                        job.size,
+                        job.partial,
+                    )
+                self.changed()
+                result = await job.finish(self._snapshot_progress(job), self.opts.snapshot_rate)
         except BaseException:
             if job.method:  # a cancelled copy (the server stops): nothing of it stays
                 with trio.CancelScope(shield=True):
@@ -175,6 +180,7 @@ class Operations:
             "tls": self.state.tls.policy.value,
             "tls_clients": self.state.tls_clients,
             "connections": [c.describe() for c in self.state.connections],
+            "workers": self.state.workers.pids() if self.state.workers else [],
             "operation": self.current_operation(),
             "queue_used": self.state.budget.requests,
             "queue_limit": limits.max_requests,
@@ -309,7 +315,8 @@ class Operations:
             elif key == "max_queue_size" and isinstance(value, int):
                 limits.max_requests = value or Limits.max_requests
             elif key == "max_buf_size" and isinstance(value, int):
-                limits.max_bytes = value or Limits.max_bytes
+                # with worker processes, this process's share (workers.py)
+                limits.max_bytes = (value or Limits.max_bytes) // self.state.byte_shares
             elif key == "handshake_timeout" and isinstance(value, float):
                 limits.handshake_timeout = value
             elif key in tls_keys:

@@ -36,7 +36,13 @@ COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
 ORIGIN_PORT, PROXY_PORT, PROXY_UNIT = 10813, 10814, "xnbd@proxy.service"
 PROXY_CONTROL = "/run/xnbd/proxy/control.sock"
 PROXY_SIZE = 256 << 20
+WORK_PORT, WORK_UNIT = 10815, "xnbd@work.service"
+WORK_CONTROL = "/run/xnbd/work/control.sock"
 CONFIGS = {
+    "work.conf": (
+        f"mode = target\nimage = /var/lib/xnbd/work.img\nlport = {WORK_PORT}\n"
+        f"workers = 2\ncontrol-socket = {WORK_CONTROL}\n"
+    ),
     "disk.conf": f"mode = target\nimage = /var/lib/xnbd/disk.img\nlport = {PORT}\n",
     "cow.conf": f"mode = cow_target\nimage = /var/lib/xnbd/cow.img\nlport = {COW_PORT}\n",
     "origin.conf": f"mode = target\nimage = /var/lib/xnbd/origin.img\nlport = {ORIGIN_PORT}\n",
@@ -53,7 +59,7 @@ CONFIGS = {
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The container's /var/lib/xnbd: the images (and the cow overlays beside them)."""
     path = tmp_path_factory.mktemp("fdstore-data")
-    for name in ("disk.img", "cow.img"):
+    for name in ("disk.img", "cow.img", "work.img"):
         with open(path / name, "wb") as f:
             f.truncate(IMAGE_SIZE)
     # Large enough that --cache-all, one block per request, is still running after 3 restarts:
@@ -266,6 +272,39 @@ def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, dat
     box.run("systemctl", "stop", PROXY_UNIT, "xnbd@origin.service")
     origin = (data / "origin.img").read_bytes()
     assert (data / "proxy.cache").read_bytes()[mine:] == origin[mine:]
+
+
+def test_restarts_keep_clients_served_by_worker_processes(box: Container) -> None:
+    """Two clients at once move to the daemon's worker processes (xnbdd/workers.py); at each
+    restart every worker stops its connection at a request boundary, the daemon stores it, and
+    the next process serves it on: no request lost, every block as written."""
+    box.run("systemctl", "start", WORK_UNIT)
+    uri = f"nbd://127.0.0.1:{WORK_PORT}/"
+    clients = [Client(box, uri, "128", "0"), Client(box, uri, "128", "128")]  # disjoint
+
+    def in_workers() -> bool:
+        out = box.run("xnbd-bgctl", "--json", "--query", WORK_CONTROL).stdout
+        connections = json.loads(out)["connections"]
+        return len(connections) == 2 and all(c["worker"] for c in connections)
+
+    try:
+        for _ in range(3):
+            for client in clients:
+                client.progress()
+            wait(in_workers, "both clients to be served by workers", timeout=60)
+            box.run("systemctl", "restart", WORK_UNIT, timeout=120)
+        for client in clients:
+            client.progress()
+        results = [client.quit() for client in clients]
+    finally:
+        for client in clients:
+            client.kill()
+    for result in results:
+        assert result["error"] == "" and result["verify_errors"] == 0, result
+    messages = daemon_messages(box, WORK_UNIT)
+    assert sum(m == "handed 2 clients over to the service manager" for m in messages) == 3
+    assert stored(box, WORK_UNIT) == 0
+    box.run("systemctl", "stop", WORK_UNIT)
 
 
 def test_a_restart_into_read_only_closes_the_writers(box: Container, etc: Path) -> None:

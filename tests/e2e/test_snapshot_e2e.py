@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +129,15 @@ class SequencedWriter(threading.Thread):
         self.issued = 0  # highest sequence number sent
         self.error: BaseException | None = None
         self.stop = threading.Event()
+        self.go = threading.Event()  # connected, it writes once this is set
+        self.go.set()
 
     def run(self) -> None:
         nbd = import_nbd()
         pending: dict[int, tuple[int, Any]] = {}  # seq -> (cookie, buffer kept alive)
         try:
             with connected(self.uri) as h:
+                self.go.wait()
                 while not self.stop.is_set():
                     while len(pending) < self.depth and self.issued < self.nblocks:
                         seq = self.issued + 1
@@ -164,23 +167,57 @@ def sequence_numbers(path: Path, nblocks: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("depth", [1, 16], ids=["one-by-one", "pipelined"])
-@pytest.mark.parametrize("mode", ["--target", "--cow-target"])
+@pytest.mark.parametrize(
+    ("mode", "depth", "workers"),
+    [
+        ("--target", 1, 0),
+        ("--target", 16, 0),
+        ("--cow-target", 1, 0),
+        ("--cow-target", 16, 0),
+        ("--target", 16, 2),
+    ],
+    ids=["target-one-by-one", "target-pipelined", "cow-one-by-one", "cow-pipelined", "workers"],
+)
 def test_continuous_writer_sees_no_error_and_the_snapshot_is_a_request_boundary(
-    shm_dir: Path, mode: str, depth: int
+    shm_dir: Path, mode: str, depth: int, workers: int
 ) -> None:
+    """With ``workers`` a second connection starts the daemon's worker processes and the writer
+    moves to one; the snapshot recalls it first (xnbdd/workers.py), and ``xnbd-bgctl --query``
+    shows which worker serves which client."""
     nblocks = 16384
     image = shm_dir / "disk.img"
     write_image(image, nblocks * BLOCK, [])
-    with serving(mode, str(image), tmp_path=shm_dir) as srv:
+    control = shm_dir / "ctl"
+    extra: tuple[str, ...] = ("--workers", str(workers), "--control-socket", str(control))
+    if workers:  # a copy slow enough for a write to come after the point, before the copier
+        extra += ("--snapshot-rate", "32M")
+    with serving(mode, str(image), *extra, tmp_path=shm_dir) as srv, ExitStack() as stack:
         writer = SequencedWriter(srv.uri, nblocks, depth)
+        if workers:
+            writer.go.clear()
         writer.start()
+        if workers:
+            late = stack.enter_context(connected(srv.uri))  # a second one: workers start
+            served = wait_for_workers(control, connections=2)
+            assert len(served) == 2, "each connection in its own worker (least loaded)"
+            out = bgctl("--query", str(control)).communicate(timeout=60)[0]
+            assert all(f"worker process {pid}" in out for pid in served), out
+            writer.go.set()
         deadline = time.monotonic() + 30
         while writer.answered < 300 and writer.error is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
         answered_before = writer.answered
-        taken, _ = snapshot(srv)
+        if workers:
+            # a write after the point to a block the copier has not reached: not in the copy
+            srv.proc.send_signal(signal.SIGUSR1)
+            wait_for_log(srv, re.compile("snapshot point taken"))
+            late.pwrite(struct.pack("<Q", 10**9) * (BLOCK // 8), (nblocks - 1) * BLOCK)
+            taken = Path(wait_for_log(srv, SNAPSHOT_LINE).group(1))
+            # handed out again after the snapshot (the writer may have written every block)
+            wait_for_workers(control, connections=1, late=True)
+        else:
+            taken, _ = snapshot(srv)
         issued_after = writer.issued + 1  # sent after the copy was done
         while writer.answered < issued_after + 100 and writer.is_alive():
             time.sleep(0.005)
@@ -192,7 +229,8 @@ def test_continuous_writer_sees_no_error_and_the_snapshot_is_a_request_boundary(
     # every block holds its own number or zeros, and exactly the first k writes are present
     assert seqs == [i + 1 for i in range(k)] + [0] * (nblocks - k)
     assert answered_before <= k < issued_after, (answered_before, k, issued_after)
-    assert writer.answered > issued_after  # writing went on after the snapshot
+    # writing went on after the snapshot (with workers the writer may have finished)
+    assert writer.answered > issued_after or writer.answered == nblocks
 
 
 REFLINK_FS_SIZE = {"xfs": 320 * MiB, "btrfs": 256 * MiB}
@@ -345,6 +383,23 @@ def test_read_only_directory_fails_clearly_and_the_daemon_serves_on(tmp_path: Pa
 def query(control: Path) -> dict[str, Any]:
     with ControlClient(str(control)) as client:
         return client.call("query")
+
+
+def wait_for_workers(
+    control: Path, connections: int, timeout: float = 60, *, late: bool = False
+) -> set[int]:
+    """The worker PIDs serving ``connections`` connections (``late``: at least that many),
+    once every one is in a worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = query(control)
+        pids = [c.get("worker") for c in status["connections"]]
+        enough = len(pids) >= connections if late else len(pids) == connections
+        if enough and all(pids):
+            assert set(pids) <= set(status["workers"])
+            return {int(p) for p in pids}
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
 
 
 def bgctl(*args: str) -> subprocess.Popen[str]:

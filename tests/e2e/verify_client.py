@@ -1,13 +1,14 @@
 """A python3-libnbd client that writes checksummed blocks and reads them back, in a loop.
 
 Run by tests/e2e/test_fdstore.py with the system's python3 (Debian's python3-libnbd) inside a
-container's network namespace: ``python3 verify_client.py URI [BLOCKS]`` (BLOCKS: use only
-the first BLOCKS blocks of 64 KiB; all of them by default). Every round writes DEPTH blocks
-at once (aio, so requests are in flight whenever the server stops), reads them back at once, and
-reads one block written earlier; each block carries its number, a round counter and a SHA-256 of
-the rest, so a lost, stale or torn write is seen. It prints ``progress N`` every PROGRESS rounds,
-runs until a line ``quit`` on stdin (then disconnects cleanly) or the first error, and ends with
-one JSON line: rounds, verify errors, the error (if any), and the round latencies.
+container's network namespace: ``python3 verify_client.py URI [BLOCKS [FIRST]]`` (BLOCKS: use
+only BLOCKS blocks of 64 KiB, from block FIRST (0); all of them by default). Every round writes
+DEPTH blocks at once (aio, so requests are in flight whenever the server stops), reads them back
+at once, and reads one block written earlier; each block carries its number, a round counter
+and a SHA-256 of the rest, so a lost, stale or torn write is seen. It prints ``progress N``
+every PROGRESS rounds, runs until a line ``quit`` on stdin (then disconnects cleanly) or the
+first error, and ends with one JSON line: rounds, verify errors, the error (if any), and the
+round latencies.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def quit_requested() -> bool:
 def main() -> int:
     h = nbd.NBD()
     h.connect_uri(sys.argv[1])
-    blocks = h.get_size() // BLOCK
+    first = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    blocks = h.get_size() // BLOCK - first
     if len(sys.argv) > 2:
         blocks = min(blocks, int(sys.argv[2]))
     written: dict[int, int] = {}  # block -> round of its last write
@@ -63,7 +65,7 @@ def main() -> int:
     try:
         while not quit_requested():
             start = time.monotonic()
-            numbers = random.sample(range(blocks), DEPTH)
+            numbers = random.sample(range(first, first + blocks), DEPTH)
             cookies = []
             for n in numbers:
                 data = block_bytes(n, rounds)

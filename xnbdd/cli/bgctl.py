@@ -126,7 +126,8 @@ def format_clients(connections: object) -> list[str]:
         name = c.get("export")
         export = "negotiating" if name is None else f"export {json.dumps(name)}"
         tls = ", TLS" if c.get("tls") else ""
-        lines.append(f"  {c.get('client') or '?'}: {export}, since {since}{tls}")
+        worker = f", worker process {c['worker']}" if c.get("worker") else ""
+        lines.append(f"  {c.get('client') or '?'}: {export}, since {since}{tls}{worker}")
     return lines
 
 

@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: no limit, the default)",
     )
     exp.add_argument(
+        "--workers",
+        type=number,
+        metavar="N",
+        help="serve the connections of a plain file or device export in N worker processes, "
+        "so they use N cores; they start once two connections are served at once (0: all in "
+        "this process; default: one per CPU the process may use, at most 8, none on one CPU)",
+    )
+    exp.add_argument(
         "--snapshot-rate",
         type=byte_size,
         metavar="BYTES",
@@ -440,6 +448,7 @@ def make_options(settings: Settings) -> ServerOptions:
         oldstyle=settings.oldstyle,
         max_queue_size=settings.max_queue_size,
         max_clients=settings.max_clients,
+        workers=settings.workers,
         snapshot_rate=settings.snapshot_rate,
         max_buf_size=settings.max_buf_size,
         handshake_timeout=settings.handshake_timeout,

@@ -1,0 +1,239 @@
+"""A data-plane worker process: serves connections of a plain file or block device export that
+the daemon hands to it, so a daemon's connections spread over cores (docs/data-path.md).
+
+The daemon (workers.py) starts the process with one end of a unix SOCK_SEQPACKET pair as its only
+argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS:
+
+- daemon -> worker ``start`` (first, with the image's descriptor): the export as the daemon
+  advertises it, the image path, the limits and this process's share of ``--max-buf-size``.
+- worker -> daemon ``ready``.
+- daemon -> worker ``serve`` (with a duplicate of the client socket): ``id``, the negotiated
+  state (``handoff.handoff_message``) and the client's peer name. The worker runs the same
+  ``DataPlane`` as the daemon, in a thread per connection, over its own backend on the same
+  image (positional I/O through any descriptor of one file is coherent).
+- daemon -> worker ``stop`` / ``handover`` / ``abort`` with an ``id``: what ``DataPlane``'s
+  ``request_stop`` / ``request_handover`` / ``abort`` do.
+- worker -> daemon ``done`` with ``id`` and ``reason``: the plane ended; ``HANDED_OVER`` means
+  the connection stopped at a request boundary with every reply out, and the daemon (which kept
+  its own descriptor of the socket) goes on serving it.
+
+The worker ignores SIGINT and SIGTERM (the daemon stops it, connection by connection, after a
+graceful stop or handover) and ends with the daemon: the kernel closes the daemon's end of the
+socket pair however it exits. (Not PR_SET_PDEATHSIG: that follows the thread that started the
+process, and trio starts processes from a thread of its cache, which exits when idle.)
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import trio
+
+from .allocator import limit_arenas
+from .backends.file import FileBackend
+from .budget import ByteBudget, Limits
+from .dataplane import DataPlane
+from .dispatch import error_reply, execute
+from .export import Export
+from .handoff import export_from_json, negotiated_from
+from .proto.consts import Errno
+from .proto.messages import ExportInfo, Negotiated, Request
+from .tls import PlainTransport
+
+log = logging.getLogger("xnbdd")
+
+MAX_MESSAGE = 256 * 1024  # a serve message carries the bytes pipelined behind the handshake
+FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+PLANE_THREADS = trio.CapacityLimiter(1_000_000)  # one per connection, not a pool
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> tuple[dict[str, Any], list[int]]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % array.array("i").itemsize
+            fds.extend(array.array("i", payload[:usable]))
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    try:
+        message = json.loads(data)
+        if not isinstance(message, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return message, fds
+
+
+def rights(fd: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+
+
+class Worker:
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = trio.socket.from_stdlib_socket(channel)
+        self.planes: dict[int, DataPlane] = {}
+        self._send_lock = trio.Lock()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self._send_lock:
+            with contextlib.suppress(OSError):  # the daemon is gone: the read loop ends
+                await self.channel.send(encode(message))
+
+    async def receive(self) -> tuple[dict[str, Any], list[int]] | None:
+        try:
+            data, ancdata, _flags, _addr = await self.channel.recvmsg(MAX_MESSAGE, FD_SPACE)
+        except OSError:
+            return None
+        if not data:
+            return None
+        return decode(data, ancdata)
+
+    async def run(self) -> None:
+        first = await self.receive()
+        if first is None:
+            return
+        start, fds = first
+        backend = FileBackend(fds[0], str(start["path"]), readonly=bool(start["readonly"]))
+        info = export_from_json(start["export"])
+        export = Export(
+            info.name,
+            backend,
+            description=info.description,
+            readonly=bool(start["readonly"]),
+        )
+        limits = Limits(
+            max_requests=int(start["max_requests"]),
+            max_bytes=int(start["max_bytes"]),
+            shutdown_grace=float(start["grace"]),
+        )
+        budget = ByteBudget(limits)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.send({"op": "ready", "pid": os.getpid()})
+                while True:
+                    received = await self.receive()
+                    if received is None:
+                        break  # the daemon is gone: nothing can be handed back
+                    message, fds = received
+                    op, cid = message.get("op"), int(message.get("id", -1))
+                    if op == "serve" and len(fds) == 1:
+                        self._serve(nursery, cid, fds[0], message, export, info, limits, budget)
+                        continue
+                    for fd in fds:
+                        os.close(fd)
+                    plane = self.planes.get(cid)
+                    if plane is None:
+                        continue  # it ended meanwhile; its ``done`` is on the way
+                    if op == "stop":
+                        plane.request_stop()
+                    elif op == "handover":
+                        plane.request_handover()
+                    elif op == "abort":
+                        plane.abort()
+                for plane in self.planes.values():
+                    plane.abort()
+        finally:
+            with trio.CancelScope(shield=True):
+                await backend.close()
+
+    def _serve(
+        self,
+        nursery: trio.Nursery,
+        cid: int,
+        fd: int,
+        message: dict[str, Any],
+        export: Export,
+        info: ExportInfo,
+        limits: Limits,
+        budget: ByteBudget,
+    ) -> None:
+        """Start serving a connection; the plane exists before the next message is read, so a
+        ``handover`` right behind ``serve`` finds it."""
+        try:
+            negotiated, pending = negotiated_from(info, message["negotiated"])
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("worker: unusable connection state (%s)", err)
+            os.close(fd)
+            nursery.start_soon(self.send, {"op": "done", "id": cid, "reason": "unusable state"})
+            return
+        os.set_blocking(fd, False)
+        fields = {"XNBD_CLIENT": str(message.get("peer", ""))}
+        token = trio.lowlevel.current_trio_token()
+
+        def submit(req: Request, cost: int) -> None:  # called by the plane's thread
+            token.run_sync_soon(
+                nursery.start_soon, self._handle, plane, req, cost, export, negotiated, fields
+            )
+
+        plane = DataPlane(
+            PlainTransport(fd),
+            export,
+            negotiated,
+            limits,
+            budget,
+            submit,
+            pending=pending,
+            fields=fields,
+        )
+        self.planes[cid] = plane
+        nursery.start_soon(self._run_plane, cid, fd, plane)
+
+    async def _run_plane(self, cid: int, fd: int, plane: DataPlane) -> None:
+        reason = "worker failed"
+        try:
+            reason = await trio.to_thread.run_sync(plane.run, limiter=PLANE_THREADS)
+        finally:
+            del self.planes[cid]
+            os.close(fd)  # the daemon holds its own descriptor of the socket
+            await self.send({"op": "done", "id": cid, "reason": reason})
+
+    async def _handle(
+        self,
+        plane: DataPlane,
+        req: Request,
+        cost: int,
+        export: Export,
+        negotiated: Negotiated,
+        fields: dict[str, str],
+    ) -> None:
+        await export.admit()
+        try:
+            reply = await execute(req, export, negotiated, fields)
+        except Exception:
+            log.exception("internal error serving a request", extra=fields)
+            reply = error_reply(req, negotiated, Errno.EIO, "internal error")
+        finally:
+            export.release()
+        plane.complete(reply, cost)
+
+
+def main(argv: list[str]) -> int:
+    limit_arenas()  # before any thread, as in the daemon: one arena per connection thread is not
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="xnbd-server-worker[%(process)d] %(levelname)s: %(message)s",
+    )
+    channel = socket.socket(fileno=int(argv[0]))
+    trio.run(Worker(channel).run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
