@@ -1138,6 +1138,26 @@ def test_budget_take_give_back_and_own_share() -> None:
     assert wakes.calls == [5]
 
 
+def test_budget_take_ahead_takes_spare_bytes_only_while_nobody_waits() -> None:
+    budget = ByteBudget(Limits(max_bytes=FLOOR + 8 * MiB))  # FLOOR per connection
+    wakes = Wakes(budget)
+    assert budget.take_ahead(4096, MiB, 0, 1, wakes.of(1)) == (Grant.TAKEN, MiB)
+    assert budget.used == 4096 + MiB
+    assert budget.take_ahead(FLOOR, MiB, 0, 2, wakes.of(2)) == (Grant.TAKEN, MiB)
+    # at most half of what is free after the request itself: 2 MiB - 4 KiB are
+    assert budget.take_ahead(4 * MiB, 4 * MiB, 0, 3, wakes.of(3)) == (Grant.TAKEN, MiB - 2048)
+    assert budget.used == FLOOR + 7 * MiB + 2048
+    assert budget.take_ahead(1, MiB, FLOOR, 2, wakes.of(2)) == (Grant.OWN_SHARE, 0)
+    assert budget.take_ahead(4 * MiB, MiB, 0, 4, wakes.of(4)) == (Grant.QUEUED, 0)
+    # someone is in line: the line decides, and nothing is taken ahead
+    assert budget.line == {4: budget.line[4]}
+    assert budget.take_ahead(1, MiB, 0, 5, wakes.of(5)) == (Grant.QUEUED, 0)
+    budget.give_back(budget.used, 0)
+    assert wakes.calls == [4]
+    assert budget.take_ahead(4 * MiB, MiB, 0, 4, wakes.of(4)) == (Grant.TAKEN, 0)
+    assert budget.used == 4 * MiB and list(budget.line) == [5]
+
+
 def test_budget_lets_a_request_larger_than_the_budget_run_alone() -> None:
     budget = ByteBudget(Limits(max_bytes=8 * MiB))
     wakes = Wakes(budget)

@@ -13,7 +13,9 @@ socket while the connection has ``--max-queue-size`` requests in flight or the d
 holds ``--max-buf-size`` bytes (``budget.ByteBudget``), and goes on sending replies and taking
 completions, which is what gives budget back. A request's cost is taken before its payload is
 read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
-nothing. Requests that have their reply sent give their cost back.
+nothing. Requests that have their reply sent give their cost back. Small requests draw on bytes
+the thread took ahead from the budget (``ByteBudget.take_ahead``), which it gives back before it
+sleeps, so a request costs no lock.
 
 With extended headers (docs/data-path.md) the layout, 32-byte requests, is chosen once per
 connection. A request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is
@@ -77,6 +79,7 @@ DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived wh
 PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
+AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
 
 Submit = Callable[[Request, int], None]
 
@@ -147,6 +150,9 @@ class DataPlane:
         self._spare: bytearray | None = None  # a payload buffer to reuse (dropped when idle)
         self.in_flight = 0  # admitted requests whose reply is not sent yet
         self._held = 0  # their cost in bytes
+        self._ahead = 0  # bytes taken from the budget ahead of requests, held by none yet
+        self._line = budget.line  # connections waiting for bytes: ours go back at once then
+        self._key = id(self)  # our place in that line
         # the event loop's side
         self._completions: deque[tuple[Buffers, int]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -163,7 +169,7 @@ class DataPlane:
         self._drained = False  # the last read emptied the socket
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
-        self._counted = 0  # requests admitted and not yet counted in the shared budget
+        self._counted = 0  # requests admitted less those answered, not yet told to the budget
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -210,14 +216,14 @@ class DataPlane:
             with self._wake_lock:
                 self._finished = True
                 os.close(self._wake_fd)
-            self._budget.forget(id(self))
+            self._budget.forget(self._key)
             # replies never sent give their budget back here, and their bytes go with it (the
             # plane object may outlive the thread for a while); late completions are dropped
             self._outbox.clear()
             self._completions.clear()
             self._payload = self._spare = None
-            self._budget.give_back(self._held, self.in_flight)
-            self._held = self.in_flight = 0
+            self._budget.give_back(self._held + self._ahead, self.in_flight - self._counted)
+            self._held = self.in_flight = self._ahead = self._counted = 0
 
     def _loop(self) -> str:
         poller = select.poll()
@@ -281,6 +287,8 @@ class DataPlane:
     def _wait(self, poller: select.poll, want_read: bool) -> None:
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
+        if self._ahead or self._counted:
+            self._settle()  # a sleeping connection holds nothing ahead
         writing = self._out or self._outbox.holding()
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events:
@@ -394,8 +402,9 @@ class DataPlane:
             if self._head_admitted:  # a request cut short is never answered: let it go
                 self._head_admitted = False
                 self.in_flight -= 1
+                self._counted -= 1
                 self._held -= self._head_cost
-                self._budget.give_back(self._head_cost, 1)
+                self._ahead += self._head_cost
                 self._head_cost = 0
             return None
         # A short read emptied the socket: wait for more with poll rather than find out with
@@ -410,6 +419,7 @@ class DataPlane:
         buf = self._rbuf
         unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
         payload_flag = self._payload_flag
+        max_requests = self._limits.max_requests
         gate = False  # the export admitted this batch (inline answers pass its pause gate once)
         try:
             while self._payload is None and not self._discard:
@@ -434,11 +444,21 @@ class DataPlane:
                 payload_cmd = carries or cmd == _READ
                 cost = length if payload_cmd and length <= self._max_payload else 0
                 large_write = carries and cost >= DIRECT_PAYLOAD
-                if not self._head_admitted:
-                    if not self._admit(0 if large_write else cost):
+                if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
+                    take = 0 if large_write else cost
+                    if self.in_flight >= max_requests:
+                        self._blocked = Grant.OWN_SHARE
                         break
+                    if take:
+                        if take <= self._ahead:
+                            self._ahead -= take
+                            self._held += take
+                        elif not self._charge(take):
+                            break
+                    self.in_flight += 1
+                    self._counted += 1
                     self._head_admitted = True
-                    self._head_cost = 0 if large_write else cost
+                    self._head_cost = take
                 data: memoryview | None = None
                 if carries:
                     if length > self._max_payload:
@@ -473,9 +493,6 @@ class DataPlane:
         finally:
             if gate:
                 self._export.release()
-            if self._counted:
-                self._budget.count(self._counted)
-                self._counted = 0
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 
@@ -514,12 +531,28 @@ class DataPlane:
         return True
 
     def _charge(self, cost: int) -> bool:
-        grant = self._budget.take(cost, self._held, id(self), self._wake)
+        ahead = self._ahead
+        if cost <= ahead:
+            self._ahead = ahead - cost
+            self._held += cost
+            return True
+        if ahead:  # too little for this one: back to the daemon, which decides afresh
+            self._ahead = 0
+            self._budget.give_back(ahead, 0)
+        spare = AHEAD_MAX - cost if cost < AHEAD_MAX and not self._line else 0
+        grant, extra = self._budget.take_ahead(cost, spare, self._held, self._key, self._wake)
         if grant is not Grant.TAKEN:
             self._blocked = grant
             return False
         self._held += cost
+        self._ahead = extra
         return True
+
+    def _settle(self) -> None:
+        """Give back the bytes taken ahead, and tell the budget the requests in flight."""
+        ahead, counted = self._ahead, self._counted
+        self._ahead = self._counted = 0
+        self._budget.give_back(ahead, -counted)  # admitted less answered: may add requests
 
     def _start_payload(
         self, pos: int, cmd: int, flags: int, cookie: int, offset: int, length: int, have: int
@@ -645,4 +678,7 @@ class DataPlane:
             self._released = True
             self.in_flight -= count
             self._held -= cost
-            self._budget.give_back(cost, count)
+            self._counted -= count
+            self._ahead += cost  # the next requests draw on it
+            if self._ahead > AHEAD_MAX or self._line:  # not more, and none while others wait
+                self._settle()
