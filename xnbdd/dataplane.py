@@ -87,6 +87,7 @@ _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
 _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR  # a read would not block
 HANDED_OVER = "handed over at a request boundary"
 
 
@@ -128,6 +129,7 @@ class DataPlane:
         self._fields = fields = fields or {}
         self._outbox = outbox = Outbox(transport, fields)
         self._out = outbox.parts  # empty when every reply is out
+        self._layered = not transport.zero_copy  # TLS: the transport may hold bytes back
         self._queue = outbox.add
         self._queue_ok = outbox.add_none if extended else outbox.add_simple
         self._has_contexts = bool(negotiated.meta_contexts)
@@ -167,6 +169,7 @@ class DataPlane:
         # are sent (``_released``), QUEUED: until the budget wakes us
         self._blocked: Grant | None = None
         self._drained = False  # the last read emptied the socket
+        self._events = _POLLIN  # what the socket is registered for in the poller (0: not)
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
         self._counted = 0  # requests admitted less those answered, not yet told to the budget
@@ -229,6 +232,7 @@ class DataPlane:
         poller = select.poll()
         poller.register(self._wake_fd, _POLLIN)
         poller.register(self._fd, _POLLIN)
+        self._events = _POLLIN
         while True:
             if self._aborted:
                 return "cut after the shutdown grace period"
@@ -241,9 +245,9 @@ class DataPlane:
                 self._parse()
             if self._out:
                 self._send()
-            elif self._outbox.holding():
+            elif self._layered and self._outbox.holding():
                 self._outbox.flush_transport()
-            if self._end and not self.in_flight and not self._out and not self._outbox.holding():
+            if self._end and not self.in_flight and not self._out and not self._holding():
                 return self._end
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
@@ -258,7 +262,11 @@ class DataPlane:
                 # the socket holds nothing more and every request taken has its answer
                 self._end = "server shutting down"
                 continue
-            self._wait(poller, want_read)
+            if self._wait(poller, want_read):
+                self._read()  # at once: a pass over nothing new first would cost a batch's work
+
+    def _holding(self) -> bool:
+        return self._layered and self._outbox.holding()
 
     def _linger(self) -> None:
         """Every reply is out: tell the client (end of stream) and read until it closes, so a
@@ -284,30 +292,43 @@ class DataPlane:
             except OSError:
                 return
 
-    def _wait(self, poller: select.poll, want_read: bool) -> None:
+    def _wait(self, poller: select.poll, want_read: bool) -> bool:
+        """Sleep until the socket or a wake-up needs us; True: the socket has bytes to read
+        (or its end) and reading was wanted."""
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
         if self._ahead or self._counted:
             self._settle()  # a sleeping connection holds nothing ahead
-        writing = self._out or self._outbox.holding()
+        writing = self._out or self._holding()
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
-        if events:
-            poller.register(self._fd, events)  # registers or modifies
-        else:
-            # Nothing to do with the socket (waiting for the event loop or for budget): a
-            # closed peer's POLLHUP, reported whatever the events, would make this spin.
-            with contextlib.suppress(KeyError):
-                poller.unregister(self._fd)
+        if events != self._events:
+            self._events = events
+            if events:
+                poller.register(self._fd, events)  # registers or modifies
+            else:
+                # Nothing to do with the socket (waiting for the event loop or for budget): a
+                # closed peer's POLLHUP, reported whatever the events, would make this spin.
+                with contextlib.suppress(KeyError):
+                    poller.unregister(self._fd)
         self._sleeping = True
         try:
             if self._completions:
-                return  # one came in before ``_sleeping`` was set: nobody will wake us
+                return False  # one came in before ``_sleeping`` was set: nobody will wake us
             ready = poller.poll()
         finally:
             self._sleeping = False
-        self._drained = False
-        if any(fd == self._wake_fd for fd, _events in ready):
-            self._take_wake()
+        if not want_read:
+            self._drained = False  # the socket was not watched: what it holds is unknown
+        readable = False
+        for fd, revents in ready:
+            if fd != self._fd:
+                self._take_wake()
+            elif revents & _READABLE:
+                # otherwise ``_drained`` stays set (poll just said the socket is empty): a
+                # wake-up for a completion costs no read that would find nothing
+                self._drained = False
+                readable = want_read
+        return readable
 
     def _take_wake(self) -> None:
         """Reset the wake-up eventfd (it may not have fired)."""
@@ -352,7 +373,10 @@ class DataPlane:
             self._rstart, self._rend = 0, live
         view = memoryview(buf)[self._rend :]
         if self._handover:
-            view = view[: self._to_boundary()]
+            to_boundary = self._to_boundary()
+            if not to_boundary:  # the request at hand is whole: the rest is the next process's
+                return False
+            view = view[:to_boundary]
         count = self._recv(view)
         if count is None:
             return False
