@@ -138,9 +138,11 @@ class DataPlane:
         # flags a READ may carry and still be answered inline (FUA means nothing for a READ)
         self._read_flags = fua | (int(CmdFlag.DF) if self._structured else 0)
         self._max_payload = MAX_ACCEPTED_PAYLOAD
+        self._size = negotiated.export.size  # what this client was told
         # receive buffer: unparsed bytes are rbuf[rstart:rend]
         self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
         self._rbuf[: len(pending)] = pending
+        self._rview = memoryview(self._rbuf)  # the buffer never changes size
         self._rstart = 0
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
@@ -299,7 +301,7 @@ class DataPlane:
             self._spare = None  # an idle connection holds no memory outside the budget
         if self._ahead or self._counted:
             self._settle()  # a sleeping connection holds nothing ahead
-        writing = self._out or self._holding()
+        writing = self._out or (self._layered and self._outbox.holding())
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events != self._events:
             self._events = events
@@ -371,15 +373,24 @@ class DataPlane:
             live = self._rend - self._rstart
             buf[:live] = buf[self._rstart : self._rend]
             self._rstart, self._rend = 0, live
-        view = memoryview(buf)[self._rend :]
+        view = self._rview[self._rend :]
         if self._handover:
             to_boundary = self._to_boundary()
             if not to_boundary:  # the request at hand is whole: the rest is the next process's
                 return False
             view = view[:to_boundary]
-        count = self._recv(view)
-        if count is None:
+        try:  # ``_recv``, inline: once per batch
+            count = self._readv([view])
+        except BlockingIOError:
+            self._drained = True
             return False
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            count = 0
+        if not count:
+            self._at_end()
+            return False
+        self._drained = count < len(view)  # see ``_recv``
         if self._discard:
             dropped = min(self._discard, count)
             self._discard -= dropped
@@ -405,7 +416,7 @@ class DataPlane:
             self._payload_charged = False
             cmd, flags, cookie, offset, _length = self._payload_head
             self._head_admitted = False
-            self._handle(cmd, flags, cookie, offset, length, payload, length, None)
+            self._handle_alone(cmd, flags, cookie, offset, length, payload, length)
         return True
 
     def _recv(self, view: memoryview) -> int | None:
@@ -420,21 +431,25 @@ class DataPlane:
             log.debug("client connection failed: %s", err, extra=self._fields)
             count = 0
         if not count:
-            self._end = "end of stream"
-            if self._payload is not None or self._rend > self._rstart:
-                self._end = "end of stream inside a request"
-            if self._head_admitted:  # a request cut short is never answered: let it go
-                self._head_admitted = False
-                self.in_flight -= 1
-                self._counted -= 1
-                self._held -= self._head_cost
-                self._ahead += self._head_cost
-                self._head_cost = 0
+            self._at_end()
             return None
         # A short read emptied the socket: wait for more with poll rather than find out with
         # one more read (a system call, and a pass of the interpreter lock, per batch).
         self._drained = count < len(view)
         return count
+
+    def _at_end(self) -> None:
+        """End of stream, or the socket failed: no more requests."""
+        self._end = "end of stream"
+        if self._payload is not None or self._rend > self._rstart:
+            self._end = "end of stream inside a request"
+        if self._head_admitted:  # a request cut short is never answered: let it go
+            self._head_admitted = False
+            self.in_flight -= 1
+            self._counted -= 1
+            self._held -= self._head_cost
+            self._ahead += self._head_cost
+            self._head_cost = 0
 
     # -- parsing and answering ------------------------------------------------------------------
 
@@ -445,6 +460,7 @@ class DataPlane:
         payload_flag = self._payload_flag
         max_requests = self._limits.max_requests
         gate = False  # the export admitted this batch (inline answers pass its pause gate once)
+        inline: InlineIO | None = None  # its inline I/O, once admitted
         try:
             while self._payload is None and not self._discard:
                 pos = self._rstart
@@ -513,7 +529,9 @@ class DataPlane:
                 self._head_admitted = False
                 if not gate:
                     gate = self._export.try_admit()
-                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
+                    if gate:
+                        inline = self._export.inline
+                self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
         finally:
             if gate:
                 self._export.release()
@@ -608,6 +626,29 @@ class DataPlane:
         self._rstart = start + here
         self._discard = length - here
 
+    def _handle_alone(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytearray,
+        cost: int,
+    ) -> None:
+        """``_handle`` outside a batch (a large payload that finished arriving): it passes the
+        export's gate by itself."""
+        if self._stopping:
+            self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
+            return
+        if not self._export.try_admit():
+            self._handle(cmd, flags, cookie, offset, length, data, cost, None)
+            return
+        try:
+            self._handle(cmd, flags, cookie, offset, length, data, cost, self._export.inline)
+        finally:
+            self._export.release()
+
     def _handle(
         self,
         cmd: int,
@@ -617,31 +658,55 @@ class DataPlane:
         length: int,
         data: memoryview | bytearray | None,
         cost: int,
-        gate: bool | None,
+        inline: InlineIO | None,
     ) -> None:
         """Answer one request: inline when the backend can without waiting, else as a task of
-        the event loop. ``gate``: the export admitted this batch (None: not asked yet)."""
+        the event loop. ``inline``: the export's, once its gate admitted the batch (None: the
+        export is paused, or has none)."""
         if self._stopping:  # a payload that finished arriving after the stop
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
-        if gate is None:
-            gate = self._export.try_admit()
-            try:
-                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
-            finally:
-                if gate:
-                    self._export.release()
-            return
-        inline = self._export.inline if gate else None
         if (
             inline is not None
             and length
-            and offset + length <= self._negotiated.export.size
+            and offset + length <= self._size
             and length <= self._max_payload
         ):
             try:
                 if cmd == _READ and not flags & ~self._read_flags:
-                    if self._read_inline(inline, cookie, offset, length, cost):
+                    if (
+                        self._structured
+                        and length >= HOLE_CHECK_MIN
+                        and inline.is_hole(offset, length)
+                    ):
+                        extended = self._extended
+                        hole = offset_hole(cookie, offset, length, done=True, extended=extended)
+                        self._queue([hole], cost)
+                        return
+                    got = inline.try_read(offset, length)
+                    if got is not None:
+                        if self._extended:
+                            head = EXTENDED_OFFSET_DATA.pack(
+                                EXTENDED_REPLY_MAGIC,
+                                _DONE,
+                                _OFFSET_DATA_TYPE,
+                                cookie,
+                                offset,
+                                8 + length,
+                                offset,
+                            )
+                        elif self._structured:
+                            head = OFFSET_DATA.pack(
+                                STRUCTURED_REPLY_MAGIC,
+                                _DONE,
+                                _OFFSET_DATA_TYPE,
+                                cookie,
+                                8 + length,
+                                offset,
+                            )
+                        else:
+                            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+                        self._outbox.add_data(head, got, cost)
                         return
                 elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
@@ -659,7 +724,7 @@ class DataPlane:
         try:
             req = check_request(
                 req,
-                size=self._negotiated.export.size,  # what this client was told
+                size=self._size,
                 tx_flags=self._negotiated.tx_flags,
                 structured=self._structured,
                 has_contexts=self._has_contexts,
@@ -671,29 +736,6 @@ class DataPlane:
             self._queue(error_reply(req, self._negotiated, err.errno, err.message), cost)
             return
         self._submit(req, cost)
-
-    def _read_inline(
-        self, inline: InlineIO, cookie: int, offset: int, length: int, cost: int
-    ) -> bool:
-        if self._structured and length >= HOLE_CHECK_MIN and inline.is_hole(offset, length):
-            hole = offset_hole(cookie, offset, length, done=True, extended=self._extended)
-            self._queue([hole], cost)
-            return True
-        data = inline.try_read(offset, length)
-        if data is None:
-            return False
-        if self._extended:
-            head = EXTENDED_OFFSET_DATA.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
-            )
-        elif self._structured:
-            head = OFFSET_DATA.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
-            )
-        else:
-            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        self._outbox.add_data(head, data, cost)
-        return True
 
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""

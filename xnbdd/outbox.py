@@ -48,6 +48,7 @@ class Outbox:
         self.parts: deque[Part] = deque()
         # (stream position of a reply's end, its cost)
         self._marks: deque[tuple[int, int]] = deque()
+        self._cost = 0  # of the replies in ``_marks``
         self._queued = 0
         self._sent = 0
         self._ranges = 0  # FileRange parts in ``parts`` (sent with sendfile, not writev)
@@ -60,6 +61,7 @@ class Outbox:
                 self._queued += size
                 self._ranges += isinstance(part, FileRange)
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def add_data(self, head: bytes, data: bytes | bytearray | FileRange, cost: int) -> None:
         """A READ's reply: its header and the data (``length`` bytes) after it."""
@@ -72,11 +74,13 @@ class Outbox:
         else:
             self._queued += len(head) + len(data)
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def add_simple(self, cookie: int, _offset: int, cost: int) -> None:
         self.parts.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
         self._queued += SIMPLE_REPLY.size
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def add_none(self, cookie: int, offset: int, cost: int) -> None:
         """Success without data, with extended headers (which allow no simple reply)."""
@@ -85,11 +89,13 @@ class Outbox:
         )
         self._queued += EXTENDED_CHUNK.size
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def clear(self) -> None:
         """The connection ended: drop what was never sent (and the bytes it holds)."""
         self.parts.clear()
         self._marks.clear()
+        self._cost = 0
 
     def holding(self) -> bool:
         """The transport holds bytes the socket has not taken yet (TLS only)."""
@@ -129,9 +135,12 @@ class Outbox:
                     # the common case: everything queued goes in one writev
                     sent = writev(out)  # type: ignore[arg-type]  # no FileRange in it
                     self._sent += sent
-                    if self._sent == self._queued:
+                    if self._sent == self._queued:  # every reply went whole
                         out.clear()
-                        break
+                        count, cost = len(self._marks), self._cost
+                        self._marks.clear()
+                        self._cost = 0
+                        return count, cost
                     self._advance(sent, len(out))
                     break  # the socket took part of the batch: it is full
                 views: list[bytes | bytearray | memoryview] = []
@@ -172,4 +181,5 @@ class Outbox:
         while marks and marks[0][0] <= sent:
             cost += marks.popleft()[1]
             count += 1
+        self._cost -= cost
         return count, cost

@@ -155,8 +155,14 @@ class FileBackend:
         """InlineIO: large reads of a memory file system go out with sendfile (its pages are
         never on a device, so sending cannot block, and no copy passes through Python); other
         data if it can be had without waiting; else None."""
-        if self._inline and length >= SENDFILE_MIN and offset + length <= self.size:
-            return FileRange(self.fd, offset, length)
+        if self._inline:
+            if length >= SENDFILE_MIN:
+                if offset + length <= self.size:
+                    return FileRange(self.fd, offset, length)
+            else:  # ``_try_read_bytes``, inline: the data plane's every small read
+                data = os.pread(self.fd, length, offset)
+                if len(data) == length:
+                    return data
         return self._try_read_bytes(offset, length)  # past the end: EIO from the short read
 
     def _try_read_bytes(self, offset: int, length: int) -> bytes | bytearray | None:
