@@ -157,6 +157,7 @@ def main() -> None:
             "127.0.0.1",
         ],
         env=env,
+        cwd=work,  # not the caller's directory: ``-m xnbdd`` would import the tree found there
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
