@@ -521,7 +521,7 @@ class DataPlane:
                             break  # small: the rest comes into the receive buffer
                         self._start_payload(pos, cmd, flags, cookie, offset, length, have)
                         break
-                    data = memoryview(buf)[pos + head : pos + head + length]
+                    data = self._rview[pos + head : pos + head + length]
                     self._rstart = pos + head + length
                     self._payload_charged = False
                 else:
