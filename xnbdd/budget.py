@@ -15,9 +15,10 @@ when bytes come back. Data-plane threads and the event loop share the budget, be
 
 A data-plane thread takes bytes ahead (``take_ahead``) while nobody is in line and the daemon has
 room: its next small requests draw on them without the lock, replies sent refill them, and it
-gives them all back before it sleeps or as soon as a connection is in line, so what it holds
-ahead is never held by an idle connection and never keeps another waiting longer than a batch.
-``used`` counts them.
+gives them all back when it has slept a few milliseconds (dataplane.SETTLE_AFTER_MS) or, when a
+connection is in line, at its next send or sleep. So an idle connection holds nothing ahead for
+long and a connection in line waits at most a batch (or those milliseconds) for them. ``used``
+counts them; a busy thread tells ``requests`` its changes when it gives them back.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ holds ``--max-buf-size`` bytes (``budget.ByteBudget``), and goes on sending repl
 completions, which is what gives budget back. A request's cost is taken before its payload is
 read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
 nothing. Requests that have their reply sent give their cost back. Small requests draw on bytes
-the thread took ahead from the budget (``ByteBudget.take_ahead``), which it gives back before it
-sleeps, so a request costs no lock.
+the thread took ahead from the budget (``ByteBudget.take_ahead``), which it gives back once it has
+slept ``SETTLE_AFTER_MS`` (at once when a connection is in line), so a request costs no lock.
 
 With extended headers (docs/data-path.md) the layout, 32-byte requests, is chosen once per
 connection. A request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is
@@ -80,6 +80,7 @@ PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
 AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
+SETTLE_AFTER_MS = 5  # a connection asleep this long gives them back (at once if one is in line)
 
 Submit = Callable[[Request, int], None]
 
@@ -299,8 +300,15 @@ class DataPlane:
         (or its end) and reading was wanted."""
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
+        timeout = None
         if self._ahead or self._counted:
-            self._settle()  # a sleeping connection holds nothing ahead
+            if self._line:
+                self._settle()
+            else:
+                # The next request usually comes within microseconds (queue depth 1): keep
+                # what was taken ahead, so that it needs no take and this no give-back, unless
+                # the sleep goes on; then give it back (and the requests' count goes with it).
+                timeout = SETTLE_AFTER_MS
         writing = self._out or (self._layered and self._outbox.holding())
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
         if events != self._events:
@@ -316,9 +324,11 @@ class DataPlane:
         try:
             if self._completions:
                 return False  # one came in before ``_sleeping`` was set: nobody will wake us
-            ready = poller.poll()
+            ready = poller.poll(timeout)
         finally:
             self._sleeping = False
+        if not ready:
+            self._settle()  # the sleep went on: an idle connection holds nothing ahead
         if not want_read:
             self._drained = False  # the socket was not watched: what it holds is unknown
         readable = False
