@@ -1058,6 +1058,27 @@ async def test_waiting_connections_behind_a_stuck_one_are_still_served(shm: Path
         await budget_returns(state)
 
 
+async def test_bytes_taken_ahead_go_back_to_a_connection_in_line(shm: Path) -> None:
+    """A's 4 KiB READ takes bytes ahead of its requests (budget.py), and its client then sends
+    nothing more: A sleeps holding them. B asks for every byte of the daemon's budget, waits in
+    line, and is served once A has slept long enough to give them back (SETTLE_AFTER_MS)."""
+    limits = Limits(max_bytes=FLOOR)
+    make_image(shm / "disk.img", FLOOR, seed=None)
+    state = ServerState(limits)
+    async with (
+        file_export(shm / "disk.img") as export,
+        serving(export, state=state) as a,
+        serving(export, state=state) as b,
+    ):
+        await a.client.send(a.client.request(Cmd.READ, 1, 0, 4096))
+        assert (await a.client.reply()).data == bytes(4096)
+        await b.client.send(b.client.request(Cmd.READ, 2, 0, FLOOR))
+        with trio.fail_after(ENDS_WITHIN):
+            reply = await b.client.reply()
+        assert reply.data == bytes(FLOOR)
+        await budget_returns(state)
+
+
 async def test_stop_answers_eshutdown_without_waiting_for_budget(shm: Path) -> None:
     """A waits in line for bytes that B, whose client never reads, holds. When the server
     stops, A's requests (a READ, and a WRITE whose payload is dropped, not received) get
