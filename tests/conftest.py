@@ -9,6 +9,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
+
+# Property tests check what the code does, not how fast: hypothesis's default deadline (200 ms an
+# example) failed them on a loaded machine, where one example can wait that long for a CPU.
+settings.register_profile("xnbdd", deadline=None)
+settings.load_profile("xnbdd")
 
 
 class Manager:

@@ -1058,6 +1058,27 @@ async def test_waiting_connections_behind_a_stuck_one_are_still_served(shm: Path
         await budget_returns(state)
 
 
+async def test_bytes_taken_ahead_go_back_to_a_connection_in_line(shm: Path) -> None:
+    """A's 4 KiB READ takes bytes ahead of its requests (budget.py), and its client then sends
+    nothing more: A sleeps holding them. B asks for every byte of the daemon's budget, waits in
+    line, and is served once A has slept long enough to give them back (SETTLE_AFTER_MS)."""
+    limits = Limits(max_bytes=FLOOR)
+    make_image(shm / "disk.img", FLOOR, seed=None)
+    state = ServerState(limits)
+    async with (
+        file_export(shm / "disk.img") as export,
+        serving(export, state=state) as a,
+        serving(export, state=state) as b,
+    ):
+        await a.client.send(a.client.request(Cmd.READ, 1, 0, 4096))
+        assert (await a.client.reply()).data == bytes(4096)
+        await b.client.send(b.client.request(Cmd.READ, 2, 0, FLOOR))
+        with trio.fail_after(ENDS_WITHIN):
+            reply = await b.client.reply()
+        assert reply.data == bytes(FLOOR)
+        await budget_returns(state)
+
+
 async def test_stop_answers_eshutdown_without_waiting_for_budget(shm: Path) -> None:
     """A waits in line for bytes that B, whose client never reads, holds. When the server
     stops, A's requests (a READ, and a WRITE whose payload is dropped, not received) get
@@ -1136,6 +1157,26 @@ def test_budget_take_give_back_and_own_share() -> None:
     budget.give_back(1, 1)
     assert budget.used == 0 and budget.requests == 0
     assert wakes.calls == [5]
+
+
+def test_budget_take_ahead_takes_spare_bytes_only_while_nobody_waits() -> None:
+    budget = ByteBudget(Limits(max_bytes=FLOOR + 8 * MiB))  # FLOOR per connection
+    wakes = Wakes(budget)
+    assert budget.take_ahead(4096, MiB, 0, 1, wakes.of(1)) == (Grant.TAKEN, MiB)
+    assert budget.used == 4096 + MiB
+    assert budget.take_ahead(FLOOR, MiB, 0, 2, wakes.of(2)) == (Grant.TAKEN, MiB)
+    # at most half of what is free after the request itself: 2 MiB - 4 KiB are
+    assert budget.take_ahead(4 * MiB, 4 * MiB, 0, 3, wakes.of(3)) == (Grant.TAKEN, MiB - 2048)
+    assert budget.used == FLOOR + 7 * MiB + 2048
+    assert budget.take_ahead(1, MiB, FLOOR, 2, wakes.of(2)) == (Grant.OWN_SHARE, 0)
+    assert budget.take_ahead(4 * MiB, MiB, 0, 4, wakes.of(4)) == (Grant.QUEUED, 0)
+    # someone is in line: the line decides, and nothing is taken ahead
+    assert budget.line == {4: budget.line[4]}
+    assert budget.take_ahead(1, MiB, 0, 5, wakes.of(5)) == (Grant.QUEUED, 0)
+    budget.give_back(budget.used, 0)
+    assert wakes.calls == [4]
+    assert budget.take_ahead(4 * MiB, MiB, 0, 4, wakes.of(4)) == (Grant.TAKEN, 0)
+    assert budget.used == 4 * MiB and list(budget.line) == [5]
 
 
 def test_budget_lets_a_request_larger_than_the_budget_run_alone() -> None:

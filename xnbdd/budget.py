@@ -12,6 +12,13 @@ alone costs nothing. A connection that cannot have what its next request costs s
 socket (the client's TCP window closes). Waiting connections are served first come, first
 served, so a large request is not starved by a stream of small ones; the first in line is woken
 when bytes come back. Data-plane threads and the event loop share the budget, behind a lock.
+
+A data-plane thread takes bytes ahead (``take_ahead``) while nobody is in line and the daemon has
+room: its next small requests draw on them without the lock, replies sent refill them, and it
+gives them all back when it has slept a few milliseconds (dataplane.SETTLE_AFTER_MS) or, when a
+connection is in line, at its next send or sleep. So an idle connection holds nothing ahead for
+long and a connection in line waits at most a batch (or those milliseconds) for them. ``used``
+counts them; a busy thread tells ``requests`` its changes when it gives them back.
 """
 
 from __future__ import annotations
@@ -83,6 +90,30 @@ class ByteBudget:
             following()
         return Grant.TAKEN
 
+    def take_ahead(
+        self, cost: int, spare: int, held: int, key: int, wake: Callable[[], None]
+    ) -> tuple[Grant, int]:
+        """``take``, and when it is granted and nobody is in line, up to ``spare`` bytes more
+        (at most half of what the daemon has free after ``cost``); returns them with the
+        grant."""
+        if held and held + cost > self.limits.max_bytes_per_connection:
+            return Grant.OWN_SHARE, 0
+        limit = self.limits.max_bytes
+        with self._lock:
+            if not self._waiters:
+                used = self.used
+                if used and used + cost > limit:
+                    self._waiters[key] = wake
+                    return Grant.QUEUED, 0
+                extra = (limit - used - cost) >> 1
+                if extra > spare:
+                    extra = spare
+                elif extra < 0:
+                    extra = 0
+                self.used = used + cost + extra
+                return Grant.TAKEN, extra
+        return self.take(cost, held, key, wake), 0  # the line decides, nothing ahead
+
     def count(self, requests: int) -> None:
         with self._lock:
             self.requests += requests
@@ -100,6 +131,12 @@ class ByteBudget:
     def waiting(self) -> int:
         """Connections in line for bytes."""
         return len(self._waiters)
+
+    @property
+    def line(self) -> dict[int, Callable[[], None]]:
+        """The line itself: a data-plane thread looks at it without the lock (a hint, checked
+        again under the lock where it matters) to know when to give back its bytes ahead."""
+        return self._waiters
 
     def forget(self, key: int) -> None:
         """A connection that ends leaves the line (and the next in line is woken)."""

@@ -13,7 +13,9 @@ socket while the connection has ``--max-queue-size`` requests in flight or the d
 holds ``--max-buf-size`` bytes (``budget.ByteBudget``), and goes on sending replies and taking
 completions, which is what gives budget back. A request's cost is taken before its payload is
 read, and a WRITE payload is allocated as its bytes arrive, so an announced length alone costs
-nothing. Requests that have their reply sent give their cost back.
+nothing. Requests that have their reply sent give their cost back. Small requests draw on bytes
+the thread took ahead from the budget (``ByteBudget.take_ahead``), which it gives back once it has
+slept ``SETTLE_AFTER_MS`` (at once when a connection is in line), so a request costs no lock.
 
 With extended headers (docs/data-path.md) the layout, 32-byte requests, is chosen once per
 connection. A request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is
@@ -45,12 +47,9 @@ from .dispatch import Buffers, ColdReads, error_reply, failed_reply
 from .export import Export
 from .outbox import ClosedConnection, Outbox
 from .proto.consts import (
-    EXTENDED_REPLY_MAGIC,
     EXTENDED_REQUEST_MAGIC,
     MAX_ACCEPTED_PAYLOAD,
     REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
     Errno,
@@ -60,23 +59,21 @@ from .proto.consts import (
 )
 from .proto.errors import RequestError
 from .proto.messages import Negotiated, Request
-from .proto.transmission import DRAIN_LIMIT, check_request, offset_hole
+from .proto.transmission import check_request, offset_hole
 from .proto.wire import (
-    EXTENDED_OFFSET_DATA,
     EXTENDED_REQUEST,
-    OFFSET_DATA,
     REQUEST,
-    SIMPLE_REPLY,
 )
+from .receive import RECEIVE_SIZE, Receiver
 from .tls import Transport
 
 log = logging.getLogger("xnbdd")
 
-RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads get their own
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
-PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
+AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
+SETTLE_AFTER_MS = 5  # a connection asleep this long gives them back (at once if one is in line)
 
 Submit = Callable[[Request, int], None]
 
@@ -84,10 +81,11 @@ _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
 _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR  # a read would not block
 HANDED_OVER = "handed over at a request boundary"
 
 
-class DataPlane:
+class DataPlane(Receiver):
     """One connection's transmission phase. ``run`` is the thread; ``complete``,
     ``request_stop`` and ``abort`` may be called from the event loop."""
 
@@ -126,17 +124,27 @@ class DataPlane:
         self._fields = fields = fields or {}
         self._outbox = outbox = Outbox(transport, fields)
         self._out = outbox.parts  # empty when every reply is out
+        self._layered = not transport.zero_copy  # TLS: the transport may hold bytes back
         self._queue = outbox.add
         self._queue_ok = outbox.add_none if extended else outbox.add_simple
+        self._queue_read = (
+            outbox.add_read_extended
+            if extended
+            else outbox.add_read_chunk
+            if negotiated.structured
+            else outbox.add_read_simple
+        )
         self._has_contexts = bool(negotiated.meta_contexts)
         self._readonly = bool(tx & TxFlag.READ_ONLY)
         fua = int(CmdFlag.FUA) if tx & TxFlag.SEND_FUA else 0
         # flags a READ may carry and still be answered inline (FUA means nothing for a READ)
         self._read_flags = fua | (int(CmdFlag.DF) if self._structured else 0)
         self._max_payload = MAX_ACCEPTED_PAYLOAD
+        self._size = negotiated.export.size  # what this client was told
         # receive buffer: unparsed bytes are rbuf[rstart:rend]
         self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
         self._rbuf[: len(pending)] = pending
+        self._rview = memoryview(self._rbuf)  # the buffer never changes size
         self._rstart = 0
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
@@ -148,6 +156,9 @@ class DataPlane:
         self._spare: bytearray | None = None  # a payload buffer to reuse (dropped when idle)
         self.in_flight = 0  # admitted requests whose reply is not sent yet
         self._held = 0  # their cost in bytes
+        self._ahead = 0  # bytes taken from the budget ahead of requests, held by none yet
+        self._line = budget.line  # connections waiting for bytes: ours go back at once then
+        self._key = id(self)  # our place in that line
         # the event loop's side
         self._completions: deque[tuple[Buffers, int]] = deque()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -162,9 +173,10 @@ class DataPlane:
         # are sent (``_released``), QUEUED: until the budget wakes us
         self._blocked: Grant | None = None
         self._drained = False  # the last read emptied the socket
+        self._events = _POLLIN  # what the socket is registered for in the poller (0: not)
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
-        self._counted = 0  # requests admitted and not yet counted in the shared budget
+        self._counted = 0  # requests admitted less those answered, not yet told to the budget
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -211,19 +223,20 @@ class DataPlane:
             with self._wake_lock:
                 self._finished = True
                 os.close(self._wake_fd)
-            self._budget.forget(id(self))
+            self._budget.forget(self._key)
             # replies never sent give their budget back here, and their bytes go with it (the
             # plane object may outlive the thread for a while); late completions are dropped
             self._outbox.clear()
             self._completions.clear()
             self._payload = self._spare = None
-            self._budget.give_back(self._held, self.in_flight)
-            self._held = self.in_flight = 0
+            self._budget.give_back(self._held + self._ahead, self.in_flight - self._counted)
+            self._held = self.in_flight = self._ahead = self._counted = 0
 
     def _loop(self) -> str:
         poller = select.poll()
         poller.register(self._wake_fd, _POLLIN)
         poller.register(self._fd, _POLLIN)
+        self._events = _POLLIN
         while True:
             if self._aborted:
                 return "cut after the shutdown grace period"
@@ -236,9 +249,9 @@ class DataPlane:
                 self._parse()
             if self._out:
                 self._send()
-            elif self._outbox.holding():
+            elif self._layered and self._outbox.holding():
                 self._outbox.flush_transport()
-            if self._end and not self.in_flight and not self._out and not self._outbox.holding():
+            if self._end and not self.in_flight and not self._out and not self._holding():
                 return self._end
             if self._blocked is Grant.OWN_SHARE and self._released:
                 continue  # the replies just sent made room
@@ -253,7 +266,11 @@ class DataPlane:
                 # the socket holds nothing more and every request taken has its answer
                 self._end = "server shutting down"
                 continue
-            self._wait(poller, want_read)
+            if self._wait(poller, want_read):
+                self._read()  # at once: a pass over nothing new first would cost a batch's work
+
+    def _holding(self) -> bool:
+        return self._layered and self._outbox.holding()
 
     def _linger(self) -> None:
         """Every reply is out: tell the client (end of stream) and read until it closes, so a
@@ -279,130 +296,57 @@ class DataPlane:
             except OSError:
                 return
 
-    def _wait(self, poller: select.poll, want_read: bool) -> None:
+    def _wait(self, poller: select.poll, want_read: bool) -> bool:
+        """Sleep until the socket or a wake-up needs us; True: the socket has bytes to read
+        (or its end) and reading was wanted."""
         if not self.in_flight:
             self._spare = None  # an idle connection holds no memory outside the budget
-        writing = self._out or self._outbox.holding()
+        timeout = None
+        if self._ahead or self._counted:
+            if self._line:
+                self._settle()
+            else:
+                # The next request usually comes within microseconds (queue depth 1): keep
+                # what was taken ahead, so that it needs no take and this no give-back, unless
+                # the sleep goes on; then give it back (and the requests' count goes with it).
+                timeout = SETTLE_AFTER_MS
+        writing = self._out or (self._layered and self._outbox.holding())
         events = (_POLLIN if want_read else 0) | (_POLLOUT if writing else 0)
-        if events:
-            poller.register(self._fd, events)  # registers or modifies
-        else:
-            # Nothing to do with the socket (waiting for the event loop or for budget): a
-            # closed peer's POLLHUP, reported whatever the events, would make this spin.
-            with contextlib.suppress(KeyError):
-                poller.unregister(self._fd)
+        if events != self._events:
+            self._events = events
+            if events:
+                poller.register(self._fd, events)  # registers or modifies
+            else:
+                # Nothing to do with the socket (waiting for the event loop or for budget): a
+                # closed peer's POLLHUP, reported whatever the events, would make this spin.
+                with contextlib.suppress(KeyError):
+                    poller.unregister(self._fd)
         self._sleeping = True
         try:
             if self._completions:
-                return  # one came in before ``_sleeping`` was set: nobody will wake us
-            ready = poller.poll()
+                return False  # one came in before ``_sleeping`` was set: nobody will wake us
+            ready = poller.poll(timeout)
         finally:
             self._sleeping = False
-        self._drained = False
-        if any(fd == self._wake_fd for fd, _events in ready):
-            self._take_wake()
+        if not ready:
+            self._settle()  # the sleep went on: an idle connection holds nothing ahead
+        if not want_read:
+            self._drained = False  # the socket was not watched: what it holds is unknown
+        readable = False
+        for fd, revents in ready:
+            if fd != self._fd:
+                self._take_wake()
+            elif revents & _READABLE:
+                # otherwise ``_drained`` stays set (poll just said the socket is empty): a
+                # wake-up for a completion costs no read that would find nothing
+                self._drained = False
+                readable = want_read
+        return readable
 
     def _take_wake(self) -> None:
         """Reset the wake-up eventfd (it may not have fired)."""
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake_fd)
-
-    # -- reading --------------------------------------------------------------------------------
-
-    def _at_boundary(self) -> bool:
-        """Every byte read belongs to a request taken out of the buffer."""
-        return self._payload is None and not self._discard and self._rstart == self._rend
-
-    def _to_boundary(self) -> int:
-        """Bytes still to read before the request at the head of the buffer is whole (0: it is,
-        or the buffer is empty). A handover reads exactly these, never into the next request."""
-        if self._payload is not None:
-            return self._payload_head[4] - self._payload_got
-        if self._discard:
-            return self._discard
-        have, head = self._rend - self._rstart, self._head_size
-        if not have:
-            return 0
-        if have < head:
-            return head - have
-        _magic, flags, cmd, _cookie, _offset, length = self._unpack_head(self._rbuf, self._rstart)
-        carries = cmd == _WRITE or flags & self._payload_flag
-        if carries and length <= self._max_payload:
-            need: int = head + length - have
-            return max(0, need)
-        return 0
-
-    def _read(self) -> bool:
-        """Read what the socket holds; False when it holds nothing now (or it ended)."""
-        if self._payload is not None:
-            return self._read_payload()
-        buf = self._rbuf
-        if self._rend == len(buf):
-            if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
-                raise ClosedConnection("receive buffer full without a complete request")
-            live = self._rend - self._rstart
-            buf[:live] = buf[self._rstart : self._rend]
-            self._rstart, self._rend = 0, live
-        view = memoryview(buf)[self._rend :]
-        if self._handover:
-            view = view[: self._to_boundary()]
-        count = self._recv(view)
-        if count is None:
-            return False
-        if self._discard:
-            dropped = min(self._discard, count)
-            self._discard -= dropped
-            buf[self._rend : self._rend + count - dropped] = buf[
-                self._rend + dropped : self._rend + count
-            ]
-            count -= dropped
-        self._rend += count
-        return True
-
-    def _read_payload(self) -> bool:
-        payload = self._payload
-        assert payload is not None
-        length = self._payload_head[4]
-        if self._payload_got == len(payload):  # allocate as the bytes arrive
-            payload.extend(bytes(min(len(payload), length - len(payload))))
-        count = self._recv(memoryview(payload)[self._payload_got :])
-        if count is None:
-            return False
-        self._payload_got += count
-        if self._payload_got == length:
-            self._payload = None
-            self._payload_charged = False
-            cmd, flags, cookie, offset, _length = self._payload_head
-            self._head_admitted = False
-            self._handle(cmd, flags, cookie, offset, length, payload, length, None)
-        return True
-
-    def _recv(self, view: memoryview) -> int | None:
-        """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
-        reading) ends the requests, and once stopping an empty socket does too."""
-        try:
-            count = self._readv([view])
-        except BlockingIOError:
-            self._drained = True
-            return None
-        except OSError as err:
-            log.debug("client connection failed: %s", err, extra=self._fields)
-            count = 0
-        if not count:
-            self._end = "end of stream"
-            if self._payload is not None or self._rend > self._rstart:
-                self._end = "end of stream inside a request"
-            if self._head_admitted:  # a request cut short is never answered: let it go
-                self._head_admitted = False
-                self.in_flight -= 1
-                self._held -= self._head_cost
-                self._budget.give_back(self._head_cost, 1)
-                self._head_cost = 0
-            return None
-        # A short read emptied the socket: wait for more with poll rather than find out with
-        # one more read (a system call, and a pass of the interpreter lock, per batch).
-        self._drained = count < len(view)
-        return count
 
     # -- parsing and answering ------------------------------------------------------------------
 
@@ -411,7 +355,9 @@ class DataPlane:
         buf = self._rbuf
         unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
         payload_flag = self._payload_flag
+        max_requests = self._limits.max_requests
         gate = False  # the export admitted this batch (inline answers pass its pause gate once)
+        inline: InlineIO | None = None  # its inline I/O, once admitted
         try:
             while self._payload is None and not self._discard:
                 pos = self._rstart
@@ -435,11 +381,21 @@ class DataPlane:
                 payload_cmd = carries or cmd == _READ
                 cost = length if payload_cmd and length <= self._max_payload else 0
                 large_write = carries and cost >= DIRECT_PAYLOAD
-                if not self._head_admitted:
-                    if not self._admit(0 if large_write else cost):
+                if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
+                    take = 0 if large_write else cost
+                    if self.in_flight >= max_requests:
+                        self._blocked = Grant.OWN_SHARE
                         break
+                    if take:
+                        if take <= self._ahead:
+                            self._ahead -= take
+                            self._held += take
+                        elif not self._charge(take):
+                            break
+                    self.in_flight += 1
+                    self._counted += 1
                     self._head_admitted = True
-                    self._head_cost = 0 if large_write else cost
+                    self._head_cost = take
                 data: memoryview | None = None
                 if carries:
                     if length > self._max_payload:
@@ -462,7 +418,7 @@ class DataPlane:
                             break  # small: the rest comes into the receive buffer
                         self._start_payload(pos, cmd, flags, cookie, offset, length, have)
                         break
-                    data = memoryview(buf)[pos + head : pos + head + length]
+                    data = self._rview[pos + head : pos + head + length]
                     self._rstart = pos + head + length
                     self._payload_charged = False
                 else:
@@ -470,13 +426,12 @@ class DataPlane:
                 self._head_admitted = False
                 if not gate:
                     gate = self._export.try_admit()
-                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
+                    if gate:
+                        inline = self._export.inline
+                self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
         finally:
             if gate:
                 self._export.release()
-            if self._counted:
-                self._budget.count(self._counted)
-                self._counted = 0
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 
@@ -515,42 +470,51 @@ class DataPlane:
         return True
 
     def _charge(self, cost: int) -> bool:
-        grant = self._budget.take(cost, self._held, id(self), self._wake)
+        ahead = self._ahead
+        if cost <= ahead:
+            self._ahead = ahead - cost
+            self._held += cost
+            return True
+        if ahead:  # too little for this one: back to the daemon, which decides afresh
+            self._ahead = 0
+            self._budget.give_back(ahead, 0)
+        spare = AHEAD_MAX - cost if cost < AHEAD_MAX and not self._line else 0
+        grant, extra = self._budget.take_ahead(cost, spare, self._held, self._key, self._wake)
         if grant is not Grant.TAKEN:
             self._blocked = grant
             return False
         self._held += cost
+        self._ahead = extra
         return True
 
-    def _start_payload(
-        self, pos: int, cmd: int, flags: int, cookie: int, offset: int, length: int, have: int
-    ) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None and len(spare) == length:
-            payload = spare  # sequential writers repeat sizes: no allocation, no page faults
-        else:
-            payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
-        start = pos + self._head_size
-        payload[:have] = self._rbuf[start : start + have]
-        self._payload = payload
-        self._payload_got = have
-        self._payload_head = (cmd, flags, cookie, offset, length)
-        self._rstart = self._rend = 0
+    def _settle(self) -> None:
+        """Give back the bytes taken ahead, and tell the budget the requests in flight."""
+        ahead, counted = self._ahead, self._counted
+        self._ahead = self._counted = 0
+        self._budget.give_back(ahead, -counted)  # admitted less answered: may add requests
 
-    def _oversized_payload(self, pos: int, length: int) -> None:
-        """A refused payload (beyond the maximum, or while stopping): drop it to stay in step,
-        or close when it is too large even to drop (denial of service)."""
-        if length > DRAIN_LIMIT:
-            log.warning(
-                "closing connection: payload of %d bytes refused as denial of service",
-                length,
-                extra=self._fields,
-            )
-            raise ClosedConnection("framing lost")
-        start = pos + self._head_size
-        here = min(length, self._rend - start)
-        self._rstart = start + here
-        self._discard = length - here
+    def _handle_alone(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytearray,
+        cost: int,
+    ) -> None:
+        """``_handle`` outside a batch (a large payload that finished arriving): it passes the
+        export's gate by itself."""
+        if self._stopping:
+            self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
+            return
+        if not self._export.try_admit():
+            self._handle(cmd, flags, cookie, offset, length, data, cost, None)
+            return
+        try:
+            self._handle(cmd, flags, cookie, offset, length, data, cost, self._export.inline)
+        finally:
+            self._export.release()
 
     def _handle(
         self,
@@ -561,31 +525,37 @@ class DataPlane:
         length: int,
         data: memoryview | bytearray | None,
         cost: int,
-        gate: bool | None,
+        inline: InlineIO | None,
     ) -> None:
         """Answer one request: inline when the backend can without waiting, else as a task of
-        the event loop. ``gate``: the export admitted this batch (None: not asked yet)."""
+        the event loop. ``inline``: the export's, once its gate admitted the batch (None: the
+        export is paused, or has none)."""
         if self._stopping:  # a payload that finished arriving after the stop
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
-        if gate is None:
-            gate = self._export.try_admit()
-            try:
-                self._handle(cmd, flags, cookie, offset, length, data, cost, gate)
-            finally:
-                if gate:
-                    self._export.release()
-            return
-        inline = self._export.inline if gate else None
         if (
             inline is not None
             and length
-            and offset + length <= self._negotiated.export.size
+            and offset + length <= self._size
             and length <= self._max_payload
         ):
             try:
                 if cmd == _READ and not flags & ~self._read_flags:
-                    if self._read_inline(inline, cookie, offset, length, cost):
+                    if (
+                        self._structured
+                        and length >= HOLE_CHECK_MIN
+                        and inline.is_hole(offset, length)
+                    ):
+                        extended = self._extended
+                        hole = offset_hole(cookie, offset, length, done=True, extended=extended)
+                        self._queue([hole], cost)
+                        return
+                    got = inline.try_read(offset, length)
+                    if got is not None:
+                        self._queue_read(cookie, offset, length, got, cost)
+                        return
+                    # a backend may fetch it from this thread (the proxy's origin)
+                    if self._cold.start(cookie, offset, length, cost):
                         return
                 elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None
@@ -603,7 +573,7 @@ class DataPlane:
         try:
             req = check_request(
                 req,
-                size=self._negotiated.export.size,  # what this client was told
+                size=self._size,
                 tx_flags=self._negotiated.tx_flags,
                 structured=self._structured,
                 has_contexts=self._has_contexts,
@@ -616,29 +586,6 @@ class DataPlane:
             return
         self._submit(req, cost)
 
-    def _read_inline(
-        self, inline: InlineIO, cookie: int, offset: int, length: int, cost: int
-    ) -> bool:
-        if self._structured and length >= HOLE_CHECK_MIN and inline.is_hole(offset, length):
-            hole = offset_hole(cookie, offset, length, done=True, extended=self._extended)
-            self._queue([hole], cost)
-            return True
-        data = inline.try_read(offset, length)
-        if data is None:  # a backend may fetch it from this thread (the proxy's origin)
-            return self._cold.start(cookie, offset, length, cost)
-        if self._extended:
-            head = EXTENDED_OFFSET_DATA.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, offset, 8 + length, offset
-            )
-        elif self._structured:
-            head = OFFSET_DATA.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA_TYPE, cookie, 8 + length, offset
-            )
-        else:
-            head = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
-        self._outbox.add_data(head, data, cost)
-        return True
-
     def _send(self) -> None:
         """Send what the socket takes now; give back the budget of every reply sent whole."""
         count, cost = self._outbox.send()
@@ -646,4 +593,7 @@ class DataPlane:
             self._released = True
             self.in_flight -= count
             self._held -= cost
-            self._budget.give_back(cost, count)
+            self._counted -= count
+            self._ahead += cost  # the next requests draw on it
+            if self._ahead > AHEAD_MAX or self._line:  # not more, and none while others wait
+                self._settle()

@@ -19,8 +19,14 @@ from collections.abc import Mapping
 
 from .backends.base import FileRange
 from .dispatch import Buffers
-from .proto.consts import EXTENDED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, ReplyFlag, ReplyType
-from .proto.wire import EXTENDED_CHUNK, SIMPLE_REPLY
+from .proto.consts import (
+    EXTENDED_REPLY_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    ReplyFlag,
+    ReplyType,
+)
+from .proto.wire import EXTENDED_CHUNK, EXTENDED_OFFSET_DATA, OFFSET_DATA, SIMPLE_REPLY
 from .tls import Transport
 
 log = logging.getLogger("xnbdd")
@@ -28,8 +34,11 @@ log = logging.getLogger("xnbdd")
 MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 
 Part = bytes | bytearray | memoryview | FileRange
+Data = bytes | bytearray | FileRange  # what a READ answered inline sends
 
-_DONE, _NONE_TYPE = int(ReplyFlag.DONE), int(ReplyType.NONE)
+_CHUNK_HEAD = OFFSET_DATA.size
+
+_DONE, _NONE_TYPE, _DATA = int(ReplyFlag.DONE), int(ReplyType.NONE), int(ReplyType.OFFSET_DATA)
 
 
 class ClosedConnection(Exception):
@@ -48,6 +57,7 @@ class Outbox:
         self.parts: deque[Part] = deque()
         # (stream position of a reply's end, its cost)
         self._marks: deque[tuple[int, int]] = deque()
+        self._cost = 0  # of the replies in ``_marks``
         self._queued = 0
         self._sent = 0
         self._ranges = 0  # FileRange parts in ``parts`` (sent with sendfile, not writev)
@@ -60,8 +70,9 @@ class Outbox:
                 self._queued += size
                 self._ranges += isinstance(part, FileRange)
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
-    def add_data(self, head: bytes, data: bytes | bytearray | FileRange, cost: int) -> None:
+    def add_data(self, head: bytes, data: Data, cost: int) -> None:
         """A READ's reply: its header and the data (``length`` bytes) after it."""
         parts = self.parts
         parts.append(head)
@@ -72,11 +83,48 @@ class Outbox:
         else:
             self._queued += len(head) + len(data)
         self._marks.append((self._queued, cost))
+        self._cost += cost
+
+    # A READ answered whole (``data`` is ``length`` bytes): one of these three per connection, as
+    # its replies are laid out; each does ``add_data``'s work itself (one call per READ).
+
+    def add_read_simple(self, cookie: int, offset: int, length: int, data: Data, cost: int) -> None:
+        self._add_read(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data, length, cost)
+
+    def add_read_chunk(self, cookie: int, offset: int, length: int, data: Data, cost: int) -> None:
+        """One OFFSET_DATA chunk, flagged DONE (structured replies)."""
+        parts = self.parts
+        parts.append(
+            OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, 8 + length, offset)
+        )
+        parts.append(data)
+        self._ranges += isinstance(data, FileRange)
+        self._queued += _CHUNK_HEAD + length
+        self._marks.append((self._queued, cost))
+        self._cost += cost
+
+    def add_read_extended(
+        self, cookie: int, offset: int, length: int, data: Data, cost: int
+    ) -> None:
+        head = EXTENDED_OFFSET_DATA.pack(
+            EXTENDED_REPLY_MAGIC, _DONE, _DATA, cookie, offset, 8 + length, offset
+        )
+        self._add_read(head, data, length, cost)
+
+    def _add_read(self, head: bytes, data: Data, length: int, cost: int) -> None:
+        parts = self.parts
+        parts.append(head)
+        parts.append(data)
+        self._ranges += isinstance(data, FileRange)
+        self._queued += len(head) + length
+        self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def add_simple(self, cookie: int, _offset: int, cost: int) -> None:
         self.parts.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
         self._queued += SIMPLE_REPLY.size
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def add_none(self, cookie: int, offset: int, cost: int) -> None:
         """Success without data, with extended headers (which allow no simple reply)."""
@@ -85,11 +133,13 @@ class Outbox:
         )
         self._queued += EXTENDED_CHUNK.size
         self._marks.append((self._queued, cost))
+        self._cost += cost
 
     def clear(self) -> None:
         """The connection ended: drop what was never sent (and the bytes it holds)."""
         self.parts.clear()
         self._marks.clear()
+        self._cost = 0
 
     def holding(self) -> bool:
         """The transport holds bytes the socket has not taken yet (TLS only)."""
@@ -129,9 +179,12 @@ class Outbox:
                     # the common case: everything queued goes in one writev
                     sent = writev(out)  # type: ignore[arg-type]  # no FileRange in it
                     self._sent += sent
-                    if self._sent == self._queued:
+                    if self._sent == self._queued:  # every reply went whole
                         out.clear()
-                        break
+                        count, cost = len(self._marks), self._cost
+                        self._marks.clear()
+                        self._cost = 0
+                        return count, cost
                     self._advance(sent, len(out))
                     break  # the socket took part of the batch: it is full
                 views: list[bytes | bytearray | memoryview] = []
@@ -172,4 +225,5 @@ class Outbox:
         while marks and marks[0][0] <= sent:
             cost += marks.popleft()[1]
             count += 1
+        self._cost -= cost
         return count, cost

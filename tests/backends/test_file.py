@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from xnbdd.backends.base import MAX_EXTENTS, Extent
-from xnbdd.backends.file import FileBackend
+from xnbdd.backends.file import ROOM_RECHECK_NS, FileBackend
 from xnbdd.backends.linux import is_memory_fs
 
 from .loopdev import loop_device, mounted_fs, require_loop
@@ -191,6 +191,41 @@ async def test_cache_changes_nothing(tmp_path: Path) -> None:
     await backend.cache(0, MiB)
     assert await backend.read(0, 3) == b"abc"
     await backend.close()
+
+
+async def test_inline_writes_never_grow_a_truncated_image(image_dir: Path) -> None:
+    """The inline write path trusts the end it last saw for ROOM_RECHECK_NS only: a write past
+    the new end is ENOSPC at the latest that long after the truncation, at once when a read met
+    the end or when the write goes past the end last seen, and the file never grows."""
+    size, new_size = 4 * MiB, 2 * MiB
+    path = make_image(image_dir / "disk.img", size)
+    backend = FileBackend.open(path, readonly=False)
+    try:
+        # (on a disk file system a write may be declined, True or False: never refused)
+        backend.try_write(3 * MiB, b"a" * 4096)  # the end was just seen: no lseek needed
+        os.truncate(path, new_size)
+        await trio.sleep(ROOM_RECHECK_NS / 1e9)  # what was seen is stale now
+        with pytest.raises(OSError) as raised:
+            backend.try_write(3 * MiB, b"b" * 4096)
+        assert raised.value.errno == errno.ENOSPC
+        assert os.stat(path).st_size == new_size
+        backend.try_write(new_size - 4096, b"c" * 4096)  # what is left is writable
+
+        os.truncate(path, MiB)
+        with pytest.raises(OSError) as raised:  # a read meets the end: the size is re-read
+            await backend.read(new_size - 4096, 4096)
+        assert raised.value.errno == errno.EIO
+        with pytest.raises(OSError) as raised:  # so the write right after is refused
+            backend.try_write(MiB, b"d" * 4096)
+        assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as raised:  # past the end last seen: asked at once
+            backend.try_write(MiB - 1, b"ee")
+        assert raised.value.errno == errno.ENOSPC
+        assert os.stat(path).st_size == MiB
+        with open(path, "rb") as f:
+            assert f.read() == bytes(MiB)  # none of the refused bytes landed
+    finally:
+        backend.release()
 
 
 async def test_block_device(tmp_path: Path) -> None:

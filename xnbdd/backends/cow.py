@@ -27,7 +27,7 @@ from collections.abc import Iterable
 
 from xnbdd.backends import linux
 from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
-from xnbdd.backends.bitmap import Bitmap, block_span, nblocks_for
+from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import block_bytes, fill_edges, flush_data_then_bitmap, present_runs
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLocks
@@ -131,8 +131,8 @@ class CowBackend:
     # overlay, so what the thread sees is always a consistent choice of source.
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
-        first, last = block_span(offset, length)
-        if last - first == 1:  # one block: one source (the common small read)
+        first = offset // BLOCK_SIZE
+        if (offset + length - 1) // BLOCK_SIZE == first:  # one block, one source: small reads
             source = self.overlay if self.bitmap.test(first) else self.base
             return source.try_read(offset, length)
         segments = present_runs(self.bitmap, offset, length)
@@ -147,7 +147,11 @@ class CowBackend:
         return buf
 
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        first, last = block_span(offset, len(data))
+        length = len(data)
+        first = offset // BLOCK_SIZE
+        if (offset + length - 1) // BLOCK_SIZE == first:  # one block: its bit alone
+            return self.bitmap.test(first) and self.overlay.try_write(offset, data)
+        first, last = block_span(offset, length)
         return self.bitmap.all_set(first, last) and self.overlay.try_write(offset, data)
 
     def is_hole(self, offset: int, length: int) -> bool:

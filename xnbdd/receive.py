@@ -1,0 +1,208 @@
+"""Reading one connection's requests off its socket: the receive side of ``dataplane.DataPlane``.
+
+Requests are read into a receive buffer of ``RECEIVE_SIZE`` bytes, whose unparsed bytes are
+``rbuf[rstart:rend]``; a large WRITE payload that has not arrived whole gets a buffer of its own
+that grows as its bytes come (``PAYLOAD_STEP``, doubling), and a refused payload is read and
+dropped (``_discard``). A handover reads no further than the end of the request at hand. The
+plane parses and answers (dataplane.py); this mixin only moves bytes in and keeps the framing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .outbox import ClosedConnection
+from .proto.consts import Cmd
+from .proto.transmission import DRAIN_LIMIT
+
+log = logging.getLogger("xnbdd")
+
+RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads get their own
+PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
+
+_WRITE = int(Cmd.WRITE)
+
+
+class Receiver:
+    """The state and the reads of the receive side; ``DataPlane`` sets it up and answers."""
+
+    _fields: dict[str, str]
+    _readv: Callable[[list[memoryview]], int]
+    _unpack_head: Callable[[bytes | bytearray | memoryview, int], tuple[int, ...]]
+    _head_size: int
+    _payload_flag: int
+    _max_payload: int
+    _rbuf: bytearray
+    _rview: memoryview
+    _rstart: int
+    _rend: int
+    _payload: bytearray | None  # a large WRITE payload being received
+    _payload_got: int
+    _payload_head: tuple[int, int, int, int, int]  # its cmd, flags, cookie, offset, length
+    _payload_charged: bool
+    _discard: int  # bytes of a refused payload still to drop
+    _spare: bytearray | None
+    _drained: bool
+    _end: str
+    _handover: bool
+    _head_admitted: bool
+    _head_cost: int
+    in_flight: int
+    _counted: int
+    _held: int
+    _ahead: int
+
+    def _handle_alone(
+        self,
+        cmd: int,
+        flags: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        data: bytearray,
+        cost: int,
+    ) -> None:
+        raise NotImplementedError  # the plane answers
+
+    def _at_boundary(self) -> bool:
+        """Every byte read belongs to a request taken out of the buffer."""
+        return self._payload is None and not self._discard and self._rstart == self._rend
+
+    def _to_boundary(self) -> int:
+        """Bytes still to read before the request at the head of the buffer is whole (0: it is,
+        or the buffer is empty). A handover reads exactly these, never into the next request."""
+        if self._payload is not None:
+            return self._payload_head[4] - self._payload_got
+        if self._discard:
+            return self._discard
+        have, head = self._rend - self._rstart, self._head_size
+        if not have:
+            return 0
+        if have < head:
+            return head - have
+        _magic, flags, cmd, _cookie, _offset, length = self._unpack_head(self._rbuf, self._rstart)
+        carries = cmd == _WRITE or flags & self._payload_flag
+        if carries and length <= self._max_payload:
+            need: int = head + length - have
+            return max(0, need)
+        return 0
+
+    def _read(self) -> bool:
+        """Read what the socket holds; False when it holds nothing now (or it ended)."""
+        if self._payload is not None:
+            return self._read_payload()
+        buf = self._rbuf
+        if self._rend == len(buf):
+            if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
+                raise ClosedConnection("receive buffer full without a complete request")
+            live = self._rend - self._rstart
+            buf[:live] = buf[self._rstart : self._rend]
+            self._rstart, self._rend = 0, live
+        view = self._rview[self._rend :]
+        if self._handover:
+            to_boundary = self._to_boundary()
+            if not to_boundary:  # the request at hand is whole: the rest is the next process's
+                return False
+            view = view[:to_boundary]
+        try:  # ``_recv``, inline: once per batch
+            count = self._readv([view])
+        except BlockingIOError:
+            self._drained = True
+            return False
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            count = 0
+        if not count:
+            self._at_end()
+            return False
+        self._drained = count < len(view)  # see ``_recv``
+        if self._discard:
+            dropped = min(self._discard, count)
+            self._discard -= dropped
+            buf[self._rend : self._rend + count - dropped] = buf[
+                self._rend + dropped : self._rend + count
+            ]
+            count -= dropped
+        self._rend += count
+        return True
+
+    def _read_payload(self) -> bool:
+        payload = self._payload
+        assert payload is not None
+        length = self._payload_head[4]
+        if self._payload_got == len(payload):  # allocate as the bytes arrive
+            payload.extend(bytes(min(len(payload), length - len(payload))))
+        count = self._recv(memoryview(payload)[self._payload_got :])
+        if count is None:
+            return False
+        self._payload_got += count
+        if self._payload_got == length:
+            self._payload = None
+            self._payload_charged = False
+            cmd, flags, cookie, offset, _length = self._payload_head
+            self._head_admitted = False
+            self._handle_alone(cmd, flags, cookie, offset, length, payload, length)
+        return True
+
+    def _recv(self, view: memoryview) -> int | None:
+        """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
+        reading) ends the requests, and once stopping an empty socket does too."""
+        try:
+            count = self._readv([view])
+        except BlockingIOError:
+            self._drained = True
+            return None
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            count = 0
+        if not count:
+            self._at_end()
+            return None
+        # A short read emptied the socket: wait for more with poll rather than find out with
+        # one more read (a system call, and a pass of the interpreter lock, per batch).
+        self._drained = count < len(view)
+        return count
+
+    def _at_end(self) -> None:
+        """End of stream, or the socket failed: no more requests."""
+        self._end = "end of stream"
+        if self._payload is not None or self._rend > self._rstart:
+            self._end = "end of stream inside a request"
+        if self._head_admitted:  # a request cut short is never answered: let it go
+            self._head_admitted = False
+            self.in_flight -= 1
+            self._counted -= 1
+            self._held -= self._head_cost
+            self._ahead += self._head_cost
+            self._head_cost = 0
+
+    def _start_payload(
+        self, pos: int, cmd: int, flags: int, cookie: int, offset: int, length: int, have: int
+    ) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None and len(spare) == length:
+            payload = spare  # sequential writers repeat sizes: no allocation, no page faults
+        else:
+            payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
+        start = pos + self._head_size
+        payload[:have] = self._rbuf[start : start + have]
+        self._payload = payload
+        self._payload_got = have
+        self._payload_head = (cmd, flags, cookie, offset, length)
+        self._rstart = self._rend = 0
+
+    def _oversized_payload(self, pos: int, length: int) -> None:
+        """A refused payload (beyond the maximum, or while stopping): drop it to stay in step,
+        or close when it is too large even to drop (denial of service)."""
+        if length > DRAIN_LIMIT:
+            log.warning(
+                "closing connection: payload of %d bytes refused as denial of service",
+                length,
+                extra=self._fields,
+            )
+            raise ClosedConnection("framing lost")
+        start = pos + self._head_size
+        here = min(length, self._rend - start)
+        self._rstart = start + here
+        self._discard = length - here
