@@ -153,7 +153,7 @@ class CowBackend:
             zero=True,
             fast_zero=self.overlay.capabilities.fast_zero,
             multi_conn=True,  # one overlay for every connection
-            shared_by_processes=True,  # one bitmap file, mapped by every process
+            shared_by_processes=False,  # another instance makes its own overlay
         )
 
     async def read(self, offset: int, length: int) -> bytearray:
