@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from tests.test_connection import OneExport, socket_pair, wait_until
 from xnbdd import connection as connection_module
 from xnbdd.backends.base import Backend, FileRange
-from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
+from xnbdd.backends.bitmap import BLOCK_SIZE, SharedBitmap
 from xnbdd.backends.cow import CowBackend
 from xnbdd.backends.file import SENDFILE_MIN, FileBackend
 from xnbdd.budget import ByteBudget, Grant, Limits
@@ -399,7 +399,7 @@ class CountingCow(CowBackend):
     """A cow-target backend that records which path served each request."""
 
     def __init__(
-        self, base: FileBackend, overlay: FileBackend, bitmap: Bitmap, overlay_path: str
+        self, base: FileBackend, overlay: FileBackend, bitmap: SharedBitmap, overlay_path: str
     ) -> None:
         super().__init__(base, overlay, bitmap, overlay_path)
         self.inline_reads: list[str] = []

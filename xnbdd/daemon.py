@@ -39,7 +39,7 @@ from .signals import sigterm_came_early
 from .snapshot import remove_partial_snapshots
 from .systemd import Notifier
 from .tls import ClientTLSOptions, ServerTLSOptions, server_tls
-from .workers import Workers, default_workers, start_message
+from .workers import Workers, default_workers, serves, start_message
 
 log = logging.getLogger("xnbdd")
 
@@ -211,17 +211,17 @@ class Daemon:
         log.info("stopped")
 
     def _workers(self, export: Export) -> Workers:
-        """Worker processes serve plain file and device exports of a daemon with more than one
-        client source (workers.py); others (proxy, cow overlays, rbd) stay in this process."""
+        """Worker processes serve plain file, device and cow overlay exports of a daemon with more
+        than one client source (workers.py); others (proxy, rbd) stay in this process."""
         count = self.opts.workers
         if count is None:
             count = default_workers()
         backend = export.backend
-        if not isinstance(backend, FileBackend) or export.one_connection:
+        if not serves(backend) or export.one_connection:
             count = 0
         limits = self.state.limits
 
-        def start() -> tuple[dict[str, Any], int]:
+        def start() -> tuple[dict[str, Any], list[int]]:
             # Every process, this one included, holds its share of --max-buf-size.
             total = limits.max_bytes * self.state.byte_shares
             self.state.byte_shares = count + 1

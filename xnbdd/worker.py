@@ -1,11 +1,12 @@
-"""A data-plane worker process: serves connections of a plain file or block device export that
-the daemon hands to it, so a daemon's connections spread over cores (docs/data-path.md).
+"""A data-plane worker process: serves connections of a plain file, block device or cow overlay
+export that the daemon hands to it, so a daemon's connections spread over cores (docs/data-path.md).
 
 The daemon (workers.py) starts the process with one end of a unix SOCK_SEQPACKET pair as its only
 argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS:
 
-- daemon -> worker ``start`` (first, with the image's descriptor): the export as the daemon
-  advertises it, the image path, the limits and this process's share of ``--max-buf-size``.
+- daemon -> worker ``start`` (first, with the image's descriptor, or for ``kind`` ``cow`` the
+  base's, the overlay's and its bitmap's): the export as the daemon advertises it, the paths,
+  the limits and this process's share of ``--max-buf-size``.
 - worker -> daemon ``ready``.
 - daemon -> worker ``serve`` (with a duplicate of the client socket): ``id``, the negotiated
   state (``handoff.handoff_message``) and the client's peer name. The worker runs the same
@@ -38,6 +39,7 @@ from typing import Any
 import trio
 
 from .allocator import limit_arenas
+from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .budget import ByteBudget, Limits
 from .dataplane import DataPlane
@@ -51,7 +53,7 @@ from .tls import PlainTransport
 log = logging.getLogger("xnbdd")
 
 MAX_MESSAGE = 256 * 1024  # a serve message carries the bytes pipelined behind the handshake
-FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+FD_SPACE = socket.CMSG_SPACE(3 * array.array("i", [0]).itemsize)  # a cow start has three
 PLANE_THREADS = trio.CapacityLimiter(1_000_000)  # one per connection, not a pool
 
 
@@ -78,8 +80,20 @@ def decode(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> tuple[dict[str
     return message, fds
 
 
-def rights(fd: int) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+def rights(*fds: int) -> list[tuple[int, int, bytes]]:
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def attach_backend(start: dict[str, Any], fds: list[int]) -> FileBackend | CowBackend:
+    """The daemon's backend, over the descriptors it sent (this process closes them)."""
+    if start.get("kind") == "cow" and len(fds) == 3:
+        path = str(start["path"])
+        return CowBackend.attach(fds[0], path, fds[1], str(start["overlay"]), fds[2])
+    if start.get("kind") == "file" and len(fds) == 1:
+        return FileBackend(fds[0], str(start["path"]), readonly=bool(start["readonly"]))
+    for fd in fds:
+        os.close(fd)
+    raise ValueError(f"unusable start message ({len(fds)} descriptors)")
 
 
 class Worker:
@@ -107,7 +121,7 @@ class Worker:
         if first is None:
             return
         start, fds = first
-        backend = FileBackend(fds[0], str(start["path"]), readonly=bool(start["readonly"]))
+        backend = attach_backend(start, fds)
         info = export_from_json(start["export"])
         export = Export(
             info.name,

@@ -1,9 +1,9 @@
 """The daemon's side of its data-plane worker processes (worker.py): connections spread over cores.
 
 One daemon process shares one interpreter lock between all its data-plane threads, so four
-connections get no more done than one. With workers, a connection of a plain file or block
-device export is handed, once negotiated, to the least loaded worker: the worker gets a
-duplicate of the socket and serves it with the same ``DataPlane``. The daemon keeps its own
+connections get no more done than one. With workers, a connection of a plain file, block
+device or cow overlay export is handed, once negotiated, to the least loaded worker: the worker
+gets a duplicate of the socket and serves it with the same ``DataPlane``. The daemon keeps its own
 descriptor and its ``Connection`` (the control socket's query lists it, a stop reaches it), and
 drives the remote plane through ``RemotePlane``, which answers to the same stop, handover and
 abort as a local one.
@@ -37,6 +37,8 @@ from typing import Any, Protocol
 
 import trio
 
+from .backends.base import Backend
+from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .budget import Limits
 from .export import Export
@@ -68,21 +70,34 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def start_message(export: Export, limits: Limits) -> tuple[dict[str, Any], int]:
+def serves(backend: Backend) -> bool:
+    """Whether workers can serve this backend: one whose state is all in files they can share
+    (a plain file or device; a cow overlay, whose bitmap every process maps). The proxy's lock
+    table and origin link, and rbd's client, live in the daemon."""
+    return isinstance(backend, (FileBackend, CowBackend))
+
+
+def start_message(export: Export, limits: Limits) -> tuple[dict[str, Any], list[int]]:
     """What a worker starts with (worker.py): the export as advertised, and the image's
-    descriptor (shared, so a renamed or replaced path cannot split the truth)."""
+    descriptors (shared, so a renamed or replaced path cannot split the truth)."""
     backend = export.backend
-    assert isinstance(backend, FileBackend), "workers serve plain files and devices"
-    message = {
+    message: dict[str, Any]
+    fds: list[int]
+    if isinstance(backend, CowBackend):
+        message = {"kind": "cow", "path": backend.base.path, "overlay": backend.overlay_path}
+        fds = list(backend.descriptors())
+    else:
+        assert isinstance(backend, FileBackend), "workers serve files, devices and cow overlays"
+        message, fds = {"kind": "file", "path": backend.path}, [backend.fd]
+    message |= {
         "op": "start",
         "export": export_to_json(export.info()),
-        "path": backend.path,
         "readonly": export.force_readonly,
         "max_requests": limits.max_requests,
         "max_bytes": limits.max_bytes,
         "grace": limits.shutdown_grace,
     }
-    return message, backend.fd
+    return message, fds
 
 
 class Plane(Protocol):
@@ -144,7 +159,7 @@ class WorkerProcess:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
             self._out.send_nowait((message, fd))
 
-    async def run(self, start: dict[str, Any], image_fd: int) -> str:
+    async def run(self, start: dict[str, Any], image_fds: list[int]) -> str:
         """Run the process until it ends; returns how it ended."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -163,7 +178,7 @@ class WorkerProcess:
         self._process = process
         channel = trio.socket.from_stdlib_socket(ours)
         try:
-            await channel.sendmsg([encode(start)], rights(image_fd))
+            await channel.sendmsg([encode(start)], rights(*image_fds))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, channel)
                 await self._reader(channel)
@@ -221,12 +236,12 @@ class Workers:
     def __init__(
         self,
         count: int,
-        start: Callable[[], tuple[dict[str, Any], int]],
+        start: Callable[[], tuple[dict[str, Any], list[int]]],
         stopping: trio.Event,
         recall_timeout: Callable[[], float],
     ) -> None:
         self.count = count
-        self._start = start  # the start message and the image descriptor to send with it
+        self._start = start  # the start message and the image descriptors to send with it
         self._stopping = stopping
         self._recall_timeout = recall_timeout
         self.processes: list[WorkerProcess] = []
@@ -343,8 +358,8 @@ class Workers:
             worker = WorkerProcess(self, index)
             self.processes.append(worker)
             try:
-                start, image_fd = self._start()
-                how = await worker.run(start, image_fd)
+                start, image_fds = self._start()
+                how = await worker.run(start, image_fds)
             except OSError as err:
                 how = f"could not start: {err}"
             finally:

@@ -175,8 +175,16 @@ def sequence_numbers(path: Path, nblocks: int) -> list[int]:
         ("--cow-target", 1, 0),
         ("--cow-target", 16, 0),
         ("--target", 16, 2),
+        ("--cow-target", 16, 2),
     ],
-    ids=["target-one-by-one", "target-pipelined", "cow-one-by-one", "cow-pipelined", "workers"],
+    ids=[
+        "target-one-by-one",
+        "target-pipelined",
+        "cow-one-by-one",
+        "cow-pipelined",
+        "workers",
+        "cow-workers",
+    ],
 )
 def test_continuous_writer_sees_no_error_and_the_snapshot_is_a_request_boundary(
     shm_dir: Path, mode: str, depth: int, workers: int

@@ -126,3 +126,36 @@ def test_a_killed_worker_closes_its_clients_only_and_the_daemon_stops_cleanly(
         handles.clear()  # libnbd closes a handle when it is freed
     assert not any(alive(pid) for pid in workers)
     assert "Traceback" not in srv.log()
+
+
+def test_cow_target_connections_in_two_workers_share_one_overlay(tmp_path: Path) -> None:
+    """Four connections of a cow-target over two workers write parts of the same absent blocks
+    (each write copies the base block up first) and read each other's writes; the base file is
+    untouched and the overlay goes at stop."""
+    base = tmp_path / "base.img"
+    base.write_bytes(os.urandom(8 * MiB))
+    before = base.read_bytes()
+    control = tmp_path / "ctl"
+    args = ("--cow-target", str(base), "--workers", "2", "--control-socket", str(control))
+    with serving(*args, tmp_path=tmp_path) as srv:
+        with ExitStack() as stack:
+            handles = [stack.enter_context(connected(srv.uri)) for _ in range(4)]
+            served = wait_for_workers(control, connections=4)
+            assert len(served) == 2, "the connections are spread over both workers"
+            pieces = []
+            for block in range(0, 2048, 7):  # 1000-byte pieces: partial, some straddle blocks
+                for n, h in enumerate(handles):
+                    piece = os.urandom(1000)
+                    h.pwrite(piece, block * 4096 + n * 1100)
+                    pieces.append((block * 4096 + n * 1100, piece))
+            handles[0].flush()
+            for i, (offset, piece) in enumerate(pieces):
+                assert handles[i % 4].pread(len(piece), offset) == piece, offset
+            expected = bytearray(before)
+            for offset, piece in pieces:
+                expected[offset : offset + len(piece)] = piece
+            for n, h in enumerate(handles):  # every connection sees one image
+                assert h.pread(MiB, n * 2 * MiB) == expected[n * 2 * MiB :][:MiB]
+        assert srv.stop() == 0, srv.log()
+    assert base.read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if ".cow" in p], "the overlay is removed"

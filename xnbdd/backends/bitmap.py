@@ -7,16 +7,22 @@ header. Bits at positions >= nblocks stay zero.
 The bits live in memory and reach the file only through ``sync`` (or ``write_back``): the proxy
 must persist a bit only after the data it covers is durable (docs/decisions.md D14), so
 persistence is explicit, never a side effect of setting a bit. Stdlib only.
+
+``SharedBitmap`` is the other way, which the cow overlay opts into: the file itself mapped
+MAP_SHARED, one set of bits for the daemon and its worker processes (docs/data-path.md).
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from xnbdd.backends import ofdlock
 
 BLOCK_SIZE = 4096
 
@@ -52,7 +58,12 @@ class Bitmap:
     """In-memory bitmap with explicit write-back to an optional file."""
 
     def __init__(
-        self, nblocks: int, bits: bytearray, fd: int | None, path: str | None, readonly: bool
+        self,
+        nblocks: int,
+        bits: bytearray | mmap.mmap,
+        fd: int | None,
+        path: str | None,
+        readonly: bool,
     ) -> None:
         self.nblocks = nblocks
         self.path = path
@@ -82,29 +93,10 @@ class Bitmap:
         with ValueError unless ``clear`` is given, which resizes and zeroes it (as does ``clear``
         on a file of the right size). ``readonly`` never creates, resizes or writes the file.
         """
-        if nblocks < 0:
-            raise ValueError(f"negative block count {nblocks}")
+        fd, fresh = _open_sized(path, nblocks, clear=clear, readonly=readonly)
         want = bitmap_file_size(nblocks)
-        if readonly:
-            if clear:
-                raise ValueError(f"bitmap {path}: cannot clear a bitmap opened read-only")
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            have = os.fstat(fd).st_size
-            if have != want and not clear and not (have == 0 and not readonly):
-                raise ValueError(
-                    f"bitmap {path} is {have} bytes, but {nblocks} blocks need {want} bytes "
-                    "(wrong bitmap for this image? clear it to start over)"
-                )
-            if clear or have != want:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, want)
-                os.fsync(fd)
-                bits = bytearray(want)
-            else:
-                bits = _read_exact(fd, want, path)
+            bits = bytearray(want) if fresh else _read_exact(fd, want, path)
         except BaseException:
             os.close(fd)
             raise
@@ -255,6 +247,130 @@ class Bitmap:
     def to_bytes(self) -> bytes:
         """The bitmap exactly as it is (or will be) in the file."""
         return bytes(self._bits)
+
+
+class SharedBitmap(Bitmap):
+    """The bitmap file mapped MAP_SHARED: every process that maps it sees a bit the moment
+    another sets it, so the daemon and its workers share one truth.
+
+    Made for the cow overlay, whose bits only go from clear to set, each after the overlay holds
+    its block: a process that sees a bit reads the overlay, and finds the block there. Setting
+    a bit rewrites its whole byte, so bits are set only under ``lock`` of their blocks (an OFD
+    lock on the bitmap byte, which excludes other processes; within a process the caller keeps
+    the locked ranges disjoint). The bits reach the disk with the file's pages, at any time, not
+    after the data they cover: fine for an overlay, which never outlives a crash (a stale one is
+    removed at start), and why the proxy, whose cache does, keeps ``Bitmap``. ``sync`` makes
+    them durable (after the caller made the overlay durable).
+    """
+
+    def __init__(self, nblocks: int, fd: int, path: str) -> None:
+        size = bitmap_file_size(nblocks)
+        bits = mmap.mmap(fd, size, mmap.MAP_SHARED) if size else bytearray()
+        self._lock_fd = ofdlock.own_description(fd, writable=True)
+        super().__init__(nblocks, bits, fd, path, False)
+
+    @classmethod
+    def open(
+        cls, path: str, nblocks: int, *, clear: bool = False, readonly: bool = False
+    ) -> SharedBitmap:
+        """As ``Bitmap.open`` (never read-only: a read-only overlay has no bitmap)."""
+        if readonly:
+            raise ValueError(f"bitmap {path}: a shared bitmap is never read-only")
+        fd, _fresh = _open_sized(path, nblocks, clear=clear, readonly=False)
+        try:
+            bitmap = cls(nblocks, fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        bitmap._mask_tail()
+        return bitmap
+
+    @classmethod
+    def attach(cls, fd: int, path: str, nblocks: int) -> SharedBitmap:
+        """Map the bitmap another process opened (``fd`` received from it; closed by ``close``)."""
+        have, want = os.fstat(fd).st_size, bitmap_file_size(nblocks)
+        if have != want:
+            raise ValueError(f"bitmap {path} is {have} bytes, {nblocks} blocks need {want}")
+        return cls(nblocks, fd, path)
+
+    @property
+    def fd(self) -> int:
+        assert self._fd is not None, "closed"
+        return self._fd
+
+    # -- cross-process exclusion of the bytes holding blocks [first, stop) ---------------------
+
+    def try_lock(self, first: int, stop: int) -> bool:
+        return ofdlock.try_lock(self._lock_fd, first >> 3, _bytes_for(first, stop))
+
+    def lock(self, first: int, stop: int) -> None:
+        """Blocking (run it in a thread)."""
+        ofdlock.lock(self._lock_fd, first >> 3, _bytes_for(first, stop))
+
+    def unlock(self, first: int, stop: int) -> None:
+        ofdlock.unlock(self._lock_fd, first >> 3, _bytes_for(first, stop))
+
+    # -- persistence: the bits are the file's pages --------------------------------------------
+
+    def capture(self) -> PendingWrite | None:
+        return None  # nothing to copy: a copy written back later could clear newer bits
+
+    def write_back(self, pending: PendingWrite | None) -> None:
+        pass
+
+    def sync(self) -> None:
+        """Blocking: make every bit set so far, by any process, durable."""
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        """Make the bits durable, unmap and close. Idempotent."""
+        if self._fd is None:
+            return
+        try:
+            self.sync()
+        finally:
+            if isinstance(self._bits, mmap.mmap):
+                self._bits.close()
+            os.close(self._lock_fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _bytes_for(first: int, stop: int) -> int:
+    """Bytes of the bitmap that hold blocks [first, stop) (at least one: a lock of length 0
+    would reach to the end of the file)."""
+    return max(((stop - 1) >> 3) - (first >> 3) + 1, 1)
+
+
+def _open_sized(path: str, nblocks: int, *, clear: bool, readonly: bool) -> tuple[int, bool]:
+    """Open (or create, mode 0600) the bitmap file for ``nblocks`` blocks; True with it when the
+    file was (re)made all zeros. See ``Bitmap.open``."""
+    if nblocks < 0:
+        raise ValueError(f"negative block count {nblocks}")
+    want = bitmap_file_size(nblocks)
+    if readonly:
+        if clear:
+            raise ValueError(f"bitmap {path}: cannot clear a bitmap opened read-only")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        have = os.fstat(fd).st_size
+        if have != want and not clear and not (have == 0 and not readonly):
+            raise ValueError(
+                f"bitmap {path} is {have} bytes, but {nblocks} blocks need {want} bytes "
+                "(wrong bitmap for this image? clear it to start over)"
+            )
+        if clear or have != want:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, want)
+            os.fsync(fd)
+            return fd, True
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, False
 
 
 def _read_exact(fd: int, size: int, path: str) -> bytearray:

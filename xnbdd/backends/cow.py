@@ -9,10 +9,15 @@ data. Bits only ever go from clear to set.
 A partial write to an absent block first copies the base block up ("copy-up"). Writes that touch
 absent blocks hold a range lock over their blocks, so two partial writes to one block, or a
 copy-up and a full-block write, can never overwrite each other with stale base bytes. Writes to
-blocks already present take no lock.
+blocks already present take no lock. The daemon's worker processes serve connections of one
+overlay too (docs/data-path.md): every process maps the one bitmap file (``SharedBitmap``), and
+the lock over a write's blocks is held against the tasks of this process (``RangeLocks``), then
+against the other processes (an OFD lock on the bitmap bytes of those blocks; the range is
+widened to whole bitmap bytes, as setting a bit rewrites its byte).
 
-The overlay file is flock()ed for the life of the instance: at start, an overlay of the same base
-that nobody holds locked was left by a crash and is removed.
+The overlay file is flock()ed for the life of the instance (by the daemon, which made it and
+removes it; workers ``attach`` to its descriptors): at start, an overlay of the same base that
+nobody holds locked was left by a crash and is removed.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import trio
 
 from xnbdd.backends import linux
 from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
-from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
-from xnbdd.backends.blocks import block_bytes, fill_edges, flush_data_then_bitmap, present_runs
+from xnbdd.backends.bitmap import BLOCK_SIZE, SharedBitmap, block_span, nblocks_for
+from xnbdd.backends.blocks import block_bytes, fill_edges, present_runs
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLocks
 from xnbdd.leftovers import remove_unless_locked, siblings, unlink_quietly
@@ -40,7 +48,13 @@ class CowBackend:
     """Base image + overlay, shared by every connection of the instance."""
 
     def __init__(
-        self, base: FileBackend, overlay: FileBackend, bitmap: Bitmap, overlay_path: str
+        self,
+        base: FileBackend,
+        overlay: FileBackend,
+        bitmap: SharedBitmap,
+        overlay_path: str,
+        *,
+        owner: bool = True,
     ) -> None:
         self.base = base
         self.overlay = overlay
@@ -51,6 +65,7 @@ class CowBackend:
         self._locks = RangeLocks()
         self._closed = False
         self.keep_overlay = False  # a handover: close without removing (docs/handover.md)
+        self.owner = owner  # False in a worker process: the daemon removes the overlay
 
     @classmethod
     def open(cls, base_path: str, *, cow_dir: str | None = None) -> CowBackend:
@@ -69,7 +84,7 @@ class CowBackend:
             raise
         try:
             overlay = FileBackend(fd, overlay_path, readonly=False)
-            bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size), clear=True)
+            bitmap = SharedBitmap.open(overlay_path + ".bm", nblocks_for(base.size), clear=True)
         except BaseException:
             unlink_quietly(overlay_path + ".bm")
             unlink_quietly(overlay_path)
@@ -91,7 +106,7 @@ class CowBackend:
                 raise ValueError(f"{overlay_path} is not the overlay that was kept")
             if held.st_size != base.size:
                 raise ValueError(f"{overlay_path} is not an overlay of {base_path}")
-            bitmap = Bitmap.open(overlay_path + ".bm", nblocks_for(base.size))
+            bitmap = SharedBitmap.open(overlay_path + ".bm", nblocks_for(base.size))
         except BaseException:
             base.release()
             raise
@@ -100,6 +115,29 @@ class CowBackend:
             "copy-on-write overlay %s over %s kept across the restart", overlay_path, base_path
         )
         return cls(base, overlay, bitmap, overlay_path)
+
+    @classmethod
+    def attach(
+        cls, base_fd: int, base_path: str, overlay_fd: int, overlay_path: str, bitmap_fd: int
+    ) -> CowBackend:
+        """The overlay a daemon opened, in one of its worker processes (the descriptors of
+        ``descriptors()``, received from it; this object closes them)."""
+        fds = [base_fd, overlay_fd, bitmap_fd]
+        try:
+            base = FileBackend(base_fd, base_path, readonly=True)
+            fds.remove(base_fd)
+            overlay = FileBackend(overlay_fd, overlay_path, readonly=False)
+            fds.remove(overlay_fd)
+            bitmap = SharedBitmap.attach(bitmap_fd, overlay_path + ".bm", nblocks_for(base.size))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return cls(base, overlay, bitmap, overlay_path, owner=False)
+
+    def descriptors(self) -> tuple[int, int, int]:
+        """The base's, the overlay's and the bitmap's descriptors, for ``attach``."""
+        return self.base.fd, self.overlay.fd, self.bitmap.fd
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -115,7 +153,7 @@ class CowBackend:
             zero=True,
             fast_zero=self.overlay.capabilities.fast_zero,
             multi_conn=True,  # one overlay for every connection
-            shared_by_processes=False,  # the overlay is this process's own
+            shared_by_processes=False,  # another instance makes its own overlay
         )
 
     async def read(self, offset: int, length: int) -> bytearray:
@@ -162,7 +200,7 @@ class CowBackend:
         if self.bitmap.all_set(first, last):
             await self.overlay.write(offset, data, fua)
             return
-        async with self._locks.hold(first, last):
+        async with self._exclusive(first, last):
             await fill_edges(self.bitmap, offset, len(data), self._size, self._copy_up)
             await self.overlay.write(offset, data, fua=False)
             self.bitmap.set_range(first, last)  # only after the data is in the overlay
@@ -170,8 +208,10 @@ class CowBackend:
             await self.flush()
 
     async def flush(self) -> None:
-        """Overlay data first, then the bitmap that covers it (captured before the data sync)."""
-        await flush_data_then_bitmap(self.overlay.flush, self.bitmap)
+        """Overlay data first, then the bitmap that covers it: every process's completed writes
+        (both are synced as files, whoever wrote them)."""
+        await self.overlay.flush()
+        await trio.to_thread.run_sync(self.bitmap.sync)
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
         """Trimmed blocks read back as zeros, even where the base has data."""
@@ -183,7 +223,7 @@ class CowBackend:
         if fast and not self.capabilities.fast_zero:
             raise OSError(errno.ENOTSUP, "the overlay's file system cannot zero quickly")
         first, last = block_span(offset, length)
-        async with self._locks.hold(first, last):
+        async with self._exclusive(first, last):
             await fill_edges(self.bitmap, offset, length, self._size, self._copy_up)
             # copied-up bytes are not visible until the bits are set: ENOTSUP here changes nothing
             await self.overlay.zero(offset, length, may_trim=may_trim, fast=fast, fua=False)
@@ -215,6 +255,13 @@ class CowBackend:
         if self._closed:
             return
         self._closed = True
+        if not self.owner:  # a worker's: the daemon's to keep or remove
+            try:
+                self.bitmap.close()
+            finally:
+                self.overlay.release()
+                self.base.release()
+            return
         if self.keep_overlay:  # its clients went to the fd store, and its descriptor with them
             try:
                 self.bitmap.close()  # written back for the next process
@@ -263,6 +310,22 @@ class CowBackend:
         self.overlay.set_snapshot_guard(guard)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _exclusive(self, first: int, stop: int) -> AsyncIterator[None]:
+        """Hold blocks [first, stop), and the others of their bitmap bytes, against every task
+        of every process serving this overlay."""
+        if first >= stop:
+            yield  # no block: nothing to hold (an empty OFD lock would reach the file's end)
+            return
+        lo, hi = first & ~7, min((stop + 7) & ~7, self.bitmap.nblocks)
+        async with self._locks.hold(lo, hi):  # first: one task per bitmap byte in a process
+            if not self.bitmap.try_lock(lo, hi):
+                await trio.to_thread.run_sync(self.bitmap.lock, lo, hi)
+            try:
+                yield
+            finally:
+                self.bitmap.unlock(lo, hi)
 
     async def _copy_up(self, first: int, stop: int) -> None:
         """Copy blocks [first, stop) from the base into the overlay (the caller holds them

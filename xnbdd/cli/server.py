@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=number,
         metavar="N",
-        help="serve the connections of a plain file or device export in N worker processes, "
+        help="serve the connections of a plain file, device or cow-target export in N worker "
+        "processes, "
         "so they use N cores; they start once two connections are served at once (0: all in "
         "this process; default: one per CPU the process may use, at most 8, none on one CPU)",
     )

@@ -1,0 +1,131 @@
+"""One cow overlay served by several processes (the daemon's workers, docs/data-path.md): real
+processes attach to the overlay's descriptors and write into it at the same time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import trio
+
+from xnbdd.backends.bitmap import BLOCK_SIZE
+from xnbdd.backends.cow import CowBackend
+
+BLOCKS = 2048
+SECTOR = 512
+WRITERS = 2
+
+# A process that attaches to the overlay, waits for "go" on stdin, then writes its sectors
+# (every WRITERS-th 512-byte sector, starting at its index) of every block, one request each.
+WRITER = textwrap.dedent(
+    """
+    import sys, trio
+    from xnbdd.backends.cow import CowBackend
+
+    def main() -> None:
+        index, base, overlay, base_fd, overlay_fd, bitmap_fd = sys.argv[1:]
+        cow = CowBackend.attach(int(base_fd), base, int(overlay_fd), overlay, int(bitmap_fd))
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+        async def write() -> None:
+            me = int(index)
+            for block in range({blocks}):
+                for sector in range(me, {sectors}, {writers}):
+                    data = bytes([me + 1, block % 251]) * ({sector} // 2)
+                    await cow.write(block * {size} + sector * {sector}, data, fua=False)
+            await cow.flush()
+            await cow.close()
+
+        trio.run(write)
+
+    main()
+    """
+).format(
+    blocks=BLOCKS, sectors=BLOCK_SIZE // SECTOR, writers=WRITERS, sector=SECTOR, size=BLOCK_SIZE
+)
+
+
+def expected_sector(block: int, sector: int) -> bytes:
+    return bytes([sector % WRITERS + 1, block % 251]) * (SECTOR // 2)
+
+
+def test_processes_filling_the_same_absent_blocks_lose_no_write(tmp_path: Path) -> None:
+    """Every block is absent, and both processes write parts of each at once: each write copies
+    the base block up first, and without the cross-process lock one process's copy-up lands on
+    the other's fresh sectors (or one's bit update drops the other's bit of the same byte)."""
+    base = tmp_path / "base.img"
+    base.write_bytes(b"\xee" * BLOCKS * BLOCK_SIZE)
+    cow = CowBackend.open(str(base))
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        fds = cow.descriptors()
+        for index in range(WRITERS):
+            args = [str(index), str(base), cow.overlay_path, *map(str, fds)]
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", WRITER, *args],
+                    pass_fds=fds,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:  # as close to together as two processes can start
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            assert proc.wait(timeout=300) == 0
+        assert cow.bitmap.count() == BLOCKS, "a bit set by one process was lost"
+        data = trio.run(cow.read, 0, BLOCKS * BLOCK_SIZE)
+        lost = [
+            (block, sector)
+            for block in range(BLOCKS)
+            for sector in range(BLOCK_SIZE // SECTOR)
+            if data[block * BLOCK_SIZE + sector * SECTOR :][:SECTOR]
+            != expected_sector(block, sector)
+        ]
+        assert not lost, f"{len(lost)} sectors lost, first {lost[:4]}"
+    finally:
+        for proc in procs:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    stream.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        trio.run(cow.close)
+    assert base.read_bytes() == b"\xee" * BLOCKS * BLOCK_SIZE
+    assert sorted(os.listdir(tmp_path)) == ["base.img"]
+
+
+async def test_a_flush_in_one_process_syncs_what_another_wrote(tmp_path: Path) -> None:
+    """The bits another process sets are seen at once, through the shared mapping."""
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * BLOCK_SIZE))
+    cow = CowBackend.open(str(base))
+    try:
+        other = CowBackend.attach(
+            os.dup(cow.base.fd),
+            str(base),
+            os.dup(cow.overlay.fd),
+            cow.overlay_path,
+            os.dup(cow.bitmap.fd),
+        )
+        await other.write(3 * BLOCK_SIZE + 100, b"hello", fua=False)
+        assert cow.bitmap.test(3) and not cow.bitmap.test(4)
+        assert bytes(await cow.read(3 * BLOCK_SIZE + 100, 5)) == b"hello"
+        await cow.flush()
+        await other.close()  # a worker's close leaves the overlay to its owner
+        assert os.path.exists(cow.overlay_path) and os.path.exists(cow.bitmap_path)
+        with open(cow.bitmap_path, "rb") as f:
+            assert f.read(1) == b"\x08"
+    finally:
+        await cow.close()
+    assert not os.path.exists(cow.overlay_path)
