@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
@@ -14,6 +15,16 @@ from tests.e2e.ceph import CephCluster, CephError
 from tests.e2e.ceph import start as start_ceph
 from tests.e2e.rootfs import missing_builders, rootfs
 from tests.e2e.systemd_fixtures import REPO, Journald, NotifyReceiver
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_per_test() -> Iterator[None]:
+    """Collect cycles after every end-to-end test, so that a pipe or socket a test left open
+    fails that test (filterwarnings=error makes its ResourceWarning an error), not whichever
+    later test runs when the collector does. (Unit tests are many and short, and a collection
+    after each cost 40 s there.)"""
+    yield
+    gc.collect()
 
 
 def daemon_command(*args: str) -> list[str]:
