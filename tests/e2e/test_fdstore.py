@@ -266,7 +266,7 @@ def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, dat
         client.kill()
         if cache_all.poll() is None:
             cache_all.kill()
-            cache_all.communicate()  # reaps it and closes its pipes
+        cache_all.communicate()  # reaps it and closes its pipes, however it ended
     assert result["error"] == "" and result["verify_errors"] == 0, result
     assert stored(box, PROXY_UNIT) == 0
     box.run("systemctl", "stop", PROXY_UNIT, "xnbd@origin.service")
