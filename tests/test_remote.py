@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
-import threading
 from pathlib import Path
 
 import pytest
@@ -167,51 +165,3 @@ async def test_reconnect_refuses_another_size(tmp_path: Path) -> None:
                 await link.reconnect(RemoteAddress(other.host, other.port))
             assert link.description == f"127.0.0.1:{first.port}"
             assert bytes(await link.read(0, 10)) == bytes(10)
-
-
-async def test_reads_started_from_threads_mix_with_the_event_loops(tmp_path: Path) -> None:
-    """``start_read`` from several OS threads at once, beside reads of the event loop, on one
-    connection: every answer is right (cookies, the encoder and the socket's send side are
-    shared under the connection's lock) and comes to its callback on the event loop's thread."""
-    image = tmp_path / "origin.img"
-    data = random_image(image, SIZE, seed=21)
-    with nbdkit(tmp_path, ["file", str(image)]) as origin:
-        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
-            loop_thread = threading.get_ident()
-            answers: dict[int, bytes] = {}
-            wrong_thread: list[int] = []
-            all_in = trio.Event()
-            token = trio.lowlevel.current_trio_token()
-            per_thread, threads = 50, 4
-
-            def callback(offset: int, got: bytearray | None, error: OSError | None) -> None:
-                if threading.get_ident() != loop_thread:
-                    wrong_thread.append(offset)
-                assert got is not None and error is None
-                answers[offset] = bytes(got)
-                if len(answers) == per_thread * threads:
-                    all_in.set()
-
-            def sender(first: int) -> None:
-                for i in range(first, first + per_thread):
-                    offset = i * 4099
-                    assert link.start_read(offset, 1000 + i, functools.partial(callback, offset))
-                    if i % 10 == 0:  # and the event loop sends some of its own between them
-                        token.run_sync_soon(lambda: None)
-
-            async def loop_reads() -> None:
-                for i in range(50):
-                    offset = SIZE // 2 + i * 513
-                    assert bytes(await link.read(offset, 777)) == data[offset : offset + 777]
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(loop_reads)
-                for t in range(threads):
-                    nursery.start_soon(trio.to_thread.run_sync, sender, t * per_thread)
-            with trio.fail_after(10):
-                await all_in.wait()
-            assert not wrong_thread
-            for i in range(per_thread * threads):
-                offset = i * 4099
-                assert answers[offset] == data[offset : offset + 1000 + i]
-            assert not link.start_read(0, link.max_payload + 1, lambda _d, _e: None)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from .backends.base import InlineIO
 from .budget import ByteBudget, Grant, Limits
-from .dispatch import Buffers, ColdReads, error_reply, failed_reply
+from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
 from .outbox import ClosedConnection, Outbox
 from .proto.consts import (
@@ -109,7 +109,6 @@ class DataPlane(Receiver):
         self._limits = limits
         self._budget = budget
         self._submit = submit
-        self._cold = ColdReads(export, negotiated, self.complete, fields or {})
         tx = int(negotiated.tx_flags)
         self._structured = negotiated.structured
         self._extended = extended = negotiated.extended
@@ -553,9 +552,6 @@ class DataPlane(Receiver):
                     got = inline.try_read(offset, length)
                     if got is not None:
                         self._queue_read(cookie, offset, length, got, cost)
-                        return
-                    # a backend may fetch it from this thread (the proxy's origin)
-                    if self._cold.start(cookie, offset, length, cost):
                         return
                 elif cmd == _WRITE and not flags & ~self._write_flags and not self._readonly:
                     assert data is not None

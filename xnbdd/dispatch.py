@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno as errnos
 import logging
-from collections.abc import Callable
 
 from .backends.base import Backend, FileRange
 from .export import Export
@@ -192,49 +191,3 @@ def clip_extents(
     if one:
         return out[:1]
     return out
-
-
-class ColdReads:
-    """READs a connection's thread hands to a backend's ``ColdRead`` (the proxy sends the fetch
-    to its origin from that thread): each holds its own admission through the export's gate
-    until answered, and its reply goes back through ``complete`` (``DataPlane.complete``)."""
-
-    def __init__(
-        self,
-        export: Export,
-        negotiated: Negotiated,
-        complete: Callable[[Buffers, int], None],
-        fields: dict[str, str],
-    ) -> None:
-        self._export = export
-        self._negotiated = negotiated
-        self._complete = complete
-        self._fields = fields
-
-    def start(self, cookie: int, offset: int, length: int, cost: int) -> bool:
-        """False: nothing started (no such backend, the export is pausing, or it declined)."""
-        export = self._export
-        cold = export.cold
-        if cold is None or not export.try_admit():
-            return False
-        negotiated = self._negotiated
-        req = Request(cookie, Cmd.READ, 0, offset, length)
-
-        def done(data: bytes | bytearray | memoryview | None, error: OSError | None) -> None:
-            try:
-                if data is None:
-                    assert error is not None
-                    reply = failed_reply(req, negotiated, error, self._fields)
-                else:
-                    reply = read_reply(req, negotiated, data)
-            finally:
-                export.release()
-            self._complete(reply, cost)
-
-        started = False
-        try:
-            started = cold.start_read(offset, length, done)
-        finally:
-            if not started:
-                export.release()
-        return started

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .backends.base import Backend, ColdRead, Extent, InlineIO
+from .backends.base import Backend, Extent, InlineIO
 from .proto.consts import BASE_ALLOCATION, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK, State, TxFlag
 from .proto.messages import ExportInfo
 
@@ -48,7 +48,6 @@ class Export:
         self.description = description
         self.backend = backend
         self.inline = _inline_io(backend)
-        self.cold = backend if isinstance(backend, ColdRead) else None
         self.force_readonly = readonly
         self.extra_contexts: dict[str, ContextProvider] = {}
         self._gate = threading.Lock()
@@ -165,7 +164,6 @@ class Export:
         async with self.paused():
             backend = await make()
             self.backend, self.inline = backend, _inline_io(backend)
-            self.cold = backend if isinstance(backend, ColdRead) else None
 
 
 def _inline_io(backend: Backend) -> InlineIO | None:

@@ -13,9 +13,6 @@ Fixes of the original's upstream handling (docs/decisions.md D15-D19):
   has failed (docs/faults.md);
 - ``reconnect`` switches to another origin after checking that it exports the same size.
 
-Reads may also start from other threads (``start_read``: the proxy's cold reads); the
-connection that carries them is in ``origin_connection.py``.
-
 The wire protocol lives in ``xnbdd.proto.client`` and ``client_transmission``; this module only
 moves its bytes.
 """
@@ -26,32 +23,32 @@ import errno
 import logging
 import math
 import socket
-import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import Enum
 
 import trio
 
-from .listeners import STREAM_GONE
-from .origin_connection import (
-    RECEIVE_SIZE,
-    ConnectionLost,
-    OriginConnection,
-    ReadCallback,
-    close_quietly,
-    eio,
-)
+from .listeners import STREAM_ERRORS, STREAM_GONE
 from .proto.client import ClientHandshake, Connected
-from .proto.consts import TxFlag
+from .proto.client_transmission import (
+    BlockStatus,
+    ClientTransmission,
+    ReadData,
+    ReplyDone,
+    ReplyEvent,
+)
+from .proto.consts import Cmd, TxFlag
 from .proto.errors import NBDError
 from .tls import ClientTLSOptions, client_context
 
 log = logging.getLogger(__name__)
 
+RECEIVE_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +83,174 @@ class LinkState(Enum):
 
 class SizeMismatchError(OSError):
     """The origin exports another size than the one this link was bound to."""
+
+
+class _ConnectionLost(Exception):
+    """The connection carrying a request went away; the request may be retried elsewhere."""
+
+
+def _eio(message: str) -> OSError:
+    return OSError(errno.EIO, message)
+
+
+class _Call:
+    """One request waiting for its reply (READ: ``buffer``; BLOCK_STATUS: ``extents`` of the
+    context ``context_id``)."""
+
+    def __init__(self, offset: int, length: int, context_id: int | None = None) -> None:
+        self.offset = offset
+        self.buffer = bytearray(length)  # holes need nothing: they are already zeros
+        self.context_id = context_id
+        self.extents: list[tuple[int, int]] = []  # (length, flags)
+        self.error = 0
+        self.lost = False
+        self.done = trio.Event()
+
+
+class _Connection:
+    """One negotiated connection: a reader task dispatches replies to waiting calls."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, info: Connected, leftover: bytes, timeout: float
+    ) -> None:
+        self.stream = stream
+        self.info = info
+        self.tx = ClientTransmission(
+            info.tx_flags, info.structured, info.max_payload, extended=info.extended
+        )
+        self.calls: dict[int, _Call] = {}
+        self.send_lock = trio.Lock()
+        self.timeout = timeout
+        self.last_receive = trio.current_time()
+        self.dead = False
+        self._next_cookie = 1
+        self._leftover = leftover
+        self._killed = trio.Event()
+        self._disconnecting = False
+
+    def kill(self, reason: str, *, expected: bool = False) -> None:
+        if not self.dead:
+            (log.info if expected else log.warning)("origin connection ended: %s", reason)
+        self.dead = True
+        self._killed.set()
+
+    async def serve(self) -> None:
+        """Read replies until the connection dies; then every waiting call is marked lost."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_loop)
+                await self._killed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.dead = True
+            for call in self.calls.values():
+                call.lost = True
+                call.done.set()
+            self.calls.clear()
+            with trio.CancelScope(shield=True):
+                await _close_quietly(self.stream)
+
+    async def _read_loop(self) -> None:
+        try:
+            if self._leftover:
+                self._dispatch(self.tx.receive_data(self._leftover))
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self.last_receive = trio.current_time()
+                if not data:
+                    self.kill("origin closed the connection", expected=self._disconnecting)
+                    return
+                self._dispatch(self.tx.receive_data(data))
+        except NBDError as exc:
+            self.kill(f"protocol error from origin: {exc}")
+        except STREAM_ERRORS as exc:
+            self.kill(f"receive failed: {exc!r}")
+
+    def _dispatch(self, events: list[ReplyEvent]) -> None:
+        for event in events:
+            call = self.calls.get(event.cookie)
+            if call is None:
+                continue  # a request that timed out or was cancelled: its reply is dropped
+            if isinstance(event, ReadData):
+                start = event.offset - call.offset
+                call.buffer[start : start + len(event.data)] = event.data
+            elif isinstance(event, BlockStatus):
+                if event.context_id == call.context_id:
+                    call.extents.extend(event.extents)
+            elif isinstance(event, ReplyDone):
+                call.error = event.error
+                del self.calls[event.cookie]
+                call.done.set()
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        call = await self._call(Cmd.READ, _Call(offset, length), length)
+        return call.buffer
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """base:allocation extents (length, flags) from ``offset``: a prefix of the range, or
+        a little past its end (the caller clips)."""
+        context_id = self.info.allocation_id
+        assert context_id is not None
+        call = await self._call(Cmd.BLOCK_STATUS, _Call(offset, 0, context_id), length)
+        return call.extents
+
+    async def _call(self, command: Cmd, call: _Call, length: int) -> _Call:
+        if self.dead:
+            raise _ConnectionLost
+        async with self.send_lock:
+            if self.dead:
+                raise _ConnectionLost
+            cookie = self._next_cookie
+            self._next_cookie += 1
+            wire = self.tx.request(command, cookie, call.offset, length)
+            self.calls[cookie] = call
+            await self._send(wire)
+        try:
+            await call.done.wait()
+        finally:
+            self.calls.pop(cookie, None)
+        if call.lost:
+            raise _ConnectionLost
+        if call.error:
+            raise OSError(
+                call.error,
+                f"origin answered {command.name} at {call.offset}+{length} with an error",
+            )
+        return call
+
+    async def _send(self, wire: bytes) -> None:
+        # A half-sent request would corrupt the stream for everyone: the send is shielded from
+        # cancellation, bounded by the timeout so a stuck origin cannot hang us
+        # (docs/decisions.md D15).
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.timeout) as scope:
+                try:
+                    await self.stream.send_all(wire)
+                except STREAM_ERRORS as exc:
+                    self.kill(f"send failed: {exc!r}")
+                    raise _ConnectionLost from exc
+            if scope.cancelled_caught:
+                self.kill("send timed out")
+                raise _ConnectionLost
+
+    async def disconnect(self) -> None:
+        """Polite NBD_CMD_DISC (best effort, bounded), then the connection ends."""
+        if self.dead:
+            return
+        self._disconnecting = True
+        with trio.move_on_after(1.0):
+            async with self.send_lock:
+                with suppress(*STREAM_ERRORS, NBDError):
+                    await self.stream.send_all(self.tx.request(Cmd.DISC, 0))
+        self.kill("disconnected", expected=True)
+
+
+async def _close_quietly(stream: trio.abc.Stream) -> None:
+    # A TLS stream sends close_notify first, which a stuck origin may never take: bounded (a
+    # cancelled close still closes the socket).
+    with suppress(*STREAM_ERRORS):
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await stream.aclose()
 
 
 def _tune_socket(stream: trio.SocketStream) -> None:
@@ -152,7 +317,7 @@ async def open_connection(
             return stream, result, handshake.leftover()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
-                await close_quietly(stream)
+                await _close_quietly(stream)
             if isinstance(exc, NBDError):
                 raise OSError(errno.EPROTO, f"{address.describe()}: {exc}") from exc
             if isinstance(exc, STREAM_GONE):
@@ -184,15 +349,14 @@ class RemoteLink:
         self.state = LinkState.CONNECTING
         self.last_error = ""
         self.requests = 0  # READ requests sent, for status and tests
-        self._count_lock = threading.Lock()  # connection threads count theirs too
         self.tx_flags = TxFlag(0)
         self.structured = False
         self.extended = False  # the origin took extended headers
         self.allocation = False  # the origin answers base:allocation block status
         self.status_requests = 0  # BLOCK_STATUS requests sent
         self.max_payload = 32 * 1024 * 1024
-        self._conn: OriginConnection | None = None
-        self._replacement: OriginConnection | None = None
+        self._conn: _Connection | None = None
+        self._replacement: _Connection | None = None
         self._installed = trio.Event()  # set (and renewed) whenever a connection goes live
         self._scope: trio.CancelScope | None = None
         self._down_since = math.inf
@@ -216,20 +380,20 @@ class RemoteLink:
             "allocation": self.allocation,
         }
 
-    async def _negotiate(self, address: RemoteAddress) -> OriginConnection:
+    async def _negotiate(self, address: RemoteAddress) -> _Connection:
         stream, info, leftover = await open_connection(address, self.connect_timeout)
         if info.size == 0:
-            await close_quietly(stream)
+            await _close_quietly(stream)
             raise OSError(errno.EINVAL, f"{address.describe()} exports size 0")
         if self.size >= 0 and info.size != self.size:
-            await close_quietly(stream)
+            await _close_quietly(stream)
             raise SizeMismatchError(
                 errno.EINVAL,
                 f"{address.describe()} exports {info.size} bytes, expected {self.size}",
             )
-        return OriginConnection(stream, info, leftover, self.timeout)
+        return _Connection(stream, info, leftover, self.timeout)
 
-    def _install(self, conn: OriginConnection) -> None:
+    def _install(self, conn: _Connection) -> None:
         self._conn = conn
         self.size = conn.info.size
         self.tx_flags = conn.info.tx_flags
@@ -269,7 +433,7 @@ class RemoteLink:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect (the first failure is raised), report started, then keep the link up."""
-        conn: OriginConnection | None = await self._negotiate(self.address)
+        conn: _Connection | None = await self._negotiate(self.address)
         task_status.started()
         try:
             while not self._closing:
@@ -286,7 +450,7 @@ class RemoteLink:
             self._uninstall()
             self._tell()  # wake waiters: they see CLOSED and fail
 
-    async def _connect_with_backoff(self) -> OriginConnection:
+    async def _connect_with_backoff(self) -> _Connection:
         """Attempts with exponential backoff between them; a request's kick cuts the wait."""
         log.warning("origin %s is down; reconnecting", self.description)
         delay = self.backoff_initial
@@ -335,41 +499,24 @@ class RemoteLink:
             self._scope.cancel()
         await installed.wait()
 
-    async def _wait_connection(self) -> OriginConnection:
+    async def _wait_connection(self) -> _Connection:
         """The live connection; when there is none, an attempt is asked for at once. While the
         link is FAILED, EIO as soon as an attempt that began after this call has failed."""
         wanted = 0
         while True:
             if self.state is LinkState.CLOSED:
-                raise eio("origin link closed")
+                raise _eio("origin link closed")
             conn = self._conn
             if conn is not None and not conn.dead:
                 return conn
             if self.state is LinkState.FAILED and wanted and self._attempts_done >= wanted:
-                raise eio(f"origin {self.description} unavailable: {self.last_error}")
+                raise _eio(f"origin {self.description} unavailable: {self.last_error}")
             if not wanted:
                 # the attempt under way may have begun before the origin came back; one kick
                 # per request (not per pass), so a waiting request never spins attempts
                 wanted = self._attempts_started + 1
                 self._kick.set()
             await self._news.wait()
-
-    def start_read(self, offset: int, length: int, callback: ReadCallback) -> bool:
-        """From any thread: send a READ on the live connection now, without the event loop;
-        ``callback`` gets the data or an OSError on the event loop's thread (timeout: EIO;
-        ``OriginConnectionLost``: it may be sent again). False: nothing was sent (no live
-        plain-socket connection, or more than one request's worth)."""
-        conn = self._conn
-        if (
-            conn is None
-            or self.state is not LinkState.CONNECTED
-            or not 0 < length <= self.max_payload
-            or not conn.start_read(offset, length, callback)
-        ):
-            return False
-        with self._count_lock:
-            self.requests += 1
-        return True
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or
@@ -383,18 +530,17 @@ class RemoteLink:
                 out += await self.read(start, part)
             return out
         started = trio.current_time()
-        conn: OriginConnection | None = None
+        conn: _Connection | None = None
         with trio.move_on_after(self.timeout):
             while True:
                 conn = await self._wait_connection()
                 try:
-                    with self._count_lock:
-                        self.requests += 1
+                    self.requests += 1
                     return await conn.read(offset, length)
-                except ConnectionLost:
+                except _ConnectionLost:
                     continue
         self._drop_if_stuck(conn, started)
-        raise eio(f"origin {self.description}: no answer within {self.timeout}s")
+        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """The origin's base:allocation extents (length, flags) from ``offset``, covering at
@@ -403,7 +549,7 @@ class RemoteLink:
         ``timeout`` seconds, or the origin's own error."""
         length = min(length, self.max_status_length)
         started = trio.current_time()
-        conn: OriginConnection | None = None
+        conn: _Connection | None = None
         with trio.move_on_after(self.timeout):
             while True:
                 conn = await self._wait_connection()
@@ -412,18 +558,18 @@ class RemoteLink:
                 try:
                     self.status_requests += 1
                     extents = await conn.block_status(offset, length)
-                except ConnectionLost:
+                except _ConnectionLost:
                     continue
                 return _clip(extents, length)
         self._drop_if_stuck(conn, started)
-        raise eio(f"origin {self.description}: no answer within {self.timeout}s")
+        raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     @property
     def max_status_length(self) -> int:
         """The longest range one BLOCK_STATUS asks about (compact lengths are 32-bit)."""
         return (1 << 40) if self.extended else 0xFFFFF000
 
-    def _drop_if_stuck(self, conn: OriginConnection | None, started: float) -> None:
+    def _drop_if_stuck(self, conn: _Connection | None, started: float) -> None:
         # A connection on which nothing arrived since we asked is stuck: drop it, so the next
         # requests go to a fresh one.
         if conn is not None and conn is self._conn and conn.last_receive < started:
@@ -451,7 +597,7 @@ def _clip(extents: list[tuple[int, int]], length: int) -> list[tuple[int, int]]:
         if total >= length:
             break
     if not out:
-        raise eio("origin answered BLOCK_STATUS without extents")
+        raise _eio("origin answered BLOCK_STATUS without extents")
     return out
 
 

@@ -8,7 +8,6 @@ or on a remote server; a backend that can finish without waiting simply never su
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -137,19 +136,3 @@ class CacheStore(Backend, InlineIO, Protocol):
     (RbdBackend); ``release`` closes it without a flush."""
 
     def release(self) -> None: ...
-
-
-# A cold read's answer, from whatever thread: (data, None) or (None, the OSError).
-ReadDone = Callable[[bytes | bytearray | memoryview | None, OSError | None], None]
-
-
-@runtime_checkable
-class ColdRead(Protocol):
-    """A read the backend must fetch (the proxy's origin), started by a connection's data-plane
-    thread without the event loop in between (docs/data-path.md "The proxy's cold read")."""
-
-    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
-        """Start reading ``length`` bytes at ``offset``; ``done`` is called exactly once, on
-        any thread, with the data or an OSError. False: nothing was started (nor will ``done``
-        be called); the request takes the async path."""
-        ...

@@ -19,11 +19,6 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
 - A read never fails because caching failed (a full or failing cache file system): the data
   fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
-- A cold read (docs/data-path.md "The proxy's cold read") is sent to the origin by the
-  connection's own thread (``start_read``, the ``ColdRead`` seam) when none of its blocks is
-  cached or busy: it claims them in the same lock table, and the reply is stored, marked and
-  handed to the connection on the event loop's thread as it arrives, with no task between. Any
-  other case (partly cached, busy, origin down, a TLS origin) takes the event loop's path.
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
   number of requests in flight, so client fetches never queue behind the bulk copy
   (backends/cache_all.py).
@@ -47,15 +42,7 @@ from functools import partial
 
 import trio
 
-from xnbdd.backends.base import (
-    MAX_EXTENTS,
-    Backend,
-    CacheStore,
-    Capabilities,
-    Extent,
-    FileRange,
-    ReadDone,
-)
+from xnbdd.backends.base import MAX_EXTENTS, Backend, CacheStore, Capabilities, Extent, FileRange
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import (
     block_bytes,
@@ -67,7 +54,6 @@ from xnbdd.backends.blocks import (
     zero_blocks,
 )
 from xnbdd.backends.cache_all import CacheAll, ProgressCallback
-from xnbdd.backends.coldread import ColdReader
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -139,17 +125,6 @@ class ProxyBackend:
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
-        self._cold = ColdReader(self, link, cache, bitmap, self._locks)
-
-    def serve_cold_reads(self, nursery: trio.Nursery) -> None:
-        """Let connection threads send cold reads to the origin (``start_read``); what they
-        leave to do (a store that must wait, a retry after a lost connection) runs here."""
-        self._cold.serve(nursery)
-
-    @property
-    def detached(self) -> bool:
-        """Stopped, or switched to target: the cache and bitmap take nothing more."""
-        return self._detached
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -212,16 +187,6 @@ class ProxyBackend:
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
-
-    # -- ColdRead: a connection's thread sends the fetch itself (backends/coldread.py)
-
-    def start_read(self, offset: int, length: int, done: ReadDone) -> bool:
-        return length <= MAX_FETCH and self._cold.start(offset, length, done)
-
-    async def _settled(self) -> None:
-        """Every held block released (cold reads' stores done, cancelled fetches unwound)."""
-        while (holder := self._locks.holder(0, self.nblocks)) is not None:
-            await holder.done.wait()
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
@@ -401,7 +366,6 @@ class ProxyBackend:
         bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force)."""
         if self._cache_all_scope is not None:
             self._cache_all_scope.cancel()
-        await self._settled()
         await self.flush()
         self._detached = True
         self._bitmap.close()
@@ -472,32 +436,23 @@ class ProxyBackend:
         try:
             await self._cache.write(offset, data, fua=False)
         except OSError as exc:
-            self.store_failed(exc, store=store)
+            if self._store_error is None:
+                log.error(
+                    "cache %s: fetched blocks not cached (%s); reads are served from the "
+                    "origin until caching works again",
+                    self.cache_path,
+                    exc.strerror or exc,
+                )
+            self._store_error = exc
+            if store:
+                raise
             return data
-        self.mark_fetched(first, stop)
-        return data
-
-    def store_failed(self, exc: OSError, *, store: bool) -> None:
-        """Fetched blocks the cache did not take: logged when it starts; raised with
-        ``store`` (else they stay uncached and the read is served all the same)."""
-        if self._store_error is None:
-            log.error(
-                "cache %s: fetched blocks not cached (%s); reads are served from the "
-                "origin until caching works again",
-                self.cache_path,
-                exc.strerror or exc,
-            )
-        self._store_error = exc
-        if store:
-            raise exc
-
-    def mark_fetched(self, first: int, stop: int) -> None:
-        """Fetched blocks are in the cache file: now (only now) they are cached."""
         if self._store_error is not None:
             self._store_error = None
             log.warning("cache %s: caching works again", self.cache_path)
         self._mark_cached(first, stop)
         self.fetched_blocks += stop - first
+        return data
 
     async def ensure_cached(
         self,
@@ -520,16 +475,15 @@ class ProxyBackend:
         while True:
             mine: list[tuple[int, int]] = []
             others: dict[RangeLock, None] = {}  # ordered set
-            with self._locks.mutex:  # connection threads claim too (start_read)
-                for run_first, run_stop in self._bitmap.runs(first, stop, False):
-                    free, holders = self._locks.split(run_first, run_stop)
-                    for a, b in free:
-                        mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
-                    others.update(dict.fromkeys(holders))
-                if (not mine and not others) or (mine and fetched_once and not store):
-                    return None
-                fetched_once = bool(mine)
-                claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
+            for run_first, run_stop in self._bitmap.runs(first, stop, False):
+                free, holders = self._locks.split(run_first, run_stop)
+                for a, b in free:
+                    mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
+                others.update(dict.fromkeys(holders))
+            if (not mine and not others) or (mine and fetched_once and not store):
+                return None
+            fetched_once = bool(mine)
+            claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
             if len(claims) == 1:
                 data = await self._fetch_claimed(link, *claims[0], store=store, zero=zero)
                 if not others and mine[0] == (first, stop) and not zero:
@@ -625,7 +579,6 @@ async def open_proxy_backend(
             rbd=rbd or RbdCluster(),
         )
         nursery.start_soon(backend.periodic_flush, sync_interval)
-        backend.serve_cold_reads(nursery)
         try:
             yield backend
         finally:

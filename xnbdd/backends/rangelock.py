@@ -6,16 +6,10 @@ in flight), so a list scanned on each request costs less than a table entry per 
 
 A holder that fetched data for others may fail: ``release(lock, error)`` records the OSError so
 that tasks waiting for those blocks learn it instead of fetching them again at once.
-
-The proxy also claims ranges from connections' threads (a cold read sent to the origin straight
-from the data plane): the table is guarded by ``mutex``, which a caller holds across a look at the
-bitmap and a claim so that the two are one step. ``release`` wakes trio tasks, so it runs on the
-event loop's thread only.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,35 +33,25 @@ class RangeLocks:
 
     def __init__(self) -> None:
         self._held: list[RangeLock] = []
-        self.mutex = threading.RLock()  # held across a check and a claim, from any thread
 
-    def holder(self, first: int, stop: int) -> RangeLock | None:
-        """A holder of some block of [first, stop), or None."""
-        with self.mutex:
-            return next((h for h in self._held if h.first < stop and first < h.stop), None)
+    def _holder(self, first: int, stop: int) -> RangeLock | None:
+        return next((h for h in self._held if h.first < stop and first < h.stop), None)
 
     def claim(self, first: int, stop: int) -> RangeLock:
-        """Hold [first, stop) at once; the caller has seen, holding ``mutex``, that nobody
-        holds any of it."""
+        """Hold [first, stop) at once; the caller has seen that nobody holds any of it."""
         lock = RangeLock(first, stop)
-        with self.mutex:
-            self._held.append(lock)
+        self._held.append(lock)
         return lock
 
     async def acquire(self, first: int, stop: int) -> RangeLock:
         """Wait until no block of [first, stop) is held, then hold them all."""
-        while True:
-            with self.mutex:
-                busy = self.holder(first, stop)
-                if busy is None:
-                    return self.claim(first, stop)
+        while (busy := self._holder(first, stop)) is not None:
             await busy.done.wait()
+        return self.claim(first, stop)
 
     def release(self, lock: RangeLock, error: OSError | None = None) -> None:
-        """Give the blocks back and wake their waiters (``error``: why a fetch failed). On the
-        event loop's thread."""
-        with self.mutex:
-            self._held.remove(lock)
+        """Give the blocks back and wake their waiters (``error``: why a fetch failed)."""
+        self._held.remove(lock)
         lock.error = error
         lock.done.set()
 
@@ -81,13 +65,11 @@ class RangeLocks:
 
     def split(self, first: int, stop: int) -> tuple[list[tuple[int, int]], list[RangeLock]]:
         """[first, stop) as the runs nobody holds, in order, and the holders of the rest."""
-        with self.mutex:
-            if not self._held:
-                return [(first, stop)], []
-            holders = sorted(
-                (h for h in self._held if h.first < stop and first < h.stop),
-                key=lambda h: h.first,
-            )
+        if not self._held:
+            return [(first, stop)], []
+        holders = sorted(
+            (h for h in self._held if h.first < stop and first < h.stop), key=lambda h: h.first
+        )
         free: list[tuple[int, int]] = []
         pos = first
         for holder in holders:
