@@ -14,8 +14,10 @@ cancelled connection aborts its plane), so a hang fails a test instead of stoppi
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
+import mmap
 import os
 import random
 import select
@@ -23,6 +25,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -332,14 +335,46 @@ def make_image(path: Path, size: int, *, seed: int | None, data_size: int | None
     return data + bytes(size - len(data))
 
 
+def resident_pages(path: Path) -> int:
+    """Pages of the file in the page cache (mincore over a mapping: looking loads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+            if libc.mincore(address, size, vec):
+                raise OSError(ctypes.get_errno(), "mincore")
+            return sum(v & 1 for v in vec)
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
 def drop_page_cache(path: Path) -> None:
-    """Write back and evict the file's cached pages: reads must come from the disk again."""
+    """Write back and evict the file's cached pages: reads must come from the disk again.
+    Eviction is best effort (a page another CPU still holds in a batch stays), so this waits
+    until mincore sees none resident, not just asks once."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for _ in range(200):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not resident_pages(path):
+                return
+            time.sleep(0.01)
     finally:
         os.close(fd)
+    pytest.fail(f"the kernel kept {resident_pages(path)} pages of {path} cached")
 
 
 def nowait_reads_supported(path: Path) -> bool:
