@@ -9,9 +9,11 @@ killed with SIGKILL closes only its own client, and another worker takes its pla
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -173,5 +175,77 @@ async def test_a_recall_cuts_a_client_that_reads_no_replies(tmp_path: Path) -> N
                     await stuck.ended()  # cut
                     await write_and_read(other, 1, 0, b"recalled" * 100)  # served here
             assert other.conn.worker is None or other.conn.worker != stuck.conn.worker
+    finally:
+        await export.backend.close()
+
+
+async def test_a_reload_reaches_the_workers_and_they_report_what_they_hold(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP's new limits apply in every worker (each reports the limits it serves with), and
+    the bytes a worker holds for a client that reads no replies count in the usage the
+    daemon's query shows."""
+    path = tmp_path / "disk.img"
+    make_image(path, SIZE, seed=6)
+    export = Export("", FileBackend.open(str(path), readonly=False))
+    try:
+        async with pool(export) as (state, workers), AsyncExitStack() as stack:
+            sessions = [
+                await stack.enter_async_context(serving(export, state=state)) for _ in (1, 2)
+            ]
+            await wait_until(lambda: all(s.conn.worker for s in sessions), STARTS_WITHIN)
+            assert workers.usage() == (0, 0)
+
+            state.limits.max_requests, state.limits.max_bytes = 7, 3 << 20
+            workers.apply_limits(state.limits)
+            with trio.fail_after(STARTS_WITHIN):
+                while not all(
+                    (w.usage.get("max_requests"), w.usage.get("max_bytes")) == (7, 3 << 20)
+                    for w in workers.processes
+                ):
+                    await workers.next_report()
+
+            client = sessions[0].client
+            reads = b"".join(client.request(Cmd.READ, n, 0, 1 << 20) for n in range(4))
+            await client.send(reads)  # 4 MiB of replies that are never read
+            with trio.fail_after(STARTS_WITHIN):
+                while workers.usage()[1] == 0:
+                    await workers.next_report()
+            requests, held = workers.usage()
+            assert 1 <= requests <= 4 and 0 < held <= 4 << 20
+    finally:
+        await export.backend.close()
+
+
+async def test_what_a_worker_logs_is_logged_by_the_daemon(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's records reach the daemon's log (the journal, or --logpath) with their level,
+    not only the worker's standard error."""
+    path = tmp_path / "disk.img"
+    make_image(path, SIZE, seed=7)
+    export = Export("", FileBackend.open(str(path), readonly=False))
+    try:
+        async with pool(export) as (state, workers), AsyncExitStack() as stack:
+            sessions = [
+                await stack.enter_async_context(serving(export, state=state)) for _ in (1, 2)
+            ]
+            await wait_until(lambda: all(s.conn.worker for s in sessions), STARTS_WITHIN)
+            left, right = socket.socketpair()
+            with left, right:
+                # a connection state the worker cannot use: it logs a warning and closes it
+                target = workers.processes[0]
+                target.post(
+                    {"op": "serve", "id": 999, "negotiated": {"pending": "!"}}, left.fileno()
+                )
+                await wait_until(
+                    lambda: any(
+                        "unusable connection state" in r.getMessage() for r in caplog.records
+                    ),
+                    STARTS_WITHIN,
+                )
+            record = next(r for r in caplog.records if "unusable" in r.getMessage())
+            assert record.levelno == logging.WARNING
+            assert record.getMessage().startswith(f"worker {target.index}: ")
     finally:
         await export.backend.close()

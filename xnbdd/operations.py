@@ -75,8 +75,8 @@ class Operations:
             status = self.proxy.status()
             percent = 100.0 * status.cached_blocks / max(status.total_blocks, 1)
             text += f", {percent:.1f}% cached from {status.remote} ({status.remote_state})"
-        if self.current_operation():
-            text += f", {self.current_operation()}"
+        if operation := self.current_operation():
+            text += f", {operation}"
         return text
 
     def current_operation(self) -> str:
@@ -170,7 +170,8 @@ class Operations:
     # -- the proxy ------------------------------------------------------------------------------
 
     def query(self) -> dict[str, Any]:
-        limits = self.state.limits
+        limits, workers = self.state.limits, self.state.workers
+        requests, held = workers.usage() if workers is not None else (0, 0)
         result: dict[str, Any] = {
             "mode": self.mode,
             "pid": os.getpid(),
@@ -180,12 +181,13 @@ class Operations:
             "tls": self.state.tls.policy.value,
             "tls_clients": self.state.tls_clients,
             "connections": [c.describe() for c in self.state.connections],
-            "workers": self.state.workers.pids() if self.state.workers else [],
+            "workers": workers.pids() if workers is not None else [],
             "operation": self.current_operation(),
-            "queue_used": self.state.budget.requests,
+            # the whole server: the daemon's and its workers' (as they last reported)
+            "queue_used": self.state.budget.requests + requests,
             "queue_limit": limits.max_requests,
-            "buffer_used": self.state.budget.used,
-            "buffer_limit": limits.max_bytes,
+            "buffer_used": self.state.budget.used + held,
+            "buffer_limit": limits.max_bytes * self.state.byte_shares,
         }
         if self.snapshot_job is not None:
             result["snapshot"] = self.snapshot_job.as_dict()
@@ -328,6 +330,8 @@ class Operations:
                 self.opts.max_clients = value  # connected clients stay; new ones see it
             elif getattr(self.opts, key, value) != value:
                 self._restart_needed(key)
+        if self.state.workers is not None:
+            self.state.workers.apply_limits(limits)
 
     def _tls_keys(self) -> dict[str, object]:
         """The TLS settings in the configuration's terms (they change only at a restart)."""

@@ -17,6 +17,14 @@ argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS
 - worker -> daemon ``done`` with ``id`` and ``reason``: the plane ended; ``HANDED_OVER`` means
   the connection stopped at a request boundary with every reply out, and the daemon (which kept
   its own descriptor of the socket) goes on serving it.
+- daemon -> worker ``limits`` (a SIGHUP reload): ``max_requests``, ``max_bytes`` (this
+  process's share) and ``grace``, applied to every connection the worker serves.
+- worker -> daemon ``usage``: requests in flight, bytes held and the limits in force, sent when
+  they changed (at most every ``USAGE_INTERVAL``) and at once after ``limits``, so the daemon's
+  query counts the whole server.
+
+The worker logs to standard error, one record per line as ``LEVEL message``; the daemon reads
+the pipe and logs each line as its own (the journal, or ``--logpath``).
 
 The worker ignores SIGINT and SIGTERM (the daemon stops it, connection by connection, after a
 graceful stop or handover) and ends with the daemon: the kernel closes the daemon's end of the
@@ -55,6 +63,8 @@ log = logging.getLogger("xnbdd")
 MAX_MESSAGE = 256 * 1024  # a serve message carries the bytes pipelined behind the handshake
 FD_SPACE = socket.CMSG_SPACE(3 * array.array("i", [0]).itemsize)  # a cow start has three
 PLANE_THREADS = trio.CapacityLimiter(1_000_000)  # one per connection, not a pool
+USAGE_INTERVAL = 0.5  # seconds between usage reports while it changes
+LOG_FORMAT = "%(levelname)s %(message)s"  # parsed by workers.forward_log
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -101,6 +111,7 @@ class Worker:
         self.channel = trio.socket.from_stdlib_socket(channel)
         self.planes: dict[int, DataPlane] = {}
         self._send_lock = trio.Lock()
+        self._usage_changed = trio.Event()  # report now, not at the next interval
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -129,15 +140,13 @@ class Worker:
             description=info.description,
             readonly=bool(start["readonly"]),
         )
-        limits = Limits(
-            max_requests=int(start["max_requests"]),
-            max_bytes=int(start["max_bytes"]),
-            shutdown_grace=float(start["grace"]),
-        )
+        limits = Limits()
+        apply_limits(limits, start)
         budget = ByteBudget(limits)
         try:
             async with trio.open_nursery() as nursery:
                 await self.send({"op": "ready", "pid": os.getpid()})
+                nursery.start_soon(self._report_usage, limits, budget)
                 while True:
                     received = await self.receive()
                     if received is None:
@@ -146,6 +155,10 @@ class Worker:
                     op, cid = message.get("op"), int(message.get("id", -1))
                     if op == "serve" and len(fds) == 1:
                         self._serve(nursery, cid, fds[0], message, export, info, limits, budget)
+                        continue
+                    if op == "limits":
+                        apply_limits(limits, message)
+                        self._usage_changed.set()
                         continue
                     for fd in fds:
                         os.close(fd)
@@ -163,6 +176,22 @@ class Worker:
         finally:
             with trio.CancelScope(shield=True):
                 await backend.close()
+
+    async def _report_usage(self, limits: Limits, budget: ByteBudget) -> None:
+        last: dict[str, int] = {}
+        while True:
+            usage = {
+                "requests": budget.requests,
+                "bytes": budget.used,
+                "max_requests": limits.max_requests,
+                "max_bytes": limits.max_bytes,
+            }
+            if usage != last:
+                await self.send({"op": "usage"} | usage)
+                last = usage
+            with trio.move_on_after(USAGE_INTERVAL):
+                await self._usage_changed.wait()
+            self._usage_changed = trio.Event()
 
     def _serve(
         self,
@@ -235,6 +264,13 @@ class Worker:
         plane.complete(reply, cost)
 
 
+def apply_limits(limits: Limits, message: dict[str, Any]) -> None:
+    """A reload's limits; the planes and the budget read them at each request."""
+    limits.max_requests = int(message["max_requests"])
+    limits.max_bytes = int(message["max_bytes"])
+    limits.shutdown_grace = float(message["grace"])
+
+
 def main(argv: list[str]) -> int:
     limit_arenas()  # before any thread, as in the daemon: one arena per connection thread is not
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -242,7 +278,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
-        format="xnbd-server-worker[%(process)d] %(levelname)s: %(message)s",
+        format=LOG_FORMAT,
     )
     channel = socket.socket(fileno=int(argv[0]))
     trio.run(Worker(channel).run)

@@ -21,6 +21,9 @@ abort as a local one.
 - Each process has its own share of ``--max-buf-size`` (the daemon's and every worker's add up
   to it); ``--max-queue-size`` is per connection, wherever it is served.
 - TLS sessions live in the daemon's memory and cannot move: TLS connections are served here.
+- A SIGHUP reload's limits reach every worker (``apply_limits``); each worker reports what it
+  holds (``usage``), so the query counts the whole server; the daemon logs what its workers
+  write to standard error as its own records.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -148,6 +152,7 @@ class WorkerProcess:
         self.ready = False
         self.planes: dict[int, RemotePlane] = {}
         self.lost = 0  # connections it was serving when it ended
+        self.usage: dict[str, int] = {}  # its last report: requests, bytes and its limits
         self._process: trio.Process | None = None
         self._out, self._outgoing = trio.open_memory_channel[tuple[dict[str, Any], int | None]](
             math.inf
@@ -168,6 +173,7 @@ class WorkerProcess:
                 [sys.executable, "-m", "xnbdd.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=_child_environment(),
+                stderr=subprocess.PIPE,
             )
         except BaseException:
             ours.close()
@@ -177,28 +183,32 @@ class WorkerProcess:
         self.pid = process.pid
         self._process = process
         channel = trio.socket.from_stdlib_socket(ours)
-        try:
-            await channel.sendmsg([encode(start)], rights(*image_fds))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender, channel)
-                await self._reader(channel)
-                nursery.cancel_scope.cancel()
-        except OSError:
-            pass  # the process is gone: as EOF
-        finally:
-            self.ready = False
-            self._out.close()
-            channel.close()  # the worker sees the end and exits (it ignores SIGTERM)
-            self.lost = len(self.planes)
-            for plane in self.planes.values():
-                plane.finish("its worker process ended")
-            self.planes.clear()
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(EXIT_WAIT):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        assert process.stderr is not None
+        async with trio.open_nursery() as logging:
+            # until the process has exited, so the last lines of a crash are logged too
+            logging.start_soon(forward_log, process.stderr, f"worker {self.index}")
+            try:
+                await channel.sendmsg([encode(start)], rights(*image_fds))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender, channel)
+                    await self._reader(channel)
+                    nursery.cancel_scope.cancel()
+            except OSError:
+                pass  # the process is gone: as EOF
+            finally:
+                self.ready = False
+                self._out.close()
+                channel.close()  # the worker sees the end and exits (it ignores SIGTERM)
+                self.lost = len(self.planes)
+                for plane in self.planes.values():
+                    plane.finish("its worker process ended")
+                self.planes.clear()
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(EXIT_WAIT):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
         code = process.returncode
         assert code is not None
         return f"exit status {code}" if code >= 0 else f"signal {-code}"
@@ -223,11 +233,35 @@ class WorkerProcess:
             if op == "ready":
                 self.ready = True
                 self.pool.worker_ready()
+            elif op == "usage":
+                self.usage = {k: int(v) for k, v in message.items() if k != "op"}
+                self.pool.usage_reported()
             elif op == "done":
                 plane = self.planes.pop(int(message.get("id", -1)), None)
                 if plane is not None:
                     plane.finish(str(message.get("reason", "")))
                     self.pool.settled()
+
+
+async def forward_log(stream: trio.abc.ReceiveStream, name: str) -> None:
+    """Log a worker's standard error (``LEVEL message`` lines, worker.LOG_FORMAT) as the
+    daemon's own records until the worker closes it; other lines (a traceback) keep the level
+    of the record before them."""
+    level = logging.WARNING
+    pending = b""
+    async with stream:
+        async for chunk in stream:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace")
+                first, _, rest = line.partition(" ")
+                named = logging.getLevelName(first)
+                if isinstance(named, int):
+                    level, line = named, rest
+                log.log(level, "%s: %s", name, line)
+    if pending:
+        log.log(level, "%s: %s", name, pending.decode(errors="replace"))
 
 
 class Workers:
@@ -249,6 +283,7 @@ class Workers:
         self._held = 0  # recalls running: nothing is handed out
         self._wanted = trio.Event()
         self._settled = trio.Event()
+        self._reported = trio.Event()
         self._next_id = 0
 
     # -- connections ----------------------------------------------------------------------------
@@ -333,6 +368,34 @@ class Workers:
         finally:
             self._held -= 1
             self._spread()
+
+    # -- limits and usage -----------------------------------------------------------------------
+
+    def apply_limits(self, limits: Limits) -> None:
+        """A reload: every worker serves with ``limits`` (each holds the same share of
+        ``--max-buf-size`` as the daemon); a worker started later starts with them anyway."""
+        for worker in self.processes:
+            worker.post(
+                {
+                    "op": "limits",
+                    "max_requests": limits.max_requests,
+                    "max_bytes": limits.max_bytes,
+                    "grace": limits.shutdown_grace,
+                }
+            )
+
+    def usage(self) -> tuple[int, int]:
+        """Requests in flight and bytes held by the workers, as they last reported."""
+        ready = [w.usage for w in self.processes if w.ready]
+        return sum(u.get("requests", 0) for u in ready), sum(u.get("bytes", 0) for u in ready)
+
+    def usage_reported(self) -> None:
+        self._reported.set()
+        self._reported = trio.Event()
+
+    async def next_report(self) -> None:
+        """Until a worker reports its usage again."""
+        await self._reported.wait()
 
     def pids(self) -> list[int]:
         """The worker processes ready to serve."""
