@@ -13,7 +13,7 @@ import pytest
 from tests import rawnbd
 from tests.fuzz import wire
 from tests.fuzz.harness import MODES, unchanged
-from tests.fuzz.runner import Finding, Replies, fuzz
+from tests.fuzz.runner import EXTENDED_REPLY_MAGIC, Finding, Replies, fuzz
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def test_short_fuzz(tmp_path: Path, mode: str) -> None:
 def test_the_checker_catches_what_it_must() -> None:
     """The fuzzer can fail: bad framing, a double answer, a write on a read-only export."""
     sent = {1: wire.Sent(rawnbd.CMD_READ, 4), 2: wire.Sent(rawnbd.CMD_WRITE, 4)}
-    ok = Replies(dict(sent), readonly=True)
+    ok = Replies(dict(sent), readonly=True, extended=False)
     ok.feed(struct.pack("!IIQ", rawnbd.SIMPLE_MAGIC, 0, 1) + b"data")
     assert ok.open == {2}
     for bad in (
@@ -41,11 +41,31 @@ def test_the_checker_catches_what_it_must() -> None:
         struct.pack("!IIQ", rawnbd.SIMPLE_MAGIC, 0, 2),  # a WRITE accepted on a read-only export
     ):
         with pytest.raises(Finding):
-            Replies(dict(sent), readonly=True).feed(bad)
-    twice = Replies(dict(sent), readonly=False)
+            Replies(dict(sent), readonly=True, extended=False).feed(bad)
+    twice = Replies(dict(sent), readonly=False, extended=False)
     twice.feed(struct.pack("!IIQ", rawnbd.SIMPLE_MAGIC, 5, 1))
     with pytest.raises(Finding):
         twice.feed(struct.pack("!IIQ", rawnbd.SIMPLE_MAGIC, 5, 1))
+
+
+def test_the_checker_frames_extended_replies_and_nothing_else() -> None:
+    """Once extended headers are negotiated only extended chunks may come; an extended
+    chunk is framed by its 64-bit length, and before the negotiation it is a bad magic."""
+    sent = {1: wire.Sent(rawnbd.CMD_READ, 4), 2: wire.Sent(rawnbd.CMD_FLUSH, 0)}
+    data = struct.pack("!IHHQQQ", EXTENDED_REPLY_MAGIC, 1, 1, 1, 0, 12) + bytes(8) + b"data"
+    ok = Replies(dict(sent), readonly=False, extended=True)
+    ok.feed(data[:20])
+    ok.feed(data[20:])
+    assert ok.open == {2}
+    error = struct.pack("!IHHQQQ", EXTENDED_REPLY_MAGIC, 1, 0x8001, 2, 0, 6) + bytes(6)
+    with pytest.raises(Finding):  # an error chunk without an error
+        Replies(dict(sent), readonly=False, extended=True).feed(error)
+    for bad, extended in (
+        (struct.pack("!IIQ", rawnbd.SIMPLE_MAGIC, 0, 2), True),
+        (data, False),
+    ):
+        with pytest.raises(Finding):
+            Replies(dict(sent), readonly=False, extended=extended).feed(bad)
 
 
 def test_a_guard_notices_one_changed_byte(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ HANG = 20.0  # seconds without progress: the server hangs
 RSS_BOUND_KIB = 640 * 1024  # per process; budgets of 64 MiB (256 in the wrapper's servers)
 HANDSHAKE_SHARE = 0.8  # of the connections: a session carries about 20 requests
 WRITING = {rawnbd.CMD_WRITE, rawnbd.CMD_TRIM, rawnbd.CMD_WRITE_ZEROES}
+EXTENDED_REPLY_MAGIC = 0x6E8A278C
+MAX_CHUNK = 64 << 20  # no chunk of a reply to requests of at most 32 MiB is longer
 
 
 class Finding(Exception):
@@ -57,11 +59,13 @@ class Stats:
 
 
 class Replies:
-    """Frames the server's replies (simple and structured) against what was sent."""
+    """Frames the server's replies (simple and structured, or extended chunks once extended
+    headers are negotiated: then nothing else) against what was sent."""
 
-    def __init__(self, sent: dict[int, wire.Sent], readonly: bool) -> None:
+    def __init__(self, sent: dict[int, wire.Sent], readonly: bool, extended: bool) -> None:
         self.sent = sent
         self.readonly = readonly
+        self.extended = extended
         self.open = set(sent)  # cookies not answered yet
         self.buf = bytearray()
         self.need_data = 0  # bytes of a simple READ reply's data still to come
@@ -78,6 +82,9 @@ class Replies:
             if len(self.buf) < 4:
                 return
             (magic,) = struct.unpack_from("!I", self.buf)
+            if self.extended != (magic == EXTENDED_REPLY_MAGIC):
+                negotiated = "with" if self.extended else "without"
+                raise Finding(f"reply with magic {magic:#x} {negotiated} extended headers")
             if magic == rawnbd.SIMPLE_MAGIC:
                 if len(self.buf) < 16:
                     return
@@ -90,18 +97,30 @@ class Replies:
                 if len(self.buf) < 20:
                     return
                 _m, flags, kind, cookie, length = struct.unpack_from("!IHHQI", self.buf)
-                if length > 64 << 20:
-                    raise Finding(f"structured chunk of {length} bytes")
-                if len(self.buf) < 20 + length:
+                if not self._chunk(20, flags, kind, cookie, length):
                     return
-                payload = bytes(self.buf[20 : 20 + length])
-                del self.buf[: 20 + length]
-                error = struct.unpack_from("!I", payload)[0] if kind & 0x8000 else 0
-                if kind & 0x8000 and (length < 6 or not error):
-                    raise Finding(f"error chunk without an error: {payload[:16]!r}")
-                self._answer(cookie, error, done=bool(flags & 1))
+            elif magic == EXTENDED_REPLY_MAGIC:
+                if len(self.buf) < 32:
+                    return
+                _m, flags, kind, cookie, _offset, length = struct.unpack_from("!IHHQQQ", self.buf)
+                if not self._chunk(32, flags, kind, cookie, length):
+                    return
             else:
                 raise Finding(f"reply with bad magic {magic:#x}")
+
+    def _chunk(self, size: int, flags: int, kind: int, cookie: int, length: int) -> bool:
+        """A structured or extended chunk of a ``size``-byte header; False: not all here."""
+        if length > MAX_CHUNK:
+            raise Finding(f"reply chunk of {length} bytes")
+        if len(self.buf) < size + length:
+            return False
+        payload = bytes(self.buf[size : size + length])
+        del self.buf[: size + length]
+        error = struct.unpack_from("!I", payload)[0] if kind & 0x8000 and length >= 4 else 0
+        if kind & 0x8000 and (length < 6 or not error):
+            raise Finding(f"error chunk without an error: {payload[:16]!r}")
+        self._answer(cookie, error, done=bool(flags & 1))
+        return True
 
     def _answer(self, cookie: int, error: int, *, done: bool) -> wire.Sent:
         sent = self.sent.get(cookie)
@@ -229,8 +248,8 @@ def run_session(rng: random.Random, endpoint: Endpoint, first_cookie: int) -> in
         if s.ending == "sentinel":
             cookie = max(s.sent, default=first_cookie) + 1
             s.sent[cookie] = wire.Sent(rawnbd.CMD_READ, 1)
-            body += struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, 0, 0, cookie, 0, 1)
-            replies = Replies(s.sent, readonly)
+            body += wire.header(s.extended, 0, rawnbd.CMD_READ, cookie, 0, 1)
+            replies = Replies(s.sent, readonly, s.extended)
             ended = _exchange(sock, body, replies, stop=lambda: not replies.open, shut_wr=False)
             if ended:
                 raise Finding(
@@ -241,7 +260,7 @@ def run_session(rng: random.Random, endpoint: Endpoint, first_cookie: int) -> in
             with contextlib.suppress(OSError):
                 sock.send(body)
         else:
-            replies = Replies(s.sent, readonly)
+            replies = Replies(s.sent, readonly, s.extended)
             _exchange(sock, body + s.tail, replies, stop=lambda: False, shut_wr=True)
     return len(s.requests)
 

@@ -13,11 +13,22 @@ from dataclasses import dataclass, field
 from tests import rawnbd
 
 IHAVEOPT = rawnbd.IHAVEOPT
+EXTENDED_REQUEST_MAGIC = 0x21E41C71  # with NBD_OPT_EXTENDED_HEADERS: 64-bit lengths
+OPT_EXTENDED_HEADERS = 11
+FLAG_PAYLOAD_LEN = 1 << 5  # extended headers: the length is a payload's (WRITE-like commands)
 OPTIONS = list(range(0, 13))  # every option the spec knows (and 0, 12: unknown ones)
 COMMANDS = list(range(0, 10))  # every command (8 RESIZE, 9: unknown)
 INFO_TYPES = [0, 1, 2, 3, 4, 0xFFFF]
 CONTEXTS = ["base:allocation", "x-xnbd:cached", "base:", "", "qemu:dirty-bitmap:x", "a" * 300]
 BIG = [0xFFFFFFFF, 0x80000000, 0x7FFFFFFF, 4097, 65536, 1 << 20, 32 << 20, (32 << 20) + 1]
+BIG64 = [1 << 32, (1 << 32) + 4096, 1 << 40, 1 << 63, (1 << 64) - 1]  # only extended headers
+
+
+def header(extended: bool, flags: int, cmd: int, cookie: int, offset: int, length: int) -> bytes:
+    """A request header, compact (32-bit length) or extended (64-bit length)."""
+    if extended:
+        return struct.pack("!IHHQQQ", EXTENDED_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    return struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
 @dataclass
@@ -72,11 +83,14 @@ def option_data(rng: random.Random, opt: int, target: Target) -> bytes:
     return rng.randbytes(rng.randrange(1, 32))
 
 
-def valid_handshake(rng: random.Random, target: Target, *, structured: bool) -> bytes:
-    """Client flags, optionally STRUCTURED_REPLY, then GO for the export: a correct client."""
+def valid_handshake(
+    rng: random.Random, target: Target, *, structured: bool, extended: bool = False
+) -> bytes:
+    """Client flags, optionally STRUCTURED_REPLY or EXTENDED_HEADERS (which implies structured
+    replies), then GO for the export: a correct client."""
     out = _u32(3)  # FIXED_NEWSTYLE | NO_ZEROES
-    if structured:
-        out += struct.pack("!QII", IHAVEOPT, 8, 0)
+    if structured or extended:
+        out += struct.pack("!QII", IHAVEOPT, OPT_EXTENDED_HEADERS if extended else 8, 0)
         if rng.random() < 0.5:
             query = b"base:allocation"
             data = (
@@ -157,14 +171,17 @@ class Session:
 
     handshake: bytes
     structured: bool
+    extended: bool  # extended headers: 64-bit request lengths, extended reply chunks only
     requests: list[bytes] = field(default_factory=list)
     sent: dict[int, Sent] = field(default_factory=dict)  # cookie -> request
     ending: str = "sentinel"  # sentinel | close | garbage | short-payload | disc
     tail: bytes = b""  # what goes after the requests for the endings that are not "sentinel"
 
 
-def _offset_length(rng: random.Random, size: int) -> tuple[int, int]:
-    pick = rng.randrange(10)
+def _offset_length(rng: random.Random, size: int, extended: bool) -> tuple[int, int]:
+    pick = rng.randrange(11 if extended else 10)
+    if pick == 10:
+        return rng.choice([0, size - 1, rng.randrange(size)]), rng.choice(BIG64)
     if pick < 4:
         offset = rng.randrange(size)
         return offset, rng.randrange(1, min(size - offset, 256 * 1024) + 1)
@@ -181,28 +198,33 @@ def _offset_length(rng: random.Random, size: int) -> tuple[int, int]:
     return rng.randrange(1 << 64), rng.randrange(1 << 32)
 
 
-def request_bytes(rng: random.Random, target: Target, cookie: int) -> tuple[bytes, Sent]:
-    """One request: any command with random flags, offsets and lengths at and past the end; a
-    WRITE's payload is sent whole when it is small enough to send (never past the guard)."""
+def request_bytes(
+    rng: random.Random, target: Target, cookie: int, extended: bool = False
+) -> tuple[bytes, Sent]:
+    """One request: any command with random flags, offsets and lengths at and past the end
+    (with extended headers, lengths past 32 bits too); a WRITE's payload is sent whole when it
+    is small enough to send (never past the guard)."""
     cmd = rng.choice(COMMANDS) if rng.random() < 0.97 else rng.randrange(1 << 16)
     flags = rng.choice([0, 0, 0, 1, 2, 4, 8, 16, 32, rng.randrange(1 << 16)])
-    offset, length = _offset_length(rng, target.size)
-    header = struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    if extended and cmd != rawnbd.CMD_WRITE:
+        # the flag makes the length a payload's, which this request does not carry: the
+        # framing would be the fuzzer's own mistake, not the server's
+        flags &= ~FLAG_PAYLOAD_LEN
+    offset, length = _offset_length(rng, target.size, extended)
     payload = b""
     if cmd == rawnbd.CMD_WRITE:
         if length > 1 << 20:  # the server refuses or drains it; do not send megabytes of it
             length = rng.randrange(1, 64 * 1024)
-            header = struct.pack(
-                "!IHHQQI", rawnbd.REQUEST_MAGIC, flags, cmd, cookie, offset, length
-            )
         payload = rng.randbytes(min(length, 64)) * (length // 64 + 1)
         payload = payload[:length]
-    return header + payload, Sent(cmd, length)
+    return header(extended, flags, cmd, cookie, offset, length) + payload, Sent(cmd, length)
 
 
 def session(rng: random.Random, target: Target, first_cookie: int) -> Session:
-    structured = rng.random() < 0.5
-    s = Session(valid_handshake(rng, target, structured=structured), structured)
+    kind = rng.randrange(3)  # simple, structured or extended replies
+    structured, extended = kind > 0, kind == 2
+    handshake = valid_handshake(rng, target, structured=structured, extended=extended)
+    s = Session(handshake, structured, extended)
     flood = rng.random() < 0.02
     count = rng.randrange(300, 1200) if flood else rng.randrange(1, 24)
     cookie = first_cookie
@@ -211,10 +233,10 @@ def session(rng: random.Random, target: Target, first_cookie: int) -> Session:
             length = rng.choice([4096, 65536, 1 << 20])
             offset = rng.randrange(max(1, target.size - length)) if length < target.size else 0
             length = min(length, target.size)
-            wire = struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, 0, 0, cookie, offset, length)
+            wire = header(extended, 0, rawnbd.CMD_READ, cookie, offset, length)
             sent = Sent(rawnbd.CMD_READ, length)
         else:
-            wire, sent = request_bytes(rng, target, cookie)
+            wire, sent = request_bytes(rng, target, cookie, extended)
         if sent.cmd == rawnbd.CMD_DISC:
             cookie += 1
             continue  # DISC is an ending of its own
@@ -229,9 +251,9 @@ def session(rng: random.Random, target: Target, first_cookie: int) -> Session:
     elif pick == 2:  # a WRITE whose payload never comes whole
         length = rng.choice([4096, 65536, 1 << 20, 300 << 20])
         s.ending = "short-payload"
-        s.tail = struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, 0, 1, cookie, 0, length)
+        s.tail = header(extended, 0, rawnbd.CMD_WRITE, cookie, 0, length)
         s.tail += b"\x00" * min(length // 2, 8192)
     elif pick == 3:
         s.ending = "disc"
-        s.tail = struct.pack("!IHHQQI", rawnbd.REQUEST_MAGIC, 0, 2, cookie, 0, 0)
+        s.tail = header(extended, 0, rawnbd.CMD_DISC, cookie, 0, 0)
     return s
