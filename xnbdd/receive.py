@@ -186,7 +186,7 @@ class Receiver:
         else:
             payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
         start = pos + self._head_size
-        payload[:have] = self._rbuf[start : start + have]
+        memoryview(payload)[:have] = self._rview[start : start + have]  # one copy, not two
         self._payload = payload
         self._payload_got = have
         self._payload_head = (cmd, flags, cookie, offset, length)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 
 from xnbdd.backends.bitmap import BLOCK_SIZE
@@ -26,7 +29,7 @@ WRITER = textwrap.dedent(
     from xnbdd.backends.cow import CowBackend
 
     def main() -> None:
-        index, base, overlay, base_fd, overlay_fd, bitmap_fd = sys.argv[1:]
+        index, inline, base, overlay, base_fd, overlay_fd, bitmap_fd = sys.argv[1:]
         cow = CowBackend.attach(int(base_fd), base, int(overlay_fd), overlay, int(bitmap_fd))
         print("ready", flush=True)
         sys.stdin.readline()
@@ -36,7 +39,10 @@ WRITER = textwrap.dedent(
             for block in range({blocks}):
                 for sector in range(me, {sectors}, {writers}):
                     data = bytes([me + 1, block % 251]) * ({sector} // 2)
-                    await cow.write(block * {size} + sector * {sector}, data, fua=False)
+                    offset = block * {size} + sector * {sector}
+                    if inline == "inline" and cow.try_write(offset, data):
+                        continue  # as a connection's thread: at once, or else on the loop
+                    await cow.write(offset, data, fua=False)
             await cow.flush()
             await cow.close()
 
@@ -53,10 +59,24 @@ def expected_sector(block: int, sector: int) -> bytes:
     return bytes([sector % WRITERS + 1, block % 251]) * (SECTOR // 2)
 
 
-def test_processes_filling_the_same_absent_blocks_lose_no_write(tmp_path: Path) -> None:
+@pytest.fixture(params=["event loop", "inline"])
+def path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """Writes as the event loop makes them (on the disk) or as connection threads make them,
+    inline (on tmpfs, where the overlay never makes them wait)."""
+    if request.param == "event loop":
+        yield tmp_path, request.param
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm tmpfs")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as d:
+        yield Path(d), request.param
+
+
+def test_processes_filling_the_same_absent_blocks_lose_no_write(path: tuple[Path, str]) -> None:
     """Every block is absent, and both processes write parts of each at once: each write copies
     the base block up first, and without the cross-process lock one process's copy-up lands on
     the other's fresh sectors (or one's bit update drops the other's bit of the same byte)."""
+    tmp_path, how = path
     base = tmp_path / "base.img"
     base.write_bytes(b"\xee" * BLOCKS * BLOCK_SIZE)
     cow = CowBackend.open(str(base))
@@ -64,7 +84,7 @@ def test_processes_filling_the_same_absent_blocks_lose_no_write(tmp_path: Path) 
     try:
         fds = cow.descriptors()
         for index in range(WRITERS):
-            args = [str(index), str(base), cow.overlay_path, *map(str, fds)]
+            args = [str(index), how, str(base), cow.overlay_path, *map(str, fds)]
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-c", WRITER, *args],

@@ -267,7 +267,9 @@ class SharedBitmap(Bitmap):
         size = bitmap_file_size(nblocks)
         bits = mmap.mmap(fd, size, mmap.MAP_SHARED) if size else bytearray()
         self._lock_fd = ofdlock.own_description(fd, writable=True)
+        self._spare_lock_fds: list[int] = []  # descriptions for ``try_lock_apart``, not in use
         super().__init__(nblocks, bits, fd, path, False)
+        self.bits = bits  # read-only: the connections' threads test bits inline through it
 
     @classmethod
     def open(
@@ -310,6 +312,26 @@ class SharedBitmap(Bitmap):
     def unlock(self, first: int, stop: int) -> None:
         ofdlock.unlock(self._lock_fd, first >> 3, _bytes_for(first, stop))
 
+    def try_lock_apart(self, first: int, stop: int) -> int | None:
+        """``try_lock`` for a thread beside the event loop (a connection's data plane): through
+        a description of its own, so the lock excludes this process's ``lock`` holders and
+        other threads as well as other processes. Returns the description to pass to
+        ``unlock_apart``; None: part of the range is held (nothing is held then)."""
+        try:
+            fd = self._spare_lock_fds.pop()  # list.pop and append are atomic: no lock needed
+        except IndexError:
+            fd = ofdlock.own_description(self.fd, writable=True)
+        if ofdlock.try_lock(fd, first >> 3, _bytes_for(first, stop)):
+            return fd
+        self._spare_lock_fds.append(fd)
+        return None
+
+    def unlock_apart(self, fd: int, first: int, stop: int) -> None:
+        try:
+            ofdlock.unlock(fd, first >> 3, _bytes_for(first, stop))
+        finally:
+            self._spare_lock_fds.append(fd)
+
     # -- persistence: the bits are the file's pages --------------------------------------------
 
     def capture(self) -> PendingWrite | None:
@@ -333,6 +355,8 @@ class SharedBitmap(Bitmap):
             if isinstance(self._bits, mmap.mmap):
                 self._bits.close()
             os.close(self._lock_fd)
+            while self._spare_lock_fds:
+                os.close(self._spare_lock_fds.pop())
             os.close(self._fd)
             self._fd = None
 

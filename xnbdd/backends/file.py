@@ -125,6 +125,11 @@ class FileBackend:
             raise OSError(errno.ENOSPC, f"the image now ends at {self._size} bytes")
 
     @property
+    def memory_fs(self) -> bool:
+        """A file of a memory file system (tmpfs, ramfs): its I/O never waits for a device."""
+        return self._inline
+
+    @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
             readonly=self.readonly,
