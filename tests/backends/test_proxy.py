@@ -17,6 +17,8 @@ import trio
 
 from tests.origin_servers import nbdkit, qemu_nbd, random_image
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
+from xnbdd.backends.cache_all import BACKGROUND_STORES
+from xnbdd.backends.file import FileBackend
 from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.backends.sidecar import CacheMismatchError, sidecar_path
 from xnbdd.remote import RemoteAddress, SizeMismatchError
@@ -334,3 +336,42 @@ async def test_cached_extents_of_a_long_fragmented_range_stop_at_max_extents(
             assert len(runs) == MAX_EXTENTS
             assert runs[:2] == [(B, True), (B, False)]
             assert sum(length for length, _cached in runs) == MAX_EXTENTS * B < size
+
+
+async def test_cache_all_leaves_the_cache_threads_to_clients(
+    tmp_path: Path, origin_image: tuple[Path, bytes]
+) -> None:
+    """cache-all at one block per request has a window of 2048 fetches; its stores take one of
+    BACKGROUND_STORES slots before they ask the cache file for a thread, so a client's write
+    never queues behind a window of them (4-24 s in tests/e2e/test_fdstore.py before)."""
+    image, data = origin_image
+    with nbdkit(tmp_path, ["file", str(image)]) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        cache, bitmap = tmp_path / "c.img", tmp_path / "c.bm"
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            store = proxy._cache
+            assert isinstance(store, FileBackend)
+            store._inline = False  # worker threads, as on a disk (tmp_path may be tmpfs)
+            writing = most = 0
+            write = store.write
+
+            async def counted(offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+                nonlocal writing, most
+                writing += 1
+                most = max(most, writing)
+                try:
+                    await write(offset, data, fua=fua)
+                finally:
+                    writing -= 1
+
+            store.write = counted  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(proxy.cache_all, 1)
+                await trio.sleep(0.05)
+                with trio.fail_after(5):  # a client write while cache-all runs
+                    await proxy.write(3 * B + 1, b"client", fua=False)
+            assert proxy.is_complete()
+            assert 1 < most <= BACKGROUND_STORES + 1  # cache-all's slots and the client
+            expect = bytearray(data)
+            expect[3 * B + 1 : 3 * B + 7] = b"client"
+            assert await proxy.read(0, SIZE) == expect

@@ -36,6 +36,7 @@ COW_PORT, COW_UNIT = 10812, "xnbd@cow.service"
 ORIGIN_PORT, PROXY_PORT, PROXY_UNIT = 10813, 10814, "xnbd@proxy.service"
 PROXY_CONTROL = "/run/xnbd/proxy/control.sock"
 PROXY_SIZE = 256 << 20
+HANDED_OVER_PROGRESS = 5.0  # seconds for the handed-over client's next progress step
 WORK_PORT, WORK_UNIT = 10815, "xnbd@work.service"
 WORK_CONTROL = "/run/xnbd/work/control.sock"
 CONFIGS = {
@@ -256,7 +257,9 @@ def test_proxy_keeps_cache_and_clients_and_cache_all_goes_on(box: Container, dat
             if cache_all.poll() is not None or cached() == total:
                 raise AssertionError(f"cache-all finished early: {cache_all.communicate()}")
             box.run("systemctl", "restart", PROXY_UNIT, timeout=120)
-            client.progress()
+            # The handed-over client goes on at once (well under a second) while cache-all runs:
+            # with its writes queued behind a window of cache-all's stores it took 4-24 s.
+            client.progress(1, timeout=HANDED_OVER_PROGRESS)
         _out, err = cache_all.communicate(timeout=600)
         assert cache_all.returncode == 0, err
         assert err.count("the server restarted; cache-all goes on") >= 3, err

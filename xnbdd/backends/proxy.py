@@ -20,8 +20,7 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
   fetched for it is served, its blocks stay uncached, and the failure is logged when it starts
   and when caching works again. Writes, CACHE and cache-all do report the error (ENOSPC).
 - ``cache_all`` copies the rest in the background over its own origin connection, with a bounded
-  number of requests in flight, so client fetches never queue behind the bulk copy
-  (backends/cache_all.py).
+  number of requests and stores in flight, so client I/O never queues behind it (cache_all.py).
 - Sparse origins (docs/data-path.md "The sparse-aware proxy"): when the origin answers
   ``base:allocation``, cache-all asks it which ranges read as zeros (NBD_STATE_ZERO) and caches
   their whole blocks without fetching them: the cache range is zeroed (a punched hole where the
@@ -36,7 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -53,7 +52,7 @@ from xnbdd.backends.blocks import (
     whole_blocks,
     zero_blocks,
 )
-from xnbdd.backends.cache_all import CacheAll, ProgressCallback
+from xnbdd.backends.cache_all import BACKGROUND_STORES, CacheAll, ProgressCallback, StoreSlots
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -125,6 +124,7 @@ class ProxyBackend:
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
+        self._background_stores = StoreSlots(BACKGROUND_STORES)
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -411,13 +411,21 @@ class ProxyBackend:
     async def _fetch_edge(self, first: int, stop: int) -> None:
         await self._fetch_into_cache(self._link, first, stop)
 
-    async def _zero_into_cache(self, first: int, stop: int, *, store: bool) -> None:
+    def _store_slot(self, background: bool) -> AbstractAsyncContextManager[object]:
+        """What a store into the cache waits for first: cache-all's (``background``) take one
+        of a few slots, so the cache's threads always have room for the clients' I/O."""
+        return self._background_stores if background else nullcontext()
+
+    async def _zero_into_cache(
+        self, first: int, stop: int, *, store: bool, background: bool = False
+    ) -> None:
         """Blocks the caller holds busy that the origin reads as zeros: zero them in the cache
         (punch a hole where the file system can), then mark them cached; no fetch. Without
         ``store`` a failure leaves them uncached, silently (they are fetched when read)."""
         offset, end = block_bytes(first, stop, self._size)
         try:
-            await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
+            async with self._store_slot(background):
+                await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
         except OSError:
             if store:
                 raise
@@ -426,7 +434,13 @@ class ProxyBackend:
         self.zeroed_blocks += stop - first
 
     async def _fetch_into_cache(
-        self, link: RemoteLink, first: int, stop: int, *, store: bool = True
+        self,
+        link: RemoteLink,
+        first: int,
+        stop: int,
+        *,
+        store: bool = True,
+        background: bool = False,
     ) -> bytearray:
         """Fetch blocks the caller holds busy, store them, then (only then) mark them cached;
         returns what was fetched. Without ``store``, a failure to store is logged and the
@@ -434,7 +448,8 @@ class ProxyBackend:
         offset, end = block_bytes(first, stop, self._size)
         data = await link.read(offset, end - offset)
         try:
-            await self._cache.write(offset, data, fua=False)
+            async with self._store_slot(background):
+                await self._cache.write(offset, data, fua=False)
         except OSError as exc:
             if self._store_error is None:
                 log.error(
@@ -463,13 +478,16 @@ class ProxyBackend:
         *,
         store: bool,
         zero: bool = False,
+        background: bool = False,
     ) -> bytearray | None:
         """Make [first, stop) cached: fetch the missing blocks nobody else is fetching (adjacent
         ones together, at most ``max_request`` bytes per request) and wait for the others.
         Returns the data when all of [first, stop) came in one fetch of ours, else None.
         ``store`` False: blocks the cache could not take are left uncached (no error) and the
         call returns after one round, so a full cache never makes it fetch in a loop.
-        ``zero``: the origin reads these blocks as zeros: zero them in the cache, no fetch."""
+        ``zero``: the origin reads these blocks as zeros: zero them in the cache, no fetch.
+        ``background``: cache-all's; its stores wait for a slot (``BACKGROUND_STORES``)."""
+        fetch = partial(self._fetch_claimed, store=store, zero=zero, background=background)
         per_request = max(1, max_request // BLOCK_SIZE)
         fetched_once = False
         while True:
@@ -485,16 +503,14 @@ class ProxyBackend:
             fetched_once = bool(mine)
             claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
             if len(claims) == 1:
-                data = await self._fetch_claimed(link, *claims[0], store=store, zero=zero)
+                data = await fetch(link, *claims[0])
                 if not others and mine[0] == (first, stop) and not zero:
                     return data
             elif claims:
                 try:
                     async with trio.open_nursery() as nursery:
                         for claim in claims:
-                            nursery.start_soon(
-                                partial(self._fetch_claimed, store=store, zero=zero), link, *claim
-                            )
+                            nursery.start_soon(fetch, link, *claim)
                 except* OSError as group:
                     raise group.exceptions[0] from None
             for holder in others:
@@ -511,13 +527,16 @@ class ProxyBackend:
         *,
         store: bool,
         zero: bool = False,
+        background: bool = False,
     ) -> bytearray:
         error: OSError | None = None
         try:
             if zero:
-                await self._zero_into_cache(first, stop, store=store)
+                await self._zero_into_cache(first, stop, store=store, background=background)
                 return bytearray()
-            return await self._fetch_into_cache(link, first, stop, store=store)
+            return await self._fetch_into_cache(
+                link, first, stop, store=store, background=background
+            )
         except OSError as exc:
             error = exc
             raise
