@@ -41,7 +41,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from .backends.base import InlineIO
+from .backends.base import FileRange, InlineIO
 from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
@@ -176,6 +176,10 @@ class DataPlane(Receiver):
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
         self._counted = 0  # requests admitted less those answered, not yet told to the budget
+        # The export's pause gate, held across batches while the thread is busy: let go before
+        # it sleeps, when the export is pausing (seen at the next batch) and when it ends.
+        self._gate_held = False
+        self._inline: InlineIO | None = None  # the export's inline I/O while the gate is held
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -210,7 +214,10 @@ class DataPlane(Receiver):
     def run(self) -> str:
         """Serve until the connection ends; returns why."""
         try:
-            reason = self._loop()
+            try:
+                reason = self._loop()
+            finally:
+                self._let_go()  # before lingering: a pause never waits for the client
             if self._stopping and reason == "server shutting down":
                 self._linger()
             else:
@@ -320,6 +327,8 @@ class DataPlane(Receiver):
                 # closed peer's POLLHUP, reported whatever the events, would make this spin.
                 with contextlib.suppress(KeyError):
                     poller.unregister(self._fd)
+        if self._gate_held:
+            self._let_go()  # a snapshot or switch never waits for a sleeping thread
         self._sleeping = True
         try:
             if self._completions:
@@ -354,85 +363,130 @@ class DataPlane(Receiver):
         buf = self._rbuf
         unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
         payload_flag = self._payload_flag
-        max_requests = self._limits.max_requests
-        gate = False  # the export admitted this batch (inline answers pass its pause gate once)
-        inline: InlineIO | None = None  # its inline I/O, once admitted
-        try:
-            while self._payload is None and not self._discard:
-                pos = self._rstart
-                if self._rend - pos < head:
+        max_requests, max_payload = self._limits.max_requests, self._max_payload
+        size = self._size
+        if self._gate_held and self._export.pausing:
+            self._let_go()  # a snapshot or switch waits for it: its requests go to the loop
+        gate = self._gate_held  # inline answers pass the export's pause gate once
+        inline = self._inline
+        # the common cases answered here, without a call to ``_handle`` (READ and WRITE that
+        # the backend answers at once): what they need, looked up once per batch
+        read_flags, write_flags = ~self._read_flags, ~self._write_flags
+        writable = not self._readonly
+        hole_check = HOLE_CHECK_MIN if self._structured else max_payload + 1
+        queue_read, queue_ok = self._queue_read, self._queue_ok
+        try_read: Callable[[int, int], bytes | bytearray | FileRange | None] | None = None
+        try_write: Callable[[int, memoryview], bool] | None = None
+        if inline is not None:
+            try_read, try_write = inline.try_read, inline.try_write
+        rview = self._rview
+        while self._payload is None and not self._discard:
+            pos = self._rstart
+            if self._rend - pos < head:
+                break
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != magic_wanted:
+                log.warning("closing connection: bad request magic %#x", magic, extra=self._fields)
+                raise ClosedConnection("framing lost")
+            if cmd == _DISC:
+                self._rstart = pos + head
+                self._end = "disconnect requested"
+                break
+            carries = cmd == _WRITE or flags & payload_flag  # a payload follows the header
+            if self._stopping:
+                if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
                     break
-                magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
-                if magic != magic_wanted:
-                    log.warning(
-                        "closing connection: bad request magic %#x", magic, extra=self._fields
-                    )
-                    raise ClosedConnection("framing lost")
-                if cmd == _DISC:
-                    self._rstart = pos + head
-                    self._end = "disconnect requested"
+                continue
+            payload_cmd = carries or cmd == _READ
+            cost = length if payload_cmd and length <= max_payload else 0
+            large_write = carries and cost >= DIRECT_PAYLOAD
+            if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
+                take = 0 if large_write else cost
+                if self.in_flight >= max_requests:
+                    self._blocked = Grant.OWN_SHARE
                     break
-                carries = cmd == _WRITE or flags & payload_flag  # a payload follows the header
-                if self._stopping:
-                    if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
+                if take:
+                    if take <= self._ahead:
+                        self._ahead -= take
+                        self._held += take
+                    elif not self._charge(take):
                         break
+                self.in_flight += 1
+                self._counted += 1
+                self._head_admitted = True
+                self._head_cost = take
+            data: memoryview | None = None
+            if carries:
+                if length > max_payload:
+                    self._oversized_payload(pos, length)
+                    self._head_admitted = False
+                    req = Request(cookie, cmd, 0, offset, length)
+                    why = f"payload of {length} bytes exceeds maximum"
+                    self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
                     continue
-                payload_cmd = carries or cmd == _READ
-                cost = length if payload_cmd and length <= self._max_payload else 0
-                large_write = carries and cost >= DIRECT_PAYLOAD
-                if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
-                    take = 0 if large_write else cost
-                    if self.in_flight >= max_requests:
-                        self._blocked = Grant.OWN_SHARE
+                have = self._rend - pos - head
+                if large_write and not self._payload_charged:
+                    if not have:
+                        break  # a header alone costs nothing until its payload comes
+                    if not self._charge(cost):
                         break
-                    if take:
-                        if take <= self._ahead:
-                            self._ahead -= take
-                            self._held += take
-                        elif not self._charge(take):
-                            break
-                    self.in_flight += 1
-                    self._counted += 1
-                    self._head_admitted = True
-                    self._head_cost = take
-                data: memoryview | None = None
-                if carries:
-                    if length > self._max_payload:
-                        self._oversized_payload(pos, length)
-                        self._head_admitted = False
-                        req = Request(cookie, cmd, 0, offset, length)
-                        why = f"payload of {length} bytes exceeds maximum"
-                        self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
+                    self._payload_charged = True
+                    self._head_cost = cost
+                if have < length:
+                    if not large_write:
+                        break  # small: the rest comes into the receive buffer
+                    self._start_payload(pos, cmd, flags, cookie, offset, length, have)
+                    break
+                data = rview[pos + head : pos + head + length]
+                self._rstart = pos + head + length
+                self._payload_charged = False
+            else:
+                self._rstart = pos + head
+            self._head_admitted = False
+            if not gate:
+                gate = self._hold_gate()
+                inline = self._inline
+                if inline is not None:
+                    try_read, try_write = inline.try_read, inline.try_write
+            # ``_handle``'s inline answers, for the two commands that are most of the
+            # traffic; anything else (and whatever these decline) takes ``_handle``
+            if try_read is not None and 0 < length <= max_payload and offset + length <= size:
+                try:
+                    if cmd == _READ:
+                        if not flags & read_flags and length < hole_check:
+                            got = try_read(offset, length)
+                            if got is not None:
+                                queue_read(cookie, offset, length, got, cost)
+                            else:  # declined: the event loop's path, not a second try
+                                self._handle(cmd, flags, cookie, offset, length, data, cost)
+                            continue
+                    elif cmd == _WRITE and not flags & write_flags and writable:
+                        assert data is not None and try_write is not None
+                        if try_write(offset, data):
+                            queue_ok(cookie, offset, cost)
+                        else:
+                            self._handle(cmd, flags, cookie, offset, length, data, cost)
                         continue
-                    have = self._rend - pos - head
-                    if large_write and not self._payload_charged:
-                        if not have:
-                            break  # a header alone costs nothing until its payload comes
-                        if not self._charge(cost):
-                            break
-                        self._payload_charged = True
-                        self._head_cost = cost
-                    if have < length:
-                        if not large_write:
-                            break  # small: the rest comes into the receive buffer
-                        self._start_payload(pos, cmd, flags, cookie, offset, length, have)
-                        break
-                    data = self._rview[pos + head : pos + head + length]
-                    self._rstart = pos + head + length
-                    self._payload_charged = False
-                else:
-                    self._rstart = pos + head
-                self._head_admitted = False
-                if not gate:
-                    gate = self._export.try_admit()
-                    if gate:
-                        inline = self._export.inline
-                self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
-        finally:
-            if gate:
-                self._export.release()
+                except OSError as err:
+                    req = Request(cookie, cmd, flags, offset, length)
+                    self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
+                    continue
+            self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
+
+    def _hold_gate(self) -> bool:
+        """Pass the export's pause gate (False: it is paused) and keep holding it."""
+        if self._export.try_admit():
+            self._gate_held = True
+            self._inline = self._export.inline  # resolved again after a switch (a pause)
+        return self._gate_held
+
+    def _let_go(self) -> None:
+        if self._gate_held:
+            self._gate_held = False
+            self._inline = None
+            self._export.release()
 
     def _refuse_while_stopping(
         self, pos: int, cmd: int, cookie: int, offset: int, length: int, carries: int | bool
@@ -507,13 +561,12 @@ class DataPlane(Receiver):
         if self._stopping:
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
-        if not self._export.try_admit():
+        if self._gate_held and self._export.pausing:
+            self._let_go()
+        if self._gate_held or self._hold_gate():
+            self._handle(cmd, flags, cookie, offset, length, data, cost, self._inline)
+        else:
             self._handle(cmd, flags, cookie, offset, length, data, cost, None)
-            return
-        try:
-            self._handle(cmd, flags, cookie, offset, length, data, cost, self._export.inline)
-        finally:
-            self._export.release()
 
     def _handle(
         self,
@@ -524,7 +577,7 @@ class DataPlane(Receiver):
         length: int,
         data: memoryview | bytearray | None,
         cost: int,
-        inline: InlineIO | None,
+        inline: InlineIO | None = None,
     ) -> None:
         """Answer one request: inline when the backend can without waiting, else as a task of
         the event loop. ``inline``: the export's, once its gate admitted the batch (None: the
