@@ -412,49 +412,52 @@ class DataPlane(Receiver):
             payload_cmd = carries or cmd == _READ
             cost = length if payload_cmd and length <= max_payload else 0
             large_write = carries and cost >= DIRECT_PAYLOAD
-            if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
-                take = 0 if large_write else cost
+            # Admitted, the request holds ``head_cost``; a break before it is taken out of the
+            # buffer leaves it admitted (``_head_admitted``), as the next pass finds it.
+            if self._head_admitted:  # admitted by an earlier pass: only ever the first one
+                self._head_admitted = False
+                head_cost = self._head_cost
+            else:  # ``_admit``, inline: the common case takes no lock
+                head_cost = 0 if large_write else cost
                 if self.in_flight >= max_requests:
                     self._blocked = Grant.OWN_SHARE
                     break
-                if take:
-                    if take <= self._ahead:
-                        self._ahead -= take
-                        self._held += take
-                    elif not self._charge(take):
+                if head_cost:
+                    if head_cost <= self._ahead:
+                        self._ahead -= head_cost
+                        self._held += head_cost
+                    elif not self._charge(head_cost):
                         break
                 self.in_flight += 1
                 self._counted += 1
-                self._head_admitted = True
-                self._head_cost = take
             data: memoryview | None = None
             if carries:
                 if length > max_payload:
                     self._oversized_payload(pos, length)
-                    self._head_admitted = False
                     req = Request(cookie, cmd, 0, offset, length)
                     why = f"payload of {length} bytes exceeds maximum"
                     self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
                     continue
                 have = self._rend - pos - head
                 if large_write and not self._payload_charged:
-                    if not have:
-                        break  # a header alone costs nothing until its payload comes
-                    if not self._charge(cost):
+                    if not have or not self._charge(cost):
+                        # a header alone costs nothing until its payload comes
+                        self._head_admitted, self._head_cost = True, head_cost
                         break
                     self._payload_charged = True
-                    self._head_cost = cost
+                    head_cost = cost
                 if have < length:
-                    if not large_write:
-                        break  # small: the rest comes into the receive buffer
-                    self._start_payload(pos, cmd, flags, cookie, offset, length, have)
+                    # small: the rest comes into the receive buffer
+                    self._head_admitted, self._head_cost = True, head_cost
+                    if large_write:
+                        self._start_payload(pos, cmd, flags, cookie, offset, length, have)
                     break
                 data = rview[pos + head : pos + head + length]
                 self._rstart = pos + head + length
-                self._payload_charged = False
+                if large_write:
+                    self._payload_charged = False
             else:
                 self._rstart = pos + head
-            self._head_admitted = False
             if not gate:
                 gate = self._hold_gate()
                 inline = self._inline
