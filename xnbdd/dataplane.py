@@ -145,6 +145,7 @@ class DataPlane(Receiver):
         self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
         self._rbuf[: len(pending)] = pending
         self._rview = memoryview(self._rbuf)  # the buffer never changes size
+        self._whole = [self._rview]
         self._rstart = 0
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
@@ -392,9 +393,12 @@ class DataPlane(Receiver):
         if inline is not None:
             try_read, try_write = inline.try_read, inline.try_write
         rview = self._rview
-        while self._payload is None and not self._discard:
+        rend = self._rend  # only ``_read`` adds bytes (and ``_start_payload`` ends the pass)
+        if self._payload is not None or self._discard:
+            return  # the bytes that come next are a payload's, not a request's
+        while True:
             pos = self._rstart
-            if self._rend - pos < head:
+            if rend - pos < head:
                 break
             magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
             if magic != magic_wanted:
@@ -408,6 +412,8 @@ class DataPlane(Receiver):
             if self._stopping:
                 if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
                     break
+                if self._discard:
+                    break  # a payload to drop first
                 continue
             payload_cmd = carries or cmd == _READ
             cost = length if payload_cmd and length <= max_payload else 0
@@ -437,8 +443,10 @@ class DataPlane(Receiver):
                     req = Request(cookie, cmd, 0, offset, length)
                     why = f"payload of {length} bytes exceeds maximum"
                     self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
+                    if self._discard:
+                        break  # the rest of the payload comes first
                     continue
-                have = self._rend - pos - head
+                have = rend - pos - head
                 if large_write and not self._payload_charged:
                     if not have or not self._charge(cost):
                         # a header alone costs nothing until its payload comes

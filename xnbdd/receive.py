@@ -35,6 +35,7 @@ class Receiver:
     _max_payload: int
     _rbuf: bytearray
     _rview: memoryview
+    _whole: list[memoryview]  # [_rview], for a read into the whole (empty) buffer
     _rstart: int
     _rend: int
     _payload: bytearray | None  # a large WRITE payload being received
@@ -93,6 +94,13 @@ class Receiver:
         if self._payload is not None:
             return self._read_payload()
         buf = self._rbuf
+        if not self._rend and not self._handover and not self._discard:
+            # the common case: the last pass took every byte; read into the whole buffer
+            got = self._recv_views(self._whole, len(buf))
+            if got is None:
+                return False
+            self._rend = got
+            return True
         if self._rend == len(buf):
             if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
                 raise ClosedConnection("receive buffer full without a complete request")
@@ -148,8 +156,12 @@ class Receiver:
     def _recv(self, view: memoryview) -> int | None:
         """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
         reading) ends the requests, and once stopping an empty socket does too."""
+        return self._recv_views([view], len(view))
+
+    def _recv_views(self, views: list[memoryview], room: int) -> int | None:
+        """``_recv`` into ``views``, ``room`` bytes in all."""
         try:
-            count = self._readv([view])
+            count = self._readv(views)
         except BlockingIOError:
             self._drained = True
             return None
@@ -159,9 +171,9 @@ class Receiver:
         if not count:
             self._at_end()
             return None
-        # A short read emptied the socket: wait for more with poll rather than find out with
-        # one more read (a system call, and a pass of the interpreter lock, per batch).
-        self._drained = count < len(view)
+        # A short read emptied the socket: the plane polls before it reads again, unless a
+        # client that keeps its queue full has been sending more meanwhile (dataplane.py).
+        self._drained = count < room
         return count
 
     def _at_end(self) -> None:
