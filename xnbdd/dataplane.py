@@ -45,7 +45,7 @@ from .backends.base import FileRange, InlineIO
 from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
-from .outbox import ClosedConnection, Outbox
+from .outbox import ClosedConnection, Oks, Outbox, Reads
 from .proto.consts import (
     EXTENDED_REQUEST_MAGIC,
     MAX_ACCEPTED_PAYLOAD,
@@ -127,6 +127,14 @@ class DataPlane(Receiver):
         self._layered = not transport.zero_copy  # TLS: the transport may hold bytes back
         self._queue = outbox.add
         self._queue_ok = outbox.add_none if extended else outbox.add_simple
+        self._queue_oks = outbox.add_oks_extended if extended else outbox.add_oks_simple
+        self._queue_reads = (
+            outbox.add_reads_extended
+            if extended
+            else outbox.add_reads_chunk
+            if negotiated.structured
+            else outbox.add_reads_simple
+        )
         self._queue_read = (
             outbox.add_read_extended
             if extended
@@ -387,7 +395,11 @@ class DataPlane(Receiver):
         read_flags, write_flags = ~self._read_flags, ~self._write_flags
         writable = not self._readonly
         hole_check = HOLE_CHECK_MIN if self._structured else max_payload + 1
-        queue_read, queue_ok = self._queue_read, self._queue_ok
+        # their replies, queued in one go when the pass ends (outbox.py)
+        reads: Reads = []
+        oks: Oks = []
+        reads_append, oks_append = reads.append, oks.append
+        reads_cost = oks_cost = 0
         try_read: Callable[[int, int], bytes | bytearray | FileRange | None] | None = None
         try_write: Callable[[int, memoryview], bool] | None = None
         if inline is not None:
@@ -479,14 +491,16 @@ class DataPlane(Receiver):
                         if not flags & read_flags and length < hole_check:
                             got = try_read(offset, length)
                             if got is not None:
-                                queue_read(cookie, offset, length, got, cost)
+                                reads_append((cookie, offset, length, got))
+                                reads_cost += cost
                             else:  # declined: the event loop's path, not a second try
                                 self._handle(cmd, flags, cookie, offset, length, data, cost)
                             continue
                     elif cmd == _WRITE and not flags & write_flags and writable:
                         assert data is not None and try_write is not None
                         if try_write(offset, data):
-                            queue_ok(cookie, offset, cost)
+                            oks_append((cookie, offset))
+                            oks_cost += cost
                         else:
                             self._handle(cmd, flags, cookie, offset, length, data, cost)
                         continue
@@ -495,6 +509,10 @@ class DataPlane(Receiver):
                     self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
                     continue
             self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
+        if reads:
+            self._queue_reads(reads, reads_cost)
+        if oks:
+            self._queue_oks(oks, oks_cost)
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
 

@@ -35,6 +35,8 @@ MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 
 Part = bytes | bytearray | memoryview | FileRange
 Data = bytes | bytearray | FileRange  # what a READ answered inline sends
+Reads = list[tuple[int, int, int, Data]]  # READs a pass answered: cookie, offset, length, data
+Oks = list[tuple[int, int]]  # requests a pass answered without data: cookie, offset
 
 _CHUNK_HEAD = OFFSET_DATA.size
 
@@ -138,6 +140,63 @@ class Outbox:
         )
         self._queued += EXTENDED_CHUNK.size
         self._open += 1
+        self._open_cost += cost
+
+    # A pass's inline answers in one go (the plane collects them, one tuple each, and queues
+    # them when the pass ends): one call per batch instead of one per reply. One of these per
+    # connection, as its replies are laid out, like the ones above.
+
+    def add_reads_simple(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, SIMPLE_REPLY.pack
+        size = ranges = 0
+        for cookie, _offset, length, data in reads:
+            append(pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), SIMPLE_REPLY.size, size, ranges, cost)
+
+    def add_reads_chunk(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, OFFSET_DATA.pack
+        size = ranges = 0
+        for cookie, offset, length, data in reads:
+            append(pack(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, 8 + length, offset))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), _CHUNK_HEAD, size, ranges, cost)
+
+    def add_reads_extended(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, EXTENDED_OFFSET_DATA.pack
+        size = ranges = 0
+        for cookie, offset, length, data in reads:
+            append(pack(EXTENDED_REPLY_MAGIC, _DONE, _DATA, cookie, offset, 8 + length, offset))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), EXTENDED_OFFSET_DATA.size, size, ranges, cost)
+
+    def add_oks_simple(self, oks: Oks, cost: int) -> None:
+        """Simple replies without error: packed into one part."""
+        pack = SIMPLE_REPLY.pack
+        self.parts.append(b"".join([pack(SIMPLE_REPLY_MAGIC, 0, cookie) for cookie, _ in oks]))
+        self._added(len(oks), SIMPLE_REPLY.size, 0, 0, cost)
+
+    def add_oks_extended(self, oks: Oks, cost: int) -> None:
+        pack = EXTENDED_CHUNK.pack
+        self.parts.append(
+            b"".join(
+                [pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE_TYPE, cookie, at, 0) for cookie, at in oks]
+            )
+        )
+        self._added(len(oks), EXTENDED_CHUNK.size, 0, 0, cost)
+
+    def _added(self, count: int, head: int, size: int, ranges: int, cost: int) -> None:
+        """``count`` replies, each with a header of ``head`` bytes, ``size`` bytes of data in
+        all (``ranges`` of them file ranges), joined the open batch."""
+        self._queued += count * head + size
+        self._ranges += ranges
+        self._open += count
         self._open_cost += cost
 
     def _seal(self) -> None:
