@@ -74,7 +74,7 @@ SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is k
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
 AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
 SETTLE_AFTER_MS = 5  # a connection asleep this long gives them back (at once if one is in line)
-PEEK_BACKOFF = 8  # batches that poll first after a read found an emptied socket still empty
+PEEK_BACKOFF_MAX = 6  # after reads of an emptied socket found nothing, poll first for up to 2**6
 
 Submit = Callable[[Request, int], None]
 
@@ -183,6 +183,7 @@ class DataPlane(Receiver):
         self._blocked: Grant | None = None
         self._drained = False  # the last read emptied the socket
         self._no_peek = 0  # batches to go before reading an emptied socket without a poll
+        self._peek_misses = 0  # such reads in a row that found nothing
         self._events = _POLLIN  # what the socket is registered for in the poller (0: not)
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
@@ -286,13 +287,16 @@ class DataPlane(Receiver):
             if want_read and self._drained:
                 # A client that keeps its queue full sent more while this batch was answered:
                 # a read finds it at once, where a poll first would cost a system call per
-                # batch. When it finds nothing, poll first for the next few batches.
+                # batch. A read that finds nothing (an exception, dearer than the poll) makes
+                # the next batches poll first, twice as many after each miss in a row.
                 if self._no_peek:
                     self._no_peek -= 1
                 elif self._read():
+                    self._peek_misses = 0
                     continue
                 else:
-                    self._no_peek = PEEK_BACKOFF
+                    self._peek_misses = misses = min(self._peek_misses + 1, PEEK_BACKOFF_MAX)
+                    self._no_peek = 1 << misses
             if self._wait(poller, want_read):
                 self._read()  # at once: a pass over nothing new first would cost a batch's work
 
