@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -64,7 +63,7 @@ from .proto.wire import (
     EXTENDED_REQUEST,
     REQUEST,
 )
-from .receive import RECEIVE_SIZE, Receiver
+from .receive import AHEAD_MAX, RECEIVE_SIZE, Receiver
 from .tls import Transport
 
 log = logging.getLogger("xnbdd")
@@ -72,7 +71,6 @@ log = logging.getLogger("xnbdd")
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
-AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
 SETTLE_AFTER_MS = 5  # a connection asleep this long gives them back (at once if one is in line)
 PEEK_BACKOFF_MAX = 6  # after reads of an emptied socket found nothing, poll first for up to 2**6
 
@@ -93,72 +91,17 @@ class DataPlane(Receiver):
     # Slots: the thread reads and writes these for every request, and an instance with this
     # many attributes would otherwise keep them in a dictionary (slower to look up). Receiver
     # has no slots, so an attribute missing here still works, only slower.
-    __slots__ = (
-        "_aborted",
-        "_ahead",
-        "_blocked",
-        "_budget",
-        "_completions",
-        "_counted",
-        "_discard",
-        "_drained",
-        "_end",
-        "_events",
-        "_export",
-        "_extended",
-        "_fd",
-        "_fields",
-        "_finished",
-        "_gate_held",
-        "_handover",
-        "_has_contexts",
-        "_head_admitted",
-        "_head_cost",
-        "_head_size",
-        "_held",
-        "_inline",
-        "_key",
-        "_layered",
-        "_limits",
-        "_line",
-        "_magic",
-        "_max_payload",
-        "_negotiated",
-        "_no_peek",
-        "_out",
-        "_outbox",
-        "_payload",
-        "_payload_charged",
-        "_payload_flag",
-        "_payload_got",
-        "_payload_head",
-        "_peek_misses",
-        "_queue",
-        "_queue_ok",
-        "_queue_oks",
-        "_queue_read",
-        "_queue_reads",
-        "_rbuf",
-        "_read_flags",
-        "_readonly",
-        "_readv",
-        "_released",
-        "_rend",
-        "_rstart",
-        "_rview",
-        "_size",
-        "_sleeping",
-        "_spare",
-        "_stopping",
-        "_structured",
-        "_submit",
-        "_transport",
-        "_unpack_head",
-        "_wake_fd",
-        "_wake_lock",
-        "_whole",
-        "_write_flags",
-        "in_flight",
+    __slots__ = tuple(
+        """
+        _aborted _ahead _blocked _budget _completions _counted _discard _drained _end _events
+        _export _extended _fd _fields _finished _gate_held _handover _has_contexts
+        _head_admitted _head_cost _head_size _held _inline _key _layered _limits _line _magic
+        _max_payload _negotiated _no_peek _out _outbox _payload _payload_charged _payload_flag
+        _payload_got _payload_head _peek_misses _queue _queue_ok _queue_oks _queue_read
+        _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart _rview _size
+        _sleeping _spare _stopping _structured _submit _transport _unpack_head _wake_fd
+        _wake_lock _whole _write_flags in_flight
+        """.split()  # noqa: SIM905 (as a literal: 65 lines)
     )
 
     def __init__(
@@ -374,30 +317,6 @@ class DataPlane(Receiver):
     def _holding(self) -> bool:
         return self._layered and self._outbox.holding()
 
-    def _linger(self) -> None:
-        """Every reply is out: tell the client (end of stream) and read until it closes, so a
-        request it sent meanwhile does not turn our close into a reset that could destroy
-        replies it has not read yet. The grace period (``abort``) bounds the wait."""
-        try:
-            self._transport.close_notify()
-            with socket.socket(fileno=os.dup(self._fd)) as sock:  # shuts the socket, not the fd
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        poller = select.poll()
-        poller.register(self._wake_fd, _POLLIN)
-        poller.register(self._fd, _POLLIN)
-        scratch = memoryview(bytearray(RECEIVE_SIZE))
-        while not self._aborted:
-            try:
-                if not os.readv(self._fd, [scratch]):
-                    return
-            except BlockingIOError:
-                poller.poll()
-                self._take_wake()
-            except OSError:
-                return
-
     def _wait(self, poller: select.poll, want_read: bool) -> bool:
         """Sleep until the socket or a wake-up needs us; True: the socket has bytes to read
         (or its end) and reading was wanted."""
@@ -446,11 +365,6 @@ class DataPlane(Receiver):
                 self._drained = False
                 readable = want_read
         return readable
-
-    def _take_wake(self) -> None:
-        """Reset the wake-up eventfd (it may not have fired)."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake_fd)
 
     # -- parsing and answering ------------------------------------------------------------------
 
@@ -626,41 +540,6 @@ class DataPlane(Receiver):
     def _queue_shutdown(self, req: Request, cost: int) -> None:
         message = "server shutting down"
         self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
-
-    def _admit(self, cost: int) -> bool:
-        """Count one more request in flight and take its bytes, or say why not."""
-        if self.in_flight >= self._limits.max_requests:
-            self._blocked = Grant.OWN_SHARE
-            return False
-        if not self._charge(cost):
-            return False
-        self.in_flight += 1
-        self._counted += 1
-        return True
-
-    def _charge(self, cost: int) -> bool:
-        ahead = self._ahead
-        if cost <= ahead:
-            self._ahead = ahead - cost
-            self._held += cost
-            return True
-        if ahead:  # too little for this one: back to the daemon, which decides afresh
-            self._ahead = 0
-            self._budget.give_back(ahead, 0)
-        spare = AHEAD_MAX - cost if cost < AHEAD_MAX and not self._line else 0
-        grant, extra = self._budget.take_ahead(cost, spare, self._held, self._key, self._wake)
-        if grant is not Grant.TAKEN:
-            self._blocked = grant
-            return False
-        self._held += cost
-        self._ahead = extra
-        return True
-
-    def _settle(self) -> None:
-        """Give back the bytes taken ahead, and tell the budget the requests in flight."""
-        ahead, counted = self._ahead, self._counted
-        self._ahead = self._counted = 0
-        self._budget.give_back(ahead, -counted)  # admitted less answered: may add requests
 
     def _handle_alone(
         self,
