@@ -1013,6 +1013,32 @@ async def test_pausing_a_busy_connection_stops_its_backend_calls(shm: Path) -> N
         await budget_returns(s.state)
 
 
+async def test_a_thread_lets_go_of_the_gate_when_it_sleeps_and_when_it_ends(shm: Path) -> None:
+    """The thread keeps the export's gate across batches while it is busy, never while it
+    waits for its client: a pause between two streams, and after the client left, comes at
+    once (a thread that kept the gate would make it wait for ever)."""
+    path = shm / "disk.img"
+    make_image(path, 4 * MiB, seed=13)
+    async with file_export(path) as export, serving(export, structured=True) as s:
+        c = s.client
+        for round_ in range(3):
+            stream = b"".join(
+                c.request(Cmd.READ, cookie, cookie * 4 * KiB, 4 * KiB) for cookie in range(64)
+            )
+            await c.send(stream)
+            got = await c.replies(64)
+            assert all(reply.error == 0 for reply in got.values()), round_
+            await trio.sleep(0.05)  # past the plane's settling: its next sleep has no timeout
+            with trio.fail_after(ENDS_WITHIN):
+                async with export.paused():
+                    pass
+        await c.send(c.request(Cmd.DISC, 99, 0, 0))
+        await s.ended()
+        with trio.fail_after(ENDS_WITHIN):
+            async with export.paused():
+                pass
+
+
 # -- the daemon-wide byte budget ------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@ when its last byte is out, through writev batches larger than IOV_MAX and sendfi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from xnbdd.backends.base import FileRange
-from xnbdd.outbox import MAX_IOV, ClosedConnection, Outbox
+from xnbdd.outbox import MAX_IOV, ClosedConnection, Outbox, Reads
+from xnbdd.proto.consts import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
+from xnbdd.proto.wire import OFFSET_DATA, SIMPLE_REPLY
 from xnbdd.tls import PlainTransport
 
 
@@ -99,5 +102,49 @@ def test_a_shrunken_file_ends_the_connection(
         outbox.add_data(b"head", FileRange(fd, 8192, 4096), cost=4096)  # past the end
         with pytest.raises(ClosedConnection, match="image ended"):
             outbox.send()
+    finally:
+        os.close(fd)
+
+
+def test_a_pass_queued_in_one_go_comes_back_whole_and_in_order(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    """The plane's inline answers of one pass (``add_reads_*``, ``add_oks_*``) share one mark:
+    their cost comes back once the last of them is out, through partial writes and a sendfile
+    part, and a reply added alone after them keeps its own."""
+    ours, theirs = pair
+    image = tmp_path / "image"
+    image.write_bytes(os.urandom(256 * 1024))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        outbox = Outbox(PlainTransport(ours.fileno()), {})
+        blocks = [os.urandom(4096) for _ in range(40)]  # 160 KiB: far more than one write takes
+        reads: Reads = [(n, n * 4096, 4096, block) for n, block in enumerate(blocks)]
+        reads.append((99, 8192, 65536, FileRange(fd, 8192, 65536)))
+        outbox.add_reads_chunk(reads, cost=40 * 4096 + 65536)
+        outbox.add_oks_simple([(100, 0), (101, 4096)], cost=0)
+        outbox.add([SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 102)], cost=5)  # an event loop's
+        expected = bytearray()
+        for n, block in enumerate(blocks):
+            expected += OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, 1, 1, n, 8 + 4096, n * 4096)
+            expected += block
+        expected += OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, 1, 1, 99, 8 + 65536, 8192)
+        expected += image.read_bytes()[8192 : 8192 + 65536]
+        for cookie in (100, 101, 102):
+            expected += SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        returned: list[tuple[int, int]] = []
+        received = bytearray()
+        while outbox.parts:
+            sent = outbox.send()
+            if sent[0]:
+                returned.append(sent)
+            with contextlib.suppress(BlockingIOError):
+                received += theirs.recv(1 << 16, socket.MSG_DONTWAIT)
+        received += drain(theirs, len(expected) - len(received))
+        assert bytes(received) == bytes(expected)
+        # the pass (41 READs and 2 WRITEs) as one, never a part of it; the last reply alone
+        assert sum(count for count, _ in returned) == 44
+        assert sum(cost for _, cost in returned) == 40 * 4096 + 65536 + 5
+        assert returned[0] in ((43, 40 * 4096 + 65536), (44, 40 * 4096 + 65536 + 5))
     finally:
         os.close(fd)

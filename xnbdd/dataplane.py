@@ -36,16 +36,15 @@ import contextlib
 import logging
 import os
 import select
-import socket
 import threading
 from collections import deque
 from collections.abc import Callable
 
-from .backends.base import InlineIO
+from .backends.base import FileRange, InlineIO
 from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
-from .outbox import ClosedConnection, Outbox
+from .outbox import ClosedConnection, Oks, Outbox, Reads
 from .proto.consts import (
     EXTENDED_REQUEST_MAGIC,
     MAX_ACCEPTED_PAYLOAD,
@@ -64,7 +63,7 @@ from .proto.wire import (
     EXTENDED_REQUEST,
     REQUEST,
 )
-from .receive import RECEIVE_SIZE, Receiver
+from .receive import AHEAD_MAX, RECEIVE_SIZE, Receiver
 from .tls import Transport
 
 log = logging.getLogger("xnbdd")
@@ -72,8 +71,8 @@ log = logging.getLogger("xnbdd")
 DIRECT_PAYLOAD = 64 * 1024  # a WRITE payload this large that has not arrived whole gets its own
 SPARE_PAYLOAD_MAX = 2 * 1024 * 1024  # a finished payload buffer this small is kept for the next
 HOLE_CHECK_MIN = 64 * 1024  # structured READs this large may be answered as one hole chunk
-AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
 SETTLE_AFTER_MS = 5  # a connection asleep this long gives them back (at once if one is in line)
+PEEK_BACKOFF_MAX = 6  # after reads of an emptied socket found nothing, poll first for up to 2**6
 
 Submit = Callable[[Request, int], None]
 
@@ -88,6 +87,22 @@ HANDED_OVER = "handed over at a request boundary"
 class DataPlane(Receiver):
     """One connection's transmission phase. ``run`` is the thread; ``complete``,
     ``request_stop`` and ``abort`` may be called from the event loop."""
+
+    # Slots: the thread reads and writes these for every request, and an instance with this
+    # many attributes would otherwise keep them in a dictionary (slower to look up). Receiver
+    # has no slots, so an attribute missing here still works, only slower.
+    __slots__ = tuple(
+        """
+        _aborted _ahead _blocked _budget _completions _counted _discard _drained _end _events
+        _export _extended _fd _fields _finished _gate_held _handover _has_contexts
+        _head_admitted _head_cost _head_size _held _inline _key _layered _limits _line _magic
+        _max_payload _negotiated _no_peek _out _outbox _payload _payload_charged _payload_flag
+        _payload_got _payload_head _peek_misses _queue _queue_ok _queue_oks _queue_read
+        _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart _rview _size
+        _sleeping _spare _stopping _structured _submit _transport _unpack_head _wake_fd
+        _wake_lock _whole _write_flags in_flight
+        """.split()  # noqa: SIM905 (as a literal: 65 lines)
+    )
 
     def __init__(
         self,
@@ -126,6 +141,14 @@ class DataPlane(Receiver):
         self._layered = not transport.zero_copy  # TLS: the transport may hold bytes back
         self._queue = outbox.add
         self._queue_ok = outbox.add_none if extended else outbox.add_simple
+        self._queue_oks = outbox.add_oks_extended if extended else outbox.add_oks_simple
+        self._queue_reads = (
+            outbox.add_reads_extended
+            if extended
+            else outbox.add_reads_chunk
+            if negotiated.structured
+            else outbox.add_reads_simple
+        )
         self._queue_read = (
             outbox.add_read_extended
             if extended
@@ -144,6 +167,7 @@ class DataPlane(Receiver):
         self._rbuf = bytearray(max(RECEIVE_SIZE, len(pending)))
         self._rbuf[: len(pending)] = pending
         self._rview = memoryview(self._rbuf)  # the buffer never changes size
+        self._whole = [self._rview]
         self._rstart = 0
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
@@ -172,10 +196,16 @@ class DataPlane(Receiver):
         # are sent (``_released``), QUEUED: until the budget wakes us
         self._blocked: Grant | None = None
         self._drained = False  # the last read emptied the socket
+        self._no_peek = 0  # batches to go before reading an emptied socket without a poll
+        self._peek_misses = 0  # such reads in a row that found nothing
         self._events = _POLLIN  # what the socket is registered for in the poller (0: not)
         self._released = False
         self._payload_charged = False  # the large WRITE at rstart has its bytes
         self._counted = 0  # requests admitted less those answered, not yet told to the budget
+        # The export's pause gate, held across batches while the thread is busy: let go before
+        # it sleeps, when the export is pausing (seen at the next batch) and when it ends.
+        self._gate_held = False
+        self._inline: InlineIO | None = None  # the export's inline I/O while the gate is held
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -210,7 +240,10 @@ class DataPlane(Receiver):
     def run(self) -> str:
         """Serve until the connection ends; returns why."""
         try:
-            reason = self._loop()
+            try:
+                reason = self._loop()
+            finally:
+                self._let_go()  # before lingering: a pause never waits for the client
             if self._stopping and reason == "server shutting down":
                 self._linger()
             else:
@@ -265,35 +298,24 @@ class DataPlane(Receiver):
                 # the socket holds nothing more and every request taken has its answer
                 self._end = "server shutting down"
                 continue
+            if want_read and self._drained:
+                # A client that keeps its queue full sent more while this batch was answered:
+                # a read finds it at once, where a poll first would cost a system call per
+                # batch. A read that finds nothing (an exception, dearer than the poll) makes
+                # the next batches poll first, twice as many after each miss in a row.
+                if self._no_peek:
+                    self._no_peek -= 1
+                elif self._read():
+                    self._peek_misses = 0
+                    continue
+                else:
+                    self._peek_misses = misses = min(self._peek_misses + 1, PEEK_BACKOFF_MAX)
+                    self._no_peek = 1 << misses
             if self._wait(poller, want_read):
                 self._read()  # at once: a pass over nothing new first would cost a batch's work
 
     def _holding(self) -> bool:
         return self._layered and self._outbox.holding()
-
-    def _linger(self) -> None:
-        """Every reply is out: tell the client (end of stream) and read until it closes, so a
-        request it sent meanwhile does not turn our close into a reset that could destroy
-        replies it has not read yet. The grace period (``abort``) bounds the wait."""
-        try:
-            self._transport.close_notify()
-            with socket.socket(fileno=os.dup(self._fd)) as sock:  # shuts the socket, not the fd
-                sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return
-        poller = select.poll()
-        poller.register(self._wake_fd, _POLLIN)
-        poller.register(self._fd, _POLLIN)
-        scratch = memoryview(bytearray(RECEIVE_SIZE))
-        while not self._aborted:
-            try:
-                if not os.readv(self._fd, [scratch]):
-                    return
-            except BlockingIOError:
-                poller.poll()
-                self._take_wake()
-            except OSError:
-                return
 
     def _wait(self, poller: select.poll, want_read: bool) -> bool:
         """Sleep until the socket or a wake-up needs us; True: the socket has bytes to read
@@ -320,6 +342,8 @@ class DataPlane(Receiver):
                 # closed peer's POLLHUP, reported whatever the events, would make this spin.
                 with contextlib.suppress(KeyError):
                     poller.unregister(self._fd)
+        if self._gate_held:
+            self._let_go()  # a snapshot or switch never waits for a sleeping thread
         self._sleeping = True
         try:
             if self._completions:
@@ -342,11 +366,6 @@ class DataPlane(Receiver):
                 readable = want_read
         return readable
 
-    def _take_wake(self) -> None:
-        """Reset the wake-up eventfd (it may not have fired)."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake_fd)
-
     # -- parsing and answering ------------------------------------------------------------------
 
     def _parse(self) -> None:
@@ -354,85 +373,150 @@ class DataPlane(Receiver):
         buf = self._rbuf
         unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
         payload_flag = self._payload_flag
-        max_requests = self._limits.max_requests
-        gate = False  # the export admitted this batch (inline answers pass its pause gate once)
-        inline: InlineIO | None = None  # its inline I/O, once admitted
-        try:
-            while self._payload is None and not self._discard:
-                pos = self._rstart
-                if self._rend - pos < head:
+        max_requests, max_payload = self._limits.max_requests, self._max_payload
+        size = self._size
+        if self._gate_held and self._export.pausing:
+            self._let_go()  # a snapshot or switch waits for it: its requests go to the loop
+        gate = self._gate_held  # inline answers pass the export's pause gate once
+        inline = self._inline
+        # the common cases answered here, without a call to ``_handle`` (READ and WRITE that
+        # the backend answers at once): what they need, looked up once per batch
+        read_flags, write_flags = ~self._read_flags, ~self._write_flags
+        writable = not self._readonly
+        hole_check = HOLE_CHECK_MIN if self._structured else max_payload + 1
+        # their replies, queued in one go when the pass ends (outbox.py)
+        reads: Reads = []
+        oks: Oks = []
+        reads_append, oks_append = reads.append, oks.append
+        reads_cost = oks_cost = 0
+        try_read: Callable[[int, int], bytes | bytearray | FileRange | None] | None = None
+        try_write: Callable[[int, memoryview], bool] | None = None
+        if inline is not None:
+            try_read, try_write = inline.try_read, inline.try_write
+        rview = self._rview
+        rend = self._rend  # only ``_read`` adds bytes (and ``_start_payload`` ends the pass)
+        if self._payload is not None or self._discard:
+            return  # the bytes that come next are a payload's, not a request's
+        while True:
+            pos = self._rstart
+            if rend - pos < head:
+                break
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != magic_wanted:
+                log.warning("closing connection: bad request magic %#x", magic, extra=self._fields)
+                raise ClosedConnection("framing lost")
+            if cmd == _DISC:
+                self._rstart = pos + head
+                self._end = "disconnect requested"
+                break
+            carries = cmd == _WRITE or flags & payload_flag  # a payload follows the header
+            if self._stopping:
+                if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
                     break
-                magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
-                if magic != magic_wanted:
-                    log.warning(
-                        "closing connection: bad request magic %#x", magic, extra=self._fields
-                    )
-                    raise ClosedConnection("framing lost")
-                if cmd == _DISC:
-                    self._rstart = pos + head
-                    self._end = "disconnect requested"
-                    break
-                carries = cmd == _WRITE or flags & payload_flag  # a payload follows the header
-                if self._stopping:
-                    if not self._refuse_while_stopping(pos, cmd, cookie, offset, length, carries):
-                        break
-                    continue
-                payload_cmd = carries or cmd == _READ
-                cost = length if payload_cmd and length <= self._max_payload else 0
-                large_write = carries and cost >= DIRECT_PAYLOAD
-                if not self._head_admitted:  # ``_admit``, inline: the common case takes no lock
-                    take = 0 if large_write else cost
-                    if self.in_flight >= max_requests:
-                        self._blocked = Grant.OWN_SHARE
-                        break
-                    if take:
-                        if take <= self._ahead:
-                            self._ahead -= take
-                            self._held += take
-                        elif not self._charge(take):
-                            break
-                    self.in_flight += 1
-                    self._counted += 1
-                    self._head_admitted = True
-                    self._head_cost = take
-                data: memoryview | None = None
-                if carries:
-                    if length > self._max_payload:
-                        self._oversized_payload(pos, length)
-                        self._head_admitted = False
-                        req = Request(cookie, cmd, 0, offset, length)
-                        why = f"payload of {length} bytes exceeds maximum"
-                        self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
-                        continue
-                    have = self._rend - pos - head
-                    if large_write and not self._payload_charged:
-                        if not have:
-                            break  # a header alone costs nothing until its payload comes
-                        if not self._charge(cost):
-                            break
-                        self._payload_charged = True
-                        self._head_cost = cost
-                    if have < length:
-                        if not large_write:
-                            break  # small: the rest comes into the receive buffer
-                        self._start_payload(pos, cmd, flags, cookie, offset, length, have)
-                        break
-                    data = self._rview[pos + head : pos + head + length]
-                    self._rstart = pos + head + length
-                    self._payload_charged = False
-                else:
-                    self._rstart = pos + head
+                if self._discard:
+                    break  # a payload to drop first
+                continue
+            payload_cmd = carries or cmd == _READ
+            cost = length if payload_cmd and length <= max_payload else 0
+            large_write = carries and cost >= DIRECT_PAYLOAD
+            # Admitted, the request holds ``head_cost``; a break before it is taken out of the
+            # buffer leaves it admitted (``_head_admitted``), as the next pass finds it.
+            if self._head_admitted:  # admitted by an earlier pass: only ever the first one
                 self._head_admitted = False
-                if not gate:
-                    gate = self._export.try_admit()
-                    if gate:
-                        inline = self._export.inline
-                self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
-        finally:
-            if gate:
-                self._export.release()
+                head_cost = self._head_cost
+            else:  # ``_admit``, inline: the common case takes no lock
+                head_cost = 0 if large_write else cost
+                if self.in_flight >= max_requests:
+                    self._blocked = Grant.OWN_SHARE
+                    break
+                if head_cost:
+                    if head_cost <= self._ahead:
+                        self._ahead -= head_cost
+                        self._held += head_cost
+                    elif not self._charge(head_cost):
+                        break
+                self.in_flight += 1
+                self._counted += 1
+            data: memoryview | None = None
+            if carries:
+                if length > max_payload:
+                    self._oversized_payload(pos, length)
+                    req = Request(cookie, cmd, 0, offset, length)
+                    why = f"payload of {length} bytes exceeds maximum"
+                    self._queue(error_reply(req, self._negotiated, Errno.EINVAL, why), cost)
+                    if self._discard:
+                        break  # the rest of the payload comes first
+                    continue
+                have = rend - pos - head
+                if large_write and not self._payload_charged:
+                    if not have or not self._charge(cost):
+                        # a header alone costs nothing until its payload comes
+                        self._head_admitted, self._head_cost = True, head_cost
+                        break
+                    self._payload_charged = True
+                    head_cost = cost
+                if have < length:
+                    # small: the rest comes into the receive buffer
+                    self._head_admitted, self._head_cost = True, head_cost
+                    if large_write:
+                        self._start_payload(pos, cmd, flags, cookie, offset, length, have)
+                    break
+                data = rview[pos + head : pos + head + length]
+                self._rstart = pos + head + length
+                if large_write:
+                    self._payload_charged = False
+            else:
+                self._rstart = pos + head
+            if not gate:
+                gate = self._hold_gate()
+                inline = self._inline
+                if inline is not None:
+                    try_read, try_write = inline.try_read, inline.try_write
+            # ``_handle``'s inline answers, for the two commands that are most of the
+            # traffic; anything else (and whatever these decline) takes ``_handle``
+            if try_read is not None and 0 < length <= max_payload and offset + length <= size:
+                try:
+                    if cmd == _READ:
+                        if not flags & read_flags and length < hole_check:
+                            got = try_read(offset, length)
+                            if got is not None:
+                                reads_append((cookie, offset, length, got))
+                                reads_cost += cost
+                            else:  # declined: the event loop's path, not a second try
+                                self._handle(cmd, flags, cookie, offset, length, data, cost)
+                            continue
+                    elif cmd == _WRITE and not flags & write_flags and writable:
+                        assert data is not None and try_write is not None
+                        if try_write(offset, data):
+                            oks_append((cookie, offset))
+                            oks_cost += cost
+                        else:
+                            self._handle(cmd, flags, cookie, offset, length, data, cost)
+                        continue
+                except OSError as err:
+                    req = Request(cookie, cmd, flags, offset, length)
+                    self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
+                    continue
+            self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
+        if reads:
+            self._queue_reads(reads, reads_cost)
+        if oks:
+            self._queue_oks(oks, oks_cost)
         if self._rstart == self._rend:
             self._rstart = self._rend = 0
+
+    def _hold_gate(self) -> bool:
+        """Pass the export's pause gate (False: it is paused) and keep holding it."""
+        if self._export.try_admit():
+            self._gate_held = True
+            self._inline = self._export.inline  # resolved again after a switch (a pause)
+        return self._gate_held
+
+    def _let_go(self) -> None:
+        if self._gate_held:
+            self._gate_held = False
+            self._inline = None
+            self._export.release()
 
     def _refuse_while_stopping(
         self, pos: int, cmd: int, cookie: int, offset: int, length: int, carries: int | bool
@@ -457,41 +541,6 @@ class DataPlane(Receiver):
         message = "server shutting down"
         self._queue(error_reply(req, self._negotiated, Errno.ESHUTDOWN, message), cost)
 
-    def _admit(self, cost: int) -> bool:
-        """Count one more request in flight and take its bytes, or say why not."""
-        if self.in_flight >= self._limits.max_requests:
-            self._blocked = Grant.OWN_SHARE
-            return False
-        if not self._charge(cost):
-            return False
-        self.in_flight += 1
-        self._counted += 1
-        return True
-
-    def _charge(self, cost: int) -> bool:
-        ahead = self._ahead
-        if cost <= ahead:
-            self._ahead = ahead - cost
-            self._held += cost
-            return True
-        if ahead:  # too little for this one: back to the daemon, which decides afresh
-            self._ahead = 0
-            self._budget.give_back(ahead, 0)
-        spare = AHEAD_MAX - cost if cost < AHEAD_MAX and not self._line else 0
-        grant, extra = self._budget.take_ahead(cost, spare, self._held, self._key, self._wake)
-        if grant is not Grant.TAKEN:
-            self._blocked = grant
-            return False
-        self._held += cost
-        self._ahead = extra
-        return True
-
-    def _settle(self) -> None:
-        """Give back the bytes taken ahead, and tell the budget the requests in flight."""
-        ahead, counted = self._ahead, self._counted
-        self._ahead = self._counted = 0
-        self._budget.give_back(ahead, -counted)  # admitted less answered: may add requests
-
     def _handle_alone(
         self,
         cmd: int,
@@ -507,13 +556,12 @@ class DataPlane(Receiver):
         if self._stopping:
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
-        if not self._export.try_admit():
+        if self._gate_held and self._export.pausing:
+            self._let_go()
+        if self._gate_held or self._hold_gate():
+            self._handle(cmd, flags, cookie, offset, length, data, cost, self._inline)
+        else:
             self._handle(cmd, flags, cookie, offset, length, data, cost, None)
-            return
-        try:
-            self._handle(cmd, flags, cookie, offset, length, data, cost, self._export.inline)
-        finally:
-            self._export.release()
 
     def _handle(
         self,
@@ -524,7 +572,7 @@ class DataPlane(Receiver):
         length: int,
         data: memoryview | bytearray | None,
         cost: int,
-        inline: InlineIO | None,
+        inline: InlineIO | None = None,
     ) -> None:
         """Answer one request: inline when the backend can without waiting, else as a task of
         the event loop. ``inline``: the export's, once its gate admitted the batch (None: the

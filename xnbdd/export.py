@@ -52,7 +52,9 @@ class Export:
         self.extra_contexts: dict[str, ContextProvider] = {}
         self._gate = threading.Lock()
         self._in_flight = 0
-        self._paused = False
+        # written under ``_gate``; a data-plane thread that holds the gate across batches reads
+        # it without the lock to know when to let go (dataplane.py)
+        self.pausing = False
         self._resume = trio.Event()
         self._resume.set()
         self._drained = trio.Event()
@@ -121,7 +123,7 @@ class Export:
     def try_admit(self) -> bool:
         """``admit`` without waiting, from any thread: False while paused."""
         with self._gate:
-            if self._paused:
+            if self.pausing:
                 return False
             self._in_flight += 1
             return True
@@ -130,7 +132,7 @@ class Export:
         """From any thread: the request is done with the backend."""
         with self._gate:
             self._in_flight -= 1
-            drained = self._paused and self._in_flight == 0
+            drained = self.pausing and self._in_flight == 0
         if not drained:
             return
         if threading.get_ident() == self._loop_thread:
@@ -147,7 +149,7 @@ class Export:
             self._resume = trio.Event()
             self._drained = trio.Event()
             with self._gate:
-                self._paused = True
+                self.pausing = True
                 busy = self._in_flight > 0
             try:
                 if busy:
@@ -155,7 +157,7 @@ class Export:
                 yield
             finally:
                 with self._gate:
-                    self._paused = False
+                    self.pausing = False
                 self._resume.set()
 
     async def replace_backend(self, make: Callable[[], Awaitable[Backend]]) -> None:

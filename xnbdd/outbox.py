@@ -35,6 +35,8 @@ MAX_IOV = 512  # buffers per writev, below the kernel's IOV_MAX of 1024
 
 Part = bytes | bytearray | memoryview | FileRange
 Data = bytes | bytearray | FileRange  # what a READ answered inline sends
+Reads = list[tuple[int, int, int, Data]]  # READs a pass answered: cookie, offset, length, data
+Oks = list[tuple[int, int]]  # requests a pass answered without data: cookie, offset
 
 _CHUNK_HEAD = OFFSET_DATA.size
 
@@ -55,21 +57,26 @@ class Outbox:
         self._layered = not transport.zero_copy  # may hold bytes back: ask ``has_output``
         self._fields = fields
         self.parts: deque[Part] = deque()
-        # (stream position of a reply's end, its cost)
-        self._marks: deque[tuple[int, int]] = deque()
-        self._cost = 0  # of the replies in ``_marks``
+        # (stream position where replies end, how many, their cost): a mark per batch of
+        # replies the plane queued at once, so a reply costs no mark of its own
+        self._marks: deque[tuple[int, int, int]] = deque()
+        self._cost = 0  # of the replies in ``_marks`` and the open batch
+        self._open = 0  # replies queued since the last mark (the open batch)
+        self._open_cost = 0
         self._queued = 0
         self._sent = 0
         self._ranges = 0  # FileRange parts in ``parts`` (sent with sendfile, not writev)
 
     def add(self, reply: Buffers, cost: int) -> None:
+        if self._open:
+            self._seal()
         for part in reply:
             size = part.length if isinstance(part, FileRange) else len(part)
             if size:
                 self.parts.append(part)
                 self._queued += size
                 self._ranges += isinstance(part, FileRange)
-        self._marks.append((self._queued, cost))
+        self._marks.append((self._queued, 1, cost))
         self._cost += cost
 
     def add_data(self, head: bytes, data: Data, cost: int) -> None:
@@ -82,8 +89,8 @@ class Outbox:
             self._queued += len(head) + data.length
         else:
             self._queued += len(head) + len(data)
-        self._marks.append((self._queued, cost))
-        self._cost += cost
+        self._open += 1
+        self._open_cost += cost
 
     # A READ answered whole (``data`` is ``length`` bytes): one of these three per connection, as
     # its replies are laid out; each does ``add_data``'s work itself (one call per READ).
@@ -100,8 +107,8 @@ class Outbox:
         parts.append(data)
         self._ranges += isinstance(data, FileRange)
         self._queued += _CHUNK_HEAD + length
-        self._marks.append((self._queued, cost))
-        self._cost += cost
+        self._open += 1
+        self._open_cost += cost
 
     def add_read_extended(
         self, cookie: int, offset: int, length: int, data: Data, cost: int
@@ -117,14 +124,14 @@ class Outbox:
         parts.append(data)
         self._ranges += isinstance(data, FileRange)
         self._queued += len(head) + length
-        self._marks.append((self._queued, cost))
-        self._cost += cost
+        self._open += 1
+        self._open_cost += cost
 
     def add_simple(self, cookie: int, _offset: int, cost: int) -> None:
         self.parts.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
         self._queued += SIMPLE_REPLY.size
-        self._marks.append((self._queued, cost))
-        self._cost += cost
+        self._open += 1
+        self._open_cost += cost
 
     def add_none(self, cookie: int, offset: int, cost: int) -> None:
         """Success without data, with extended headers (which allow no simple reply)."""
@@ -132,14 +139,77 @@ class Outbox:
             EXTENDED_CHUNK.pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE_TYPE, cookie, offset, 0)
         )
         self._queued += EXTENDED_CHUNK.size
-        self._marks.append((self._queued, cost))
-        self._cost += cost
+        self._open += 1
+        self._open_cost += cost
+
+    # A pass's inline answers in one go (the plane collects them, one tuple each, and queues
+    # them when the pass ends): one call per batch instead of one per reply. One of these per
+    # connection, as its replies are laid out, like the ones above.
+
+    def add_reads_simple(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, SIMPLE_REPLY.pack
+        size = ranges = 0
+        for cookie, _offset, length, data in reads:
+            append(pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), SIMPLE_REPLY.size, size, ranges, cost)
+
+    def add_reads_chunk(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, OFFSET_DATA.pack
+        size = ranges = 0
+        for cookie, offset, length, data in reads:
+            append(pack(STRUCTURED_REPLY_MAGIC, _DONE, _DATA, cookie, 8 + length, offset))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), _CHUNK_HEAD, size, ranges, cost)
+
+    def add_reads_extended(self, reads: Reads, cost: int) -> None:
+        append, pack = self.parts.append, EXTENDED_OFFSET_DATA.pack
+        size = ranges = 0
+        for cookie, offset, length, data in reads:
+            append(pack(EXTENDED_REPLY_MAGIC, _DONE, _DATA, cookie, offset, 8 + length, offset))
+            append(data)
+            size += length
+            ranges += isinstance(data, FileRange)
+        self._added(len(reads), EXTENDED_OFFSET_DATA.size, size, ranges, cost)
+
+    def add_oks_simple(self, oks: Oks, cost: int) -> None:
+        """Simple replies without error: packed into one part."""
+        pack = SIMPLE_REPLY.pack
+        self.parts.append(b"".join([pack(SIMPLE_REPLY_MAGIC, 0, cookie) for cookie, _ in oks]))
+        self._added(len(oks), SIMPLE_REPLY.size, 0, 0, cost)
+
+    def add_oks_extended(self, oks: Oks, cost: int) -> None:
+        pack = EXTENDED_CHUNK.pack
+        self.parts.append(
+            b"".join(
+                [pack(EXTENDED_REPLY_MAGIC, _DONE, _NONE_TYPE, cookie, at, 0) for cookie, at in oks]
+            )
+        )
+        self._added(len(oks), EXTENDED_CHUNK.size, 0, 0, cost)
+
+    def _added(self, count: int, head: int, size: int, ranges: int, cost: int) -> None:
+        """``count`` replies, each with a header of ``head`` bytes, ``size`` bytes of data in
+        all (``ranges`` of them file ranges), joined the open batch."""
+        self._queued += count * head + size
+        self._ranges += ranges
+        self._open += count
+        self._open_cost += cost
+
+    def _seal(self) -> None:
+        """End the open batch: one mark for its replies."""
+        self._marks.append((self._queued, self._open, self._open_cost))
+        self._cost += self._open_cost
+        self._open = self._open_cost = 0
 
     def clear(self) -> None:
         """The connection ended: drop what was never sent (and the bytes it holds)."""
         self.parts.clear()
         self._marks.clear()
-        self._cost = 0
+        self._cost = self._open = self._open_cost = 0
 
     def holding(self) -> bool:
         """The transport holds bytes the socket has not taken yet (TLS only)."""
@@ -157,6 +227,8 @@ class Outbox:
         cost."""
         out = self.parts
         writev = self._writev
+        if self._open:
+            self._seal()
         try:
             while out:
                 head = out[0]
@@ -181,8 +253,10 @@ class Outbox:
                     self._sent += sent
                     if self._sent == self._queued:  # every reply went whole
                         out.clear()
-                        count, cost = len(self._marks), self._cost
-                        self._marks.clear()
+                        marks = self._marks
+                        count = marks[0][1] if len(marks) == 1 else sum(m[1] for m in marks)
+                        cost = self._cost
+                        marks.clear()
                         self._cost = 0
                         return count, cost
                     self._advance(sent, len(out))
@@ -223,7 +297,8 @@ class Outbox:
         sent = self._sent
         cost = count = 0
         while marks and marks[0][0] <= sent:
-            cost += marks.popleft()[1]
-            count += 1
+            _end, replies, their_cost = marks.popleft()
+            cost += their_cost
+            count += replies
         self._cost -= cost
         return count, cost

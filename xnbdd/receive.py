@@ -3,23 +3,32 @@
 Requests are read into a receive buffer of ``RECEIVE_SIZE`` bytes, whose unparsed bytes are
 ``rbuf[rstart:rend]``; a large WRITE payload that has not arrived whole gets a buffer of its own
 that grows as its bytes come (``PAYLOAD_STEP``, doubling), and a refused payload is read and
-dropped (``_discard``). A handover reads no further than the end of the request at hand. The
-plane parses and answers (dataplane.py); this mixin only moves bytes in and keeps the framing.
+dropped (``_discard``). A handover reads no further than the end of the request at hand. A
+request is admitted (queue depth, bytes from the budget) before it is read any further, and a
+stopping connection reads until its client closes (``_linger``). The plane parses and answers
+(dataplane.py); this mixin moves bytes in, keeps the framing and admits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
+import socket
 from collections.abc import Callable
 
+from .budget import ByteBudget, Grant, Limits
 from .outbox import ClosedConnection
 from .proto.consts import Cmd
 from .proto.transmission import DRAIN_LIMIT
+from .tls import Transport
 
 log = logging.getLogger("xnbdd")
 
 RECEIVE_SIZE = 128 * 1024  # the socket is read into this; larger WRITE payloads get their own
 PAYLOAD_STEP = 256 * 1024  # such a payload buffer starts this large and doubles as bytes arrive
+AHEAD_MAX = 1024 * 1024  # bytes a busy connection keeps taken ahead of its requests (budget.py)
 
 _WRITE = int(Cmd.WRITE)
 
@@ -28,6 +37,15 @@ class Receiver:
     """The state and the reads of the receive side; ``DataPlane`` sets it up and answers."""
 
     _fields: dict[str, str]
+    _transport: Transport
+    _fd: int
+    _wake_fd: int  # the eventfd that wakes the thread
+    _aborted: bool
+    _limits: Limits
+    _budget: ByteBudget
+    _blocked: Grant | None
+    _line: dict[int, Callable[[], None]]  # connections waiting for bytes (budget.py)
+    _key: int  # our place in that line
     _readv: Callable[[list[memoryview]], int]
     _unpack_head: Callable[[bytes | bytearray | memoryview, int], tuple[int, ...]]
     _head_size: int
@@ -35,6 +53,7 @@ class Receiver:
     _max_payload: int
     _rbuf: bytearray
     _rview: memoryview
+    _whole: list[memoryview]  # [_rview], for a read into the whole (empty) buffer
     _rstart: int
     _rend: int
     _payload: bytearray | None  # a large WRITE payload being received
@@ -53,6 +72,9 @@ class Receiver:
     _held: int
     _ahead: int
 
+    def _wake(self) -> None:
+        raise NotImplementedError  # the plane wakes its thread
+
     def _handle_alone(
         self,
         cmd: int,
@@ -64,6 +86,74 @@ class Receiver:
         cost: int,
     ) -> None:
         raise NotImplementedError  # the plane answers
+
+    # -- the end of a connection -------------------------------------------------------------
+
+    def _linger(self) -> None:
+        """Every reply is out: tell the client (end of stream) and read until it closes, so a
+        request it sent meanwhile does not turn our close into a reset that could destroy
+        replies it has not read yet. The grace period (``abort``) bounds the wait."""
+        try:
+            self._transport.close_notify()
+            with socket.socket(fileno=os.dup(self._fd)) as sock:  # shuts the socket, not the fd
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        poller = select.poll()
+        poller.register(self._wake_fd, select.POLLIN)
+        poller.register(self._fd, select.POLLIN)
+        scratch = memoryview(bytearray(RECEIVE_SIZE))
+        while not self._aborted:
+            try:
+                if not os.readv(self._fd, [scratch]):
+                    return
+            except BlockingIOError:
+                poller.poll()
+                self._take_wake()
+            except OSError:
+                return
+
+    def _take_wake(self) -> None:
+        """Reset the wake-up eventfd (it may not have fired)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+
+    # -- admission: a request is admitted before it is read any further (budget.py) ---------
+
+    def _admit(self, cost: int) -> bool:
+        """Count one more request in flight and take its bytes, or say why not."""
+        if self.in_flight >= self._limits.max_requests:
+            self._blocked = Grant.OWN_SHARE
+            return False
+        if not self._charge(cost):
+            return False
+        self.in_flight += 1
+        self._counted += 1
+        return True
+
+    def _charge(self, cost: int) -> bool:
+        ahead = self._ahead
+        if cost <= ahead:
+            self._ahead = ahead - cost
+            self._held += cost
+            return True
+        if ahead:  # too little for this one: back to the daemon, which decides afresh
+            self._ahead = 0
+            self._budget.give_back(ahead, 0)
+        spare = AHEAD_MAX - cost if cost < AHEAD_MAX and not self._line else 0
+        grant, extra = self._budget.take_ahead(cost, spare, self._held, self._key, self._wake)
+        if grant is not Grant.TAKEN:
+            self._blocked = grant
+            return False
+        self._held += cost
+        self._ahead = extra
+        return True
+
+    def _settle(self) -> None:
+        """Give back the bytes taken ahead, and tell the budget the requests in flight."""
+        ahead, counted = self._ahead, self._counted
+        self._ahead = self._counted = 0
+        self._budget.give_back(ahead, -counted)  # admitted less answered: may add requests
 
     def _at_boundary(self) -> bool:
         """Every byte read belongs to a request taken out of the buffer."""
@@ -93,6 +183,13 @@ class Receiver:
         if self._payload is not None:
             return self._read_payload()
         buf = self._rbuf
+        if not self._rend and not self._handover and not self._discard:
+            # the common case: the last pass took every byte; read into the whole buffer
+            got = self._recv_views(self._whole, len(buf))
+            if got is None:
+                return False
+            self._rend = got
+            return True
         if self._rend == len(buf):
             if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
                 raise ClosedConnection("receive buffer full without a complete request")
@@ -148,8 +245,12 @@ class Receiver:
     def _recv(self, view: memoryview) -> int | None:
         """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
         reading) ends the requests, and once stopping an empty socket does too."""
+        return self._recv_views([view], len(view))
+
+    def _recv_views(self, views: list[memoryview], room: int) -> int | None:
+        """``_recv`` into ``views``, ``room`` bytes in all."""
         try:
-            count = self._readv([view])
+            count = self._readv(views)
         except BlockingIOError:
             self._drained = True
             return None
@@ -159,9 +260,9 @@ class Receiver:
         if not count:
             self._at_end()
             return None
-        # A short read emptied the socket: wait for more with poll rather than find out with
-        # one more read (a system call, and a pass of the interpreter lock, per batch).
-        self._drained = count < len(view)
+        # A short read emptied the socket: the plane polls before it reads again, unless a
+        # client that keeps its queue full has been sending more meanwhile (dataplane.py).
+        self._drained = count < room
         return count
 
     def _at_end(self) -> None:
