@@ -9,11 +9,9 @@ killed with SIGKILL closes only its own client, and another worker takes its pla
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import signal
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -213,39 +211,8 @@ async def test_a_reload_reaches_the_workers_and_they_report_what_they_hold(
                     await workers.next_report()
             requests, held = workers.usage()
             assert 1 <= requests <= 4 and 0 < held <= 4 << 20
-    finally:
-        await export.backend.close()
-
-
-async def test_what_a_worker_logs_is_logged_by_the_daemon(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A worker's records reach the daemon's log (the journal, or --logpath) with their level,
-    not only the worker's standard error."""
-    path = tmp_path / "disk.img"
-    make_image(path, SIZE, seed=7)
-    export = Export("", FileBackend.open(str(path), readonly=False))
-    try:
-        async with pool(export) as (state, workers), AsyncExitStack() as stack:
-            sessions = [
-                await stack.enter_async_context(serving(export, state=state)) for _ in (1, 2)
-            ]
-            await wait_until(lambda: all(s.conn.worker for s in sessions), STARTS_WITHIN)
-            left, right = socket.socketpair()
-            with left, right:
-                # a connection state the worker cannot use: it logs a warning and closes it
-                target = workers.processes[0]
-                target.post(
-                    {"op": "serve", "id": 999, "negotiated": {"pending": "!"}}, left.fileno()
-                )
-                await wait_until(
-                    lambda: any(
-                        "unusable connection state" in r.getMessage() for r in caplog.records
-                    ),
-                    STARTS_WITHIN,
-                )
-            record = next(r for r in caplog.records if "unusable" in r.getMessage())
-            assert record.levelno == logging.WARNING
-            assert record.getMessage().startswith(f"worker {target.index}: ")
+            processes = [w._process for w in workers.processes]
+        # told to end (the daemon closed its side), each exits by itself, not killed after a wait
+        assert [p.returncode if p else None for p in processes] == [0, 0]
     finally:
         await export.backend.close()

@@ -23,9 +23,6 @@ argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS
   they changed (at most every ``USAGE_INTERVAL``) and at once after ``limits``, so the daemon's
   query counts the whole server.
 
-The worker logs to standard error, one record per line as ``LEVEL message``; the daemon reads
-the pipe and logs each line as its own (the journal, or ``--logpath``).
-
 The worker ignores SIGINT and SIGTERM (the daemon stops it, connection by connection, after a
 graceful stop or handover) and ends with the daemon: the kernel closes the daemon's end of the
 socket pair however it exits. (Not PR_SET_PDEATHSIG: that follows the thread that started the
@@ -64,7 +61,6 @@ MAX_MESSAGE = 256 * 1024  # a serve message carries the bytes pipelined behind t
 FD_SPACE = socket.CMSG_SPACE(3 * array.array("i", [0]).itemsize)  # a cow start has three
 PLANE_THREADS = trio.CapacityLimiter(1_000_000)  # one per connection, not a pool
 USAGE_INTERVAL = 0.5  # seconds between usage reports while it changes
-LOG_FORMAT = "%(levelname)s %(message)s"  # parsed by workers.forward_log
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -146,7 +142,8 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 await self.send({"op": "ready", "pid": os.getpid()})
-                nursery.start_soon(self._report_usage, limits, budget)
+                reporting = trio.CancelScope()  # ends with the daemon, or the worker stays
+                nursery.start_soon(self._report_usage, limits, budget, reporting)
                 while True:
                     received = await self.receive()
                     if received is None:
@@ -171,13 +168,20 @@ class Worker:
                         plane.request_handover()
                     elif op == "abort":
                         plane.abort()
+                reporting.cancel()
                 for plane in self.planes.values():
                     plane.abort()
         finally:
             with trio.CancelScope(shield=True):
                 await backend.close()
 
-    async def _report_usage(self, limits: Limits, budget: ByteBudget) -> None:
+    async def _report_usage(
+        self, limits: Limits, budget: ByteBudget, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            await self._report_usage_until_cancelled(limits, budget)
+
+    async def _report_usage_until_cancelled(self, limits: Limits, budget: ByteBudget) -> None:
         last: dict[str, int] = {}
         while True:
             usage = {
@@ -278,7 +282,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
-        format=LOG_FORMAT,
+        format="xnbd-server-worker[%(process)d] %(levelname)s: %(message)s",
     )
     channel = socket.socket(fileno=int(argv[0]))
     trio.run(Worker(channel).run)

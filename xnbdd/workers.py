@@ -22,8 +22,7 @@ abort as a local one.
   to it); ``--max-queue-size`` is per connection, wherever it is served.
 - TLS sessions live in the daemon's memory and cannot move: TLS connections are served here.
 - A SIGHUP reload's limits reach every worker (``apply_limits``); each worker reports what it
-  holds (``usage``), so the query counts the whole server; the daemon logs what its workers
-  write to standard error as its own records.
+  holds (``usage``), so the query counts the whole server.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import logging
 import math
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -173,7 +171,6 @@ class WorkerProcess:
                 [sys.executable, "-m", "xnbdd.worker", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=_child_environment(),
-                stderr=subprocess.PIPE,
             )
         except BaseException:
             ours.close()
@@ -183,32 +180,28 @@ class WorkerProcess:
         self.pid = process.pid
         self._process = process
         channel = trio.socket.from_stdlib_socket(ours)
-        assert process.stderr is not None
-        async with trio.open_nursery() as logging:
-            # until the process has exited, so the last lines of a crash are logged too
-            logging.start_soon(forward_log, process.stderr, f"worker {self.index}")
-            try:
-                await channel.sendmsg([encode(start)], rights(*image_fds))
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._sender, channel)
-                    await self._reader(channel)
-                    nursery.cancel_scope.cancel()
-            except OSError:
-                pass  # the process is gone: as EOF
-            finally:
-                self.ready = False
-                self._out.close()
-                channel.close()  # the worker sees the end and exits (it ignores SIGTERM)
-                self.lost = len(self.planes)
-                for plane in self.planes.values():
-                    plane.finish("its worker process ended")
-                self.planes.clear()
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(EXIT_WAIT):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
+        try:
+            await channel.sendmsg([encode(start)], rights(*image_fds))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, channel)
+                await self._reader(channel)
+                nursery.cancel_scope.cancel()
+        except OSError:
+            pass  # the process is gone before its start message: as EOF
+        finally:
+            self.ready = False
+            self._out.close()
+            channel.close()  # the worker sees the end and exits (it ignores SIGTERM)
+            self.lost = len(self.planes)
+            for plane in self.planes.values():
+                plane.finish("its worker process ended")
+            self.planes.clear()
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(EXIT_WAIT):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
         code = process.returncode
         assert code is not None
         return f"exit status {code}" if code >= 0 else f"signal {-code}"
@@ -217,13 +210,22 @@ class WorkerProcess:
         if self._process is not None and self._process.returncode is None:
             self._process.kill()
 
+    # Both end quietly when the process is gone: a reset (it died with messages unread) is an
+    # end like EOF, and must not escape the nursery as an exception group.
+
     async def _sender(self, channel: trio.socket.SocketType) -> None:
         async for message, fd in self._outgoing:
-            await channel.sendmsg([encode(message)], rights(fd) if fd is not None else [])
+            try:
+                await channel.sendmsg([encode(message)], rights(fd) if fd is not None else [])
+            except OSError:
+                return  # the reader sees the end too
 
     async def _reader(self, channel: trio.socket.SocketType) -> None:
         while True:
-            data, ancdata, _flags, _addr = await channel.recvmsg(MAX_MESSAGE, FD_SPACE)
+            try:
+                data, ancdata, _flags, _addr = await channel.recvmsg(MAX_MESSAGE, FD_SPACE)
+            except OSError:
+                return
             if not data:
                 return
             message, fds = decode(data, ancdata)
@@ -241,27 +243,6 @@ class WorkerProcess:
                 if plane is not None:
                     plane.finish(str(message.get("reason", "")))
                     self.pool.settled()
-
-
-async def forward_log(stream: trio.abc.ReceiveStream, name: str) -> None:
-    """Log a worker's standard error (``LEVEL message`` lines, worker.LOG_FORMAT) as the
-    daemon's own records until the worker closes it; other lines (a traceback) keep the level
-    of the record before them."""
-    level = logging.WARNING
-    pending = b""
-    async with stream:
-        async for chunk in stream:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace")
-                first, _, rest = line.partition(" ")
-                named = logging.getLevelName(first)
-                if isinstance(named, int):
-                    level, line = named, rest
-                log.log(level, "%s: %s", name, line)
-    if pending:
-        log.log(level, "%s: %s", name, pending.decode(errors="replace"))
 
 
 class Workers:
