@@ -53,6 +53,7 @@ log = logging.getLogger("xnbdd")
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 POLL = 0.05
+DYING_WAIT = 2.0  # a failed hand-off waits this long for the server's exit before it gives up
 
 
 class StartError(Exception):
@@ -386,10 +387,15 @@ class Supervisor:
             try:
                 await trio.to_thread.run_sync(send_handoff, proc.path, client, negotiated, pending)
             except HandoffError as err:
-                if attempt == 2 or (not proc.exited.is_set() and _alive(proc.pid)):
-                    raise StartError(f"export {entry.name!r}: hand-off failed: {err}") from None
-                await proc.exited.wait()
-                continue
+                if attempt == 1:
+                    # A server killed a moment ago still exists (exiting, or a zombie its
+                    # parent has not reaped: kill(pid, 0) succeeds) while its socket no longer
+                    # answers; its exit comes within moments, then a fresh one gets the client.
+                    with trio.move_on_after(DYING_WAIT):
+                        await proc.exited.wait()
+                    if proc.exited.is_set():
+                        continue
+                raise StartError(f"export {entry.name!r}: hand-off failed: {err}") from None
             return proc
         raise AssertionError("unreachable")
 
@@ -422,13 +428,3 @@ async def _wait_exit(pid: int) -> None:
         await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
