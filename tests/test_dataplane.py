@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from tests.test_connection import OneExport, socket_pair, wait_until
 from xnbdd import connection as connection_module
-from xnbdd.backends.base import Backend, FileRange
+from xnbdd.backends.base import Backend, FileRange, PipedPayload
 from xnbdd.backends.bitmap import BLOCK_SIZE, SharedBitmap
 from xnbdd.backends.cow import CowBackend
 from xnbdd.backends.file import SENDFILE_MIN, FileBackend
@@ -270,10 +270,12 @@ async def serving(
     extended: bool = False,
     contexts: Sequence[str] = (),
     state: ServerState | None = None,
+    pair: Callable[[], tuple[trio.SocketStream, trio.SocketStream]] = socket_pair,
 ) -> AsyncIterator[Session]:
-    """Serve ``export`` on one end of a socket pair; the session's client has the other end.
-    Leaving cancels the connection (its plane is aborted if it still runs)."""
-    client_end, server_end = socket_pair()
+    """Serve ``export`` on one end of a socket pair (``pair``: client and server ends, a unix
+    socket pair by default); the session's client has the other end. Leaving cancels the
+    connection (its plane is aborted if it still runs)."""
+    client_end, server_end = pair()
     state = state if state is not None else ServerState()
     conn = Connection(server_end, OneExport(export), state)
     session = Session(Client(client_end, extended=extended), conn, state)
@@ -402,6 +404,7 @@ class CountingFile(FileBackend):
         self.inline_reads: list[str] = []  # per try_read: "range", "data" or "declined"
         self.async_reads = 0
         self.async_writes = 0
+        self.piped_writes = 0  # large WRITEs written from the connection's pipe
         self.calls_while_paused = 0
         self.paused = False  # set by a test while it holds the export paused
 
@@ -423,6 +426,12 @@ class CountingFile(FileBackend):
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         self._called()
         return super().try_write(offset, data)
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        self._called()
+        done = super().try_write_piped(offset, length, payload)
+        self.piped_writes += done
+        return done
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self._called()

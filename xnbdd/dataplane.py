@@ -45,6 +45,7 @@ from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
 from .outbox import ClosedConnection, Oks, Outbox, Reads
+from .payload_pipe import MAX_PIPES, PIPE_SIZE, PayloadPipe
 from .proto.consts import (
     EXTENDED_REQUEST_MAGIC,
     MAX_ACCEPTED_PAYLOAD,
@@ -97,7 +98,8 @@ class DataPlane(Receiver):
         _export _extended _fd _fields _finished _gate_held _handover _has_contexts
         _head_admitted _head_cost _head_size _held _inline _key _layered _limits _line _magic
         _max_payload _negotiated _no_peek _out _outbox _payload _payload_charged _payload_flag
-        _payload_got _payload_head _peek_misses _queue _queue_ok _queue_oks _queue_read
+        _payload_got _payload_head _peek_misses _pipe _pipe_max _queue _queue_ok _queue_oks
+        _queue_read
         _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart _rview _size
         _sleeping _spare _stopping _structured _submit _transport _unpack_head _wake_fd
         _wake_lock _whole _write_flags in_flight
@@ -172,7 +174,11 @@ class DataPlane(Receiver):
         self._rend = len(pending)
         self._head_admitted = False  # the header at rstart has its budget already
         self._head_cost = 0  # bytes it holds of the budget so far
-        self._payload: bytearray | None = None  # a large WRITE payload being received
+        self._payload: bytearray | PayloadPipe | None = None  # a large payload being received
+        self._pipe: PayloadPipe | None = None  # made at the first large WRITE (payload_pipe.py)
+        # payloads up to this size go through pipes (payload_pipe.py); once they filled up, no
+        # more than they held then
+        self._pipe_max = MAX_PIPES * PIPE_SIZE if transport.zero_copy else 0
         self._payload_got = 0
         self._payload_head: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._discard = 0  # bytes of a refused payload still to drop
@@ -261,6 +267,8 @@ class DataPlane(Receiver):
             self._outbox.clear()
             self._completions.clear()
             self._payload = self._spare = None
+            if self._pipe is not None:
+                self._pipe.close()
             self._budget.give_back(self._held + self._ahead, self.in_flight - self._counted)
             self._held = self.in_flight = self._ahead = self._counted = 0
 
@@ -548,20 +556,45 @@ class DataPlane(Receiver):
         cookie: int,
         offset: int,
         length: int,
-        data: bytearray,
+        data: bytearray | PayloadPipe,
         cost: int,
     ) -> None:
         """``_handle`` outside a batch (a large payload that finished arriving): it passes the
         export's gate by itself."""
         if self._stopping:
+            if isinstance(data, PayloadPipe):
+                data.discard()
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
         if self._gate_held and self._export.pausing:
             self._let_go()
-        if self._gate_held or self._hold_gate():
-            self._handle(cmd, flags, cookie, offset, length, data, cost, self._inline)
-        else:
-            self._handle(cmd, flags, cookie, offset, length, data, cost, None)
+        inline = self._inline if self._gate_held or self._hold_gate() else None
+        if isinstance(data, PayloadPipe):
+            if inline is not None and self._write_piped(flags, cookie, offset, length, data, cost):
+                return
+            data = data.take()  # declined: the buffer path, as if it had come without a pipe
+        self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
+
+    def _write_piped(
+        self, flags: int, cookie: int, offset: int, length: int, pipe: PayloadPipe, cost: int
+    ) -> bool:
+        """A WRITE whose payload is in the pipe, written from there if the backend can now
+        (the gate is held); False: the pipe still holds it whole."""
+        sink = self._export.pipe_sink
+        if sink is None or flags & ~self._write_flags or offset + length > self._size:
+            return False  # the buffer path answers it (FUA, past the end) or refuses it
+        if self._readonly:
+            return False
+        try:
+            if not sink.try_write_piped(offset, length, pipe):
+                return False
+        except OSError as err:
+            pipe.discard()
+            req = Request(cookie, _WRITE, flags, offset, length)
+            self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
+            return True
+        self._queue_ok(cookie, offset, cost)
+        return True
 
     def _handle(
         self,

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .backends.base import Backend, Extent, InlineIO
+from .backends.base import Backend, Extent, InlineIO, PipeSink
 from .proto.consts import BASE_ALLOCATION, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK, State, TxFlag
 from .proto.messages import ExportInfo
 
@@ -48,6 +48,7 @@ class Export:
         self.description = description
         self.backend = backend
         self.inline = _inline_io(backend)
+        self.pipe_sink = _pipe_sink(backend)
         self.force_readonly = readonly
         self.extra_contexts: dict[str, ContextProvider] = {}
         self._gate = threading.Lock()
@@ -166,8 +167,13 @@ class Export:
         async with self.paused():
             backend = await make()
             self.backend, self.inline = backend, _inline_io(backend)
+            self.pipe_sink = _pipe_sink(backend)
 
 
 def _inline_io(backend: Backend) -> InlineIO | None:
     """The backend's synchronous side, resolved once per backend rather than per request."""
     return backend if isinstance(backend, InlineIO) else None
+
+
+def _pipe_sink(backend: Backend) -> PipeSink | None:
+    return backend if isinstance(backend, PipeSink) else None

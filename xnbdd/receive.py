@@ -19,7 +19,9 @@ import socket
 from collections.abc import Callable
 
 from .budget import ByteBudget, Grant, Limits
+from .export import Export
 from .outbox import ClosedConnection
+from .payload_pipe import PayloadPipe, PipeFull
 from .proto.consts import Cmd
 from .proto.transmission import DRAIN_LIMIT
 from .tls import Transport
@@ -38,6 +40,7 @@ class Receiver:
 
     _fields: dict[str, str]
     _transport: Transport
+    _export: Export
     _fd: int
     _wake_fd: int  # the eventfd that wakes the thread
     _aborted: bool
@@ -56,7 +59,9 @@ class Receiver:
     _whole: list[memoryview]  # [_rview], for a read into the whole (empty) buffer
     _rstart: int
     _rend: int
-    _payload: bytearray | None  # a large WRITE payload being received
+    _payload: bytearray | PayloadPipe | None  # a large payload being received
+    _pipe: PayloadPipe | None
+    _pipe_max: int
     _payload_got: int
     _payload_head: tuple[int, int, int, int, int]  # its cmd, flags, cookie, offset, length
     _payload_charged: bool
@@ -65,6 +70,7 @@ class Receiver:
     _drained: bool
     _end: str
     _handover: bool
+    _readonly: bool
     _head_admitted: bool
     _head_cost: int
     in_flight: int
@@ -82,7 +88,7 @@ class Receiver:
         cookie: int,
         offset: int,
         length: int,
-        data: bytearray,
+        data: bytearray | PayloadPipe,
         cost: int,
     ) -> None:
         raise NotImplementedError  # the plane answers
@@ -228,9 +234,12 @@ class Receiver:
         payload = self._payload
         assert payload is not None
         length = self._payload_head[4]
-        if self._payload_got == len(payload):  # allocate as the bytes arrive
-            payload.extend(bytes(min(len(payload), length - len(payload))))
-        count = self._recv(memoryview(payload)[self._payload_got :])
+        if isinstance(payload, PayloadPipe):
+            count = self._splice(payload, length - self._payload_got)
+        else:
+            if self._payload_got == len(payload):  # allocate as the bytes arrive
+                payload.extend(bytes(min(len(payload), length - len(payload))))
+            count = self._recv(memoryview(payload)[self._payload_got :])
         if count is None:
             return False
         self._payload_got += count
@@ -241,6 +250,26 @@ class Receiver:
             self._head_admitted = False
             self._handle_alone(cmd, flags, cookie, offset, length, payload, length)
         return True
+
+    def _splice(self, pipe: PayloadPipe, count: int) -> int | None:
+        """``_recv`` into the pipe; 0 when it spilled (nothing new was read)."""
+        try:
+            moved = pipe.fill(self._transport, count)
+        except PipeFull:  # the network's pieces are smaller than the pipe's size supposes
+            self._pipe_max = min(self._pipe_max, pipe.held)
+            self._payload = pipe.take()  # the rest comes into this buffer
+            return 0
+        except BlockingIOError:
+            self._drained = True
+            return None
+        except OSError as err:
+            log.debug("client connection failed: %s", err, extra=self._fields)
+            moved = 0
+        if not moved:
+            self._at_end()
+            return None
+        self._drained = moved < count  # the socket is empty, or the pipe full: the next says
+        return moved
 
     def _recv(self, view: memoryview) -> int | None:
         """Bytes read into ``view``; None when nothing is there now. End of stream (or an error
@@ -281,17 +310,35 @@ class Receiver:
     def _start_payload(
         self, pos: int, cmd: int, flags: int, cookie: int, offset: int, length: int, have: int
     ) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None and len(spare) == length:
-            payload = spare  # sequential writers repeat sizes: no allocation, no page faults
-        else:
-            payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
         start = pos + self._head_size
-        memoryview(payload)[:have] = self._rview[start : start + have]  # one copy, not two
-        self._payload = payload
+        pipe = self._payload_pipe(length) if cmd == _WRITE and not self._readonly else None
+        if pipe is not None:
+            pipe.begin(bytes(self._rview[start : start + have]))
+            self._payload = pipe
+        else:
+            spare, self._spare = self._spare, None
+            if spare is not None and len(spare) == length:
+                payload = spare  # sequential writers repeat sizes: no allocation, no page faults
+            else:
+                payload = bytearray(min(length, max(PAYLOAD_STEP, have)))
+            memoryview(payload)[:have] = self._rview[start : start + have]  # one copy, not two
+            self._payload = payload
         self._payload_got = have
         self._payload_head = (cmd, flags, cookie, offset, length)
         self._rstart = self._rend = 0
+
+    def _payload_pipe(self, length: int) -> PayloadPipe | None:
+        """The connection's pipe, where a payload of ``length`` bytes can go through one (a
+        plain socket, an export that takes piped payloads, a pipe to be had); else None."""
+        if length > self._pipe_max or not self._export.pipe_sink:
+            return None
+        if self._pipe is None:
+            try:
+                self._pipe = PayloadPipe()
+            except OSError as err:
+                log.debug("large writes without a pipe: %s", err, extra=self._fields)
+                self._pipe_max = 0
+        return self._pipe
 
     def _oversized_payload(self, pos: int, length: int) -> None:
         """A refused payload (beyond the maximum, or while stopping): drop it to stay in step,

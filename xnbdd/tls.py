@@ -18,6 +18,7 @@ certificate and key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import ssl
 from dataclasses import dataclass
@@ -224,8 +225,8 @@ class TLSChannel:
 
 class Transport(Protocol):
     """How the data plane moves bytes on its connection; all three are non-blocking and raise
-    BlockingIOError like the os calls they stand for. ``sendfile`` is used only where
-    ``zero_copy`` is true."""
+    BlockingIOError like the os calls they stand for. ``sendfile`` and ``splice`` are used only
+    where ``zero_copy`` is true."""
 
     fd: int
     zero_copy: bool
@@ -235,6 +236,10 @@ class Transport(Protocol):
     def writev(self, parts: list[bytes | bytearray | memoryview], /) -> int: ...
 
     def sendfile(self, in_fd: int, offset: int, count: int, /) -> int: ...
+
+    def splice(self, pipe_fd: int, count: int, /) -> int:
+        """Move up to ``count`` received bytes into a pipe (only where ``zero_copy``)."""
+        ...
 
     def has_output(self) -> bool:
         """Bytes accepted but not yet on the socket (the plane waits for POLLOUT for them)."""
@@ -259,6 +264,9 @@ class PlainTransport:
         self.readv = partial(os.readv, fd)
         self.writev = partial(os.writev, fd)
         self.sendfile = partial(os.sendfile, fd)
+
+    def splice(self, pipe_fd: int, count: int) -> int:
+        return os.splice(self.fd, pipe_fd, count, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
 
     def has_output(self) -> bool:
         return False
@@ -379,6 +387,10 @@ class TLSTransport:
         with contextlib.suppress(BlockingIOError):
             self.flush()
         return taken
+
+    def splice(self, pipe_fd: int, count: int) -> int:
+        """Never called (``zero_copy`` is false): the bytes must be decrypted first."""
+        raise OSError(errno.EOPNOTSUPP, "no splice through user-space TLS")
 
     def sendfile(self, in_fd: int, offset: int, count: int) -> int:
         """No sendfile through user-space TLS: read the range and encrypt it."""

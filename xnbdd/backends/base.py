@@ -131,6 +131,25 @@ class InlineIO(Protocol):
         ...
 
 
+class PipedPayload(Protocol):
+    """A WRITE payload that never passed through Python (payload_pipe.PayloadPipe)."""
+
+    def write_to(self, fd: int, offset: int) -> None:
+        """Write it all at ``offset`` of ``fd`` (the page cache's copy is the only one)."""
+        ...
+
+
+@runtime_checkable
+class PipeSink(Protocol):
+    """A backend whose file can take a large WRITE payload straight from a pipe; called, like
+    ``InlineIO``, from a connection's data-plane thread."""
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        """Write the payload (not durably) without waiting; False: nothing was promised and
+        the payload is still whole (it takes the buffer path)."""
+        ...
+
+
 class CacheStore(Backend, InlineIO, Protocol):
     """Where a proxy keeps the origin's blocks: a local file (FileBackend) or an RBD image
     (RbdBackend); ``release`` closes it without a flush."""

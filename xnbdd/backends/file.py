@@ -26,7 +26,14 @@ from typing import TypeVar
 import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
+from xnbdd.backends.base import (
+    MAX_EXTENTS,
+    Capabilities,
+    ChangeGuard,
+    Extent,
+    FileRange,
+    PipedPayload,
+)
 
 T = TypeVar("T")
 
@@ -218,9 +225,7 @@ class FileBackend:
         ``write`` must be used (rewriting bytes already written is harmless)."""
         # the data plane's payloads are bytes-like of unsigned bytes: len() is their size
         length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if self._grows and (offset + length > self._size or monotonic_ns() > self._room_until):
-            self._check_room(offset, length)  # past the end last seen, or seen too long ago
-        if self.guard is not None and not self._guarded_now(offset, length):
+        if not self._may_write_now(offset, length):
             return False
         if self._inline:
             done = os.pwrite(self.fd, data, offset)  # no iovec list or view to build
@@ -238,6 +243,20 @@ class FileBackend:
                 raise
             return False
         return done == len(data)
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        """PipeSink: on a memory file system (elsewhere the page cache may make the thread
+        wait for the device, and a buffer takes the event loop's path)."""
+        if not self._inline or not self._may_write_now(offset, length):
+            return False
+        payload.write_to(self.fd, offset)
+        return True
+
+    def _may_write_now(self, offset: int, length: int) -> bool:
+        """ENOSPC past the image's end; False where a snapshot's guard must wait first."""
+        if self._grows and (offset + length > self._size or monotonic_ns() > self._room_until):
+            self._check_room(offset, length)  # past the end last seen, or seen too long ago
+        return self.guard is None or self._guarded_now(offset, length)
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from ``offset``: inline when the data is cached, else in a thread."""
