@@ -448,6 +448,7 @@ class CountingCow(CowBackend):
         super().__init__(base, overlay, bitmap, overlay_path)
         self.inline_reads: list[str] = []
         self.inline_writes = 0  # writes accepted by the plane's thread
+        self.piped_writes = 0  # large ones from the connection's pipes
         self.async_reads = 0
         self.async_writes = 0
 
@@ -463,6 +464,11 @@ class CountingCow(CowBackend):
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         done = super().try_write(offset, data)
         self.inline_writes += done
+        return done
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        done = super().try_write_piped(offset, length, payload)
+        self.piped_writes += done
         return done
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:

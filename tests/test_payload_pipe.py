@@ -17,11 +17,13 @@ import trio
 
 from tests.test_connection import wait_until
 from tests.test_dataplane import (
+    CountingCow,
     KiB,
     MiB,
     Reply,
     budget_returns,
     counts,
+    exported,
     file_export,
     make_image,
     read_file,
@@ -29,6 +31,7 @@ from tests.test_dataplane import (
     shm,  # noqa: F401 (a fixture of the tests below)
 )
 from xnbdd import receive as receive_module
+from xnbdd.backends.bitmap import BLOCK_SIZE
 from xnbdd.dataplane import DIRECT_PAYLOAD
 from xnbdd.payload_pipe import PayloadPipe, PipeFull
 from xnbdd.proto.consts import MAX_PAYLOAD, Cmd, CmdFlag
@@ -305,3 +308,42 @@ async def test_a_fua_write_takes_the_buffer_path(shm: Path) -> None:  # noqa: F8
         assert await c.replies(1) == {1: Reply(1)}
         assert counts(export).piped_writes == 0
     assert read_file(path, 0, MiB) == blob
+
+
+async def test_cow_writes_from_pipes_copy_up_their_edges_and_leave_the_base_alone(
+    shm: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cow-target: a large WRITE over absent blocks with partial edges (copied up from the
+    base first), one over blocks now present, and one that straddles both: each is written
+    from the pipes into the overlay, reads give base + overlay, the base is never written."""
+
+    class Ample(PayloadPipe):
+        def __init__(self) -> None:
+            super().__init__(max_pipes=64)
+
+    monkeypatch.setattr(receive_module, "PayloadPipe", Ample)
+    base = shm / "base.img"
+    size = 1024 * BLOCK_SIZE
+    original = make_image(base, size, seed=5)
+    model = bytearray(original)
+    (shm / "cow").mkdir()
+    backend = CountingCow.open(str(base), cow_dir=str(shm / "cow"))
+    assert isinstance(backend, CountingCow)
+    writes = [  # (offset, length): absent with partial edges, present, half and half
+        (3 * BLOCK_SIZE + 100, 64 * BLOCK_SIZE),
+        (4 * BLOCK_SIZE, 48 * BLOCK_SIZE),
+        (40 * BLOCK_SIZE + 7, 256 * BLOCK_SIZE),
+    ]
+    async with exported(backend) as export, serving(export, pair=trio_tcp_pair) as s:
+        c = s.client
+        for cookie, (offset, length) in enumerate(writes):
+            data = os.urandom(length)
+            model[offset : offset + length] = data
+            await c.send(c.write(cookie, offset, data))
+            assert await c.replies(1) == {cookie: Reply(cookie)}
+        await c.send(c.request(Cmd.READ, 99, 0, size))
+        assert await c.replies(1) == {99: Reply(99, data=bytes(model))}
+        assert backend.piped_writes == len(writes)
+        await budget_returns(s.state)
+    assert read_file(base, 0, size) == original

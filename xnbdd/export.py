@@ -176,4 +176,4 @@ def _inline_io(backend: Backend) -> InlineIO | None:
 
 
 def _pipe_sink(backend: Backend) -> PipeSink | None:
-    return backend if isinstance(backend, PipeSink) else None
+    return backend if isinstance(backend, PipeSink) and backend.takes_pipes else None

@@ -144,6 +144,11 @@ class PipeSink(Protocol):
     """A backend whose file can take a large WRITE payload straight from a pipe; called, like
     ``InlineIO``, from a connection's data-plane thread."""
 
+    @property
+    def takes_pipes(self) -> bool:
+        """Whether ``try_write_piped`` can write at all (else no payload goes into a pipe)."""
+        ...
+
     def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
         """Write the payload (not durably) without waiting; False: nothing was promised and
         the payload is still whole (it takes the buffer path)."""

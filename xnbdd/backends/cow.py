@@ -31,13 +31,21 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
 from xnbdd.backends import linux
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, ChangeGuard, Extent, FileRange
+from xnbdd.backends.base import (
+    MAX_EXTENTS,
+    Capabilities,
+    ChangeGuard,
+    Extent,
+    FileRange,
+    PipedPayload,
+)
 from xnbdd.backends.bitmap import BLOCK_SIZE, SharedBitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import block_bytes, fill_edges, missing_edges, present_runs
 from xnbdd.backends.file import FileBackend
@@ -219,10 +227,24 @@ class CowBackend:
             first, stop = block_span(offset, length)
             if self.bitmap.all_set(first, stop):
                 return self.overlay.try_write(offset, data)
-        return self._try_write_absent(offset, data, first, stop)
+        write = partial(self.overlay.try_write, offset, data)
+        return self._try_write_absent(offset, length, first, stop, write)
+
+    @property
+    def takes_pipes(self) -> bool:
+        """PipeSink: where the overlay does (a memory file system)."""
+        return self.overlay.takes_pipes
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        """PipeSink: ``try_write`` with the payload spliced into the overlay."""
+        first, stop = block_span(offset, length)
+        if self.bitmap.all_set(first, stop):
+            return self.overlay.try_write_piped(offset, length, payload)
+        write = partial(self.overlay.try_write_piped, offset, length, payload)
+        return self._try_write_absent(offset, length, first, stop, write)
 
     def _try_write_absent(
-        self, offset: int, data: bytes | bytearray | memoryview, first: int, stop: int
+        self, offset: int, length: int, first: int, stop: int, write: Callable[[], bool]
     ) -> bool:
         """``write`` to blocks [first, stop), not all present, done at once where that needs no
         waiting: nobody holds their bitmap bytes (an OFD lock through a description of this
@@ -235,14 +257,14 @@ class CowBackend:
         if lock_fd is None:
             return False
         try:
-            for a, b in missing_edges(self.bitmap, offset, len(data), self._size):
+            for a, b in missing_edges(self.bitmap, offset, length, self._size):
                 start, end = block_bytes(a, b, self._size)
                 block = bytearray(end - start)
                 if not self.base.try_read_into(memoryview(block), start):
                     return False
                 if not self.overlay.try_write(start, block):
                     return False
-            if not self.overlay.try_write(offset, data):
+            if not write():  # the payload, into the overlay
                 return False
             self.bitmap.set_range(first, stop)  # only after the data is in the overlay
             return True

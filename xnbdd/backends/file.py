@@ -244,9 +244,13 @@ class FileBackend:
             return False
         return done == len(data)
 
-    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+    @property
+    def takes_pipes(self) -> bool:
         """PipeSink: on a memory file system (elsewhere the page cache may make the thread
         wait for the device, and a buffer takes the event loop's path)."""
+        return self._inline and not self.readonly
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
         if not self._inline or not self._may_write_now(offset, length):
             return False
         payload.write_to(self.fd, offset)
