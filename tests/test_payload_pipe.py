@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.origin_servers import nbdkit, random_image
 from tests.test_connection import wait_until
 from tests.test_dataplane import (
     CountingCow,
@@ -32,9 +33,12 @@ from tests.test_dataplane import (
 )
 from xnbdd import receive as receive_module
 from xnbdd.backends.bitmap import BLOCK_SIZE
+from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.dataplane import DIRECT_PAYLOAD
+from xnbdd.export import Export
 from xnbdd.payload_pipe import PayloadPipe, PipeFull
 from xnbdd.proto.consts import MAX_PAYLOAD, Cmd, CmdFlag
+from xnbdd.remote import RemoteAddress
 from xnbdd.tls import PlainTransport
 
 ONE_PIECE = 4096  # the smallest pipe: it holds one piece, whatever its size
@@ -347,3 +351,46 @@ async def test_cow_writes_from_pipes_copy_up_their_edges_and_leave_the_base_alon
         assert backend.piped_writes == len(writes)
         await budget_returns(s.state)
     assert read_file(base, 0, size) == original
+
+
+async def test_proxy_writes_to_cached_blocks_come_from_pipes_and_others_wait_for_the_origin(
+    shm: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A warm proxy splices a large WRITE of cached blocks into its cache; one that touches
+    uncached blocks takes the event loop's path (its edges come from the origin first). The
+    origin is never written."""
+    written: list[int] = []
+
+    class Counted(PayloadPipe):
+        def __init__(self) -> None:
+            super().__init__(max_pipes=64)
+
+        def write_to(self, fd: int, offset: int) -> None:
+            written.append(offset)
+            super().write_to(fd, offset)
+
+    monkeypatch.setattr(receive_module, "PayloadPipe", Counted)
+    size = 4 * MiB
+    image = shm / "origin.img"
+    original = random_image(image, size, seed=6)
+    model = bytearray(original)
+    cached, cold = (0, 2 * MiB), (2 * MiB + 100, MiB)
+    with nbdkit(shm, ["file", str(image)]) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        proxy_cm = open_proxy_backend(address, str(shm / "cache.img"), str(shm / "cache.bm"))
+        async with proxy_cm as proxy:
+            await proxy.cache(*cached)
+            export = Export("disk", proxy)
+            async with serving(export, pair=trio_tcp_pair) as s:
+                c = s.client
+                for cookie, (offset, length) in enumerate([cached, cold]):
+                    data = os.urandom(length)
+                    model[offset : offset + length] = data
+                    await c.send(c.write(cookie, offset, data))
+                    assert await c.replies(1) == {cookie: Reply(cookie)}
+                await c.send(c.request(Cmd.READ, 9, 0, size))
+                assert await c.replies(1) == {9: Reply(9, data=bytes(model))}
+                await budget_returns(s.state)
+    assert written == [cached[0]]
+    assert read_file(image, 0, size) == original

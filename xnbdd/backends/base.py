@@ -155,7 +155,7 @@ class PipeSink(Protocol):
         ...
 
 
-class CacheStore(Backend, InlineIO, Protocol):
+class CacheStore(Backend, InlineIO, PipeSink, Protocol):
     """Where a proxy keeps the origin's blocks: a local file (FileBackend) or an RBD image
     (RbdBackend); ``release`` closes it without a flush."""
 

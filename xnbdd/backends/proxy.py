@@ -41,7 +41,15 @@ from functools import partial
 
 import trio
 
-from xnbdd.backends.base import MAX_EXTENTS, Backend, CacheStore, Capabilities, Extent, FileRange
+from xnbdd.backends.base import (
+    MAX_EXTENTS,
+    Backend,
+    CacheStore,
+    Capabilities,
+    Extent,
+    FileRange,
+    PipedPayload,
+)
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap, block_span, nblocks_for
 from xnbdd.backends.blocks import (
     block_bytes,
@@ -187,6 +195,18 @@ class ProxyBackend:
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
+
+    # -- PipeSink: the same for large writes, spliced into the cache file
+
+    @property
+    def takes_pipes(self) -> bool:
+        return self._cache.takes_pipes
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
+        first, stop = block_span(offset, length)
+        return self._bitmap.all_set(first, stop) and self._cache.try_write_piped(
+            offset, length, payload
+        )
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange
+from xnbdd.backends.base import MAX_EXTENTS, Capabilities, Extent, FileRange, PipedPayload
 
 log = logging.getLogger("xnbdd")
 T = TypeVar("T")
@@ -301,6 +301,15 @@ class RbdBackend:
         return False
 
     def is_hole(self, offset: int, length: int) -> bool:
+        return False
+
+    # -- PipeSink: nor can a pipe be spliced into it (a proxy's cache here declines them) ----
+
+    @property
+    def takes_pipes(self) -> bool:
+        return False
+
+    def try_write_piped(self, offset: int, length: int, payload: PipedPayload) -> bool:
         return False
 
     # -- helpers -------------------------------------------------------------------------------
