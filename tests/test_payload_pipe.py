@@ -106,7 +106,7 @@ def test_a_payload_moves_from_a_tcp_socket_into_the_file_behind_its_head(image: 
         server.close()
 
 
-def test_take_gives_the_head_and_the_piped_bytes_and_empties_the_pipe() -> None:
+def test_take_gives_the_head_and_the_piped_bytes_and_begin_drops_what_was_left() -> None:
     client, server = socket.socketpair()
     server.setblocking(False)
     pipe = PayloadPipe()
@@ -119,6 +119,12 @@ def test_take_gives_the_head_and_the_piped_bytes_and_empties_the_pipe() -> None:
         client.sendall(b"second")
         fill_exactly(pipe, server.fileno(), 6)
         assert pipe.take() == b"second"
+        client.sendall(b"never written")  # a payload left behind (the connection stopping)
+        fill_exactly(pipe, server.fileno(), 13)
+        pipe.begin(b"")  # drops it
+        client.sendall(b"third")
+        fill_exactly(pipe, server.fileno(), 5)
+        assert pipe.take() == b"third"
     finally:
         pipe.close()
         client.close()

@@ -99,10 +99,9 @@ class DataPlane(Receiver):
         _head_admitted _head_cost _head_size _held _inline _key _layered _limits _line _magic
         _max_payload _negotiated _no_peek _out _outbox _payload _payload_charged _payload_flag
         _payload_got _payload_head _peek_misses _pipe _pipe_max _queue _queue_ok _queue_oks
-        _queue_read
-        _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart _rview _size
-        _sleeping _spare _stopping _structured _submit _transport _unpack_head _wake_fd
-        _wake_lock _whole _write_flags in_flight
+        _queue_read _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart
+        _rview _size _sleeping _spare _stopping _structured _submit _transport _unpack_head
+        _wake_fd _wake_lock _whole _write_flags in_flight
         """.split()  # noqa: SIM905 (as a literal: 65 lines)
     )
 
@@ -176,9 +175,7 @@ class DataPlane(Receiver):
         self._head_cost = 0  # bytes it holds of the budget so far
         self._payload: bytearray | PayloadPipe | None = None  # a large payload being received
         self._pipe: PayloadPipe | None = None  # made at the first large WRITE (payload_pipe.py)
-        # payloads up to this size go through pipes (payload_pipe.py); once they filled up, no
-        # more than they held then
-        self._pipe_max = MAX_PIPES * PIPE_SIZE if transport.zero_copy else 0
+        self._pipe_max = MAX_PIPES * PIPE_SIZE if transport.zero_copy else 0  # see _splice
         self._payload_got = 0
         self._payload_head: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._discard = 0  # bytes of a refused payload still to drop
@@ -561,40 +558,17 @@ class DataPlane(Receiver):
     ) -> None:
         """``_handle`` outside a batch (a large payload that finished arriving): it passes the
         export's gate by itself."""
-        if self._stopping:
-            if isinstance(data, PayloadPipe):
-                data.discard()
+        if self._stopping:  # (a payload left in the pipes is dropped by the next ``begin``)
             self._queue_shutdown(Request(cookie, cmd, flags, offset, length), cost)
             return
         if self._gate_held and self._export.pausing:
             self._let_go()
         inline = self._inline if self._gate_held or self._hold_gate() else None
-        if isinstance(data, PayloadPipe):
+        if isinstance(data, PayloadPipe):  # declined: the buffer path, as without a pipe
             if inline is not None and self._write_piped(flags, cookie, offset, length, data, cost):
                 return
-            data = data.take()  # declined: the buffer path, as if it had come without a pipe
+            data = data.take()
         self._handle(cmd, flags, cookie, offset, length, data, cost, inline)
-
-    def _write_piped(
-        self, flags: int, cookie: int, offset: int, length: int, pipe: PayloadPipe, cost: int
-    ) -> bool:
-        """A WRITE whose payload is in the pipe, written from there if the backend can now
-        (the gate is held); False: the pipe still holds it whole."""
-        sink = self._export.pipe_sink
-        if sink is None or flags & ~self._write_flags or offset + length > self._size:
-            return False  # the buffer path answers it (FUA, past the end) or refuses it
-        if self._readonly:
-            return False
-        try:
-            if not sink.try_write_piped(offset, length, pipe):
-                return False
-        except OSError as err:
-            pipe.discard()
-            req = Request(cookie, _WRITE, flags, offset, length)
-            self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
-            return True
-        self._queue_ok(cookie, offset, cost)
-        return True
 
     def _handle(
         self,

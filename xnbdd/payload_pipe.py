@@ -66,8 +66,9 @@ class PayloadPipe:
             pipe.close()
 
     def begin(self, head: bytes) -> None:
+        if self.held:  # a payload never written (the connection was stopping)
+            self.discard()
         self._head = head
-        self.held = 0
         self._filling = 0
 
     def fill(self, transport: Transport, count: int) -> int:
@@ -127,6 +128,7 @@ class PayloadPipe:
                 got = os.readv(pipe.r, [view[: pipe.held]])
                 pipe.held -= got
                 view = view[got:]
+        self.held = 0
         self.begin(b"")
         return buf
 
@@ -135,4 +137,5 @@ class PayloadPipe:
         for pipe in self._pipes[: self._filling + 1]:
             while pipe.held:
                 pipe.held -= len(os.read(pipe.r, min(pipe.held, PIPE_SIZE)))
+        self.held = 0
         self.begin(b"")

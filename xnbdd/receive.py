@@ -19,10 +19,12 @@ import socket
 from collections.abc import Callable
 
 from .budget import ByteBudget, Grant, Limits
+from .dispatch import Buffers, failed_reply
 from .export import Export
 from .outbox import ClosedConnection
 from .payload_pipe import PayloadPipe, PipeFull
 from .proto.consts import Cmd
+from .proto.messages import Negotiated, Request
 from .proto.transmission import DRAIN_LIMIT
 from .tls import Transport
 
@@ -71,6 +73,11 @@ class Receiver:
     _end: str
     _handover: bool
     _readonly: bool
+    _size: int
+    _write_flags: int
+    _negotiated: Negotiated
+    _queue: Callable[[Buffers, int], None]
+    _queue_ok: Callable[[int, int, int], None]
     _head_admitted: bool
     _head_cost: int
     in_flight: int
@@ -255,7 +262,8 @@ class Receiver:
         """``_recv`` into the pipe; 0 when it spilled (nothing new was read)."""
         try:
             moved = pipe.fill(self._transport, count)
-        except PipeFull:  # the network's pieces are smaller than the pipe's size supposes
+        except PipeFull:  # the network's pieces are smaller than the pipes' size supposes:
+            # from now on only payloads up to what they held go through them
             self._pipe_max = min(self._pipe_max, pipe.held)
             self._payload = pipe.take()  # the rest comes into this buffer
             return 0
@@ -326,6 +334,25 @@ class Receiver:
         self._payload_got = have
         self._payload_head = (cmd, flags, cookie, offset, length)
         self._rstart = self._rend = 0
+
+    def _write_piped(
+        self, flags: int, cookie: int, offset: int, length: int, pipe: PayloadPipe, cost: int
+    ) -> bool:
+        """A WRITE whose payload is in the pipe, written from there if the backend can now
+        (the gate is held); False: the pipe still holds it whole."""
+        sink = self._export.pipe_sink  # (a read-only connection fills no pipe)
+        if sink is None or flags & ~self._write_flags or offset + length > self._size:
+            return False  # the buffer path answers it (FUA, past the end) or refuses it
+        try:
+            if not sink.try_write_piped(offset, length, pipe):
+                return False
+        except OSError as err:
+            pipe.discard()
+            req = Request(cookie, _WRITE, flags, offset, length)
+            self._queue(failed_reply(req, self._negotiated, err, self._fields), cost)
+            return True
+        self._queue_ok(cookie, offset, cost)
+        return True
 
     def _payload_pipe(self, length: int) -> PayloadPipe | None:
         """The connection's pipe, where a payload of ``length`` bytes can go through one (a
