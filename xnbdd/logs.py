@@ -20,10 +20,11 @@ import re
 import sys
 from typing import Any
 
-__all__ = ["reopen", "set_context", "setup_logging"]
+__all__ = ["destinations", "reopen", "set_context", "setup_logging"]
 
 _context: dict[str, str] = {}
 _installed: list[logging.Handler] = []
+_settings: dict[str, Any] = {}  # the last setup_logging's arguments (``destinations``)
 _FIELD = re.compile(r"[A-Z][A-Z0-9_]*\Z")  # what journald accepts as a client field name
 _TEXT_FIELDS = ("XNBD_CLIENT", "XNBD_ERRNO")  # rendered in text lines; the rest is context
 
@@ -135,6 +136,14 @@ def setup_logging(
     Raises OSError when the log file cannot be opened or syslog cannot be reached; the caller
     reports that as one line and exits.
     """
+    _settings.clear()
+    _settings.update(
+        logpath=logpath,
+        syslog=syslog,
+        identifier=identifier,
+        verbose=verbose,
+        stderr_usable=stderr_usable,
+    )
     # A daemon never prints logging's own tracebacks: under --inetd stderr can be the client.
     logging.raiseExceptions = False
     root = logging.getLogger()
@@ -167,6 +176,12 @@ def setup_logging(
         root.addHandler(handler)
         _installed.append(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def destinations() -> dict[str, Any]:
+    """This process's logging, for a worker process to log the same way: the arguments of
+    ``setup_logging`` and the context fields (JSON)."""
+    return {"setup": dict(_settings), "context": dict(_context)}
 
 
 def reopen() -> None:

@@ -296,6 +296,8 @@ class Operations:
         configuration file; other changed keys wait for a restart, which the log says."""
         self.notifier.reloading()
         logs.reopen()
+        if self.state.workers is not None:
+            self.state.workers.reopen_logs()
         if self.opts.config:
             try:
                 config = load(self.opts.config)

@@ -6,7 +6,9 @@ argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS
 
 - daemon -> worker ``start`` (first, with the image's descriptor, or for ``kind`` ``cow`` the
   base's, the overlay's and its bitmap's): the export as the daemon advertises it, the paths,
-  the limits and this process's share of ``--max-buf-size``.
+  the limits and this process's share of ``--max-buf-size``, and where the daemon logs
+  (``logs.destinations``): the worker logs there itself, the journal with the daemon's fields
+  and its own ``XNBD_WORKER``, the log file (appending) or syslog; stderr until then.
 - worker -> daemon ``ready``.
 - daemon -> worker ``serve`` (with a duplicate of the client socket): ``id``, the negotiated
   state (``handoff.handoff_message``) and the client's peer name. The worker runs the same
@@ -19,6 +21,7 @@ argument. Every message is one JSON object; descriptors ride along as SCM_RIGHTS
   its own descriptor of the socket) goes on serving it.
 - daemon -> worker ``limits`` (a SIGHUP reload): ``max_requests``, ``max_bytes`` (this
   process's share) and ``grace``, applied to every connection the worker serves.
+- daemon -> worker ``reopen`` (a SIGHUP reload): reopen the log file.
 - worker -> daemon ``usage``: requests in flight, bytes held and the limits in force, sent when
   they changed (at most every ``USAGE_INTERVAL``) and at once after ``limits``, so the daemon's
   query counts the whole server.
@@ -43,6 +46,7 @@ from typing import Any
 
 import trio
 
+from . import logs
 from .allocator import limit_arenas
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
@@ -128,6 +132,7 @@ class Worker:
         if first is None:
             return
         start, fds = first
+        log_as(start["logging"])
         backend = attach_backend(start, fds)
         info = export_from_json(start["export"])
         export = Export(
@@ -156,6 +161,9 @@ class Worker:
                     if op == "limits":
                         apply_limits(limits, message)
                         self._usage_changed.set()
+                        continue
+                    if op == "reopen":
+                        logs.reopen()
                         continue
                     for fd in fds:
                         os.close(fd)
@@ -275,15 +283,22 @@ def apply_limits(limits: Limits, message: dict[str, Any]) -> None:
     limits.shutdown_grace = float(message["grace"])
 
 
+def log_as(daemon: dict[str, Any]) -> None:
+    """Log where the daemon logs (``logs.destinations``), with its context fields and this
+    process's own, so the journal (or the file, or syslog) has every record as the daemon's."""
+    try:
+        logs.setup_logging(**daemon["setup"])
+    except OSError as err:  # the daemon opened them a moment ago: say so, keep stderr
+        log.error("logging as the daemon does failed, logging to stderr: %s", err)
+        return
+    logs.set_context(**daemon["context"], XNBD_WORKER=str(os.getpid()))
+
+
 def main(argv: list[str]) -> int:
     limit_arenas()  # before any thread, as in the daemon: one arena per connection thread is not
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="xnbd-server-worker[%(process)d] %(levelname)s: %(message)s",
-    )
+    logs.setup_logging(identifier="xnbd-server-worker")  # until the start message says more
     channel = socket.socket(fileno=int(argv[0]))
     trio.run(Worker(channel).run)
     return 0

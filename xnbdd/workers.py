@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import logs
 from .backends.base import Backend
 from .backends.cow import CowBackend
 from .backends.file import FileBackend
@@ -98,6 +99,7 @@ def start_message(export: Export, limits: Limits) -> tuple[dict[str, Any], list[
         "max_requests": limits.max_requests,
         "max_bytes": limits.max_bytes,
         "grace": limits.shutdown_grace,
+        "logging": logs.destinations(),
     }
     return message, fds
 
@@ -351,6 +353,11 @@ class Workers:
             self._spread()
 
     # -- limits and usage -----------------------------------------------------------------------
+
+    def reopen_logs(self) -> None:
+        """A reload: every worker reopens its log file (after logrotate moved it)."""
+        for worker in self.processes:
+            worker.post({"op": "reopen"})
 
     def apply_limits(self, limits: Limits) -> None:
         """A reload: every worker serves with ``limits`` (each holds the same share of
