@@ -224,8 +224,8 @@ class TLSChannel:
 
 
 class Transport(Protocol):
-    """How the data plane moves bytes on its connection; all three are non-blocking and raise
-    BlockingIOError like the os calls they stand for. ``sendfile`` and ``splice`` are used only
+    """How the data plane moves bytes on its connection; every call is non-blocking and raises
+    BlockingIOError like the os call it stands for. ``sendfile`` and ``splice`` are used only
     where ``zero_copy`` is true."""
 
     fd: int
