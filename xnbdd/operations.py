@@ -249,6 +249,7 @@ class Operations:
             await self.export.replace_backend(proxy.switch_to_target)
         finally:
             self.operation = ""
+        await proxy.release_origin()
         self.proxy = None
         self.mode = Mode.TARGET
         logs.set_context(XNBD_MODE=self.mode)

@@ -180,6 +180,7 @@ async def test_cache_all_completes_resumes_and_switches(
             assert partial <= NBLOCKS
             target = await proxy.switch_to_target()
             assert bits_on_disk(bitmap) == [True] * NBLOCKS
+            await proxy.release_origin()
         # the origin is gone; the handed-over backend still serves everything
         expect = bytearray(data)
         expect[200 * B : 201 * B] = b"w" * B

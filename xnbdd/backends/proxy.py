@@ -383,17 +383,22 @@ class ProxyBackend:
     async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
         as a target backend (read-only if the proxy is). Data and bitmap are durable first; the
-        bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force)."""
+        bitmap file stays on disk. The caller checks ``is_complete`` (or was told to force), and
+        closes the origin link with ``release_origin`` once clients go on."""
         if self._cache_all_scope is not None:
             self._cache_all_scope.cancel()
         await self.flush()
         self._detached = True
         self._bitmap.close()
-        await self._link.aclose()
         if not self.readonly:
             return self._cache
         await self._cache.close()
         return await trio.to_thread.run_sync(self._reopen_readonly)
+
+    async def release_origin(self) -> None:
+        """After ``switch_to_target``: a polite goodbye to the origin, which nothing uses any
+        more. Not while clients wait at the pause: it took 1-3 ms of the switch."""
+        await self._link.aclose()
 
     def _reopen_readonly(self) -> Backend:
         if is_rbd(self.cache_path):
