@@ -60,6 +60,10 @@ def trio_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(wrap(client)), trio.SocketStream(wrap(server))
 
 
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def fill_exactly(pipe: PayloadPipe, fd: int, count: int) -> None:
     """Move ``count`` bytes from the socket ``fd`` into the pipe as they arrive."""
     transport = PlainTransport(fd)
@@ -138,6 +142,7 @@ def test_full_pipes_are_told_apart_from_an_empty_socket() -> None:
     client, server = socket.socketpair()
     server.setblocking(False)
     transport = PlainTransport(server.fileno())
+    before = open_descriptors()
     pipe = PayloadPipe(ONE_PIECE, max_pipes=3)
     try:
         pipe.begin(b"<")
@@ -147,7 +152,9 @@ def test_full_pipes_are_told_apart_from_an_empty_socket() -> None:
             assert pipe.fill(transport, 10_000) == 1000
         with pytest.raises(PipeFull):
             pipe.fill(transport, 7000)
+        assert open_descriptors() == before + 6  # three pipes
         assert pipe.take() == b"<" + bytes([0]) * 1000 + bytes([1]) * 1000 + bytes([2]) * 1000
+        assert open_descriptors() == before + 2  # the payload gone, one pipe kept
         got, taken = 0, bytearray()
         while got < 7000:
             try:

@@ -11,7 +11,8 @@ would be written: a snapshot or a switch never sees half of it. A pipe holds a b
 pieces, one per fragment the network delivered (a few KiB each on loopback, often one 1.5 KiB
 segment from a network card), so a payload takes up to ``MAX_PIPES`` pipes; when they are all
 full before it is whole, the data plane spills what they hold into a buffer and goes on as
-without them.
+without them. Only the first pipe outlives its payload: a connection between large writes holds
+two descriptors for them, not eight.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class PayloadPipe:
             self.discard()
         self._head = head
         self._filling = 0
+        for pipe in self._pipes[1:]:  # an idle connection keeps one pipe: descriptors are few
+            pipe.close()
+        del self._pipes[1:]
 
     def fill(self, transport: Transport, count: int) -> int:
         """Move up to ``count`` bytes from the client into the pipes (0: end of stream).

@@ -21,6 +21,7 @@ from ..allocator import limit_arenas
 from ..backends.rbd import RbdCluster, RbdSpec, is_rbd
 from ..config import Config, ConfigError, Mode, load, parse_size
 from ..daemon import ClientSources, Daemon, ServerOptions
+from ..fdlimit import raise_open_files_limit
 from ..fdstore import take_stored
 from ..lifetime import exit_with_parent
 from ..listeners import bind_tcp, bind_unix
@@ -521,6 +522,7 @@ def client_sources(settings: Settings) -> ClientSources:
 def main(argv: list[str] | None = None) -> int:
     parent = os.getppid()  # before anything can outlive it (--exit-with-parent)
     limit_arenas()  # before any thread: connection threads must not each get an arena
+    raise_open_files_limit()  # systemd's soft 1024 is too few for many clients
     try:
         settings = parse(sys.argv[1:] if argv is None else argv)
     except (UsageError, ConfigError) as err:

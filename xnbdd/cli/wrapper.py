@@ -16,6 +16,7 @@ import trio
 
 from .. import __version__, logs
 from ..allocator import limit_arenas
+from ..fdlimit import raise_open_files_limit
 from ..listeners import bind_tcp, bind_unix
 from ..proto.consts import DEFAULT_PORT
 from ..signals import catch_sigterm_outside_the_receiver, ignore_sigterm_after_the_run
@@ -234,6 +235,7 @@ def bind_sockets(ns: argparse.Namespace) -> tuple[WrapperSockets, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     limit_arenas()  # before any thread: connection threads must not each get an arena
+    raise_open_files_limit()  # systemd's soft 1024 is too few for many clients
     try:
         ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
