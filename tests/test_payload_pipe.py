@@ -74,6 +74,19 @@ def fill_exactly(pipe: PayloadPipe, fd: int, count: int) -> None:
             assert select.select([fd], [], [], 5)[0], "the bytes did not come"
 
 
+class Ample(PayloadPipe):
+    """Pipes enough that loopback's pieces (a few KiB each, how many fit varies from run to
+    run) never fill them: a test that counts piped writes then counts the same every run."""
+
+    def __init__(self) -> None:
+        super().__init__(max_pipes=64)
+
+
+@pytest.fixture
+def ample_pipes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(receive_module, "PayloadPipe", Ample)
+
+
 @pytest.fixture
 def image(shm: Path) -> Iterator[int]:  # noqa: F811 (the fixture above)
     fd = os.open(shm / "target.img", os.O_RDWR | os.O_CREAT, 0o600)
@@ -95,7 +108,7 @@ def test_a_payload_moves_from_a_tcp_socket_into_the_file_behind_its_head(image: 
     head, rest = payload[:5000], payload[5000:]
     sender = threading.Thread(target=client.sendall, args=(rest,))
     sender.start()
-    pipe = PayloadPipe()
+    pipe = Ample()
     try:
         pipe.begin(head)
         fill_exactly(pipe, server.fileno(), len(rest))
@@ -204,18 +217,11 @@ SIZES = [*PIPED, MAX_PAYLOAD]
 
 async def test_large_writes_over_tcp_go_through_pipes_and_land_whole(
     shm: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    ample_pipes: None,
 ) -> None:
     """Pipelined large WRITEs of several sizes, each followed by a small READ, on a TCP
     connection to a tmpfs image: those up to the pipes' size are written from the pipes,
-    every one lands with its own data, and the stream stays in step. (Pipes enough that
-    loopback's pieces, a few KiB each, never fill them: how many fit varies from run to run.)"""
-
-    class Ample(PayloadPipe):
-        def __init__(self) -> None:
-            super().__init__(max_pipes=64)
-
-    monkeypatch.setattr(receive_module, "PayloadPipe", Ample)
+    every one lands with its own data, and the stream stays in step."""
     path = shm / "disk.img"
     make_image(path, 8 * MiB + MAX_PAYLOAD, seed=None)
     offsets = [0, MiB, 2 * MiB, 4 * MiB, 8 * MiB]
@@ -268,6 +274,7 @@ async def test_a_connection_whose_pipe_fills_spills_and_writes_without_one(
 
 async def test_a_piped_write_past_a_shrunk_image_is_refused_and_the_stream_stays_in_step(
     shm: Path,  # noqa: F811
+    ample_pipes: None,
 ) -> None:
     path = shm / "disk.img"
     make_image(path, 8 * MiB, seed=3)
@@ -329,17 +336,11 @@ async def test_a_fua_write_takes_the_buffer_path(shm: Path) -> None:  # noqa: F8
 
 async def test_cow_writes_from_pipes_copy_up_their_edges_and_leave_the_base_alone(
     shm: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    ample_pipes: None,
 ) -> None:
     """cow-target: a large WRITE over absent blocks with partial edges (copied up from the
     base first), one over blocks now present, and one that straddles both: each is written
     from the pipes into the overlay, reads give base + overlay, the base is never written."""
-
-    class Ample(PayloadPipe):
-        def __init__(self) -> None:
-            super().__init__(max_pipes=64)
-
-    monkeypatch.setattr(receive_module, "PayloadPipe", Ample)
     base = shm / "base.img"
     size = 1024 * BLOCK_SIZE
     original = make_image(base, size, seed=5)
