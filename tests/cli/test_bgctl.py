@@ -202,3 +202,21 @@ def test_cache_all_waits_out_the_stopping_server_after_a_restart(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert [r["cmd"] for r in requests] == ["cache-all", "cache-all"]
     assert "the server restarted; cache-all goes on" in done.stderr
+
+
+def test_start_imports_only_what_it_needs(tmp_path: Path) -> None:
+    """cache-all's time counts xnbd-bgctl's start: the modules that cost it most (typing,
+    dataclasses, shutil through argparse's help formatter, trio) stay out of a run."""
+    script = (
+        "import sys\n"
+        "from xnbdd.cli.bgctl import main\n"
+        f"code = main(['--cache-all', {str(tmp_path / 'none.ctl')!r}])\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, env=env)
+    assert run.returncode == 2, run.stderr  # nobody listens there
+    loaded = set(run.stdout.decode().split())
+    assert "xnbdd.control.client" in loaded
+    assert not loaded & {"typing", "dataclasses", "shutil", "trio"}

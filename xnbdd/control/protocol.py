@@ -20,10 +20,11 @@ JSON's own, so the protocol does not depend on the host (docs/decisions.md D23).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from .. import jsonline
+
+TYPE_CHECKING = False  # not typing's: importing typing costs xnbd-bgctl's start 2 ms
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 MAX_LINE = jsonline.MAX_LINE
@@ -43,10 +44,21 @@ class ControlError(jsonline.LineError):
     """A request or message that breaks this protocol; its text goes into the error reply."""
 
 
-@dataclass(frozen=True)
 class Request:
-    cmd: str
-    args: dict[str, Any] = field(default_factory=dict)
+    """A validated request: its command and arguments. A plain class, not a dataclass:
+    importing dataclasses costs xnbd-bgctl 6 ms of its start, which cache-all counts."""
+
+    __slots__ = ("args", "cmd")
+
+    def __init__(self, cmd: str, args: dict[str, Any] | None = None) -> None:
+        self.cmd = cmd
+        self.args = {} if args is None else args
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Request) and (self.cmd, self.args) == (other.cmd, other.args)
+
+    def __repr__(self) -> str:
+        return f"Request({self.cmd!r}, {self.args!r})"
 
 
 def encode(message: dict[str, Any]) -> bytes:
