@@ -20,6 +20,7 @@ import pytest
 
 _READ = re.compile(r"connection=\d+ Read id=\d+ offset=0x([0-9a-f]+) count=0x([0-9a-f]+) \.\.\.$")
 _WRITE = re.compile(r"connection=\d+ Write id=\d+ ")
+_EXTENTS = re.compile(r"connection=\d+ Extents id=\d+ ")
 
 
 def need(program: str) -> str:
@@ -75,6 +76,12 @@ class Origin:
         assert self.log is not None, "start the origin with log=True"
         lines = self.log.read_text().splitlines() if self.log.exists() else []
         return [(int(m[1], 16), int(m[2], 16)) for m in map(_READ.search, lines) if m]
+
+    def extents_requests(self) -> int:
+        """BLOCK_STATUS requests the server received (nbdkit with the log filter)."""
+        assert self.log is not None
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return sum(1 for line in lines if _EXTENTS.search(line))
 
     def writes(self) -> int:
         assert self.log is not None

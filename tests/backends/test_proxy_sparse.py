@@ -4,11 +4,12 @@ caches its zero ranges without fetching them (nbdkit's log filter counts what is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
-from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, sparse_image
+from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, random_image, sparse_image
 from xnbdd.backends.base import Extent
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
 from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
@@ -260,4 +261,70 @@ async def test_nbd_server_origin(tmp_path: Path) -> None:
             fetched = len(data_at) * EXTENT // B if status.remote_allocation else NBLOCKS
             assert status.fetched_blocks == fetched
             assert status.zeroed_blocks == NBLOCKS - fetched
+            assert await proxy.read(0, SIZE) == data
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_cache_all_uses_the_allocation_asked_at_connect(tmp_path: Path) -> None:
+    """The proxy asks the origin's allocation when it connects (AllocationHint); cache-all then
+    plans its first stretch from that answer instead of waiting a round trip for its own."""
+    image = tmp_path / "origin.img"
+    data, data_at = sparse_image(image, SIZE, extent=EXTENT, seed=5)
+    cache, bitmap = tmp_path / "c.img", tmp_path / "c.bm"
+    with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            await _until(lambda: origin.extents_requests() == 1)  # asked before cache-all
+            await proxy.cache_all(31)
+            status = proxy.status()
+            assert status.fetched_blocks == len(data_at) * EXTENT // B
+            assert status.zeroed_blocks == (SIZE - len(data_at) * EXTENT) // B
+            assert await proxy.read(0, SIZE) == data
+        assert origin.extents_requests() == 1
+
+
+async def test_allocation_asked_at_connect_is_clipped_to_what_is_still_uncached(
+    tmp_path: Path,
+) -> None:
+    """Blocks a client cached after the early answer are neither fetched again nor zeroed."""
+    image = tmp_path / "origin.img"
+    data, data_at = sparse_image(image, SIZE, extent=EXTENT, seed=6)
+    read_end = data_at[0] + EXTENT + 3 * B  # the first data extent, its holes before, 3 after
+    cache, bitmap = tmp_path / "c.img", tmp_path / "c.bm"
+    with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            await _until(lambda: origin.extents_requests() == 1)
+            assert await proxy.read(0, read_end) == data[:read_end]
+            await proxy.cache_all(31)
+            status = proxy.status()
+            holes_after = sum(max(0, b - max(a, read_end)) for a, b in holes_of(SIZE, data_at))
+            assert status.zeroed_blocks == holes_after // B
+            assert status.fetched_blocks == (SIZE - holes_after) // B
+            assert await proxy.read(0, SIZE) == data
+        assert origin.extents_requests() == 1
+
+
+async def test_reconnect_forgets_the_old_origins_allocation(tmp_path: Path) -> None:
+    """After a reconnect the early answer of the first origin is not used: its holes are data
+    on the second one."""
+    sparse, dense = tmp_path / "sparse.img", tmp_path / "dense.img"
+    sparse_image(sparse, SIZE, extent=EXTENT, seed=7)
+    data = random_image(dense, SIZE, seed=8)
+    cache, bitmap = tmp_path / "c.img", tmp_path / "c.bm"
+    with (
+        nbdkit(tmp_path, ["file", str(sparse)], log=True) as first,
+        nbdkit(tmp_path, ["file", str(dense)]) as second,
+    ):
+        address = RemoteAddress(first.host, first.port)
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            await _until(lambda: first.extents_requests() == 1)
+            await proxy.reconnect(RemoteAddress(second.host, second.port))
+            await proxy.cache_all(31)
+            assert proxy.status().zeroed_blocks == 0
             assert await proxy.read(0, SIZE) == data

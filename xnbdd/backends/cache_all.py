@@ -8,7 +8,9 @@ allows one connection only is shared, with few requests queued (``BULK_SHARED_RE
 
 When the origin answers ``base:allocation`` (docs/data-path.md "The sparse-aware proxy"), each
 stretch of up to ``STATUS_SPAN`` bytes is planned from its block status first: whole blocks the
-origin reads as zeros are zeroed in the cache without a fetch. The proxy
+origin reads as zeros are zeroed in the cache without a fetch. The first stretch's answer is
+asked for when the proxy connects (``AllocationHint``), so cache-all's first window leaves at once
+instead of after a round trip. The proxy
 (``backends/proxy.py``) does the fetching, storing and locking; this module decides what to ask
 for and when.
 """
@@ -55,6 +57,37 @@ class StoreSlots:
         self._limiter.release()
 
 
+class AllocationHint:
+    """The origin's allocation of the first ``STATUS_SPAN`` bytes from the first uncached block,
+    asked for when the proxy connects. Safe to use later: a proxy rests on an origin that does
+    not change under it (its cached blocks are kept for ever on that ground too)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+        self.extents: list[tuple[int, int]] | None = None  # None: the origin cannot tell
+        self.failed = False
+        self.answered = trio.Event()
+
+    async def ask(self, link: RemoteLink, span: int) -> None:
+        try:
+            self.extents = await link.block_status(self.offset, span)
+        except OSError as exc:  # cache-all asks again
+            log.debug("early block status of the origin failed: %s", exc)
+            self.failed = True
+        finally:
+            self.answered.set()
+
+    def covers(self, offset: int) -> bool:
+        """Whether the answer (once in) tells of ``offset``."""
+        if offset < self.offset or self.failed:
+            return False
+        return not self.answered.is_set() or self.extents is None or offset < self.end
+
+    @property
+    def end(self) -> int:
+        return self.offset + sum(length for length, _flags in self.extents or ())
+
+
 class Fillable(Protocol):
     """What cache-all needs of the proxy."""
 
@@ -93,9 +126,11 @@ class CacheAll:
         link: RemoteLink,
         per_request: int,
         progress: ProgressCallback | None,
+        hint: AllocationHint | None = None,
     ) -> None:
         self._proxy = proxy
         self._link = link
+        self._hint = hint
         self._per_request = per_request
         self._progress = progress
         self._window = max(1, BULK_BYTES_IN_FLIGHT // (per_request * BLOCK_SIZE))
@@ -184,17 +219,26 @@ class CacheAll:
         size = proxy.size
         offset = first * BLOCK_SIZE
         span = min(STATUS_SPAN, size - offset)
-        try:
-            extents = await link.block_status(offset, span)
-        except OSError as exc:  # the fetches will tell if the origin is gone; this span is data
-            log.warning("origin block status at %d failed (%s): fetching it all", offset, exc)
-            return [(first, nblocks_for(offset + span), False)]
+        hint, self._hint = self._hint, None  # one use: later stretches are asked afresh
+        if hint is not None and hint.covers(offset):
+            await hint.answered.wait()
+        if hint is not None and hint.covers(offset):
+            offset, extents = hint.offset, hint.extents
+        else:
+            try:
+                extents = await link.block_status(offset, span)
+            except OSError as exc:  # the fetches will tell if the origin is gone; this is data
+                log.warning("origin block status at %d failed (%s): fetching it all", offset, exc)
+                return [(first, nblocks_for(offset + span), False)]
         if extents is None:
             return [(first, proxy.nblocks, False)]
         zeros, end = zero_blocks(offset, extents, size)
         runs: list[tuple[int, int, bool]] = []
         block = first  # runs cover [first, block)
         for a, b in zeros:
+            if b <= first:  # the hint may start before ``first``
+                continue
+            a = max(a, first)
             if a > block:
                 runs.append((block, a, False))
             runs.append((a, b, True))

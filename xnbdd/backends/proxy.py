@@ -60,7 +60,14 @@ from xnbdd.backends.blocks import (
     whole_blocks,
     zero_blocks,
 )
-from xnbdd.backends.cache_all import BACKGROUND_STORES, CacheAll, ProgressCallback, StoreSlots
+from xnbdd.backends.cache_all import (
+    BACKGROUND_STORES,
+    STATUS_SPAN,
+    AllocationHint,
+    CacheAll,
+    ProgressCallback,
+    StoreSlots,
+)
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -128,6 +135,7 @@ class ProxyBackend:
         self._dirty = False  # bits set since the last flush
         self._cache_all: CacheAll | None = None
         self._cache_all_scope: trio.CancelScope | None = None
+        self._allocation_hint: AllocationHint | None = None
         self._detached = False
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
@@ -351,6 +359,7 @@ class ProxyBackend:
 
     async def reconnect(self, address: RemoteAddress) -> None:
         """Move to another origin of the same size (SizeMismatchError otherwise)."""
+        self._allocation_hint = None  # another origin's answer is not this one's
         await self._link.reconnect(address)
         bulk = self._cache_all.bulk if self._cache_all is not None else None
         if bulk is not None:
@@ -371,7 +380,8 @@ class ProxyBackend:
         blocks_per_request = min(blocks_per_request, max(1, self._link.max_payload // BLOCK_SIZE))
         with trio.CancelScope() as scope:
             self._cache_all_scope = scope
-            self._cache_all = CacheAll(self, self._link, blocks_per_request, progress)
+            hint, self._allocation_hint = self._allocation_hint, None
+            self._cache_all = CacheAll(self, self._link, blocks_per_request, progress, hint)
             try:
                 await self._cache_all.run()
             finally:
@@ -379,6 +389,15 @@ class ProxyBackend:
                 self._cache_all = None
         if scope.cancelled_caught:
             raise OSError(errno.ECANCELED, "cache-all was stopped")
+
+    async def ask_origin_allocation(self) -> None:
+        """Ask the origin, at the start, the allocation of the first stretch cache-all would
+        copy (``AllocationHint``): its first window then leaves without a round trip."""
+        first = next((a for a, _b in self.uncached_runs(0, self.nblocks)), None)
+        if first is None or not self._link.allocation:
+            return
+        self._allocation_hint = hint = AllocationHint(first * BLOCK_SIZE)
+        await hint.ask(self._link, min(STATUS_SPAN, self._size - hint.offset))
 
     async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
@@ -623,6 +642,7 @@ async def open_proxy_backend(
             rbd=rbd or RbdCluster(),
         )
         nursery.start_soon(backend.periodic_flush, sync_interval)
+        nursery.start_soon(backend.ask_origin_allocation)
         try:
             yield backend
         finally:
