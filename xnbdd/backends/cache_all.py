@@ -44,7 +44,7 @@ class StoreSlots:
     entered without a scheduler pass while a slot is free (a pass per store costs cache-all a
     visible share of the link)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int = BACKGROUND_STORES) -> None:
         self._limiter = trio.CapacityLimiter(count)
 
     async def __aenter__(self) -> None:
@@ -68,7 +68,15 @@ class AllocationHint:
         self.failed = False
         self.answered = trio.Event()
 
-    async def ask(self, link: RemoteLink, span: int) -> None:
+    @classmethod
+    def at_first_uncached(cls, proxy: Fillable) -> AllocationHint | None:
+        """A hint for ``proxy``'s first uncached block; None when every block is cached."""
+        first = next((a for a, _b in proxy.uncached_runs(0, proxy.nblocks)), None)
+        return None if first is None else cls(first * BLOCK_SIZE)
+
+    async def ask(self, link: RemoteLink, size: int) -> None:
+        """Ask (once) about up to STATUS_SPAN bytes of a disk of ``size`` bytes."""
+        span = min(STATUS_SPAN, size - self.offset)
         try:
             self.extents = await link.block_status(self.offset, span)
         except OSError as exc:  # cache-all asks again

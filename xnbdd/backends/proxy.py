@@ -60,14 +60,7 @@ from xnbdd.backends.blocks import (
     whole_blocks,
     zero_blocks,
 )
-from xnbdd.backends.cache_all import (
-    BACKGROUND_STORES,
-    STATUS_SPAN,
-    AllocationHint,
-    CacheAll,
-    ProgressCallback,
-    StoreSlots,
-)
+from xnbdd.backends.cache_all import AllocationHint, CacheAll, ProgressCallback, StoreSlots
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
@@ -140,7 +133,7 @@ class ProxyBackend:
         self.fetched_blocks = 0
         self.zeroed_blocks = 0
         self._store_error: OSError | None = None  # caching failing since (logged once)
-        self._background_stores = StoreSlots(BACKGROUND_STORES)
+        self._background_stores = StoreSlots()
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -391,13 +384,11 @@ class ProxyBackend:
             raise OSError(errno.ECANCELED, "cache-all was stopped")
 
     async def ask_origin_allocation(self) -> None:
-        """Ask the origin, at the start, the allocation of the first stretch cache-all would
-        copy (``AllocationHint``): its first window then leaves without a round trip."""
-        first = next((a for a, _b in self.uncached_runs(0, self.nblocks)), None)
-        if first is None or not self._link.allocation:
-            return
-        self._allocation_hint = hint = AllocationHint(first * BLOCK_SIZE)
-        await hint.ask(self._link, min(STATUS_SPAN, self._size - hint.offset))
+        """At the start, ask the origin what cache-all asks first (``AllocationHint``)."""
+        hint = AllocationHint.at_first_uncached(self)
+        if hint is not None and self._link.allocation:
+            self._allocation_hint = hint
+            await hint.ask(self._link, self._size)
 
     async def switch_to_target(self) -> Backend:
         """After the daemon drained every request: stop the proxy and hand over the cache image
