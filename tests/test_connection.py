@@ -4,6 +4,7 @@ reads and writes the socket itself), with a real file backend behind it."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -190,5 +191,36 @@ async def test_shutdown_answers_new_requests_with_eshutdown(tmp_path: Path) -> N
         assert replies == {1: 0, 2: Errno.ESHUTDOWN}  # in flight finished, new one refused
         with trio.fail_after(5):
             assert await client.receive_some(1) == b""  # then the server hangs up
+    await client.aclose()
+    await export.backend.close()
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Client and server ends of a loopback TCP connection, as trio makes them (trio sets
+    TCP_NODELAY and a 16 KiB TCP_NOTSENT_LOWAT on both)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    server, _ = await listener.accept()
+    listener.close()
+    return trio.SocketStream(client), trio.SocketStream(server)
+
+
+async def test_transmission_lifts_trios_cap_on_unsent_bytes(tmp_path: Path) -> None:
+    """Past the handshake the server's socket may hold unsent replies whole: trio's 16 KiB
+    TCP_NOTSENT_LOWAT made 1 MiB reads go out in half-empty segments (0.63x nbdkit)."""
+    export = make_export(tmp_path)
+    client, server = await tcp_pair()
+    lowat = (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert server.socket.getsockopt(*lowat) == 16384  # what trio sets
+    conn = Connection(server, OneExport(export), ServerState(Limits()))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve, negotiated_for(export))
+        await client.send_all(request(Cmd.READ, 1, 0, SIZE))
+        assert await Reader(client).reply({1: SIZE}) == (0, 1, bytes(SIZE))
+        assert server.socket.getsockopt(*lowat) == 0  # the system's default: no cap
+        nursery.cancel_scope.cancel()
     await client.aclose()
     await export.backend.close()
