@@ -71,7 +71,7 @@ class AllocationHint:
     @classmethod
     def at_first_uncached(cls, proxy: Fillable) -> AllocationHint | None:
         """A hint for ``proxy``'s first uncached block; None when every block is cached."""
-        first = next((a for a, _b in proxy.uncached_runs(0, proxy.nblocks)), None)
+        first = first_uncached(proxy, 0)
         return None if first is None else cls(first * BLOCK_SIZE)
 
     async def ask(self, link: RemoteLink, size: int) -> None:
@@ -123,6 +123,11 @@ class Fillable(Protocol):
     ) -> bytearray | None: ...
 
     async def flush(self) -> None: ...
+
+
+def first_uncached(proxy: Fillable, start: int) -> int | None:
+    """The first block at or after ``start`` that ``proxy`` has not cached; None if none."""
+    return next((a for a, _b in proxy.uncached_runs(start, proxy.nblocks)), None)
 
 
 class CacheAll:
@@ -221,7 +226,7 @@ class CacheAll:
         STATUS_SPAN bytes; an origin that cannot tell gets everything as data. Empty when
         nothing from ``start`` on is uncached."""
         proxy = self._proxy
-        first = next((a for a, _b in proxy.uncached_runs(start, proxy.nblocks)), None)
+        first = first_uncached(proxy, start)
         if first is None:
             return []
         size = proxy.size
@@ -230,7 +235,7 @@ class CacheAll:
         hint, self._hint = self._hint, None  # one use: later stretches are asked afresh
         if hint is not None and hint.covers(offset):
             await hint.answered.wait()
-        if hint is not None and hint.covers(offset):
+        if hint is not None and hint.covers(offset):  # asked again: the answer is in now
             offset, extents = hint.offset, hint.extents
         else:
             try:
