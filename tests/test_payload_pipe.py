@@ -35,10 +35,10 @@ from xnbdd import receive as receive_module
 from xnbdd.backends.bitmap import BLOCK_SIZE
 from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.dataplane import DIRECT_PAYLOAD
+from xnbdd.dial import RemoteAddress
 from xnbdd.export import Export
 from xnbdd.payload_pipe import PayloadPipe, PipeFull
 from xnbdd.proto.consts import MAX_PAYLOAD, Cmd, CmdFlag
-from xnbdd.remote import RemoteAddress
 from xnbdd.tls import PlainTransport
 
 ONE_PIECE = 4096  # the smallest pipe: it holds one piece, whatever its size

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, random_image
-from xnbdd.remote import LinkState, RemoteAddress, SizeMismatchError, open_remote_link
+from xnbdd.dial import RemoteAddress
+from xnbdd.remote import LinkState, SizeMismatchError, open_remote_link
 
 SIZE = 1 << 20
 

@@ -26,6 +26,7 @@ from .budget import Limits
 from .config import Mode
 from .connection import Connection, ServerState
 from .control.server import serve_control
+from .dial import RemoteAddress
 from .export import Export
 from .fdstore import ClientKeeper, FdStore, Handover, StoredClient
 from .handoff import export_to_json, negotiated_from, receive_handoffs
@@ -33,7 +34,7 @@ from .lifetime import PidFile
 from .listeners import PatientListener, describe, peer_name, to_trio_stream
 from .operations import Operations
 from .proto.messages import Negotiated, transmission_flags
-from .remote import DEFAULT_TIMEOUT, RemoteAddress
+from .remote import DEFAULT_TIMEOUT
 from .rotational import is_rotational
 from .signals import sigterm_came_early
 from .snapshot import remove_partial_snapshots

@@ -23,9 +23,9 @@ from .budget import Limits
 from .config import Config, ConfigError, Mode, load
 from .connection import ServerState
 from .control.handlers import ProgressSink, Restarting
+from .dial import RemoteAddress
 from .export import Export
 from .proto.handshake import TLSPolicy
-from .remote import RemoteAddress
 from .snapshot import LiveSnapshot
 from .systemd import Notifier
 

@@ -21,7 +21,8 @@ from xnbdd.backends.cache_all import BACKGROUND_STORES
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.backends.sidecar import CacheMismatchError, sidecar_path
-from xnbdd.remote import RemoteAddress, SizeMismatchError
+from xnbdd.dial import RemoteAddress
+from xnbdd.remote import SizeMismatchError
 
 SIZE = 4 << 20
 NBLOCKS = SIZE // BLOCK_SIZE
@@ -234,7 +235,7 @@ CRASH_CHILD = textwrap.dedent(
     import random, sys, trio
     sys.path.insert(0, {root!r})
     from xnbdd.backends.proxy import open_proxy_backend
-    from xnbdd.remote import RemoteAddress
+    from xnbdd.dial import RemoteAddress
 
     async def main():
         journal = open({journal!r}, "a", buffering=1)

@@ -13,7 +13,7 @@ from tests.origin_servers import nbd_server, nbdkit, qemu_nbd, random_image, spa
 from xnbdd.backends.base import Extent
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
 from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
-from xnbdd.remote import RemoteAddress
+from xnbdd.dial import RemoteAddress
 
 SIZE = 16 << 20
 EXTENT = 1 << 20

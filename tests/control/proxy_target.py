@@ -14,7 +14,7 @@ from tests.origin_servers import nbdkit
 from xnbdd.backends.proxy import ProxyBackend, open_proxy_backend
 from xnbdd.control.handlers import ProgressSink
 from xnbdd.control.server import serve_control
-from xnbdd.remote import RemoteAddress
+from xnbdd.dial import RemoteAddress
 
 
 class ProxyTarget:

@@ -65,11 +65,11 @@ from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLock, RangeLocks
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
 from xnbdd.backends.sidecar import prepare_cache_files
+from xnbdd.dial import RemoteAddress
 from xnbdd.proto.consts import State
 from xnbdd.remote import (
     DEFAULT_TIMEOUT,
     LinkState,
-    RemoteAddress,
     RemoteLink,
     background_nursery,
     open_remote_link,
