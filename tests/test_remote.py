@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,94 @@ async def test_reconnect_refuses_another_size(tmp_path: Path) -> None:
                 await link.reconnect(RemoteAddress(other.host, other.port))
             assert link.description == f"127.0.0.1:{first.port}"
             assert bytes(await link.read(0, 10)) == bytes(10)
+
+
+async def wait_for(condition: Callable[[], object], seconds: float = 5.0) -> None:
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_a_started_read_is_sent_and_answered_before_anyone_waits(tmp_path: Path) -> None:
+    """``start_read`` puts the request on the wire itself, and the reply reaches
+    ``when_whole`` from the read loop: no task of the caller runs in between."""
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            sent = link.start_read(8192, 12288)  # no await before or after: nothing else ran
+            assert sent is not None
+            whole: list[bytes] = []
+            sent.when_whole(lambda buffer: whole.append(bytes(buffer)))
+            await wait_for(lambda: whole)
+            assert origin.reads() == [(8192, 12288)] and whole == [data[8192:20480]]
+            assert bytes(await link.finish_read(sent)) == data[8192:20480]
+            assert link.status()["requests"] == 1
+            assert link.start_read(0, link.max_payload + 1) is None  # one request cannot
+
+
+async def test_a_started_read_fails_with_the_origins_error(tmp_path: Path) -> None:
+    trigger = tmp_path / "fail-now"
+    with nbdkit(
+        tmp_path,
+        ["memory", "1M", "error=EIO", "error-pread-rate=1", f"error-pread-file={trigger}"],
+        filters=("error",),
+    ) as origin:
+        async with open_remote_link(RemoteAddress(origin.host, origin.port)) as link:
+            trigger.touch()
+            sent = link.start_read(0, 4096)
+            assert sent is not None
+            whole: list[bytearray] = []
+            sent.when_whole(whole.append)
+            with pytest.raises(OSError) as info:
+                await link.finish_read(sent)
+            assert info.value.errno == errno.EIO and not whole
+
+
+async def test_a_started_read_times_out_then_none_start_while_down(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as origin:
+        async with open_remote_link(
+            RemoteAddress(origin.host, origin.port), timeout=1.0, backoff_max=0.2
+        ) as link:
+            await link.read(0, 1)
+            origin.stop()  # no answer
+            sent = link.start_read(4096, 4096)
+            assert sent is not None
+            start = trio.current_time()
+            with pytest.raises(OSError) as info:
+                await link.finish_read(sent)
+            assert info.value.errno == errno.EIO
+            assert 0.9 < trio.current_time() - start < 2.0
+            origin.kill()
+            await wait_for(lambda: link.state is not LinkState.CONNECTED)
+            assert link.start_read(4096, 4096) is None  # no connection: the caller uses read
+
+
+async def test_a_started_read_whose_connection_dies_is_asked_again(tmp_path: Path) -> None:
+    image = tmp_path / "origin.img"
+    data = random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as first:
+        port = int(first.port)
+        async with open_remote_link(
+            RemoteAddress(first.host, first.port), timeout=5.0, backoff_max=0.1
+        ) as link:
+            await link.read(0, 1)
+            first.stop()
+            sent = link.start_read(4096, 4096)
+            assert sent is not None
+            whole: list[bytearray] = []
+            sent.when_whole(whole.append)
+            first.kill()  # the request dies with its connection
+
+            async def restart_later() -> None:
+                await trio.sleep(0.3)
+                with nbdkit(tmp_path, ["file", str(image)], port=port):
+                    await trio.sleep(3)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restart_later)
+                assert bytes(await link.finish_read(sent)) == data[4096:8192]
+                nursery.cancel_scope.cancel()
+            assert not whole  # asked again by ``read``: the early callback is not told

@@ -21,14 +21,15 @@ from typing import Protocol
 
 import trio
 
+from .backends.base import PendingRead
 from .budget import ByteBudget, Limits
 from .dataplane import HANDED_OVER, DataPlane
-from .dispatch import error_reply, execute
+from .dispatch import error_reply, execute, failed_reply, read_reply
 from .export import Export
 from .fdstore import ClientKeeper
 from .handoff import handoff_message
 from .negotiation import negotiate
-from .proto.consts import Errno
+from .proto.consts import Cmd, Errno
 from .proto.handshake import ExportRequested, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
 from .tls import PlainTransport, ServerTLS, TLSChannel, TLSSession, TLSTransport, Transport
@@ -261,9 +262,7 @@ class Connection:
         async with trio.open_nursery() as tasks:
 
             def submit(req: Request, cost: int) -> None:  # called by the plane's thread
-                token.run_sync_soon(
-                    tasks.start_soon, self._handle, plane, req, cost, export, negotiated
-                )
+                token.run_sync_soon(self._start, plane, req, cost, export, negotiated, tasks)
 
             fd = self.stream.socket.fileno()
             transport: Transport = (
@@ -311,6 +310,54 @@ class Connection:
         finally:
             plane.abort()
 
+    def _start(
+        self,
+        plane: DataPlane,
+        req: Request,
+        cost: int,
+        export: Export,
+        negotiated: Negotiated,
+        tasks: trio.Nursery,
+    ) -> None:
+        """On the event loop, a request the plane could not answer itself: a cold proxy read's
+        fetch leaves here, before any task runs (a task's start and its way down to the
+        origin link cost more than the rest of the read); everything else gets a task."""
+        pending = self._start_read(req, export)
+        if pending is None:
+            tasks.start_soon(self._handle, plane, req, cost, export, negotiated)
+            return
+        early = _EarlyRead(plane, req, cost, negotiated)
+        pending.when_data(early.answer)
+        tasks.start_soon(self._finish_read, early, pending, export)
+
+    def _start_read(self, req: Request, export: Export) -> PendingRead | None:
+        """The read started by the backend (admitted at the gate), or None."""
+        reader = export.starts_reads
+        if reader is None or req.cmd != Cmd.READ or not req.length or not export.try_admit():
+            return None
+        try:
+            pending = reader.start_read(req.offset, req.length)
+        except Exception:  # a bug must cost this request's fast path, never the event loop
+            log.exception("internal error starting a read", extra=self._fields())
+            pending = None
+        if pending is None:
+            export.release()
+        return pending
+
+    async def _finish_read(self, early: _EarlyRead, pending: PendingRead, export: Export) -> None:
+        req, negotiated = early.req, early.negotiated
+        try:
+            reply = read_reply(req, negotiated, await pending.result())
+        except OSError as err:
+            reply = failed_reply(req, negotiated, err, self._fields())
+        except Exception:
+            log.exception("internal error serving a request", extra=self._fields())
+            reply = error_reply(req, negotiated, Errno.EIO, "internal error")
+        finally:
+            export.release()
+        if not early.answered:
+            early.plane.complete(reply, early.cost)
+
     async def _handle(
         self, plane: DataPlane, req: Request, cost: int, export: Export, negotiated: Negotiated
     ) -> None:
@@ -324,3 +371,21 @@ class Connection:
         finally:
             export.release()
         plane.complete(reply, cost)
+
+
+class _EarlyRead:
+    """A READ whose backend started it at once: answered the moment its data is there (from
+    the origin link's reply), its task finishing the rest (the proxy storing the blocks)."""
+
+    __slots__ = ("answered", "cost", "negotiated", "plane", "req")
+
+    def __init__(self, plane: DataPlane, req: Request, cost: int, negotiated: Negotiated) -> None:
+        self.plane = plane
+        self.req = req
+        self.cost = cost
+        self.negotiated = negotiated
+        self.answered = False
+
+    def answer(self, data: memoryview) -> None:
+        self.answered = True
+        self.plane.complete(read_reply(self.req, self.negotiated, data), self.cost)

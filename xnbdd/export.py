@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .backends.base import Backend, Extent, InlineIO, PipeSink
+from .backends.base import Backend, Extent, InlineIO, PipeSink, StartsReads
 from .proto.consts import BASE_ALLOCATION, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK, State, TxFlag
 from .proto.messages import ExportInfo
 
@@ -49,6 +49,7 @@ class Export:
         self.backend = backend
         self.inline = _inline_io(backend)
         self.pipe_sink = _pipe_sink(backend)
+        self.starts_reads = _starts_reads(backend)
         self.force_readonly = readonly
         self.extra_contexts: dict[str, ContextProvider] = {}
         self._gate = threading.Lock()
@@ -168,6 +169,7 @@ class Export:
             backend = await make()
             self.backend, self.inline = backend, _inline_io(backend)
             self.pipe_sink = _pipe_sink(backend)
+            self.starts_reads = _starts_reads(backend)
 
 
 def _inline_io(backend: Backend) -> InlineIO | None:
@@ -177,3 +179,7 @@ def _inline_io(backend: Backend) -> InlineIO | None:
 
 def _pipe_sink(backend: Backend) -> PipeSink | None:
     return backend if isinstance(backend, PipeSink) and backend.takes_pipes else None
+
+
+def _starts_reads(backend: Backend) -> StartsReads | None:
+    return backend if isinstance(backend, StartsReads) else None

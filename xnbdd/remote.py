@@ -22,7 +22,8 @@ from __future__ import annotations
 import errno
 import logging
 import math
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from enum import Enum
 
@@ -84,6 +85,35 @@ class _Call:
         self.error = 0
         self.lost = False
         self.done = trio.Event()
+        self.cookie = 0
+        # told the data the moment the reply is whole, before the waiting task runs
+        self.on_data: Callable[[bytearray], None] | None = None
+
+    def outcome(self, command: Cmd, length: int) -> None:
+        """After ``done``: raise what the reply said (or that it never came)."""
+        if self.lost:
+            raise _ConnectionLost
+        if self.error:
+            raise OSError(
+                self.error,
+                f"origin answered {command.name} at {self.offset}+{length} with an error",
+            )
+
+
+class StartedRead:
+    """A READ sent by ``RemoteLink.start_read``; ``when_whole`` may be told its data at once."""
+
+    __slots__ = ("at", "call", "conn")
+
+    def __init__(self, conn: _Connection, call: _Call, at: float) -> None:
+        self.conn = conn
+        self.call = call
+        self.at = at
+
+    def when_whole(self, callback: Callable[[bytearray], None]) -> None:
+        """``callback(data)`` on the event loop as soon as the reply is whole and not an
+        error (before ``finish_read`` returns); never if the request is retried."""
+        self.call.on_data = callback
 
 
 class _Connection:
@@ -159,6 +189,8 @@ class _Connection:
             elif isinstance(event, ReplyDone):
                 call.error = event.error
                 del self.calls[event.cookie]
+                if call.on_data is not None and not call.error:
+                    call.on_data(call.buffer)
                 call.done.set()
 
     async def read(self, offset: int, length: int) -> bytearray:
@@ -179,7 +211,7 @@ class _Connection:
         async with self.send_lock:
             if self.dead:
                 raise _ConnectionLost
-            cookie = self._next_cookie
+            call.cookie = cookie = self._next_cookie
             self._next_cookie += 1
             wire = self.tx.request(command, cookie, call.offset, length)
             self.calls[cookie] = call
@@ -188,14 +220,38 @@ class _Connection:
             await call.done.wait()
         finally:
             self.calls.pop(cookie, None)
-        if call.lost:
-            raise _ConnectionLost
-        if call.error:
-            raise OSError(
-                call.error,
-                f"origin answered {command.name} at {call.offset}+{length} with an error",
-            )
+        call.outcome(command, length)
         return call
+
+    def send_read_now(self, call: _Call) -> bool:
+        """Send a READ from the event loop's thread without waiting (no task needs to run
+        first); False, and nothing sent, when a task is sending, the socket has no room or
+        the stream is TLS (its own buffering)."""
+        stream = self.stream
+        if (
+            self.dead
+            or self._disconnecting
+            or self.send_lock.locked()
+            or not isinstance(stream, trio.SocketStream)
+        ):
+            return False
+        cookie = self._next_cookie
+        wire = self.tx.request(Cmd.READ, cookie, call.offset, len(call.buffer))
+        try:
+            sent = os.write(stream.socket.fileno(), wire)
+        except BlockingIOError:
+            self.tx.forget(cookie)
+            return False
+        except OSError as exc:
+            self.kill(f"send failed: {exc!r}")
+            return False
+        if sent < len(wire):  # the rest would have to wait: the stream is cut mid-request
+            self.kill("send buffer full in the middle of a request")
+            return False
+        self._next_cookie += 1
+        call.cookie = cookie
+        self.calls[cookie] = call
+        return True
 
     async def _send(self, wire: bytes) -> None:
         # A half-sent request would corrupt the stream for everyone: the send is shielded from
@@ -414,6 +470,36 @@ class RemoteLink:
                 wanted = self._attempts_started + 1
                 self._kick.set()
             await self._news.wait()
+
+    def start_read(self, offset: int, length: int) -> StartedRead | None:
+        """Send a READ now, from the event loop's thread without waiting, when a connection
+        is up and free to send; None otherwise (use ``read``). ``finish_read`` waits for it."""
+        conn = self._conn
+        if conn is None or not 0 < length <= self.max_payload:
+            return None
+        call = _Call(offset, length)
+        if not conn.send_read_now(call):
+            return None
+        self.requests += 1
+        return StartedRead(conn, call, trio.current_time())
+
+    async def finish_read(self, started: StartedRead) -> bytearray:
+        """The data of a ``start_read``: as with ``read``, a lost connection means asking
+        again and no answer within ``timeout`` EIO."""
+        call, conn = started.call, started.conn
+        try:
+            with trio.move_on_at(started.at + self.timeout):
+                await call.done.wait()
+        finally:
+            conn.calls.pop(call.cookie, None)
+        if not call.done.is_set():
+            self._drop_if_stuck(conn, started.at)
+            raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
+        try:
+            call.outcome(Cmd.READ, len(call.buffer))
+        except _ConnectionLost:
+            return await self.read(call.offset, len(call.buffer))
+        return call.buffer
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or

@@ -17,8 +17,8 @@ import trio
 
 from tests.origin_servers import nbdkit, qemu_nbd, random_image
 from xnbdd.backends.bitmap import BLOCK_SIZE, Bitmap
-from xnbdd.backends.cache_all import BACKGROUND_STORES
 from xnbdd.backends.file import FileBackend
+from xnbdd.backends.fill import BACKGROUND_STORES, MAX_FETCH
 from xnbdd.backends.proxy import open_proxy_backend
 from xnbdd.backends.sidecar import CacheMismatchError, sidecar_path
 from xnbdd.dial import RemoteAddress
@@ -377,3 +377,30 @@ async def test_cache_all_leaves_the_cache_threads_to_clients(
             expect = bytearray(data)
             expect[3 * B + 1 : 3 * B + 7] = b"client"
             assert await proxy.read(0, SIZE) == expect
+
+
+async def test_a_cold_read_is_started_at_once_answered_then_stored(
+    tmp_path: Path, origin_image: tuple[Path, bytes]
+) -> None:
+    """``start_read`` sends the fetch without waiting; the client's slice is told as soon as
+    it arrives, and ``result`` returns once the blocks are stored and marked cached. What
+    needs more than one fresh fetch is declined (the caller uses ``read``)."""
+    image, data = origin_image
+    cache, bitmap = tmp_path / "cache.img", tmp_path / "cache.bm"
+    with nbdkit(tmp_path, ["file", str(image)], log=True) as origin:
+        address = RemoteAddress(origin.host, origin.port)
+        async with open_proxy_backend(address, str(cache), str(bitmap)) as proxy:
+            started = proxy.start_read(5 * B - 50, 100)  # two blocks, one fetch
+            assert started is not None
+            assert proxy.start_read(5 * B, 10) is None  # being fetched: wait for it in read
+            answers: list[bytes] = []
+            started.when_data(lambda data: answers.append(bytes(data)))
+            assert bytes(await started.result()) == data[5 * B - 50 : 5 * B + 50]
+            assert answers == [data[5 * B - 50 : 5 * B + 50]]
+            assert origin.reads() == [(4 * B, 2 * B)] and proxy.cached_blocks() == 2
+            assert cache.read_bytes()[4 * B : 6 * B] == data[4 * B : 6 * B]
+            assert proxy.start_read(4 * B, 10) is None  # cached
+            assert proxy.start_read(5 * B, 2 * B) is None  # partly cached
+            assert proxy.start_read(8 * B, MAX_FETCH + 1) is None  # more than one fetch
+            assert await proxy.read(3 * B, 4 * B) == data[3 * B : 7 * B]
+            assert sorted(origin.reads()) == [(3 * B, B), (4 * B, 2 * B), (6 * B, B)]

@@ -8,6 +8,7 @@ or on a remote server; a backend that can finish without waiting simply never su
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -128,6 +129,29 @@ class InlineIO(Protocol):
 
     def is_hole(self, offset: int, length: int) -> bool:
         """True only if the range certainly reads as zeros and saying so needs no waiting."""
+        ...
+
+
+class PendingRead(Protocol):
+    """A read whose slow part is under way (``StartsReads.start_read``)."""
+
+    def when_data(self, answer: Callable[[memoryview], None]) -> None:
+        """``answer(data)`` on the event loop as soon as the data is there, before ``result``
+        returns (the backend may still be keeping a copy); never if it fails or is retried."""
+        ...
+
+    async def result(self) -> memoryview:
+        """The data, once the backend is done with the read; OSError as ``Backend.read``."""
+        ...
+
+
+@runtime_checkable
+class StartsReads(Protocol):
+    """A backend that starts a slow read on the event loop without waiting, so its slow part
+    (the proxy's fetch from the origin) leaves before any task runs for the request."""
+
+    def start_read(self, offset: int, length: int) -> PendingRead | None:
+        """Started, or None: use ``read``. On the event loop's thread; never waits."""
         ...
 
 

@@ -25,6 +25,7 @@ import trio
 
 from xnbdd.backends.bitmap import BLOCK_SIZE, nblocks_for
 from xnbdd.backends.blocks import zero_blocks
+from xnbdd.backends.fill import CacheFill
 from xnbdd.remote import RemoteLink, open_remote_link
 
 log = logging.getLogger(__name__)
@@ -32,29 +33,8 @@ log = logging.getLogger(__name__)
 BULK_BYTES_IN_FLIGHT = 8 << 20  # bytes requested but not yet stored, own connection
 BULK_SHARED_REQUESTS = 2  # requests in flight on the clients' connection (origin allows one)
 STATUS_SPAN = 1 << 30  # bytes of the origin's allocation asked about at once
-# cache-all's stores into the cache running at once: the cache file's worker threads serve
-# first come, first served, and a client's write must not queue behind a window of them
-BACKGROUND_STORES = 4
 
 ProgressCallback = Callable[[int, int], None]  # (cached blocks, total blocks)
-
-
-class StoreSlots:
-    """What each of cache-all's stores takes first (``ProxyBackend``): a capacity limiter
-    entered without a scheduler pass while a slot is free (a pass per store costs cache-all a
-    visible share of the link)."""
-
-    def __init__(self, count: int = BACKGROUND_STORES) -> None:
-        self._limiter = trio.CapacityLimiter(count)
-
-    async def __aenter__(self) -> None:
-        try:
-            self._limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await self._limiter.acquire()
-
-    async def __aexit__(self, *_exc: object) -> None:
-        self._limiter.release()
 
 
 class AllocationHint:
@@ -110,17 +90,7 @@ class Fillable(Protocol):
 
     def is_complete(self) -> bool: ...
 
-    async def ensure_cached(
-        self,
-        first: int,
-        stop: int,
-        link: RemoteLink,
-        max_request: int,
-        *,
-        store: bool,
-        zero: bool = False,
-        background: bool = False,
-    ) -> bytearray | None: ...
+    fill: CacheFill
 
     async def flush(self) -> None: ...
 
@@ -188,7 +158,7 @@ class CacheAll:
             try:
                 link = self.bulk or self._link
                 max_request = (stop - first if zero else per_request) * BLOCK_SIZE
-                await proxy.ensure_cached(
+                await proxy.fill.ensure_cached(
                     first, stop, link, max_request, store=True, zero=zero, background=True
                 )
             finally:

@@ -35,9 +35,8 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import trio
 
@@ -60,9 +59,9 @@ from xnbdd.backends.blocks import (
     whole_blocks,
     zero_blocks,
 )
-from xnbdd.backends.cache_all import AllocationHint, CacheAll, ProgressCallback, StoreSlots
+from xnbdd.backends.cache_all import AllocationHint, CacheAll, ProgressCallback
 from xnbdd.backends.file import FileBackend
-from xnbdd.backends.rangelock import RangeLock, RangeLocks
+from xnbdd.backends.fill import MAX_FETCH, CacheFill, StartedFetch
 from xnbdd.backends.rbd import RbdBackend, RbdCluster, is_rbd
 from xnbdd.backends.sidecar import prepare_cache_files
 from xnbdd.dial import RemoteAddress
@@ -77,7 +76,6 @@ from xnbdd.remote import (
 
 log = logging.getLogger(__name__)
 
-MAX_FETCH = 1 << 20  # bytes per origin request for client misses (bounded latency and memory)
 SYNC_INTERVAL = 5.0  # seconds between background flushes of data + bitmap
 
 
@@ -123,17 +121,12 @@ class ProxyBackend:
         self._rbd = rbd or RbdCluster()
         self._size = link.size
         self.nblocks = nblocks_for(self._size)
-        self._locks = RangeLocks()
+        self.fill = CacheFill(cache, bitmap, self._size, cache_path)
         self._sync_lock = trio.Lock()
-        self._dirty = False  # bits set since the last flush
         self._cache_all: CacheAll | None = None
         self._cache_all_scope: trio.CancelScope | None = None
         self._allocation_hint: AllocationHint | None = None
         self._detached = False
-        self.fetched_blocks = 0
-        self.zeroed_blocks = 0
-        self._store_error: OSError | None = None  # caching failing since (logged once)
-        self._background_stores = StoreSlots()
 
     # -- Backend protocol ----------------------------------------------------------------------
 
@@ -160,7 +153,7 @@ class ProxyBackend:
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         first, stop = block_span(offset, length)
         if not self._bitmap.all_set(first, stop):
-            fetched = await self.ensure_cached(first, stop, self._link, MAX_FETCH, store=False)
+            fetched = await self.fill.ensure_cached(first, stop, self._link, MAX_FETCH, store=False)
             if fetched is not None:  # the whole range came in one fetch: answer from it
                 start = offset - first * BLOCK_SIZE
                 return memoryview(fetched)[start : start + length]
@@ -197,6 +190,9 @@ class ProxyBackend:
     def is_hole(self, offset: int, length: int) -> bool:
         return False
 
+    def start_read(self, offset: int, length: int) -> StartedFetch | None:
+        return self.fill.start_read(self._link, offset, length)
+
     # -- PipeSink: the same for large writes, spliced into the cache file
 
     @property
@@ -211,7 +207,7 @@ class ProxyBackend:
 
     async def cache(self, offset: int, length: int) -> None:
         first, stop = block_span(offset, length)
-        await self.ensure_cached(first, stop, self._link, MAX_FETCH, store=True)
+        await self.fill.ensure_cached(first, stop, self._link, MAX_FETCH, store=True)
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         self._check_writable()
@@ -242,16 +238,16 @@ class ProxyBackend:
         if first >= stop:
             return
         start_byte, stop_byte = block_bytes(first, stop, self._size)
-        async with self._locks.hold(first, stop):
+        async with self.fill.locks.hold(first, stop):
             await self._cache.trim(start_byte, stop_byte - start_byte, fua=False)
-            self._mark_cached(first, stop)
+            self.fill.mark_cached(first, stop)
         if fua:
             await self.flush()
 
     async def flush(self) -> None:
         """Cache data durable first, then the bits that cover it (docs/decisions.md D14)."""
         async with self._sync_lock:
-            self._dirty = False
+            self.fill.dirty = False
             await flush_data_then_bitmap(self._cache.flush, self._bitmap)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
@@ -274,7 +270,7 @@ class ProxyBackend:
         # (or another task's failed fetch of some of them) leaves them uncached.
         try:
             for a, b in zero_blocks(offset, extents, self._size)[0]:
-                await self.ensure_cached(
+                await self.fill.ensure_cached(
                     a, b, self._link, (b - a) * BLOCK_SIZE, store=False, zero=True
                 )
         except OSError as exc:
@@ -346,8 +342,8 @@ class ProxyBackend:
             remote_error=self._link.last_error,
             remote_allocation=self._link.allocation,
             cache_all_running=self._cache_all_scope is not None,
-            fetched_blocks=self.fetched_blocks,
-            zeroed_blocks=self.zeroed_blocks,
+            fetched_blocks=self.fill.fetched_blocks,
+            zeroed_blocks=self.fill.zeroed_blocks,
         )
 
     async def reconnect(self, address: RemoteAddress) -> None:
@@ -421,10 +417,6 @@ class ProxyBackend:
         if self.readonly:
             raise OSError(errno.EPERM, "read-only export")
 
-    def _mark_cached(self, first: int, stop: int) -> None:
-        self._bitmap.set_range(first, stop)
-        self._dirty = True
-
     async def _modify(
         self,
         offset: int,
@@ -436,153 +428,21 @@ class ProxyBackend:
         """Run ``change`` (a write or zeroing of the cache) with the touched blocks locked, after
         fetching partially covered head and tail blocks that are not cached yet."""
         first, stop = block_span(offset, length)
-        async with self._locks.hold(first, stop):
+        async with self.fill.locks.hold(first, stop):
             if fast and missing_edges(self._bitmap, offset, length, self._size):
                 raise OSError(errno.ENOTSUP, "zeroing here needs a fetch from the origin")
             await fill_edges(self._bitmap, offset, length, self._size, self._fetch_edge)
             await change()
-            self._mark_cached(first, stop)
+            self.fill.mark_cached(first, stop)
 
     async def _fetch_edge(self, first: int, stop: int) -> None:
-        await self._fetch_into_cache(self._link, first, stop)
-
-    def _store_slot(self, background: bool) -> AbstractAsyncContextManager[object]:
-        """What a store into the cache waits for first: cache-all's (``background``) take one
-        of a few slots, so the cache's threads always have room for the clients' I/O."""
-        return self._background_stores if background else nullcontext()
-
-    async def _zero_into_cache(
-        self, first: int, stop: int, *, store: bool, background: bool = False
-    ) -> None:
-        """Blocks the caller holds busy that the origin reads as zeros: zero them in the cache
-        (punch a hole where the file system can), then mark them cached; no fetch. Without
-        ``store`` a failure leaves them uncached, silently (they are fetched when read)."""
-        offset, end = block_bytes(first, stop, self._size)
-        try:
-            async with self._store_slot(background):
-                await self._cache.zero(offset, end - offset, may_trim=True, fast=False, fua=False)
-        except OSError:
-            if store:
-                raise
-            return
-        self._mark_cached(first, stop)
-        self.zeroed_blocks += stop - first
-
-    async def _fetch_into_cache(
-        self,
-        link: RemoteLink,
-        first: int,
-        stop: int,
-        *,
-        store: bool = True,
-        background: bool = False,
-    ) -> bytearray:
-        """Fetch blocks the caller holds busy, store them, then (only then) mark them cached;
-        returns what was fetched. Without ``store``, a failure to store is logged and the
-        blocks stay uncached (a read is served all the same)."""
-        offset, end = block_bytes(first, stop, self._size)
-        data = await link.read(offset, end - offset)
-        try:
-            async with self._store_slot(background):
-                await self._cache.write(offset, data, fua=False)
-        except OSError as exc:
-            if self._store_error is None:
-                log.error(
-                    "cache %s: fetched blocks not cached (%s); reads are served from the "
-                    "origin until caching works again",
-                    self.cache_path,
-                    exc.strerror or exc,
-                )
-            self._store_error = exc
-            if store:
-                raise
-            return data
-        if self._store_error is not None:
-            self._store_error = None
-            log.warning("cache %s: caching works again", self.cache_path)
-        self._mark_cached(first, stop)
-        self.fetched_blocks += stop - first
-        return data
-
-    async def ensure_cached(
-        self,
-        first: int,
-        stop: int,
-        link: RemoteLink,
-        max_request: int,
-        *,
-        store: bool,
-        zero: bool = False,
-        background: bool = False,
-    ) -> bytearray | None:
-        """Make [first, stop) cached: fetch the missing blocks nobody else is fetching (adjacent
-        ones together, at most ``max_request`` bytes per request) and wait for the others.
-        Returns the data when all of [first, stop) came in one fetch of ours, else None.
-        ``store`` False: blocks the cache could not take are left uncached (no error) and the
-        call returns after one round, so a full cache never makes it fetch in a loop.
-        ``zero``: the origin reads these blocks as zeros: zero them in the cache, no fetch.
-        ``background``: cache-all's; its stores wait for a slot (``BACKGROUND_STORES``)."""
-        fetch = partial(self._fetch_claimed, store=store, zero=zero, background=background)
-        per_request = max(1, max_request // BLOCK_SIZE)
-        fetched_once = False
-        while True:
-            mine: list[tuple[int, int]] = []
-            others: dict[RangeLock, None] = {}  # ordered set
-            for run_first, run_stop in self._bitmap.runs(first, stop, False):
-                free, holders = self._locks.split(run_first, run_stop)
-                for a, b in free:
-                    mine.extend((c, min(c + per_request, b)) for c in range(a, b, per_request))
-                others.update(dict.fromkeys(holders))
-            if (not mine and not others) or (mine and fetched_once and not store):
-                return None
-            fetched_once = bool(mine)
-            claims = [(a, b, self._locks.claim(a, b)) for a, b in mine]
-            if len(claims) == 1:
-                data = await fetch(link, *claims[0])
-                if not others and mine[0] == (first, stop) and not zero:
-                    return data
-            elif claims:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        for claim in claims:
-                            nursery.start_soon(fetch, link, *claim)
-                except* OSError as group:
-                    raise group.exceptions[0] from None
-            for holder in others:
-                await holder.done.wait()
-                if holder.error is not None:
-                    raise OSError(holder.error.errno, str(holder.error))
-
-    async def _fetch_claimed(
-        self,
-        link: RemoteLink,
-        first: int,
-        stop: int,
-        lock: RangeLock,
-        *,
-        store: bool,
-        zero: bool = False,
-        background: bool = False,
-    ) -> bytearray:
-        error: OSError | None = None
-        try:
-            if zero:
-                await self._zero_into_cache(first, stop, store=store, background=background)
-                return bytearray()
-            return await self._fetch_into_cache(
-                link, first, stop, store=store, background=background
-            )
-        except OSError as exc:
-            error = exc
-            raise
-        finally:
-            self._locks.release(lock, error)
+        await self.fill.fetch_into_cache(self._link, first, stop)
 
     async def periodic_flush(self, interval: float = SYNC_INTERVAL) -> None:
         """Background task: make fetched blocks durable every ``interval`` seconds."""
         while not self._detached:
             await trio.sleep(interval)
-            if self._dirty and not self._detached:
+            if self.fill.dirty and not self._detached:
                 try:
                     await self.flush()
                 except OSError as exc:

@@ -196,6 +196,10 @@ class ClientTransmission:
             header = REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
         return header + bytes(payload) if payload is not None else header
 
+    def forget(self, cookie: int) -> None:
+        """A request encoded by ``request`` but never sent: expect no reply for it."""
+        del self._outstanding[cookie]
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[ReplyEvent]:
         """Feed received bytes; returns the events they complete (possibly none)."""
         if not data:
