@@ -258,3 +258,25 @@ async def test_a_started_read_whose_connection_dies_is_asked_again(tmp_path: Pat
                 assert bytes(await link.finish_read(sent)) == data[4096:8192]
                 nursery.cancel_scope.cancel()
             assert not whole  # asked again by ``read``: the early callback is not told
+
+
+async def test_a_started_read_keeps_one_deadline_across_a_lost_connection(tmp_path: Path) -> None:
+    """Asked again after its connection died, it still fails ``timeout`` after it was sent,
+    not a whole ``timeout`` later (docs/faults.md: a request never waits longer in total)."""
+    image = tmp_path / "origin.img"
+    random_image(image, SIZE)
+    with nbdkit(tmp_path, ["file", str(image)]) as origin:
+        async with open_remote_link(
+            RemoteAddress(origin.host, origin.port), timeout=1.5, backoff_max=0.1
+        ) as link:
+            await link.read(0, 1)
+            origin.stop()
+            start = trio.current_time()
+            sent = link.start_read(4096, 4096)
+            assert sent is not None
+            await trio.sleep(0.75)
+            origin.kill()  # lost half-way: asked again, but nobody answers
+            with pytest.raises(OSError) as info:
+                await link.finish_read(sent)
+            assert info.value.errno == errno.EIO
+            assert 1.4 < trio.current_time() - start < 2.0

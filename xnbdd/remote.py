@@ -89,16 +89,6 @@ class _Call:
         # told the data the moment the reply is whole, before the waiting task runs
         self.on_data: Callable[[bytearray], None] | None = None
 
-    def outcome(self, command: Cmd, length: int) -> None:
-        """After ``done``: raise what the reply said (or that it never came)."""
-        if self.lost:
-            raise _ConnectionLost
-        if self.error:
-            raise OSError(
-                self.error,
-                f"origin answered {command.name} at {self.offset}+{length} with an error",
-            )
-
 
 class StartedRead:
     """A READ sent by ``RemoteLink.start_read``; ``when_whole`` may be told its data at once."""
@@ -216,11 +206,21 @@ class _Connection:
             wire = self.tx.request(command, cookie, call.offset, length)
             self.calls[cookie] = call
             await self._send(wire)
+        return await self.wait_for(call, command, length)
+
+    async def wait_for(self, call: _Call, command: Cmd, length: int) -> _Call:
+        """A request sent on this connection, once answered; raises what the answer said."""
         try:
             await call.done.wait()
         finally:
-            self.calls.pop(cookie, None)
-        call.outcome(command, length)
+            self.calls.pop(call.cookie, None)
+        if call.lost:
+            raise _ConnectionLost
+        if call.error:
+            raise OSError(
+                call.error,
+                f"origin answered {command.name} at {call.offset}+{length} with an error",
+            )
         return call
 
     def send_read_now(self, call: _Call) -> bool:
@@ -484,22 +484,10 @@ class RemoteLink:
         return StartedRead(conn, call, trio.current_time())
 
     async def finish_read(self, started: StartedRead) -> bytearray:
-        """The data of a ``start_read``: as with ``read``, a lost connection means asking
-        again and no answer within ``timeout`` EIO."""
-        call, conn = started.call, started.conn
-        try:
-            with trio.move_on_at(started.at + self.timeout):
-                await call.done.wait()
-        finally:
-            conn.calls.pop(call.cookie, None)
-        if not call.done.is_set():
-            self._drop_if_stuck(conn, started.at)
-            raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
-        try:
-            call.outcome(Cmd.READ, len(call.buffer))
-        except _ConnectionLost:
-            return await self.read(call.offset, len(call.buffer))
-        return call.buffer
+        """The data of a ``start_read``, as ``read`` would give it (the same ``timeout``
+        counted from the start, asked again on a fresh connection if this one is lost)."""
+        call = started.call
+        return await self._read(call.offset, len(call.buffer), started)
 
     async def read(self, offset: int, length: int) -> bytearray:
         """Read from the origin; OSError(EIO) after ``timeout`` seconds without an answer, or
@@ -512,9 +500,18 @@ class RemoteLink:
                 part = min(self.max_payload, offset + length - start)
                 out += await self.read(start, part)
             return out
-        started = trio.current_time()
+        return await self._read(offset, length, None)
+
+    async def _read(self, offset: int, length: int, started: StartedRead | None) -> bytearray:
+        began = trio.current_time() if started is None else started.at
         conn: _Connection | None = None
-        with trio.move_on_after(self.timeout):
+        with trio.move_on_at(began + self.timeout):
+            if started is not None:
+                conn = started.conn
+                try:
+                    return (await conn.wait_for(started.call, Cmd.READ, length)).buffer
+                except _ConnectionLost:
+                    pass
             while True:
                 conn = await self._wait_connection()
                 try:
@@ -522,7 +519,7 @@ class RemoteLink:
                     return await conn.read(offset, length)
                 except _ConnectionLost:
                     continue
-        self._drop_if_stuck(conn, started)
+        self._drop_if_stuck(conn, began)
         raise _eio(f"origin {self.description}: no answer within {self.timeout}s")
 
     async def block_status(self, offset: int, length: int) -> list[tuple[int, int]] | None:
