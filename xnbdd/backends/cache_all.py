@@ -10,9 +10,8 @@ When the origin answers ``base:allocation`` (docs/data-path.md "The sparse-aware
 stretch of up to ``STATUS_SPAN`` bytes is planned from its block status first: whole blocks the
 origin reads as zeros are zeroed in the cache without a fetch. The first stretch's answer is
 asked for when the proxy connects (``AllocationHint``), so cache-all's first window leaves at once
-instead of after a round trip. The proxy
-(``backends/proxy.py``) does the fetching, storing and locking; this module decides what to ask
-for and when.
+instead of after a round trip. The proxy's ``CacheFill`` (``backends/fill.py``) does the
+fetching, storing and locking; this module decides what to ask for and when.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ of it are valid (docs/compat.md §4.1, §4.2). Rules kept here (docs/decisions.m
 - A block is *busy* while one task fetches or writes it: that task holds a range lock over it
   (backends/rangelock.py) and others wait for the release. So a block missing for several
   clients is fetched once, and a fetch can never land on top of a newer write. Adjacent missing
-  blocks go to the origin as one bounded request.
+  blocks go to the origin as one bounded request (backends/fill.py does the fetching).
 - Writes, trims and zeroes never reach the origin. A partial write fetches only its head and tail
   blocks. A trim punches whole blocks and marks them cached (they read as zeros, which TRIM
   allows), so a trimmed block is never fetched again.
@@ -189,6 +189,8 @@ class ProxyBackend:
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False
+
+    # -- StartsReads: a cold read's fetch leaves without waiting for a task (backends/fill.py)
 
     def start_read(self, offset: int, length: int) -> StartedFetch | None:
         return self.fill.start_read(self._link, offset, length)
