@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -404,3 +405,31 @@ async def test_a_cold_read_is_started_at_once_answered_then_stored(
             assert proxy.start_read(8 * B, MAX_FETCH + 1) is None  # more than one fetch
             assert await proxy.read(3 * B, 4 * B) == data[3 * B : 7 * B]
             assert sorted(origin.reads()) == [(3 * B, B), (4 * B, 2 * B), (6 * B, B)]
+
+
+async def test_inline_io_answers_only_cached_blocks_bit_by_bit(
+    tmp_path: Path, origin_image: tuple[Path, bytes]
+) -> None:
+    """The threads' inline path looks at one bitmap byte for a one-block request: a cached
+    block beside uncached ones in the same byte is answered, its neighbours are not, and a
+    request over two blocks needs both."""
+    image, data = origin_image
+    with (
+        nbdkit(tmp_path, ["file", str(image)]) as origin,
+        tempfile.TemporaryDirectory(dir="/dev/shm") as shm,  # writes inline: a memory fs
+    ):
+        address = RemoteAddress(origin.host, origin.port)
+        cache, bitmap = f"{shm}/cache.img", f"{shm}/cache.bm"
+        async with open_proxy_backend(address, cache, bitmap) as proxy:
+            await proxy.read(5 * B, B)  # block 5 of the byte holding blocks 0-7
+            assert proxy.try_read(5 * B + 10, 100) == data[5 * B + 10 : 5 * B + 110]
+            for offset, length in ((4 * B, B), (6 * B + 1, 10), (5 * B + 10, B), (4 * B, 2 * B)):
+                assert proxy.try_read(offset, length) is None
+                assert not proxy.try_write(offset, bytes(length))
+            await proxy.read(8 * B, 8 * B)  # a whole byte: blocks 8-15
+            assert proxy.try_read(9 * B, 6 * B) == data[9 * B : 15 * B]
+            assert proxy.try_write(12 * B + 7, b"new")
+            assert (
+                await proxy.read(12 * B, 16)
+                == data[12 * B : 12 * B + 7] + b"new" + data[12 * B + 10 : 12 * B + 16]
+            )

@@ -36,6 +36,11 @@ def nblocks_for(size: int) -> int:
     return -(-size // BLOCK_SIZE)
 
 
+BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1  # byte offset >> this: its block
+BYTE_SHIFT = BLOCK_SHIFT + 3  # byte offset >> this: the bitmap byte of its block
+IN_BLOCK = BLOCK_SIZE - 1  # byte offset & this: where in its block
+
+
 def block_span(offset: int, length: int) -> tuple[int, int]:
     """Blocks [first, stop) touched by the byte range ``offset``, ``length``."""
     return offset // BLOCK_SIZE, nblocks_for(offset + length)
@@ -69,6 +74,7 @@ class Bitmap:
         self.path = path
         self.readonly = readonly
         self._bits = bits
+        self.bits = bits  # read-only: the connections' threads test bits inline through it
         self._fd = fd
         self._dirty_lo = len(bits)  # dirty byte span [lo, hi); empty when lo >= hi
         self._dirty_hi = 0
@@ -269,7 +275,6 @@ class SharedBitmap(Bitmap):
         self._lock_fd = ofdlock.own_description(fd, writable=True)
         self._spare_lock_fds: list[int] = []  # descriptions for ``try_lock_apart``, not in use
         super().__init__(nblocks, bits, fd, path, False)
-        self.bits = bits  # read-only: the connections' threads test bits inline through it
 
     @classmethod
     def open(

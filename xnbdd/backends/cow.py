@@ -46,17 +46,21 @@ from xnbdd.backends.base import (
     FileRange,
     PipedPayload,
 )
-from xnbdd.backends.bitmap import BLOCK_SIZE, SharedBitmap, block_span, nblocks_for
+from xnbdd.backends.bitmap import (
+    BLOCK_SHIFT,
+    BLOCK_SIZE,
+    BYTE_SHIFT,
+    IN_BLOCK,
+    SharedBitmap,
+    block_span,
+    nblocks_for,
+)
 from xnbdd.backends.blocks import block_bytes, fill_edges, missing_edges, present_runs
 from xnbdd.backends.file import FileBackend
 from xnbdd.backends.rangelock import RangeLocks
 from xnbdd.leftovers import remove_unless_locked, siblings, unlink_quietly
 
 log = logging.getLogger("xnbdd")
-
-_BLOCK_SHIFT = BLOCK_SIZE.bit_length() - 1  # byte offset >> this: its block
-_BYTE_SHIFT = _BLOCK_SHIFT + 3  # byte offset >> this: the bitmap byte of its block
-_IN_BLOCK = BLOCK_SIZE - 1  # byte offset & this: where in its block
 
 
 class CowBackend:
@@ -191,12 +195,12 @@ class CowBackend:
     # consistent choice of source.
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | FileRange | None:
-        if (offset & _IN_BLOCK) + length <= BLOCK_SIZE:  # one block, one source: small reads
+        if (offset & IN_BLOCK) + length <= BLOCK_SIZE:  # one block, one source: small reads
             # Every 4 KiB read comes here, so as few Python operations as can be (a call or a
             # division here was a few per cent of the whole request): the 8 blocks of a bitmap
             # byte are mostly all present or all absent, which one comparison tells.
-            byte = self._bits[offset >> _BYTE_SHIFT]
-            if byte == 0xFF or (byte and byte >> (offset >> _BLOCK_SHIFT & 7) & 1):
+            byte = self._bits[offset >> BYTE_SHIFT]
+            if byte == 0xFF or (byte and byte >> (offset >> BLOCK_SHIFT & 7) & 1):
                 fd = self._overlay_fd
             else:
                 fd = self._base_fd
