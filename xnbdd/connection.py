@@ -24,12 +24,12 @@ import trio
 from .backends.base import PendingRead
 from .budget import ByteBudget, Limits
 from .dataplane import HANDED_OVER, DataPlane
-from .dispatch import error_reply, execute, failed_reply, read_reply
+from .dispatch import execute, finish_read, guarded, read_reply
 from .export import Export
 from .fdstore import ClientKeeper
 from .handoff import handoff_message
 from .negotiation import negotiate
-from .proto.consts import Cmd, Errno
+from .proto.consts import Cmd
 from .proto.handshake import ExportRequested, ServerHandshake
 from .proto.messages import ExportInfo, Negotiated, Request
 from .tls import PlainTransport, ServerTLS, TLSChannel, TLSSession, TLSTransport, Transport
@@ -347,12 +347,8 @@ class Connection:
     async def _finish_read(self, early: _EarlyRead, pending: PendingRead, export: Export) -> None:
         req, negotiated = early.req, early.negotiated
         try:
-            reply = read_reply(req, negotiated, await pending.result())
-        except OSError as err:
-            reply = failed_reply(req, negotiated, err, self._fields())
-        except Exception:
-            log.exception("internal error serving a request", extra=self._fields())
-            reply = error_reply(req, negotiated, Errno.EIO, "internal error")
+            reading = finish_read(req, negotiated, pending)
+            reply = await guarded(req, negotiated, self._fields(), reading)
         finally:
             export.release()
         if not early.answered:
@@ -362,12 +358,9 @@ class Connection:
         self, plane: DataPlane, req: Request, cost: int, export: Export, negotiated: Negotiated
     ) -> None:
         await export.admit()
+        fields = self._fields()
         try:
-            reply = await execute(req, export, negotiated, self._fields())
-        except Exception:
-            # A bug must cost this request, not the connection or the daemon.
-            log.exception("internal error serving a request", extra=self._fields())
-            reply = error_reply(req, negotiated, Errno.EIO, "internal error")
+            reply = await guarded(req, negotiated, fields, execute(req, export, negotiated, fields))
         finally:
             export.release()
         plane.complete(reply, cost)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import errno as errnos
 import logging
+from collections.abc import Awaitable
 
-from .backends.base import Backend, FileRange
+from .backends.base import Backend, FileRange, PendingRead
 from .export import Export
 from .proto.consts import MAX_PAYLOAD, Cmd, CmdFlag, Errno
 from .proto.messages import Negotiated, Request
@@ -77,6 +78,26 @@ async def execute(
         return await _run(req, backend, export, negotiated)
     except OSError as err:
         return failed_reply(req, negotiated, err, fields)
+
+
+async def guarded(
+    req: Request, negotiated: Negotiated, fields: dict[str, str], reply: Awaitable[Buffers]
+) -> Buffers:
+    """What ``reply`` gives; an OSError becomes its error reply (``failed_reply``) and a bug
+    EIO, logged with its traceback: a bug must cost this request, not the connection or the
+    daemon."""
+    try:
+        return await reply
+    except OSError as err:
+        return failed_reply(req, negotiated, err, fields)
+    except Exception:
+        log.exception("internal error serving a request", extra=fields)
+        return error_reply(req, negotiated, Errno.EIO, "internal error")
+
+
+async def finish_read(req: Request, negotiated: Negotiated, pending: PendingRead) -> Buffers:
+    """The reply to a READ its backend started at once (``StartsReads``)."""
+    return read_reply(req, negotiated, await pending.result())
 
 
 def failed_reply(

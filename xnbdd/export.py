@@ -46,10 +46,7 @@ class Export:
         # other connections reach other processes, which share only what the backend shares.
         self.one_connection = one_connection
         self.description = description
-        self.backend = backend
-        self.inline = _inline_io(backend)
-        self.pipe_sink = _pipe_sink(backend)
-        self.starts_reads = _starts_reads(backend)
+        self._use(backend)
         self.force_readonly = readonly
         self.extra_contexts: dict[str, ContextProvider] = {}
         self._gate = threading.Lock()
@@ -166,10 +163,14 @@ class Export:
         """Swap the backend under live connections (proxy -> target): ``make`` builds the new
         one while no request runs, so no request sees a half-switched export."""
         async with self.paused():
-            backend = await make()
-            self.backend, self.inline = backend, _inline_io(backend)
-            self.pipe_sink = _pipe_sink(backend)
-            self.starts_reads = _starts_reads(backend)
+            self._use(await make())
+
+    def _use(self, backend: Backend) -> None:
+        """Serve ``backend``, its optional sides resolved once rather than per request."""
+        self.backend = backend
+        self.inline = _inline_io(backend)
+        self.pipe_sink = _pipe_sink(backend)
+        self.starts_reads = _starts_reads(backend)
 
 
 def _inline_io(backend: Backend) -> InlineIO | None:

@@ -52,10 +52,9 @@ from .backends.cow import CowBackend
 from .backends.file import FileBackend
 from .budget import ByteBudget, Limits
 from .dataplane import DataPlane
-from .dispatch import error_reply, execute
+from .dispatch import execute, guarded
 from .export import Export
 from .handoff import export_from_json, negotiated_from
-from .proto.consts import Errno
 from .proto.messages import ExportInfo, Negotiated, Request
 from .tls import PlainTransport
 
@@ -267,10 +266,7 @@ class Worker:
     ) -> None:
         await export.admit()
         try:
-            reply = await execute(req, export, negotiated, fields)
-        except Exception:
-            log.exception("internal error serving a request", extra=fields)
-            reply = error_reply(req, negotiated, Errno.EIO, "internal error")
+            reply = await guarded(req, negotiated, fields, execute(req, export, negotiated, fields))
         finally:
             export.release()
         plane.complete(reply, cost)
