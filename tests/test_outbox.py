@@ -148,3 +148,30 @@ def test_a_pass_queued_in_one_go_comes_back_whole_and_in_order(
         assert returned[0] in ((43, 40 * 4096 + 65536), (44, 40 * 4096 + 65536 + 5))
     finally:
         os.close(fd)
+
+
+def test_an_open_pass_counts_once_whether_it_goes_at_once_or_in_pieces(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A pass's replies with no reply queued after them (no mark of their own yet) come back
+    in the count when they went whole: with the replies before them in one ``writev``, and on
+    their own when the socket took them in pieces."""
+    ours, theirs = pair
+    outbox = Outbox(PlainTransport(ours.fileno()), {})
+    outbox.add([SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, 1)], cost=5)
+    outbox.add_oks_simple([(2, 0), (3, 4096)], cost=7)
+    assert outbox.send() == (3, 12)  # a few bytes: the socket takes them at once
+    assert drain(theirs, 3 * SIMPLE_REPLY.size)
+    blocks = [os.urandom(4096) for _ in range(8)]  # more than the socket takes at once
+    outbox.add_reads_chunk([(n, 0, 4096, block) for n, block in enumerate(blocks)], cost=11)
+    returned = outbox.send()
+    assert returned == (0, 0) and outbox.parts
+    want = len(blocks) * (OFFSET_DATA.size + 4096)
+    received = bytearray()
+    while outbox.parts:
+        received += theirs.recv(1 << 16)
+        sent = outbox.send()
+        returned = (returned[0] + sent[0], returned[1] + sent[1])
+    received += drain(theirs, want - len(received))
+    assert len(received) == want and returned == (8, 11)
+    assert outbox.send() == (0, 0)  # nothing counted twice

@@ -17,17 +17,14 @@ nothing. Requests that have their reply sent give their cost back. Small request
 the thread took ahead from the budget (``ByteBudget.take_ahead``), which it gives back once it has
 slept ``SETTLE_AFTER_MS`` (at once when a connection is in line), so a request costs no lock.
 
-With extended headers (docs/data-path.md) the layout, 32-byte requests, is chosen once per
-connection. A request with NBD_CMD_FLAG_PAYLOAD_LEN carries a payload whatever its command; it is
-received like a WRITE's and the command's validation decides what it means. The bytes move
-through a ``tls.Transport`` (the socket or a TLS session); replies wait in an ``outbox.Outbox``.
+With extended headers (docs/data-path.md) requests are 32 bytes, and one with
+NBD_CMD_FLAG_PAYLOAD_LEN carries a payload received like a WRITE's, whatever its command. The bytes
+move through a ``tls.Transport`` (the socket or a TLS session); replies wait in an ``Outbox``.
 
 On server shutdown every request still arriving gets ESHUTDOWN, running ones finish, and the
-socket closes as soon as the last reply is out. A handover (a stop under systemd with a file
-descriptor store, fdstore.py) instead reads no further than the end of the request in the buffer,
-answers every request read, and returns ``HANDED_OVER`` with the socket open: whatever the client
-sends next is read by the next process. End of stream (or NBD_CMD_DISC) is the same: no
-more requests, the answers to those in flight, then close.
+socket closes once the last reply is out (so at end of stream or NBD_CMD_DISC). A handover (a stop
+with a file descriptor store, fdstore.py) reads no further than the end of the request in the
+buffer, answers every request read, and returns ``HANDED_OVER`` with the socket open.
 """
 
 from __future__ import annotations
@@ -40,7 +37,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from .backends.base import FileRange, InlineIO
+from .backends.base import InlineIO, TryRead, TryWrite
 from .budget import ByteBudget, Grant, Limits
 from .dispatch import Buffers, error_reply, failed_reply
 from .export import Export
@@ -94,15 +91,15 @@ class DataPlane(Receiver):
     # has no slots, so an attribute missing here still works, only slower.
     __slots__ = tuple(
         """
-        _aborted _ahead _blocked _budget _completions _counted _discard _drained _end _events
-        _export _extended _fd _fields _finished _gate_held _handover _has_contexts
+        _aborted _ahead _blocked _budget _completions _constants _counted _discard _drained _end
+        _events _export _extended _fd _fields _finished _gate_held _handover _has_contexts
         _head_admitted _head_cost _head_size _held _inline _key _layered _limits _line _magic
         _max_payload _negotiated _no_peek _out _outbox _payload _payload_charged _payload_flag
         _payload_got _payload_head _peek_misses _pipe _pipe_max _queue _queue_ok _queue_oks
-        _queue_read _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart
-        _rview _size _sleeping _spare _stopping _structured _submit _transport _unpack_head
-        _wake_fd _wake_lock _whole _write_flags in_flight
-        """.split()  # noqa: SIM905 (as a literal: 65 lines)
+        _queue_read _queue_reads _rbuf _read_flags _readonly _readv _released _rend _rstart _rview
+        _size _sleeping _spare _stopping _structured _submit _transport _try_read _try_write
+        _unpack_head _wake_fd _wake_lock _whole _write_flags in_flight
+        """.split()  # noqa: SIM905 (as a literal: 70 lines)
     )
 
     def __init__(
@@ -209,6 +206,17 @@ class DataPlane(Receiver):
         # it sleeps, when the export is pausing (seen at the next batch) and when it ends.
         self._gate_held = False
         self._inline: InlineIO | None = None  # the export's inline I/O while the gate is held
+        self._try_read: TryRead | None = None  # and its two methods, bound once
+        self._try_write: TryWrite | None = None
+        # what ``_parse`` needs, fixed for the connection (flags that keep a READ or WRITE
+        # from being answered inline, inverted; the READ size from which holes are looked for)
+        hole_check = HOLE_CHECK_MIN if self._structured else self._max_payload + 1
+        # fmt: off
+        self._constants = (
+            self._rbuf, self._rview, self._unpack_head, self._head_size, self._magic,
+            self._payload_flag, self._max_payload, self._size, ~self._read_flags,
+            ~self._write_flags, not self._readonly, hole_check)
+        # fmt: on
 
     # -- the event loop's side ------------------------------------------------------------------
 
@@ -375,33 +383,25 @@ class DataPlane(Receiver):
 
     def _parse(self) -> None:
         """Take every complete request out of the receive buffer that the budget admits."""
-        buf = self._rbuf
-        unpack, head, magic_wanted = self._unpack_head, self._head_size, self._magic
-        payload_flag = self._payload_flag
-        max_requests, max_payload = self._limits.max_requests, self._max_payload
-        size = self._size
+        if self._payload is not None or self._discard:
+            return  # the bytes that come next are a payload's, not a request's
+        # what the common cases need (READ and WRITE the backend answers at once, without a
+        # call to ``_handle``): one load per batch
+        # fmt: off
+        (buf, rview, unpack, head, magic_wanted, payload_flag, max_payload, size,
+         read_flags, write_flags, writable, hole_check) = self._constants
+        # fmt: on
+        max_requests = self._limits.max_requests  # a reload may change it
         if self._gate_held and self._export.pausing:
             self._let_go()  # a snapshot or switch waits for it: its requests go to the loop
         gate = self._gate_held  # inline answers pass the export's pause gate once
-        inline = self._inline
-        # the common cases answered here, without a call to ``_handle`` (READ and WRITE that
-        # the backend answers at once): what they need, looked up once per batch
-        read_flags, write_flags = ~self._read_flags, ~self._write_flags
-        writable = not self._readonly
-        hole_check = HOLE_CHECK_MIN if self._structured else max_payload + 1
+        inline, try_read, try_write = self._inline, self._try_read, self._try_write
         # their replies, queued in one go when the pass ends (outbox.py)
         reads: Reads = []
         oks: Oks = []
         reads_append, oks_append = reads.append, oks.append
         reads_cost = oks_cost = 0
-        try_read: Callable[[int, int], bytes | bytearray | FileRange | None] | None = None
-        try_write: Callable[[int, memoryview], bool] | None = None
-        if inline is not None:
-            try_read, try_write = inline.try_read, inline.try_write
-        rview = self._rview
         rend = self._rend  # only ``_read`` adds bytes (and ``_start_payload`` ends the pass)
-        if self._payload is not None or self._discard:
-            return  # the bytes that come next are a payload's, not a request's
         while True:
             pos = self._rstart
             if rend - pos < head:
@@ -474,9 +474,7 @@ class DataPlane(Receiver):
                 self._rstart = pos + head
             if not gate:
                 gate = self._hold_gate()
-                inline = self._inline
-                if inline is not None:
-                    try_read, try_write = inline.try_read, inline.try_write
+                inline, try_read, try_write = self._inline, self._try_read, self._try_write
             # ``_handle``'s inline answers, for the two commands that are most of the
             # traffic; anything else (and whatever these decline) takes ``_handle``
             if try_read is not None and 0 < length <= max_payload and offset + length <= size:
@@ -514,13 +512,15 @@ class DataPlane(Receiver):
         """Pass the export's pause gate (False: it is paused) and keep holding it."""
         if self._export.try_admit():
             self._gate_held = True
-            self._inline = self._export.inline  # resolved again after a switch (a pause)
+            self._inline = inline = self._export.inline  # resolved again after a switch (a pause)
+            if inline is not None:
+                self._try_read, self._try_write = inline.try_read, inline.try_write
         return self._gate_held
 
     def _let_go(self) -> None:
         if self._gate_held:
             self._gate_held = False
-            self._inline = None
+            self._inline = self._try_read = self._try_write = None
             self._export.release()
 
     def _refuse_while_stopping(

@@ -60,7 +60,7 @@ class Outbox:
         # (stream position where replies end, how many, their cost): a mark per batch of
         # replies the plane queued at once, so a reply costs no mark of its own
         self._marks: deque[tuple[int, int, int]] = deque()
-        self._cost = 0  # of the replies in ``_marks`` and the open batch
+        self._cost = 0  # of the replies in ``_marks``
         self._open = 0  # replies queued since the last mark (the open batch)
         self._open_cost = 0
         self._queued = 0
@@ -227,8 +227,6 @@ class Outbox:
         cost."""
         out = self.parts
         writev = self._writev
-        if self._open:
-            self._seal()
         try:
             while out:
                 head = out[0]
@@ -253,11 +251,13 @@ class Outbox:
                     self._sent += sent
                     if self._sent == self._queued:  # every reply went whole
                         out.clear()
+                        # the open batch needs no mark of its own: it went whole too
+                        count, cost = self._open, self._cost + self._open_cost
                         marks = self._marks
-                        count = marks[0][1] if len(marks) == 1 else sum(m[1] for m in marks)
-                        cost = self._cost
-                        marks.clear()
-                        self._cost = 0
+                        if marks:
+                            count += marks[0][1] if len(marks) == 1 else sum(m[1] for m in marks)
+                            marks.clear()
+                        self._cost = self._open = self._open_cost = 0
                         return count, cost
                     self._advance(sent, len(out))
                     break  # the socket took part of the batch: it is full
@@ -275,6 +275,8 @@ class Outbox:
         except OSError as err:
             log.debug("client connection failed: %s", err, extra=self._fields)
             raise ClosedConnection("client gone while sending") from None
+        if self._open:
+            self._seal()  # before counting what went whole: the marks cover every reply
         return self._sent_whole()
 
     def _advance(self, sent: int, count: int) -> bool:

@@ -198,25 +198,23 @@ class Receiver:
         buf = self._rbuf
         if not self._rend and not self._handover and not self._discard:
             # the common case: the last pass took every byte; read into the whole buffer
-            got = self._recv_views(self._whole, len(buf))
-            if got is None:
-                return False
-            self._rend = got
-            return True
-        if self._rend == len(buf):
-            if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
-                raise ClosedConnection("receive buffer full without a complete request")
-            live = self._rend - self._rstart
-            buf[:live] = buf[self._rstart : self._rend]
-            self._rstart, self._rend = 0, live
-        view = self._rview[self._rend :]
-        if self._handover:
-            to_boundary = self._to_boundary()
-            if not to_boundary:  # the request at hand is whole: the rest is the next process's
-                return False
-            view = view[:to_boundary]
-        try:  # ``_recv``, inline: once per batch
-            count = self._readv([view])
+            views, room = self._whole, len(buf)
+        else:
+            if self._rend == len(buf):
+                if self._rstart == 0:  # a full buffer that parses to nothing cannot happen
+                    raise ClosedConnection("receive buffer full without a complete request")
+                live = self._rend - self._rstart
+                buf[:live] = buf[self._rstart : self._rend]
+                self._rstart, self._rend = 0, live
+            view = self._rview[self._rend :]
+            if self._handover:
+                to_boundary = self._to_boundary()
+                if not to_boundary:  # the request is whole: the rest is the next process's
+                    return False
+                view = view[:to_boundary]
+            views, room = [view], len(view)
+        try:  # ``_recv_views``, inline: once per batch
+            count = self._readv(views)
         except BlockingIOError:
             self._drained = True
             return False
@@ -226,7 +224,7 @@ class Receiver:
         if not count:
             self._at_end()
             return False
-        self._drained = count < len(view)  # see ``_recv``
+        self._drained = count < room  # see ``_recv_views``
         if self._discard:
             dropped = min(self._discard, count)
             self._discard -= dropped

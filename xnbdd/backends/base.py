@@ -132,6 +132,10 @@ class InlineIO(Protocol):
         ...
 
 
+TryRead = Callable[[int, int], bytes | bytearray | FileRange | None]  # InlineIO's, bound
+TryWrite = Callable[[int, bytes | bytearray | memoryview], bool]
+
+
 class PendingRead(Protocol):
     """A read whose slow part is under way (``StartsReads.start_read``)."""
 
