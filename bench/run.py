@@ -285,6 +285,7 @@ class Server:
     workdir: Path
     xnbd_cmd: list[str] = field(default_factory=list)
     bgctl_cmd: list[str] = field(default_factory=list)
+    python: str = sys.executable  # the reference loop's interpreter
     pin: str | None = None  # pinned mode: the CPU list it starts on
     port: int = 0
     pid: int = 0
@@ -331,7 +332,7 @@ class Server:
             ]
         if self.kind == "refloop":
             script = str(REPO / "bench" / "refloop.py")
-            return [sys.executable, script, img, "--port", port, "--addr", "127.0.0.1"]
+            return [self.python, script, img, "--port", port, "--addr", "127.0.0.1"]
         if self.kind == "qemu-nbd":
             # Writeback cache and a thread pool, as a VM host would run it; -t stays up between
             # fio jobs, -e lets a job connect while the previous connection is still closing.
@@ -476,9 +477,20 @@ def python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}:{path}" if path else str(REPO)}
 
 
-def server_version(kind: str, xnbd_cmd: list[str]) -> str:
+def interpreter(python: str) -> str:
+    """Which Python: how it was built matters (Debian's python3 runs the data path's Python
+    10-20 % faster than pyenv's default build, bench/README.md)."""
+    probe = "import platform, sys; print('Python', platform.python_version(), sys.executable)"
+    try:
+        out = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return f"{python} (?)"
+    return out.stdout.strip() or f"{python} (?)"
+
+
+def server_version(kind: str, xnbd_cmd: list[str], python: str) -> str:
     if kind == "refloop":
-        return "bench/refloop.py"
+        return f"bench/refloop.py, {interpreter(python)}"
     cmd = {
         "qemu-nbd": ["qemu-nbd", "--version"],
         "nbdkit": ["nbdkit", "--version"],
@@ -490,7 +502,10 @@ def server_version(kind: str, xnbd_cmd: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     text = (out.stdout or out.stderr).strip().splitlines()
-    return text[0] if text else "?"
+    version = text[0] if text else "?"
+    # xnbdd started by an interpreter named in its command: say which
+    pythons = [t for t in cmd if os.path.basename(t).startswith("python")]
+    return f"{version}, {interpreter(pythons[0])}" if kind in OURS and pythons else version
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,15 +779,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + ", ".join(w.key for w in WORKLOADS),
     )
     p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter for xnbdd (unless --xnbd-cmd says otherwise) and the reference "
+        "loop (default: this one); on a host whose python3 is not the distribution's, pass "
+        "/usr/bin/python3 to measure what an installed xnbdd runs on",
+    )
+    p.add_argument(
         "--xnbd-cmd",
-        default=f"{shlex.quote(sys.executable)} -m xnbdd",
-        help="how to start xnbd-server (default: this interpreter, -m xnbdd, with "
-        "PYTHONPATH at the repository)",
+        default=None,
+        help="how to start xnbd-server (default: --python -m xnbdd, with PYTHONPATH at the "
+        "repository)",
     )
     p.add_argument(
         "--bgctl-cmd",
-        default=f"{shlex.quote(sys.executable)} -m xnbdd.cli.bgctl",
-        help="how to run xnbd-bgctl (warms the proxy's cache with --cache-all)",
+        default=None,
+        help="how to run xnbd-bgctl (warms the proxy's cache with --cache-all; default: "
+        "--python -m xnbdd.cli.bgctl)",
     )
     p.add_argument("--shm", type=Path, default=Path("/dev/shm"), help="where images go")
     p.add_argument(
@@ -794,6 +817,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.xnbd_cmd = args.xnbd_cmd or f"{shlex.quote(args.python)} -m xnbdd"
+    args.bgctl_cmd = args.bgctl_cmd or f"{shlex.quote(args.python)} -m xnbdd.cli.bgctl"
     return args
 
 
@@ -878,9 +903,11 @@ def main(argv: list[str] | None = None) -> int:
             sdir.mkdir()
             copy_image(base, sdir / "disk.img")
             pin = str(args.server_cpu) if args.pin else None
-            servers.append(Server(k, sdir / "disk.img", sdir, xnbd_cmd, bgctl_cmd, pin=pin))
+            servers.append(
+                Server(k, sdir / "disk.img", sdir, xnbd_cmd, bgctl_cmd, args.python, pin=pin)
+            )
         base.unlink()
-        versions = {k: server_version(k, xnbd_cmd) for k in kinds}
+        versions = {k: server_version(k, xnbd_cmd, args.python) for k in kinds}
 
         with started(servers, failed) as up, PeakRss() as rss:
             for s in up:
