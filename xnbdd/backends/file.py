@@ -223,9 +223,11 @@ class FileBackend:
     def try_write(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Write without waiting if possible (not FUA); False means nothing was promised and
         ``write`` must be used (rewriting bytes already written is harmless)."""
-        # the data plane's payloads are bytes-like of unsigned bytes: len() is their size
-        length = data.nbytes if isinstance(data, memoryview) else len(data)
-        if not self._may_write_now(offset, length):
+        length = len(data)  # the data plane's payloads are bytes-like of unsigned bytes
+        # ``_may_write_now``, inline: the data plane's every small write
+        if self._grows and (offset + length > self._size or monotonic_ns() > self._room_until):
+            self._check_room(offset, length)
+        if self.guard is not None and not self._guarded_now(offset, length):
             return False
         if self._inline:
             done = os.pwrite(self.fd, data, offset)  # no iovec list or view to build
