@@ -5,8 +5,7 @@ tight batch loop: read what the socket holds, take every complete request out of
 once whatever the backend can answer without waiting (``InlineIO``: the page cache, a memory file
 system, blocks already cached), and send every reply of the batch with one ``writev``. What must
 wait (a device, the origin server, a paused export, a FLUSH) goes to the event loop as a task, and
-its reply comes back through ``complete``, which wakes the thread (no task or object per
-request: that cost three times what Python needs).
+its reply comes back through ``complete``, which wakes the thread (no task or object per request).
 
 Flow control never stops the connection, it only slows the client: the thread stops reading the
 socket while the connection has ``--max-queue-size`` requests in flight or the daemon as a whole
@@ -79,6 +78,7 @@ _DONE, _OFFSET_DATA_TYPE = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 _NONE_TYPE, _PAYLOAD_LEN = int(ReplyType.NONE), int(CmdFlag.PAYLOAD_LEN)
 _POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 _READABLE = select.POLLIN | select.POLLHUP | select.POLLERR  # a read would not block
+_OWN_SHARE = Grant.OWN_SHARE  # a module constant: an enum member costs 90 ns to look up (3.11)
 HANDED_OVER = "handed over at a request boundary"
 
 
@@ -298,7 +298,7 @@ class DataPlane(Receiver):
                 self._outbox.flush_transport()
             if self._end and not self.in_flight and not self._out and not self._holding():
                 return self._end
-            if self._blocked is Grant.OWN_SHARE and self._released:
+            if self._blocked is _OWN_SHARE and self._released:
                 continue  # the replies just sent made room
             want_read = not self._end and not self._blocked
             if self._handover and not self._end and not self._to_boundary():
@@ -432,7 +432,7 @@ class DataPlane(Receiver):
             else:  # ``_admit``, inline: the common case takes no lock
                 head_cost = 0 if large_write else cost
                 if self.in_flight >= max_requests:
-                    self._blocked = Grant.OWN_SHARE
+                    self._blocked = _OWN_SHARE
                     break
                 if head_cost:
                     if head_cost <= self._ahead:
