@@ -383,6 +383,8 @@ class DataPlane(Receiver):
 
     def _parse(self) -> None:
         """Take every complete request out of the receive buffer that the budget admits."""
+        if self._gate_held and self._export.pausing:
+            self._let_go()  # a snapshot or switch waits for it: its requests go to the loop
         if self._payload is not None or self._discard:
             return  # the bytes that come next are a payload's, not a request's
         # what the common cases need (READ and WRITE the backend answers at once, without a
@@ -392,8 +394,6 @@ class DataPlane(Receiver):
          read_flags, write_flags, writable, hole_check) = self._constants
         # fmt: on
         max_requests = self._limits.max_requests  # a reload may change it
-        if self._gate_held and self._export.pausing:
-            self._let_go()  # a snapshot or switch waits for it: its requests go to the loop
         gate = self._gate_held  # inline answers pass the export's pause gate once
         inline, try_read, try_write = self._inline, self._try_read, self._try_write
         # their replies, queued in one go when the pass ends (outbox.py)
