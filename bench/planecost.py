@@ -27,7 +27,6 @@ import argparse
 import os
 import random
 import re
-import struct
 import subprocess
 import sys
 import time
@@ -37,15 +36,16 @@ from pathlib import Path
 # xnbdd from PYTHONPATH if given (another tree), else from this checkout
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-REQUEST = struct.Struct("!IHHQQI")  # NBD request header (spec layout)
-REQUEST_MAGIC, CMD_READ, CMD_WRITE = 0x25609513, 0, 1
 BLOCKS = (1 << 30) >> 12  # 4 KiB blocks in the first GiB
 
 
 def batches(op: str, depth: int, count: int = 256) -> list[bytes]:
     """``count`` batches of ``depth`` requests at random offsets (a fixed seed)."""
+    from xnbdd.proto.consts import REQUEST_MAGIC, Cmd
+    from xnbdd.proto.wire import REQUEST
+
     rng = random.Random(1)
-    cmd = CMD_WRITE if op == "write" else CMD_READ
+    cmd = int(Cmd.WRITE if op == "write" else Cmd.READ)
     payload = os.urandom(4096) if op == "write" else b""
     out = []
     for n in range(count):
