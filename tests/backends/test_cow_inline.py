@@ -185,7 +185,7 @@ def test_threads_writing_parts_of_the_same_absent_blocks_lose_nothing(shm: Path)
             (block, s)
             for block in range(blocks)
             for s in range(BLOCK_SIZE // sector)
-            if data[block * BLOCK_SIZE + s * sector :][:sector]
+            if data[(start := block * BLOCK_SIZE + s * sector) : start + sector]
             != bytes([s % threads + 1, block % 251]) * (sector // 2)
         ]
         assert not lost, f"{len(lost)} sectors lost, first {lost[:4]} (declined {declined})"

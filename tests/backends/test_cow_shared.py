@@ -21,28 +21,38 @@ BLOCKS = 2048
 SECTOR = 512
 WRITERS = 2
 
-# A process that attaches to the overlay, waits for "go" on stdin, then writes its sectors
-# (every WRITERS-th 512-byte sector, starting at its index) of every block, one request each.
+# A process that attaches to the overlay, waits for "go" on stdin, then writes its part, one
+# request each: "sectors", every WRITERS-th 512-byte sector (from its index) of every block;
+# "blocks", every WRITERS-th block whole (from its index), so that every bitmap byte gets bits
+# from every process.
 WRITER = textwrap.dedent(
     """
     import sys, trio
     from xnbdd.backends.cow import CowBackend
 
     def main() -> None:
-        index, inline, base, overlay, base_fd, overlay_fd, bitmap_fd = sys.argv[1:]
+        index, inline, unit, base, overlay, base_fd, overlay_fd, bitmap_fd = sys.argv[1:]
         cow = CowBackend.attach(int(base_fd), base, int(overlay_fd), overlay, int(bitmap_fd))
         print("ready", flush=True)
         sys.stdin.readline()
+        me = int(index)
+        if unit == "blocks":
+            parts = [
+                (block * {size}, bytes([me + 1, block % 251]) * ({size} // 2))
+                for block in range(me, {blocks}, {writers})
+            ]
+        else:
+            parts = [
+                (block * {size} + sector * {sector}, bytes([me + 1, block % 251]) * ({sector} // 2))
+                for block in range({blocks})
+                for sector in range(me, {sectors}, {writers})
+            ]
 
         async def write() -> None:
-            me = int(index)
-            for block in range({blocks}):
-                for sector in range(me, {sectors}, {writers}):
-                    data = bytes([me + 1, block % 251]) * ({sector} // 2)
-                    offset = block * {size} + sector * {sector}
-                    if inline == "inline" and cow.try_write(offset, data):
-                        continue  # as a connection's thread: at once, or else on the loop
-                    await cow.write(offset, data, fua=False)
+            for offset, data in parts:
+                if inline == "inline" and cow.try_write(offset, data):
+                    continue  # as a connection's thread: at once, or else on the loop
+                await cow.write(offset, data, fua=False)
             await cow.flush()
             await cow.close()
 
@@ -55,8 +65,9 @@ WRITER = textwrap.dedent(
 )
 
 
-def expected_sector(block: int, sector: int) -> bytes:
-    return bytes([sector % WRITERS + 1, block % 251]) * (SECTOR // 2)
+def expected_sector(block: int, sector: int, unit: str) -> bytes:
+    writer = block % WRITERS if unit == "blocks" else sector % WRITERS
+    return bytes([writer + 1, block % 251]) * (SECTOR // 2)
 
 
 @pytest.fixture(params=["event loop", "inline"])
@@ -72,10 +83,14 @@ def path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path,
         yield Path(d), request.param
 
 
-def test_processes_filling_the_same_absent_blocks_lose_no_write(path: tuple[Path, str]) -> None:
-    """Every block is absent, and both processes write parts of each at once: each write copies
-    the base block up first, and without the cross-process lock one process's copy-up lands on
-    the other's fresh sectors (or one's bit update drops the other's bit of the same byte)."""
+@pytest.mark.parametrize("unit", ["sectors", "blocks"])
+def test_processes_filling_the_same_absent_blocks_lose_no_write(
+    path: tuple[Path, str], unit: str
+) -> None:
+    """Every block is absent, and both processes write into it at once. Sectors: each write
+    copies the base block up first, and without the cross-process lock one process's copy-up
+    lands on the other's fresh sectors. Whole blocks (no copy-up): neighbours in one bitmap
+    byte, and without the lock one process's bit update drops the other's bit."""
     tmp_path, how = path
     base = tmp_path / "base.img"
     base.write_bytes(b"\xee" * BLOCKS * BLOCK_SIZE)
@@ -84,7 +99,7 @@ def test_processes_filling_the_same_absent_blocks_lose_no_write(path: tuple[Path
     try:
         fds = cow.descriptors()
         for index in range(WRITERS):
-            args = [str(index), how, str(base), cow.overlay_path, *map(str, fds)]
+            args = [str(index), how, unit, str(base), cow.overlay_path, *map(str, fds)]
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-c", WRITER, *args],
@@ -104,12 +119,15 @@ def test_processes_filling_the_same_absent_blocks_lose_no_write(path: tuple[Path
             assert proc.wait(timeout=300) == 0
         assert cow.bitmap.count() == BLOCKS, "a bit set by one process was lost"
         data = trio.run(cow.read, 0, BLOCKS * BLOCK_SIZE)
+        view = memoryview(data)  # slices without copies: 16,384 sectors of 8 MiB
+        sectors = [
+            (block, sector) for block in range(BLOCKS) for sector in range(BLOCK_SIZE // SECTOR)
+        ]
         lost = [
             (block, sector)
-            for block in range(BLOCKS)
-            for sector in range(BLOCK_SIZE // SECTOR)
-            if data[block * BLOCK_SIZE + sector * SECTOR :][:SECTOR]
-            != expected_sector(block, sector)
+            for block, sector in sectors
+            if view[(start := block * BLOCK_SIZE + sector * SECTOR) : start + SECTOR]
+            != expected_sector(block, sector, unit)
         ]
         assert not lost, f"{len(lost)} sectors lost, first {lost[:4]}"
     finally:
