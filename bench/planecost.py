@@ -16,9 +16,12 @@ other thread. Two figures:
     python3 bench/planecost.py --image /dev/shm/disk.img              # 4 KiB reads, depth 1
     python3 bench/planecost.py --image IMG --op write --depth 16
     python3 bench/planecost.py --image IMG --callgrind                 # instructions/request
+    python3 bench/planecost.py --image IMG --mode cow --op write --depth 16   # first writes
     PYTHONPATH=/tmp/old python3 bench/planecost.py --image IMG         # another tree
 
-The image must be at least 1 GiB (requests fall anywhere in the first GiB).
+The image must be at least 1 GiB (requests fall anywhere in the first GiB). ``--mode cow`` serves
+it as cow-target, a fresh overlay beside it for every round; its writes go to distinct blocks
+(every one a first write, building its batch costs the harness a copy per request).
 """
 
 from __future__ import annotations
@@ -90,42 +93,82 @@ class Transport:
         pass
 
 
-def measure(image: str, op: str, depth: int, requests: int, rounds: int) -> float:
-    """Seconds per request, the best of ``rounds`` (after one round of warm-up)."""
+class DistinctWrites(Transport):
+    """4 KiB writes to distinct blocks of the first GiB in a random order (a fixed seed): on a
+    fresh cow-target overlay, every one a first write."""
+
+    def __init__(self, depth: int, count: int) -> None:
+        from xnbdd.proto.consts import REQUEST_MAGIC, Cmd
+        from xnbdd.proto.wire import REQUEST
+
+        order = list(range(BLOCKS))
+        random.Random(1).shuffle(order)
+        write = int(Cmd.WRITE)
+        self.heads = [
+            REQUEST.pack(REQUEST_MAGIC, 0, write, n, block << 12, 4096)
+            for n, block in enumerate(order[:count])
+        ]
+        self.payload = os.urandom(4096)
+        self.depth = depth
+        self.next = 0
+
+    def readv(self, views: list[memoryview]) -> int:
+        first = self.next * self.depth
+        self.next += 1
+        # header, payload, header, payload, ...: built here, so the batches need no memory
+        data = self.payload.join(self.heads[first : first + self.depth]) + self.payload
+        views[0][: len(data)] = data
+        return len(data)
+
+
+def measure(image: str, op: str, depth: int, requests: int, rounds: int, mode: str) -> float:
+    """Seconds per request, the best of ``rounds`` (after one round of warm-up). cow-target:
+    each round on a fresh overlay, its writes to distinct blocks (first writes)."""
+    import tempfile
+
+    import trio
+
+    from xnbdd.backends.cow import CowBackend
     from xnbdd.backends.file import FileBackend
     from xnbdd.budget import ByteBudget, Limits
     from xnbdd.dataplane import DataPlane
     from xnbdd.export import Export
     from xnbdd.proto.messages import Negotiated, transmission_flags
 
-    export = Export("disk", FileBackend.open(image, readonly=False))
-    info = export.info()
-    tx = transmission_flags(info.tx_flags, structured=True, extended=False, contexts=False)
-    negotiated = Negotiated(info, tx, True, {}, False)  # structured replies, as libnbd asks
-    transport = Transport(batches(op, depth))
-    plane = DataPlane(
-        transport,  # type: ignore[arg-type]  # duck-typed: the methods the plane calls
-        export,
-        negotiated,
-        Limits(),
-        ByteBudget(Limits()),
-        lambda request, cost: None,
-    )
-    read, parse, send = plane._read, plane._parse, plane._send
     passes = requests // depth
+    fixed = batches(op, depth)
+    target = None if mode == "cow" else FileBackend.open(image, readonly=False)
 
-    def one_round() -> None:
+    def one_round(scratch: str) -> float:
+        backend = CowBackend.open(image, cow_dir=scratch) if target is None else target
+        export = Export("disk", backend)
+        info = export.info()
+        tx = transmission_flags(info.tx_flags, structured=True, extended=False, contexts=False)
+        negotiated = Negotiated(info, tx, True, {}, False)  # structured replies, as libnbd asks
+        fresh = target is None and op == "write"
+        transport = DistinctWrites(depth, passes * depth) if fresh else Transport(fixed)
+        plane = DataPlane(
+            transport,  # type: ignore[arg-type]  # duck-typed: the methods the plane calls
+            export,
+            negotiated,
+            Limits(),
+            ByteBudget(Limits()),
+            lambda request, cost: None,
+        )
+        read, parse, send = plane._read, plane._parse, plane._send
+        start = time.perf_counter()
         for _ in range(passes):
             read()
             parse()
             send()
+        seconds = time.perf_counter() - start
+        if isinstance(backend, CowBackend):
+            trio.run(backend.close)  # removes the overlay
+        return seconds
 
-    one_round()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        one_round()
-        best = min(best, time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(image))) as scratch:
+        one_round(scratch)
+        best = min((one_round(scratch) for _ in range(rounds)), default=0.0)
     return best / max(1, passes * depth)
 
 
@@ -144,6 +187,8 @@ def instructions(args: argparse.Namespace) -> int:
             args.image,
             "--op",
             args.op,
+            "--mode",
+            args.mode,
             "--depth",
             str(args.depth),
             "--requests",
@@ -167,6 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--image", required=True, help="a file of at least 1 GiB (on /dev/shm)")
     p.add_argument("--op", choices=["read", "write"], default="read")
+    p.add_argument(
+        "--mode",
+        choices=["target", "cow"],
+        default="target",
+        help="cow: cow-target over the image, a fresh overlay per round (writes: first writes)",
+    )
     p.add_argument("--depth", type=int, default=1, help="requests per read of the socket")
     p.add_argument("--requests", type=int, default=200_000, help="per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -174,14 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if os.path.getsize(args.image) < 1 << 30:
         p.error(f"{args.image} is smaller than 1 GiB")
-    label = f"{args.op} depth {args.depth}"
+    if args.mode == "cow" and args.op == "write" and args.requests > BLOCKS:
+        p.error(f"cow-target's first writes: at most {BLOCKS} requests per round")
+    label = f"{args.mode} {args.op} depth {args.depth}"
     if args.callgrind:
         print(f"{label}: {instructions(args):,} instructions/request")
     elif args.requests >= args.depth:
-        seconds = measure(args.image, args.op, args.depth, args.requests, args.rounds)
+        seconds = measure(args.image, args.op, args.depth, args.requests, args.rounds, args.mode)
         print(f"{label}: {seconds * 1e6:.3f} us/request (best of {args.rounds})")
     else:  # the empty run ``--callgrind`` subtracts: everything but the requests
-        measure(args.image, args.op, args.depth, 0, 0)
+        measure(args.image, args.op, args.depth, 0, 0, args.mode)
     return 0
 
 

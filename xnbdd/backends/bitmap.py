@@ -322,18 +322,26 @@ class SharedBitmap(Bitmap):
         a description of its own, so the lock excludes this process's ``lock`` holders and
         other threads as well as other processes. Returns the description to pass to
         ``unlock_apart``; None: part of the range is held (nothing is held then)."""
+        return self.try_lock_bytes(first >> 3, _bytes_for(first, stop))
+
+    def unlock_apart(self, fd: int, first: int, stop: int) -> None:
+        self.unlock_bytes(fd, first >> 3, _bytes_for(first, stop))
+
+    def try_lock_bytes(self, index: int, count: int) -> int | None:
+        """``try_lock_apart`` of the blocks of ``count`` bitmap bytes from byte ``index`` (a cow
+        overlay's first write of a whole block takes its byte's lock straight from here)."""
         try:
             fd = self._spare_lock_fds.pop()  # list.pop and append are atomic: no lock needed
         except IndexError:
             fd = ofdlock.own_description(self.fd, writable=True)
-        if ofdlock.try_lock(fd, first >> 3, _bytes_for(first, stop)):
+        if ofdlock.try_lock(fd, index, count):
             return fd
         self._spare_lock_fds.append(fd)
         return None
 
-    def unlock_apart(self, fd: int, first: int, stop: int) -> None:
+    def unlock_bytes(self, fd: int, index: int, count: int) -> None:
         try:
-            ofdlock.unlock(fd, first >> 3, _bytes_for(first, stop))
+            ofdlock.unlock(fd, index, count)
         finally:
             self._spare_lock_fds.append(fd)
 

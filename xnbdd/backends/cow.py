@@ -226,6 +226,8 @@ class CowBackend:
         if (offset + length - 1) // BLOCK_SIZE == first:  # one block: its bit alone
             if self._bits[first >> 3] >> (first & 7) & 1:
                 return self.overlay.try_write(offset, data)
+            if length == BLOCK_SIZE:  # all of an absent block: nothing to copy up
+                return self._try_write_block(offset, data, first)
             stop = first + 1
         else:
             first, stop = block_span(offset, length)
@@ -274,6 +276,23 @@ class CowBackend:
             return True
         finally:
             self.bitmap.unlock_apart(lock_fd, lo, hi)
+
+    def _try_write_block(
+        self, offset: int, data: bytes | bytearray | memoryview, block: int
+    ) -> bool:
+        """``_try_write_absent`` for a write of a whole block, the common first write: no edge
+        to copy up, one bit to set, under the lock of its bitmap byte."""
+        bitmap, index = self.bitmap, block >> 3
+        lock_fd = bitmap.try_lock_bytes(index, 1)
+        if lock_fd is None:
+            return False
+        try:
+            if not self.overlay.try_write(offset, data):
+                return False
+            self._bits[index] |= 1 << (block & 7)  # only after the data is in the overlay
+            return True
+        finally:
+            bitmap.unlock_bytes(lock_fd, index, 1)
 
     def is_hole(self, offset: int, length: int) -> bool:
         return False  # would need both layers' allocation; block_status answers that
