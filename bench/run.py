@@ -8,7 +8,8 @@ printed with its min-max spread. A report, not a test: it never fails on a slow 
 
 Our rows are xnbd-server in three modes (target; cow-target; proxy in front of an nbdkit origin,
 its cache fully populated first), each with its ratio to nbdkit from the same run; the peers are
-nbd-server, qemu-nbd, nbdkit and bench/refloop.py, a reference loop (not a product).
+nbd-server, qemu-nbd, nbdkit, nbdkit's cow filter (cow-target's like: its writes go to an
+overlay too) and bench/refloop.py, a reference loop (not a product).
 
     .venv/bin/python bench/run.py                  # what `make bench` runs: unpinned
     .venv/bin/python bench/run.py --pin            # each server on CPU 0 alone, fio on CPU 1
@@ -137,13 +138,15 @@ KINDS: dict[str, str] = {
     "nbd-server": "nbd-server",
     "qemu-nbd": "qemu-nbd",
     "nbdkit": "nbdkit",
+    "nbdkit-cow": "nbdkit cow filter",
     "refloop": "reference loop (not a product)",
 }
 ALIASES = {"xnbd-server": "xnbd-target", "xnbd": "xnbd-target"}
 OURS = ("xnbd-target", "xnbd-cow", "xnbd-proxy")
 PEERS = ("nbd-server", "qemu-nbd", "nbdkit")  # "best peer": the best of these
 NBDKIT, REFLOOP = "nbdkit", "refloop"
-COPIES = {"xnbd-cow": 2, "xnbd-proxy": 2}  # images in /dev/shm: cow overlay; origin + cache
+# images in /dev/shm: base + overlay; origin + cache
+COPIES = {"xnbd-cow": 2, "nbdkit-cow": 2, "xnbd-proxy": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +358,11 @@ class Server:
             ]
         if self.kind == "nbdkit":
             return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", port, "file", f"file={img}"]
+        if self.kind == "nbdkit-cow":
+            # cow-target's peer: the overlay (in TMPDIR, here the workdir on tmpfs) in 4 KiB
+            # blocks, as cow-target's; the base is not written
+            cow = ["--filter=cow", "file", f"file={img}", "cow-block-size=4096"]
+            return ["nbdkit", "-f", "-i", "127.0.0.1", "-p", port, *cow]
         if self.kind == "nbd-server":
             conf = self.workdir / "nbd-server.conf"
             conf.write_text(
@@ -386,7 +394,7 @@ class Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                env=python_env(),
+                env={**python_env(), "TMPDIR": str(self.workdir)},
                 start_new_session=True,
             )
         self.cpus = self.pin
@@ -494,6 +502,7 @@ def server_version(kind: str, xnbd_cmd: list[str], python: str) -> str:
     cmd = {
         "qemu-nbd": ["qemu-nbd", "--version"],
         "nbdkit": ["nbdkit", "--version"],
+        "nbdkit-cow": ["nbdkit", "--version"],
     }.get(kind, [*xnbd_cmd, "--version"])
     if kind == "nbd-server":  # no --version that exits 0 on every release
         cmd = ["dpkg-query", "-W", "-f=${Version}", "nbd-server"]
@@ -843,8 +852,8 @@ def started(servers: list[Server], failed: dict[str, str]) -> Iterator[list[Serv
 def check_setup(args: argparse.Namespace, kinds: list[str]) -> str | None:
     """Why the benchmark cannot run as asked, or None."""
     tools = {"fio"} | {k for k in kinds if k in PEERS}
-    if "xnbd-proxy" in kinds:
-        tools.add("nbdkit")  # the proxy's origin
+    if "xnbd-proxy" in kinds or "nbdkit-cow" in kinds:
+        tools.add("nbdkit")  # the proxy's origin; the cow filter
     if args.pin:
         tools.add("taskset")
     for tool in sorted(tools):
