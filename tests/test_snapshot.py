@@ -249,7 +249,8 @@ async def test_a_cow_target_snapshot_in_the_background(copy_dir: Path) -> None:
     assert live.method == "copy"
     await backend.write(MiB + 5, b"b" * 9000, fua=False)  # absent blocks: a copy-up
     await backend.write(0, b"c" * 4096, fua=False)  # a present block, rewritten
-    assert backend.try_write(4096, b"d" * 4096) is linux.is_memory_fs(backend.overlay.fd)
+    if not backend.try_write(4096, b"d" * 4096):  # as a connection's thread: else the loop
+        await backend.write(4096, b"d" * 4096, fua=False)
     await backend.zero(7 * MiB, MiB, may_trim=True, fast=False, fua=False)
     after = bytes(await backend.read(0, backend.size))
     result = await live.finish()
