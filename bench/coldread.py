@@ -101,8 +101,10 @@ def one_round(tree: Path, image: Path, reads: int, pin: str | None, seed: int) -
         try:
             wait_for_port(origin_port, origin, "nbdkit")
             env = {**os.environ, "PYTHONPATH": str(tree)}
+            # cwd: not the caller's directory, whose xnbdd (the checkout's) ``-m`` would import
+            # ahead of PYTHONPATH's: every --tree would be measured as the checkout
             proxy = subprocess.Popen(
-                command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                command, env=env, cwd=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             wait_for_port(proxy_port, proxy, "xnbd-server")
             rng = random.Random(seed)

@@ -70,7 +70,10 @@ def serving(kind: str, ceph: CephCluster, image: str, trees: dict[str, str]) -> 
     else:
         cmd = [sys.executable, "-m", "xnbdd", "--target", f"rbd:{image}"]
         cmd += ["--rbd-conf", str(ceph.conf), "--lport", str(port), "--laddr", "127.0.0.1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd "/": from the checkout, ``-m xnbdd`` would import its xnbdd ahead of PYTHONPATH's tree
+    proc = subprocess.Popen(
+        cmd, env=env, cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_port(port, proc)
         yield f"nbd://127.0.0.1:{port}/"
